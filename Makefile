@@ -1,0 +1,57 @@
+# Switchyard's tasks. `make run` serves; `make test` sets up what the tests
+# need (wasm target, plugins, the Python client) and runs every test.
+
+CARGO ?= cargo
+CONFIG ?= examples/switchyard.toml
+VENV := .venv
+WASM_TARGET := wasm32-wasip2
+PLUGINS := cost-router test-faults
+
+.PHONY: run build plugins setup wasm-target python test lint bench clean
+
+## run: build and serve with $(CONFIG) (default examples/switchyard.toml)
+run: plugins build
+	./target/release/switchyard run --config $(CONFIG)
+
+build:
+	$(CARGO) build --release -p switchyard
+
+## plugins: every plugin in plugins/ built to target/wasm32-wasip2/release/
+plugins: wasm-target
+	$(CARGO) build --release --target $(WASM_TARGET) \
+		$(addprefix -p ,$(PLUGINS))
+
+wasm-target:
+	@rustup target list --installed | grep -qx $(WASM_TARGET) \
+		|| rustup target add $(WASM_TARGET)
+
+## setup: everything the tests need besides the Rust toolchain
+setup: wasm-target python
+
+python: $(VENV)/.installed
+
+$(VENV)/.installed: tests/python/requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check \
+		-r tests/python/requirements.txt
+	touch $@
+
+## test: lints, unit and integration tests, the Python client test
+test: setup plugins lint
+	SWITCHYARD_REQUIRE_PYTHON=1 $(CARGO) test --workspace
+
+lint:
+	@for c in clippy rustfmt; do \
+		rustup component list --installed | grep -q "^$$c" \
+			|| rustup component add $$c; \
+	done
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## bench: requests/s and latency, direct vs through Switchyard
+bench: plugins
+	$(CARGO) bench -p switchyard --bench throughput
+
+clean:
+	$(CARGO) clean
+	rm -rf $(VENV)

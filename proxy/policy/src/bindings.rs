@@ -1,0 +1,117 @@
+//! Host-side bindings for `sdk/wit/policy.wit` and the conversions between
+//! them and the crate's plain types.
+//!
+//! Owns the mapping from [`RouteRequest`] to the WIT `request` and from the
+//! WIT `decision` to [`RouteOutcome`]; it must not hold any state.
+
+use crate::{Endpoint, RouteDecision, RouteOutcome, RouteRequest};
+
+wasmtime::component::bindgen!({
+    path: "../../sdk/wit",
+    world: "policy",
+    // Requests borrow from the caller's `RouteRequest`, so prompts are
+    // copied once (into the plugin's memory), not twice.
+    ownership: Borrowing { duplicate_if_necessary: true },
+});
+
+use self::switchyard::policy::types as wit;
+
+/// A WIT request borrowing from a [`RouteRequest`]. The lists are built
+/// here because WIT lists of records lower from slices of WIT records.
+pub(crate) struct BorrowedRequest<'a> {
+    messages: Vec<wit::Message<'a>>,
+    prompt: Vec<&'a str>,
+    headers: Vec<wit::Attribute<'a>>,
+    req: &'a RouteRequest,
+}
+
+impl<'a> BorrowedRequest<'a> {
+    pub(crate) fn new(req: &'a RouteRequest) -> Self {
+        let messages = req
+            .messages
+            .iter()
+            .map(|m| wit::Message {
+                role: &m.role,
+                content: &m.content,
+                attributes: &[],
+            })
+            .collect();
+        let headers = req
+            .headers
+            .iter()
+            .map(|(key, value)| wit::Attribute { key, value })
+            .collect();
+        BorrowedRequest {
+            messages,
+            prompt: req.prompt.iter().map(String::as_str).collect(),
+            headers,
+            req,
+        }
+    }
+
+    pub(crate) fn as_wit(&self) -> wit::Request<'_> {
+        let endpoint = match self.req.endpoint {
+            Endpoint::ChatCompletions => wit::Endpoint::ChatCompletions,
+            Endpoint::Completions => wit::Endpoint::Completions,
+            Endpoint::Embeddings => wit::Endpoint::Embeddings,
+        };
+        wit::Request {
+            endpoint,
+            model: &self.req.model,
+            messages: &self.messages,
+            prompt: &self.prompt,
+            prompt_chars: self.req.prompt_chars,
+            max_tokens: self.req.max_tokens,
+            stream: self.req.stream,
+            headers: &self.headers,
+            attributes: &[],
+        }
+    }
+}
+
+/// Status a rejection gets when the plugin's is not an HTTP error status.
+const FALLBACK_REJECT_STATUS: u16 = 500;
+
+/// Converts the plugin's answer. A rejection status outside 400..=599
+/// becomes 500, as the WIT documents. Attributes are dropped: version 0.1.0
+/// defines none.
+pub(crate) fn outcome(decision: wit::Decision) -> RouteOutcome {
+    match decision {
+        wit::Decision::Route(route) => RouteOutcome::Route(RouteDecision {
+            pool: route.pool,
+            max_tokens_cap: route.max_tokens_cap,
+        }),
+        wit::Decision::Reject(rejection) => {
+            let status = if (400..=599).contains(&rejection.status) {
+                rejection.status
+            } else {
+                FALLBACK_REJECT_STATUS
+            };
+            RouteOutcome::Reject {
+                status,
+                message: rejection.message,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejection_with_non_error_status_becomes_500() {
+        let decision = wit::Decision::Reject(wit::Rejection {
+            status: 200,
+            message: "ok?".into(),
+            attributes: Vec::new(),
+        });
+        assert_eq!(
+            outcome(decision),
+            RouteOutcome::Reject {
+                status: 500,
+                message: "ok?".into()
+            }
+        );
+    }
+}

@@ -1,0 +1,343 @@
+//! The OpenAI request bodies Switchyard understands: parsing, the checks a
+//! request must pass before it is routed, and the summary the routing
+//! policy sees.
+//!
+//! Only the fields Switchyard acts on are interpreted; every other field is
+//! kept as the client wrote it and sent upstream unchanged.
+
+use serde_json::{Map, Value};
+use switchyard_policy::{Endpoint, Message, RouteRequest};
+
+use crate::error::ApiError;
+
+/// A parsed API request.
+#[derive(Debug, Clone)]
+pub struct ApiRequest {
+    pub endpoint: Endpoint,
+    /// The JSON object as the client sent it.
+    pub body: Map<String, Value>,
+    pub model: String,
+    pub stream: bool,
+    /// The prompt (completions) or input (embeddings) split into items, in
+    /// order; empty for chat.
+    pub items: Vec<Value>,
+    /// Whether `items` are strings or token-id arrays. Both cannot be
+    /// mixed in one upstream request.
+    pub item_form: ItemForm,
+    /// Choices per prompt (`n`). Default 1.
+    pub n: u64,
+}
+
+/// How the prompt or input items are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ItemForm {
+    Text,
+    Tokens,
+}
+
+impl ApiRequest {
+    /// Parses a request body for `endpoint`.
+    pub fn parse(endpoint: Endpoint, bytes: &[u8]) -> Result<Self, ApiError> {
+        let value: Value = serde_json::from_slice(bytes).map_err(|e| {
+            ApiError::invalid(format!("request body is not valid JSON: {e}"))
+        })?;
+        let Value::Object(body) = value else {
+            return Err(ApiError::invalid("request body must be a JSON object"));
+        };
+
+        let model = match body.get("model") {
+            Some(Value::String(model)) if !model.is_empty() => model.clone(),
+            Some(Value::String(_)) => {
+                return Err(ApiError::bad_field("model", "a non-empty string"))
+            }
+            Some(_) => return Err(ApiError::bad_field("model", "a string")),
+            None => return Err(ApiError::missing("model")),
+        };
+        let stream = match body.get("stream") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(stream)) => *stream,
+            Some(_) => return Err(ApiError::bad_field("stream", "a boolean")),
+        };
+        let n = match body.get("n") {
+            None | Some(Value::Null) => 1,
+            Some(value) => match value.as_u64() {
+                Some(n @ 1..=128) => n,
+                _ => {
+                    return Err(ApiError::bad_field(
+                        "n",
+                        "an integer between 1 and 128",
+                    ))
+                }
+            },
+        };
+        for field in ["max_tokens", "max_completion_tokens"] {
+            if let Some(value) = body.get(field) {
+                if !value.is_null() && value.as_u64().is_none() {
+                    return Err(ApiError::bad_field(
+                        field,
+                        "a non-negative integer",
+                    ));
+                }
+            }
+        }
+
+        let (items, item_form) = match endpoint {
+            Endpoint::ChatCompletions => {
+                check_messages(body.get("messages"))?;
+                (Vec::new(), ItemForm::Text)
+            }
+            Endpoint::Completions => split_items("prompt", body.get("prompt"))?,
+            Endpoint::Embeddings => split_items("input", body.get("input"))?,
+        };
+
+        Ok(Self { endpoint, body, model, stream, items, item_form, n })
+    }
+
+    /// The field that holds the items: `prompt` or `input`.
+    pub fn items_field(&self) -> Option<&'static str> {
+        match self.endpoint {
+            Endpoint::ChatCompletions => None,
+            Endpoint::Completions => Some("prompt"),
+            Endpoint::Embeddings => Some("input"),
+        }
+    }
+
+    /// The client's token limit (`max_tokens`, or for chat
+    /// `max_completion_tokens`).
+    pub fn max_tokens(&self) -> Option<u64> {
+        ["max_tokens", "max_completion_tokens"]
+            .iter()
+            .find_map(|field| self.body.get(*field).and_then(Value::as_u64))
+    }
+
+    /// Lowers the token limit to `cap` if the client asked for more or set
+    /// none.
+    pub fn cap_max_tokens(&mut self, cap: u32) {
+        let cap = u64::from(cap);
+        let mut capped_any = false;
+        for field in ["max_tokens", "max_completion_tokens"] {
+            if let Some(value) = self.body.get_mut(field) {
+                if let Some(current) = value.as_u64() {
+                    *value = Value::from(current.min(cap));
+                    capped_any = true;
+                }
+            }
+        }
+        if !capped_any {
+            self.body.insert("max_tokens".to_string(), Value::from(cap));
+        }
+    }
+
+    /// What the routing policy is told about this request.
+    pub fn route_request(&self, headers: &http::HeaderMap) -> RouteRequest {
+        let messages = match self.body.get("messages") {
+            Some(Value::Array(messages)) => {
+                messages.iter().map(message_text).collect()
+            }
+            _ => Vec::new(),
+        };
+        let prompt: Vec<String> = self
+            .items
+            .iter()
+            .map(|item| match item {
+                Value::String(text) => text.clone(),
+                other => other.to_string(),
+            })
+            .collect();
+        let prompt_chars = messages
+            .iter()
+            .map(|m: &Message| m.content.chars().count() as u64)
+            .chain(prompt.iter().map(|p| p.chars().count() as u64))
+            .sum();
+        let headers = headers
+            .iter()
+            .filter_map(|(name, value)| {
+                let value = value.to_str().ok()?;
+                Some((name.as_str().to_string(), value.to_string()))
+            })
+            .collect();
+        let max_tokens = self
+            .max_tokens()
+            .map(|tokens| u32::try_from(tokens).unwrap_or(u32::MAX));
+
+        RouteRequest {
+            endpoint: self.endpoint,
+            model: self.model.clone(),
+            messages,
+            prompt,
+            prompt_chars,
+            max_tokens,
+            stream: self.stream,
+            headers,
+        }
+    }
+}
+
+fn check_messages(messages: Option<&Value>) -> Result<(), ApiError> {
+    let Some(messages) = messages else {
+        return Err(ApiError::missing("messages"));
+    };
+    let Value::Array(messages) = messages else {
+        return Err(ApiError::bad_field("messages", "an array"));
+    };
+    if messages.is_empty() {
+        return Err(ApiError::bad_field("messages", "a non-empty array"));
+    }
+    for message in messages {
+        let valid = message.as_object().is_some_and(|message| {
+            message.get("role").is_some_and(Value::is_string)
+        });
+        if !valid {
+            return Err(ApiError::bad_field(
+                "messages",
+                "an array of objects with a string `role`",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Splits a `prompt` or `input` into items: a string is one item, an array
+/// of strings or of token-id arrays is one item each, and an array of
+/// integers is one tokenized item.
+fn split_items(
+    field: &'static str,
+    value: Option<&Value>,
+) -> Result<(Vec<Value>, ItemForm), ApiError> {
+    const EXPECTED: &str = "a string, an array of strings, an array of \
+                            token ids or an array of token-id arrays";
+    let Some(value) = value else {
+        return Err(ApiError::missing(field));
+    };
+    match value {
+        Value::String(_) => Ok((vec![value.clone()], ItemForm::Text)),
+        Value::Array(items) if items.is_empty() => {
+            Err(ApiError::bad_field(field, "a non-empty array"))
+        }
+        Value::Array(items) if items.iter().all(Value::is_string) => {
+            Ok((items.clone(), ItemForm::Text))
+        }
+        Value::Array(items) if items.iter().all(is_token_id) => {
+            Ok((vec![value.clone()], ItemForm::Tokens))
+        }
+        Value::Array(items) if items.iter().all(is_token_array) => {
+            Ok((items.clone(), ItemForm::Tokens))
+        }
+        _ => Err(ApiError::bad_field(field, EXPECTED)),
+    }
+}
+
+fn is_token_id(value: &Value) -> bool {
+    value.is_u64()
+}
+
+fn is_token_array(value: &Value) -> bool {
+    matches!(value, Value::Array(ids) if !ids.is_empty()
+        && ids.iter().all(is_token_id))
+}
+
+/// A chat message's role and text; content given as parts keeps only its
+/// text parts.
+fn message_text(message: &Value) -> Message {
+    let role = message
+        .get("role")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let content = match message.get("content") {
+        Some(Value::String(text)) => text.clone(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|part| part.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => String::new(),
+    };
+    Message { role, content }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(endpoint: Endpoint, body: &str) -> Result<ApiRequest, ApiError> {
+        ApiRequest::parse(endpoint, body.as_bytes())
+    }
+
+    #[test]
+    fn prompt_forms_split_into_items() {
+        let cases = [
+            (r#""a b""#, 1, ItemForm::Text),
+            (r#"["a", "b", "c"]"#, 3, ItemForm::Text),
+            (r#"[1, 2, 3]"#, 1, ItemForm::Tokens),
+            (r#"[[1, 2], [3]]"#, 2, ItemForm::Tokens),
+        ];
+        for (prompt, count, form) in cases {
+            let body = format!(r#"{{"model": "m", "prompt": {prompt}}}"#);
+            let request = parse(Endpoint::Completions, &body).unwrap();
+            assert_eq!(request.items.len(), count, "{prompt}");
+            assert_eq!(request.item_form, form, "{prompt}");
+        }
+    }
+
+    #[test]
+    fn mixed_prompt_array_is_rejected() {
+        let body = r#"{"model": "m", "prompt": ["a", [1]]}"#;
+        let err = parse(Endpoint::Completions, body).unwrap_err();
+        assert_eq!(err.param, Some("prompt"));
+    }
+
+    #[test]
+    fn missing_fields_are_named() {
+        let cases = [
+            (Endpoint::ChatCompletions, r#"{"messages": []}"#, "model"),
+            (Endpoint::ChatCompletions, r#"{"model": "m"}"#, "messages"),
+            (Endpoint::Completions, r#"{"model": "m"}"#, "prompt"),
+            (Endpoint::Embeddings, r#"{"model": "m"}"#, "input"),
+        ];
+        for (endpoint, body, field) in cases {
+            let err = parse(endpoint, body).unwrap_err();
+            assert_eq!(err.param, Some(field), "{body}");
+            assert!(err.message.contains(field));
+        }
+    }
+
+    #[test]
+    fn malformed_json_is_invalid_request() {
+        let err = parse(Endpoint::Completions, "{not json").unwrap_err();
+        assert_eq!(err.status().as_u16(), 400);
+        let err = parse(Endpoint::Completions, "[1]").unwrap_err();
+        assert_eq!(err.status().as_u16(), 400);
+    }
+
+    #[test]
+    fn cap_lowers_only_larger_limits() {
+        let body = r#"{"model": "m", "prompt": "x", "max_tokens": 100}"#;
+        let mut request = parse(Endpoint::Completions, body).unwrap();
+        request.cap_max_tokens(5);
+        assert_eq!(request.body["max_tokens"], 5);
+
+        let body = r#"{"model": "m", "prompt": "x", "max_tokens": 3}"#;
+        let mut request = parse(Endpoint::Completions, body).unwrap();
+        request.cap_max_tokens(5);
+        assert_eq!(request.body["max_tokens"], 3);
+
+        let body = r#"{"model": "m", "prompt": "x"}"#;
+        let mut request = parse(Endpoint::Completions, body).unwrap();
+        request.cap_max_tokens(5);
+        assert_eq!(request.body["max_tokens"], 5);
+    }
+
+    #[test]
+    fn route_request_counts_characters_of_all_messages() {
+        let body = r#"{"model": "auto", "messages": [
+            {"role": "system", "content": "abc"},
+            {"role": "user", "content": [{"type": "text", "text": "de"}]}
+        ]}"#;
+        let request = parse(Endpoint::ChatCompletions, body).unwrap();
+        let summary = request.route_request(&http::HeaderMap::new());
+        assert_eq!(summary.prompt_chars, 5);
+        assert_eq!(summary.messages.len(), 2);
+        assert_eq!(summary.messages[1].content, "de");
+    }
+}

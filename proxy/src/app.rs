@@ -1,0 +1,271 @@
+//! The API request path: read and check the body, route it, send it to the
+//! pool (through its coalescer where it can be batched), and answer, with
+//! one log line and the request metrics for every request.
+//!
+//! Listeners and connections are `server`'s business; this module sees one
+//! request at a time.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde_json::{json, Value};
+use switchyard_policy::Endpoint;
+
+use crate::api::ApiRequest;
+use crate::body::{full, Body, BoxError};
+use crate::coalesce::{BatchLimits, Coalescer};
+use crate::config::Config;
+use crate::error::{ApiError, ErrorKind};
+use crate::metrics;
+use crate::routing::{Route, Router};
+use crate::upstream::{copy_response_headers, Pool};
+
+/// Names the pool that served a response.
+pub const POOL_HEADER: &str = "x-switchyard-pool";
+/// Items in the upstream request that carried a coalesced request.
+pub const BATCH_SIZE_HEADER: &str = "x-switchyard-batch-size";
+
+/// Everything the request path needs, shared by all connections.
+#[derive(Debug)]
+pub struct App {
+    router: Router,
+    coalescers: HashMap<String, Coalescer>,
+    max_body_bytes: u64,
+}
+
+/// What the log line and metrics say about one request.
+#[derive(Debug, Default)]
+struct Outcome {
+    pool: Option<String>,
+    batch_size: Option<usize>,
+    error: Option<String>,
+}
+
+impl App {
+    /// Builds pools, coalescers and the router from a validated
+    /// configuration. Must run inside a tokio runtime (coalescers are
+    /// tasks).
+    pub fn new(
+        config: &Config,
+        policy: Option<switchyard_policy::Policy>,
+    ) -> Result<Self, String> {
+        let mut pools = Vec::new();
+        let mut coalescers = HashMap::new();
+        for pool_config in &config.pool {
+            let pool = Arc::new(Pool::new(pool_config)?);
+            if let Some(batch) = &pool_config.batch {
+                let limits = BatchLimits {
+                    max_batch: batch.max_batch,
+                    max_wait: Duration::from_millis(batch.max_wait_ms),
+                };
+                let coalescer = Coalescer::start(Arc::clone(&pool), limits);
+                coalescers.insert(pool.name.clone(), coalescer);
+            }
+            pools.push(pool);
+        }
+        Ok(Self {
+            router: Router::new(pools, policy),
+            coalescers,
+            max_body_bytes: config.server.max_body_bytes,
+        })
+    }
+
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// Answers one API request. Never fails: errors become OpenAI error
+    /// responses here.
+    pub async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let method = request.method().clone();
+        let path = request.uri().path().to_string();
+        let mut outcome = Outcome::default();
+
+        let endpoint = Endpoint::from_path(&path);
+        let result = match (&method, path.as_str(), endpoint) {
+            (&Method::POST, _, Some(endpoint)) => {
+                self.proxy(endpoint, request, &mut outcome).await
+            }
+            (&Method::GET, "/v1/models", _) => Ok(self.models()),
+            (_, "/v1/models", _) | (_, _, Some(_)) => Err(ApiError::new(
+                ErrorKind::MethodNotAllowed,
+                format!("{method} is not allowed on {path}"),
+            )),
+            _ => Err(ApiError::new(
+                ErrorKind::NotFound,
+                format!("no such endpoint: {method} {path}"),
+            )),
+        };
+        let response = match result {
+            Ok(response) => response,
+            Err(e) => {
+                outcome.error = Some(e.message.clone());
+                e.into_response()
+            }
+        };
+
+        let elapsed = started.elapsed();
+        let status = response.status().as_u16();
+        let pool = outcome.pool.as_deref().unwrap_or("none");
+        let endpoint_label = endpoint.map_or("other", Endpoint::label);
+        metrics::record_request(pool, endpoint_label, status, elapsed);
+        log_request(&method, &path, &outcome, status, elapsed);
+        response
+    }
+
+    async fn proxy(
+        &self,
+        endpoint: Endpoint,
+        request: Request<Incoming>,
+        outcome: &mut Outcome,
+    ) -> Result<Response<Body>, ApiError> {
+        let (parts, body) = request.into_parts();
+        let bytes = read_body(body, &parts.headers, self.max_body_bytes).await?;
+        let mut api = ApiRequest::parse(endpoint, &bytes)?;
+
+        let Route { pool, max_tokens_cap } =
+            self.router.route(&api, &parts.headers)?;
+        outcome.pool = Some(pool.name.clone());
+        if let Some(cap) = max_tokens_cap {
+            api.cap_max_tokens(cap);
+        }
+        api.body.insert("model".to_string(), Value::from(pool.model.clone()));
+
+        let coalescer = self.coalescers.get(&pool.name);
+        match coalescer {
+            Some(coalescer) if api.items_field().is_some() && !api.stream => {
+                let reply = coalescer.submit(api, &parts.headers).await?;
+                outcome.batch_size = Some(reply.batch_items);
+                let mut response = json_response(reply.body);
+                *response.status_mut() = reply.status;
+                set_header(&mut response, POOL_HEADER, &pool.name);
+                set_header(
+                    &mut response,
+                    BATCH_SIZE_HEADER,
+                    &reply.batch_items.to_string(),
+                );
+                Ok(response)
+            }
+            _ => forward(&pool, endpoint, &parts.headers, api).await,
+        }
+    }
+
+    /// `GET /v1/models`: the pools, as models a client may ask for.
+    fn models(&self) -> Response<Body> {
+        let data: Vec<Value> = self
+            .router
+            .pool_names()
+            .iter()
+            .map(|name| {
+                json!({"id": name, "object": "model", "owned_by": "switchyard"})
+            })
+            .collect();
+        let body = json!({"object": "list", "data": data});
+        json_response(Bytes::from(body.to_string()))
+    }
+}
+
+/// Sends one request upstream and passes its answer back as it arrives,
+/// server-sent events included: the body is never buffered here.
+async fn forward(
+    pool: &Pool,
+    endpoint: Endpoint,
+    headers: &HeaderMap,
+    api: ApiRequest,
+) -> Result<Response<Body>, ApiError> {
+    let body = Bytes::from(Value::Object(api.body).to_string());
+    let upstream = pool.post(endpoint.path(), headers, body).await?;
+    metrics::record_upstream(&pool.name, endpoint, upstream.elapsed);
+
+    let (parts, body) = upstream.response.into_parts();
+    let body = body.map_err(|e| -> BoxError { Box::new(e) }).boxed();
+    let mut response = Response::new(body);
+    *response.status_mut() = parts.status;
+    copy_response_headers(&parts.headers, response.headers_mut());
+    set_header(&mut response, POOL_HEADER, &pool.name);
+    Ok(response)
+}
+
+/// Reads the whole request body, refusing more than `limit` bytes.
+async fn read_body(
+    body: Incoming,
+    headers: &HeaderMap,
+    limit: u64,
+) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            ErrorKind::BodyTooLarge,
+            format!(
+                "request body is larger than {limit} bytes \
+                 (server.max_body_bytes)"
+            ),
+        )
+    };
+
+    // A declared length over the limit is refused before reading a byte.
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit) {
+        return Err(too_large());
+    }
+
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(too_large())
+        }
+        Err(e) => Err(ApiError::invalid(format!(
+            "could not read the request body: {e}"
+        ))),
+    }
+}
+
+fn json_response(body: Bytes) -> Response<Body> {
+    let mut response = Response::new(full(body));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn set_header(response: &mut Response<Body>, name: &'static str, value: &str) {
+    if let Ok(value) = HeaderValue::from_str(value) {
+        response.headers_mut().insert(name, value);
+    }
+}
+
+fn log_request(
+    method: &Method,
+    path: &str,
+    outcome: &Outcome,
+    status: u16,
+    elapsed: Duration,
+) {
+    let latency_ms = elapsed.as_secs_f64() * 1000.0;
+    let pool = outcome.pool.as_deref().unwrap_or("none");
+    let batch_size = outcome.batch_size;
+    match &outcome.error {
+        Some(error) if status >= 500 => tracing::warn!(
+            %method, path, pool, status, latency_ms, error = %error,
+            "request failed"
+        ),
+        Some(error) => tracing::info!(
+            %method, path, pool, status, latency_ms, error = %error,
+            "request rejected"
+        ),
+        None => tracing::info!(
+            %method, path, pool, status, latency_ms, batch_size,
+            "request"
+        ),
+    }
+}

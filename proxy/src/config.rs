@@ -1,0 +1,465 @@
+//! Configuration: the TOML file's schema, its defaults and its validation.
+//!
+//! Parsing is strict: an unknown key is an error, and every error names the
+//! full key path (`pool[1].batch.max_wait_ms`) and, where the TOML parser
+//! knows it, the line. Nothing here opens sockets or loads plugins; the
+//! checks that touch the outside world stop at "does the file exist".
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Default API listener.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Default admin listener (metrics, health).
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
+/// Default largest request body: 8 MiB.
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 8 * 1024 * 1024;
+/// Default time a shutdown waits for in-flight requests: 30 s.
+pub const DEFAULT_SHUTDOWN_GRACE_S: u64 = 30;
+/// Default time to establish an upstream connection: 2 s.
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2_000;
+/// Default time an upstream has to start its response: 300 s, because a
+/// long generation without streaming answers only when it is done.
+pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 300_000;
+/// Default items per coalesced upstream request.
+pub const DEFAULT_MAX_BATCH: usize = 8;
+/// Default longest time a request waits for others to join its batch.
+pub const DEFAULT_MAX_WAIT_MS: u64 = 50;
+
+/// Largest accepted `max_batch`; beyond it one upstream request would carry
+/// more than any model server is built to take at once.
+const MAX_BATCH_LIMIT: usize = 4096;
+/// Largest accepted `max_wait_ms`: waiting longer only adds latency.
+const MAX_WAIT_LIMIT_MS: u64 = 10_000;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Model pools, in the order they are written (`[[pool]]`).
+    #[serde(default)]
+    pub pool: Vec<PoolConfig>,
+    /// The routing plugin. Without it, a request's `model` names its pool.
+    pub policy: Option<PolicyConfig>,
+}
+
+/// `[server]`: listeners and request limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address of the OpenAI API listener. Default `127.0.0.1:8080`.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Address of the admin listener (`/metrics`, `/healthz`, `/readyz`).
+    /// Default `127.0.0.1:9901`.
+    #[serde(default = "default_admin")]
+    pub admin: SocketAddr,
+    /// Largest request body accepted, in bytes; larger ones get 413.
+    /// Default 8 MiB.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: u64,
+    /// How long a shutdown waits for in-flight requests, in seconds.
+    /// Default 30.
+    #[serde(default = "default_shutdown_grace_s")]
+    pub shutdown_grace_s: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            admin: default_admin(),
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            shutdown_grace_s: DEFAULT_SHUTDOWN_GRACE_S,
+        }
+    }
+}
+
+/// `[[pool]]`: a set of interchangeable upstream model servers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Name that routes and metrics use; unique among pools.
+    pub name: String,
+    /// Base URLs of the servers (`http://host:port`), used in turn.
+    pub endpoints: Vec<String>,
+    /// Written into the upstream request's `model` field. Default: the
+    /// pool's name.
+    pub model: Option<String>,
+    /// Time to establish a connection, in milliseconds. Default 2000.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Time for the upstream to start answering, in milliseconds; past it
+    /// the caller gets 504. Default 300000.
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// Coalescing of `/v1/completions` and `/v1/embeddings`. Without this
+    /// table, requests go upstream one by one.
+    pub batch: Option<BatchConfig>,
+}
+
+impl PoolConfig {
+    /// The model name sent upstream.
+    pub fn upstream_model(&self) -> &str {
+        self.model.as_deref().unwrap_or(&self.name)
+    }
+}
+
+/// `[pool.batch]`: how requests are coalesced.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Most prompt or input items in one upstream request. Default 8.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// Longest time a request waits for others to join, in milliseconds.
+    /// Default 50.
+    #[serde(default = "default_max_wait_ms")]
+    pub max_wait_ms: u64,
+}
+
+/// `[policy]`: the WebAssembly routing plugin.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Path of the compiled plugin, relative to the working directory.
+    pub plugin: PathBuf,
+    /// Handed to the plugin's `init` as JSON. Default: an empty table.
+    #[serde(default = "empty_table")]
+    pub config: toml::Table,
+    /// Budget of one call into the plugin, in milliseconds; a call past it
+    /// is stopped and the request takes the default route. Default 50.
+    #[serde(default = "default_policy_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Largest memory of one plugin instance, in bytes. Default 64 MiB.
+    #[serde(default = "default_policy_max_memory_bytes")]
+    pub max_memory_bytes: u64,
+}
+
+impl PolicyConfig {
+    /// The host's view of this table.
+    pub fn settings(&self) -> switchyard_policy::PolicySettings {
+        let config = serde_json::to_value(&self.config)
+            .unwrap_or(serde_json::Value::Null);
+        switchyard_policy::PolicySettings {
+            plugin: self.plugin.clone(),
+            config,
+            timeout_ms: self.timeout_ms,
+            max_memory_bytes: self.max_memory_bytes,
+        }
+    }
+}
+
+/// A configuration that could not be read or is not valid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Full key path, such as `pool[0].batch.max_wait_ms`; empty when the
+    /// file as a whole is at fault.
+    pub key: String,
+    /// 1-based line of the offending key, where the parser gives one.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(line) = self.line {
+            write!(f, "line {line}: ")?;
+        }
+        if !self.key.is_empty() {
+            write!(f, "{}: ", self.key)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads, parses and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            key: String::new(),
+            line: None,
+            message: format!("cannot read {}: {e}", path.display()),
+        })?;
+        Config::parse(&text)
+    }
+
+    /// Parses and validates configuration text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config = parse_strict(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what the types cannot: ranges, uniqueness, addresses, files.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.server.max_body_bytes == 0 {
+            return Err(invalid("server.max_body_bytes", "must be > 0"));
+        }
+        if self.server.listen == self.server.admin
+            && self.server.listen.port() != 0
+        {
+            return Err(invalid(
+                "server.admin",
+                "must differ from server.listen",
+            ));
+        }
+
+        let mut names = HashSet::new();
+        for (i, pool) in self.pool.iter().enumerate() {
+            validate_pool(i, pool)?;
+            if !names.insert(pool.name.as_str()) {
+                let message =
+                    format!("pool name {:?} is used twice", pool.name);
+                return Err(invalid(&format!("pool[{i}].name"), &message));
+            }
+        }
+
+        if let Some(policy) = &self.policy {
+            validate_policy(policy)?;
+        }
+        Ok(())
+    }
+}
+
+fn validate_pool(i: usize, pool: &PoolConfig) -> Result<(), ConfigError> {
+    let key = |field: &str| format!("pool[{i}].{field}");
+    if pool.name.is_empty() || !pool.name.chars().all(is_name_char) {
+        return Err(invalid(
+            &key("name"),
+            "must be non-empty and use only letters, digits, '-', '_', '.'",
+        ));
+    }
+    if pool.endpoints.is_empty() {
+        return Err(invalid(&key("endpoints"), "must list at least one URL"));
+    }
+    for (j, url) in pool.endpoints.iter().enumerate() {
+        if let Err(message) = crate::upstream::parse_endpoint(url) {
+            return Err(invalid(&key(&format!("endpoints[{j}]")), &message));
+        }
+    }
+    if pool.connect_timeout_ms == 0 {
+        return Err(invalid(&key("connect_timeout_ms"), "must be > 0"));
+    }
+    if pool.request_timeout_ms == 0 {
+        return Err(invalid(&key("request_timeout_ms"), "must be > 0"));
+    }
+    if let Some(batch) = &pool.batch {
+        if batch.max_batch == 0 || batch.max_batch > MAX_BATCH_LIMIT {
+            let message = format!("must be between 1 and {MAX_BATCH_LIMIT}");
+            return Err(invalid(&key("batch.max_batch"), &message));
+        }
+        if batch.max_wait_ms == 0 || batch.max_wait_ms > MAX_WAIT_LIMIT_MS {
+            let message =
+                format!("must be between 1 and {MAX_WAIT_LIMIT_MS} ms");
+            return Err(invalid(&key("batch.max_wait_ms"), &message));
+        }
+    }
+    Ok(())
+}
+
+fn validate_policy(policy: &PolicyConfig) -> Result<(), ConfigError> {
+    if !policy.plugin.is_file() {
+        let message = format!(
+            "plugin file {} does not exist (build plugins with `make plugins`)",
+            policy.plugin.display()
+        );
+        return Err(invalid("policy.plugin", &message));
+    }
+    if policy.timeout_ms == 0 {
+        return Err(invalid("policy.timeout_ms", "must be > 0"));
+    }
+    if policy.max_memory_bytes < 1024 * 1024 {
+        return Err(invalid("policy.max_memory_bytes", "must be >= 1 MiB"));
+    }
+    Ok(())
+}
+
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
+}
+
+/// Deserializes with unknown keys rejected, recording the key path of the
+/// first error and the line the parser points at.
+fn parse_strict(text: &str) -> Result<Config, ConfigError> {
+    let deserializer = toml::Deserializer::parse(text).map_err(|e| {
+        ConfigError {
+            key: String::new(),
+            line: e.span().map(|span| line_of(text, span.start)),
+            message: e.message().to_string(),
+        }
+    })?;
+    serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        ConfigError {
+            key: if key == "." { String::new() } else { key },
+            line: inner.span().map(|span| line_of(text, span.start)),
+            message: inner.message().to_string(),
+        }
+    })
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+}
+
+fn invalid(key: &str, message: &str) -> ConfigError {
+    ConfigError {
+        key: key.to_string(),
+        line: None,
+        message: message.to_string(),
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9901))
+}
+
+fn default_max_body_bytes() -> u64 {
+    DEFAULT_MAX_BODY_BYTES
+}
+
+fn default_shutdown_grace_s() -> u64 {
+    DEFAULT_SHUTDOWN_GRACE_S
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    DEFAULT_CONNECT_TIMEOUT_MS
+}
+
+fn default_request_timeout_ms() -> u64 {
+    DEFAULT_REQUEST_TIMEOUT_MS
+}
+
+fn default_max_batch() -> usize {
+    DEFAULT_MAX_BATCH
+}
+
+fn default_max_wait_ms() -> u64 {
+    DEFAULT_MAX_WAIT_MS
+}
+
+fn default_policy_timeout_ms() -> u64 {
+    switchyard_policy::DEFAULT_TIMEOUT_MS
+}
+
+fn default_policy_max_memory_bytes() -> u64 {
+    switchyard_policy::DEFAULT_MAX_MEMORY_BYTES
+}
+
+fn empty_table() -> toml::Table {
+    toml::Table::new()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+[server]
+listen = "127.0.0.1:8080"
+admin = "127.0.0.1:9901"
+
+[[pool]]
+name = "small"
+endpoints = ["http://127.0.0.1:8001"]
+model = "smollm2"
+[pool.batch]
+max_batch = 8
+max_wait_ms = 50
+
+[[pool]]
+name = "large"
+endpoints = ["http://127.0.0.1:8002"]
+model = "big"
+"#;
+
+    #[test]
+    fn example_parses_with_defaults_filled_in() {
+        let config = Config::parse(EXAMPLE).unwrap();
+        assert_eq!(config.pool.len(), 2);
+        assert_eq!(config.pool[0].upstream_model(), "smollm2");
+        assert_eq!(config.pool[1].batch.as_ref().map(|b| b.max_batch), None);
+        assert_eq!(config.server.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+        assert_eq!(
+            config.pool[1].request_timeout_ms,
+            DEFAULT_REQUEST_TIMEOUT_MS
+        );
+    }
+
+    #[test]
+    fn empty_file_is_a_valid_config() {
+        let config = Config::parse("").unwrap();
+        assert!(config.pool.is_empty());
+        assert_eq!(config.server.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(config.server.admin.to_string(), DEFAULT_ADMIN);
+    }
+
+    #[test]
+    fn unknown_key_names_its_path_and_line() {
+        let text = EXAMPLE.replace("max_wait_ms = 50", "max_wait = 50");
+        let err = Config::parse(&text).unwrap_err();
+        assert!(err.key.starts_with("pool[0].batch"), "{err}");
+        assert!(err.message.contains("max_wait"), "{err}");
+        assert_eq!(err.line, Some(12), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_its_path() {
+        let text = EXAMPLE.replace("max_batch = 8", "max_batch = \"8\"");
+        let err = Config::parse(&text).unwrap_err();
+        assert_eq!(err.key, "pool[0].batch.max_batch", "{err}");
+    }
+
+    #[test]
+    fn zero_wait_is_rejected_with_full_key() {
+        let text = EXAMPLE.replace("max_wait_ms = 50", "max_wait_ms = 0");
+        let err = Config::parse(&text).unwrap_err();
+        assert_eq!(err.key, "pool[0].batch.max_wait_ms");
+    }
+
+    #[test]
+    fn duplicate_pool_names_are_rejected() {
+        let text = EXAMPLE.replace("name = \"large\"", "name = \"small\"");
+        let err = Config::parse(&text).unwrap_err();
+        assert_eq!(err.key, "pool[1].name");
+        assert!(err.message.contains("small"));
+    }
+
+    #[test]
+    fn bad_endpoint_url_is_rejected() {
+        let text = EXAMPLE.replace("http://127.0.0.1:8002", "127.0.0.1:8002");
+        let err = Config::parse(&text).unwrap_err();
+        assert_eq!(err.key, "pool[1].endpoints[0]", "{err}");
+    }
+
+    #[test]
+    fn missing_plugin_file_is_rejected() {
+        let text = format!(
+            "{EXAMPLE}\n[policy]\nplugin = \"/nonexistent/x.wasm\"\n"
+        );
+        let err = Config::parse(&text).unwrap_err();
+        assert_eq!(err.key, "policy.plugin");
+        assert!(err.message.contains("make plugins"));
+    }
+
+    #[test]
+    fn syntax_error_reports_a_line() {
+        let err = Config::parse("[server]\nlisten = \n").unwrap_err();
+        assert_eq!(err.line, Some(2), "{err}");
+    }
+}

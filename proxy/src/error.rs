@@ -1,0 +1,193 @@
+//! Errors that reach a client, and the one place that decides their HTTP
+//! status, OpenAI error `type` and `code`.
+//!
+//! Everything on the request path returns [`ApiError`]; it becomes the
+//! OpenAI error JSON (`{"error": {"message", "type", "code", "param"}}`) only
+//! at the edge, in [`ApiError::into_response`].
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use serde_json::json;
+
+use crate::body::{full, Body};
+
+/// What went wrong, which fixes the status, type and code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The body is not JSON, or not the shape the endpoint needs.
+    InvalidRequest,
+    /// The body is larger than `server.max_body_bytes`.
+    BodyTooLarge,
+    /// No pool serves the requested model.
+    ModelNotFound,
+    /// No such path.
+    NotFound,
+    /// The path exists but not with this method.
+    MethodNotAllowed,
+    /// The routing policy refused the request with this status.
+    PolicyRejected(u16),
+    /// The upstream could not be reached (refused, reset, unreachable).
+    UpstreamUnavailable,
+    /// The upstream did not answer within the pool's timeout.
+    UpstreamTimeout,
+    /// The upstream answered with something that could not be used.
+    UpstreamInvalid,
+    /// Switchyard is shutting down.
+    ShuttingDown,
+    /// A bug or an exhausted resource inside Switchyard.
+    Internal,
+}
+
+impl ErrorKind {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::InvalidRequest => StatusCode::BAD_REQUEST,
+            Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::ModelNotFound | Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            // A plugin may only reject with a client or server error.
+            Self::PolicyRejected(status @ 400..=599) => {
+                StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN)
+            }
+            Self::PolicyRejected(_) => StatusCode::FORBIDDEN,
+            Self::UpstreamUnavailable | Self::UpstreamInvalid => {
+                StatusCode::BAD_GATEWAY
+            }
+            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The OpenAI error `type`.
+    pub fn error_type(self) -> &'static str {
+        match self {
+            Self::InvalidRequest
+            | Self::BodyTooLarge
+            | Self::ModelNotFound
+            | Self::NotFound
+            | Self::MethodNotAllowed => "invalid_request_error",
+            Self::PolicyRejected(status) if status < 500 => {
+                "invalid_request_error"
+            }
+            Self::PolicyRejected(_) | Self::ShuttingDown | Self::Internal => {
+                "server_error"
+            }
+            Self::UpstreamUnavailable
+            | Self::UpstreamTimeout
+            | Self::UpstreamInvalid => "upstream_error",
+        }
+    }
+
+    /// The OpenAI error `code`: short, stable, for programs to match on.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::InvalidRequest => "invalid_request",
+            Self::BodyTooLarge => "body_too_large",
+            Self::ModelNotFound => "model_not_found",
+            Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::PolicyRejected(_) => "policy_rejected",
+            Self::UpstreamUnavailable => "upstream_unavailable",
+            Self::UpstreamTimeout => "upstream_timeout",
+            Self::UpstreamInvalid => "upstream_invalid_response",
+            Self::ShuttingDown => "shutting_down",
+            Self::Internal => "internal_error",
+        }
+    }
+}
+
+/// An error on its way to a client.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+    /// The request field at fault, where there is one.
+    pub param: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into(), param: None }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::InvalidRequest, message)
+    }
+
+    /// A required field is absent.
+    pub fn missing(field: &'static str) -> Self {
+        let message = format!("missing required field `{field}`");
+        Self { param: Some(field), ..Self::invalid(message) }
+    }
+
+    /// A field has the wrong type or value.
+    pub fn bad_field(field: &'static str, expected: &str) -> Self {
+        let message = format!("field `{field}` must be {expected}");
+        Self { param: Some(field), ..Self::invalid(message) }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.kind.status()
+    }
+
+    /// The OpenAI error JSON.
+    pub fn to_json(&self) -> serde_json::Value {
+        json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind.error_type(),
+                "code": self.kind.code(),
+                "param": self.param,
+            }
+        })
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let body = Bytes::from(self.to_json().to_string());
+        let mut response = Response::new(full(body));
+        *response.status_mut() = self.status();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        response
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.message, self.kind.code())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_field_is_a_400_naming_the_field() {
+        let err = ApiError::missing("messages");
+        assert_eq!(err.status(), StatusCode::BAD_REQUEST);
+        let json = err.to_json();
+        assert_eq!(json["error"]["type"], "invalid_request_error");
+        assert_eq!(json["error"]["param"], "messages");
+        let message = json["error"]["message"].as_str().unwrap();
+        assert!(message.contains("messages"));
+    }
+
+    #[test]
+    fn policy_rejection_keeps_the_plugins_status() {
+        let kind = ErrorKind::PolicyRejected(429);
+        assert_eq!(kind.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(kind.error_type(), "invalid_request_error");
+        let bogus = ErrorKind::PolicyRejected(200);
+        assert_eq!(bogus.status(), StatusCode::FORBIDDEN);
+    }
+
+    #[test]
+    fn upstream_kinds_map_to_gateway_statuses() {
+        assert_eq!(ErrorKind::UpstreamUnavailable.status().as_u16(), 502);
+        assert_eq!(ErrorKind::UpstreamTimeout.status().as_u16(), 504);
+    }
+}

@@ -1,0 +1,29 @@
+//! Switchyard: a sidecar that sits between applications and model servers
+//! speaking the OpenAI HTTP API, routes each request to a pool through a
+//! WebAssembly policy, and coalesces compatible requests into batches.
+//!
+//! The module tree is the architecture:
+//!
+//! - [`config`]: the TOML file, its defaults and validation;
+//! - [`server`]: listeners, connections, admin port, shutdown;
+//! - [`app`]: the request path from body to answer;
+//! - [`api`]: the OpenAI request shapes Switchyard interprets;
+//! - [`routing`]: which pool serves a request (policy or model name);
+//! - [`coalesce`]: merging requests into upstream batches and splitting
+//!   the answers;
+//! - [`upstream`]: pools of model servers and pooled connections to them;
+//! - [`metrics`]: metric names and the Prometheus recorder;
+//! - [`error`]: the errors clients see, and their statuses;
+//! - [`telemetry`]: log output.
+
+pub mod api;
+pub mod app;
+pub mod body;
+pub mod coalesce;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod routing;
+pub mod server;
+pub mod telemetry;
+pub mod upstream;

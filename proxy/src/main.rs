@@ -1,0 +1,127 @@
+//! The `switchyard` command: `run` serves, `check` validates a
+//! configuration.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use switchyard::config::Config;
+use switchyard::telemetry::{self, LogFormat};
+
+#[derive(Debug, Parser)]
+#[command(name = "switchyard", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        /// Configuration file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Log line format.
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
+    },
+    /// Validate a configuration file and exit: 0 when it is valid.
+    Check {
+        /// Configuration file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Run { config, log_format } => {
+            telemetry::init(log_format);
+            match run(&config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    // The plugin is loaded too: a file that exists but does not load, or
+    // whose init rejects its configuration, fails here rather than at run.
+    if let Some(policy) = &config.policy {
+        if let Err(e) = switchyard_policy::Policy::load(&policy.settings()) {
+            eprintln!("{}: policy.plugin: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    eprintln!(
+        "{}: ok ({} pools, policy: {})",
+        path.display(),
+        config.pool.len(),
+        config
+            .policy
+            .as_ref()
+            .map_or("none".to_string(), |p| p.plugin.display().to_string())
+    );
+    ExitCode::SUCCESS
+}
+
+fn run(path: &std::path::Path) -> Result<(), String> {
+    let config = Config::load(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let policy = match &config.policy {
+        Some(policy) => Some(
+            switchyard_policy::Policy::load(&policy.settings())
+                .map_err(|e| format!("policy.plugin: {e}"))?,
+        ),
+        None => None,
+    };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    runtime.block_on(async {
+        let metrics = switchyard::metrics::install()?;
+        switchyard::server::run(config, policy, metrics, shutdown_signal())
+            .await
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM");
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}

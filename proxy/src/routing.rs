@@ -1,0 +1,129 @@
+//! Routing: which pool serves a request. The policy plugin decides when one
+//! is configured; otherwise, and whenever the plugin fails, the request's
+//! `model` names the pool.
+//!
+//! A failing plugin never fails a request by itself: the failure is logged,
+//! counted, and the request takes the default route.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::HeaderMap;
+use switchyard_policy::{Policy, RouteOutcome};
+
+use crate::api::ApiRequest;
+use crate::error::{ApiError, ErrorKind};
+use crate::metrics;
+use crate::upstream::Pool;
+
+/// Where a request goes.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub pool: Arc<Pool>,
+    /// Upper bound the policy set on `max_tokens`.
+    pub max_tokens_cap: Option<u32>,
+}
+
+/// The pools by name and the optional policy.
+#[derive(Debug)]
+pub struct Router {
+    pools: HashMap<String, Arc<Pool>>,
+    /// Pool names in configuration order, for listings and messages.
+    names: Vec<String>,
+    policy: Option<Policy>,
+}
+
+impl Router {
+    pub fn new(pools: Vec<Arc<Pool>>, policy: Option<Policy>) -> Self {
+        let names = pools.iter().map(|pool| pool.name.clone()).collect();
+        let pools = pools
+            .into_iter()
+            .map(|pool| (pool.name.clone(), pool))
+            .collect();
+        Self { pools, names, policy }
+    }
+
+    /// Pool names in configuration order.
+    pub fn pool_names(&self) -> &[String] {
+        &self.names
+    }
+
+    pub fn pool(&self, name: &str) -> Option<&Arc<Pool>> {
+        self.pools.get(name)
+    }
+
+    pub fn policy(&self) -> Option<&Policy> {
+        self.policy.as_ref()
+    }
+
+    /// Chooses the pool for `request`.
+    pub fn route(
+        &self,
+        request: &ApiRequest,
+        headers: &HeaderMap,
+    ) -> Result<Route, ApiError> {
+        let Some(policy) = &self.policy else {
+            return self.default_route(&request.model);
+        };
+
+        let summary = request.route_request(headers);
+        let started = Instant::now();
+        let outcome = policy.route(&summary);
+        metrics::record_policy_call(policy.name(), started.elapsed());
+
+        match outcome {
+            Ok(RouteOutcome::Route(decision)) => {
+                match self.pools.get(&decision.pool) {
+                    Some(pool) => Ok(Route {
+                        pool: Arc::clone(pool),
+                        max_tokens_cap: decision.max_tokens_cap,
+                    }),
+                    None => {
+                        tracing::warn!(
+                            plugin = policy.name(),
+                            pool = %decision.pool,
+                            "policy chose a pool that does not exist; \
+                             taking the default route"
+                        );
+                        metrics::record_policy_error(
+                            policy.name(),
+                            "unknown_pool",
+                        );
+                        self.default_route(&request.model)
+                    }
+                }
+            }
+            Ok(RouteOutcome::Reject { status, message }) => {
+                Err(ApiError::new(ErrorKind::PolicyRejected(status), message))
+            }
+            Err(e) => {
+                tracing::warn!(
+                    plugin = policy.name(),
+                    kind = e.kind(),
+                    error = %e,
+                    "policy call failed; taking the default route"
+                );
+                metrics::record_policy_error(policy.name(), e.kind());
+                self.default_route(&request.model)
+            }
+        }
+    }
+
+    /// The pool named by the request's `model`.
+    fn default_route(&self, model: &str) -> Result<Route, ApiError> {
+        match self.pools.get(model) {
+            Some(pool) => Ok(Route { pool: Arc::clone(pool), max_tokens_cap: None }),
+            None => {
+                let message = format!(
+                    "no pool serves model {model:?}; pools: {}",
+                    self.names.join(", ")
+                );
+                Err(ApiError {
+                    param: Some("model"),
+                    ..ApiError::new(ErrorKind::ModelNotFound, message)
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! Listeners: the API port and the admin port, their accept loops, HTTP/1.1
+//! and cleartext HTTP/2 on every connection, and graceful shutdown.
+//!
+//! On shutdown the listeners close first, `/readyz` turns 503, and
+//! in-flight requests get up to `server.shutdown_grace_s` to finish.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+
+use crate::app::App;
+use crate::body::{full, Body};
+use crate::config::Config;
+
+/// Pause after a failed accept (out of file descriptors, say) before the
+/// next, so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Runs Switchyard until `shutdown` resolves, then drains.
+pub async fn run(
+    config: Config,
+    policy: Option<switchyard_policy::Policy>,
+    metrics: PrometheusHandle,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
+    let api_listener = bind(config.server.listen, "server.listen").await?;
+    let admin_listener = bind(config.server.admin, "server.admin").await?;
+    let api_addr = local_addr(&api_listener)?;
+    let admin_addr = local_addr(&admin_listener)?;
+
+    let plugin = policy
+        .as_ref()
+        .map(|p| format!("{} ({})", p.name(), p.version()));
+    let app = Arc::new(App::new(&config, policy)?);
+    let ready = Arc::new(AtomicBool::new(true));
+
+    let pools: Vec<String> = config
+        .pool
+        .iter()
+        .map(|pool| {
+            let batch = pool.batch.as_ref().map_or(String::new(), |b| {
+                format!(", batch {} within {} ms", b.max_batch, b.max_wait_ms)
+            });
+            format!(
+                "{} -> {} (model {}{batch})",
+                pool.name,
+                pool.endpoints.join(" "),
+                pool.upstream_model()
+            )
+        })
+        .collect();
+    tracing::info!(
+        api_addr = %api_addr,
+        admin_addr = %admin_addr,
+        pools = %pools.join("; "),
+        plugin = plugin.as_deref().unwrap_or("none"),
+        "listening"
+    );
+    if config.pool.is_empty() {
+        tracing::warn!("no pools are configured; every API request gets 404");
+    }
+
+    let graceful = GracefulShutdown::new();
+    let admin_state = Arc::new(AdminState { metrics, ready: Arc::clone(&ready) });
+
+    let api_app = Arc::clone(&app);
+    let api_service = move |request: Request<Incoming>| {
+        let app = Arc::clone(&api_app);
+        async move { Ok::<_, std::convert::Infallible>(app.handle(request).await) }
+    };
+    let admin_service = move |request: Request<Incoming>| {
+        let state = Arc::clone(&admin_state);
+        async move { Ok::<_, std::convert::Infallible>(state.handle(&request)) }
+    };
+
+    tokio::pin!(shutdown);
+    let builder = auto::Builder::new(TokioExecutor::new());
+    loop {
+        tokio::select! {
+            accepted = api_listener.accept() => {
+                let Some(stream) = accepted_stream(accepted).await else {
+                    continue;
+                };
+                let service = service_fn(api_service.clone());
+                let connection = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .into_owned();
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "api connection closed");
+                    }
+                });
+            }
+            accepted = admin_listener.accept() => {
+                let Some(stream) = accepted_stream(accepted).await else {
+                    continue;
+                };
+                let service = service_fn(admin_service.clone());
+                let connection = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .into_owned();
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "admin connection closed");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+
+    // Stop taking connections, then let the ones we have finish.
+    ready.store(false, Ordering::SeqCst);
+    drop(api_listener);
+    drop(admin_listener);
+    let grace = Duration::from_secs(config.server.shutdown_grace_s);
+    tracing::info!(grace_s = grace.as_secs(), "shutting down; draining");
+    match tokio::time::timeout(grace, graceful.shutdown()).await {
+        Ok(()) => tracing::info!("all connections drained"),
+        Err(_) => tracing::warn!(
+            grace_s = grace.as_secs(),
+            "connections still open after the grace period; closing them"
+        ),
+    }
+    Ok(())
+}
+
+async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener, String> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("{key}: cannot listen on {addr}: {e}"))
+}
+
+fn local_addr(listener: &TcpListener) -> Result<SocketAddr, String> {
+    listener
+        .local_addr()
+        .map_err(|e| format!("cannot read the listening address: {e}"))
+}
+
+async fn accepted_stream(
+    accepted: std::io::Result<(tokio::net::TcpStream, SocketAddr)>,
+) -> Option<tokio::net::TcpStream> {
+    match accepted {
+        Ok((stream, _peer)) => {
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+            Some(stream)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "accept failed; retrying");
+            tokio::time::sleep(ACCEPT_BACKOFF).await;
+            None
+        }
+    }
+}
+
+/// What the admin port serves.
+#[derive(Debug)]
+struct AdminState {
+    metrics: PrometheusHandle,
+    ready: Arc<AtomicBool>,
+}
+
+impl AdminState {
+    fn handle(&self, request: &Request<Incoming>) -> Response<Body> {
+        if request.method() != Method::GET {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+        }
+        match request.uri().path() {
+            "/metrics" => {
+                let mut response =
+                    text(StatusCode::OK, self.metrics.render());
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                response
+            }
+            "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/readyz" if self.ready.load(Ordering::SeqCst) => {
+                text(StatusCode::OK, "ready\n")
+            }
+            "/readyz" => {
+                text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+            }
+            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        }
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut response = Response::new(full(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}

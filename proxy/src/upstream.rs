@@ -1,0 +1,293 @@
+//! Upstream pools: the model servers behind each pool, the pooled HTTP
+//! connections to them, and the translation of transport failures into
+//! errors that name the pool.
+//!
+//! A pool sends a finished request body to one of its endpoints, chosen in
+//! turn, and hands back the response as it arrives. It does not parse
+//! bodies or decide routes.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::uri::{Authority, Scheme};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, Uri};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::config::PoolConfig;
+use crate::error::{ApiError, ErrorKind};
+
+/// Idle upstream connections are closed after this long.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Headers that describe one hop, not the message, and must not be
+/// forwarded (RFC 9110 section 7.6.1), plus those Switchyard rewrites.
+const HOP_HEADERS: [&str; 10] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+];
+
+/// One upstream model server's base address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamEndpoint {
+    authority: Authority,
+    /// Path prefix before `/v1/...`, without a trailing slash; usually "".
+    prefix: String,
+}
+
+impl UpstreamEndpoint {
+    fn uri(&self, path: &str) -> Result<Uri, http::Error> {
+        Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(self.authority.clone())
+            .path_and_query(format!("{}{}", self.prefix, path))
+            .build()
+    }
+}
+
+impl std::fmt::Display for UpstreamEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "http://{}{}", self.authority, self.prefix)
+    }
+}
+
+/// Parses an endpoint URL from the configuration. A trailing `/v1` is
+/// accepted and dropped, since clients' base URLs are often written so.
+pub fn parse_endpoint(url: &str) -> Result<UpstreamEndpoint, String> {
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            // Limitation: no TLS to upstreams yet; a sidecar usually talks
+            // to model servers on the pod network or loopback.
+            return Err(format!("{url:?}: https endpoints are not supported"));
+        }
+        _ => {
+            return Err(format!(
+                "{url:?} must start with http:// (for example \
+                 http://127.0.0.1:8001)"
+            ))
+        }
+    }
+    let Some(authority) = uri.authority().cloned() else {
+        return Err(format!("{url:?} has no host"));
+    };
+    if uri.query().is_some() {
+        return Err(format!("{url:?} must not have a query string"));
+    }
+    let mut prefix = uri.path().trim_end_matches('/').to_string();
+    if prefix.ends_with("/v1") {
+        prefix.truncate(prefix.len() - 3);
+    }
+    Ok(UpstreamEndpoint { authority, prefix })
+}
+
+/// A pool of interchangeable upstream servers.
+#[derive(Debug)]
+pub struct Pool {
+    pub name: String,
+    /// Written into each upstream request's `model` field.
+    pub model: String,
+    endpoints: Vec<UpstreamEndpoint>,
+    next: AtomicUsize,
+    client: Client<HttpConnector, Full<Bytes>>,
+    request_timeout: Duration,
+}
+
+/// An upstream's answer, with how long it took to start.
+#[derive(Debug)]
+pub struct UpstreamResponse {
+    pub response: Response<Incoming>,
+    pub endpoint: UpstreamEndpoint,
+    /// Time from sending to the response headers.
+    pub elapsed: Duration,
+}
+
+impl Pool {
+    pub fn new(config: &PoolConfig) -> Result<Self, String> {
+        let endpoints = config
+            .endpoints
+            .iter()
+            .map(|url| parse_endpoint(url))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_millis(
+            config.connect_timeout_ms,
+        )));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_timer(TokioTimer::new())
+            .build(connector);
+
+        Ok(Self {
+            name: config.name.clone(),
+            model: config.upstream_model().to_string(),
+            endpoints,
+            next: AtomicUsize::new(0),
+            client,
+            request_timeout: Duration::from_millis(config.request_timeout_ms),
+        })
+    }
+
+    /// Sends `body` as a POST to `path` on the next endpoint and waits for
+    /// the response headers, at most the pool's request timeout. The body
+    /// of the response is not awaited: it streams.
+    pub async fn post(
+        &self,
+        path: &str,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> Result<UpstreamResponse, ApiError> {
+        let index = self.next.fetch_add(1, Ordering::Relaxed);
+        let endpoint = &self.endpoints[index % self.endpoints.len()];
+        let request = self.build_request(endpoint, path, headers, body)?;
+
+        let started = Instant::now();
+        let sent = self.client.request(request);
+        let response = match tokio::time::timeout(self.request_timeout, sent)
+            .await
+        {
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) => return Err(self.transport_error(endpoint, &e)),
+            Err(_) => {
+                let message = format!(
+                    "pool {:?}: upstream {endpoint} did not answer within \
+                     {} ms",
+                    self.name,
+                    self.request_timeout.as_millis()
+                );
+                return Err(ApiError::new(ErrorKind::UpstreamTimeout, message));
+            }
+        };
+        Ok(UpstreamResponse {
+            response,
+            endpoint: endpoint.clone(),
+            elapsed: started.elapsed(),
+        })
+    }
+
+    fn build_request(
+        &self,
+        endpoint: &UpstreamEndpoint,
+        path: &str,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> Result<Request<Full<Bytes>>, ApiError> {
+        let uri = endpoint.uri(path).map_err(|e| {
+            ApiError::new(ErrorKind::Internal, format!("bad upstream uri: {e}"))
+        })?;
+        let mut request = Request::new(Full::new(body));
+        *request.method_mut() = Method::POST;
+        *request.uri_mut() = uri;
+
+        let forwarded = request.headers_mut();
+        for (name, value) in headers {
+            if is_forwarded(name) {
+                forwarded.append(name.clone(), value.clone());
+            }
+        }
+        forwarded.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        Ok(request)
+    }
+
+    fn transport_error(
+        &self,
+        endpoint: &UpstreamEndpoint,
+        error: &hyper_util::client::legacy::Error,
+    ) -> ApiError {
+        let what = if error.is_connect() {
+            "cannot connect to"
+        } else {
+            "lost the connection to"
+        };
+        let cause = error_chain(error);
+        let message =
+            format!("pool {:?}: {what} upstream {endpoint}: {cause}", self.name);
+        ApiError::new(ErrorKind::UpstreamUnavailable, message)
+    }
+}
+
+/// Whether a client request header goes upstream: hop-by-hop headers and
+/// those Switchyard sets itself do not.
+fn is_forwarded(name: &header::HeaderName) -> bool {
+    let name = name.as_str();
+    !HOP_HEADERS.contains(&name)
+        && name != "content-length"
+        && name != "content-type"
+        && name != "accept-encoding"
+}
+
+/// Copies upstream response headers that describe the message (not the
+/// hop) onto a response for the client.
+pub fn copy_response_headers(from: &HeaderMap, to: &mut HeaderMap) {
+    for (name, value) in from {
+        if !HOP_HEADERS.contains(&name.as_str()) {
+            to.append(name.clone(), value.clone());
+        }
+    }
+}
+
+/// An error and its causes on one line.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_urls_accept_a_v1_suffix() {
+        let plain = parse_endpoint("http://127.0.0.1:8001").unwrap();
+        let v1 = parse_endpoint("http://127.0.0.1:8001/v1/").unwrap();
+        assert_eq!(plain, v1);
+        let uri = plain.uri("/v1/completions").unwrap();
+        assert_eq!(uri.to_string(), "http://127.0.0.1:8001/v1/completions");
+
+        let prefixed = parse_endpoint("http://h:1/llm/v1").unwrap();
+        let uri = prefixed.uri("/v1/embeddings").unwrap();
+        assert_eq!(uri.to_string(), "http://h:1/llm/v1/embeddings");
+    }
+
+    #[test]
+    fn endpoint_urls_without_http_are_rejected() {
+        for url in ["127.0.0.1:8001", "ftp://h:1", "https://h:1", "http://"] {
+            assert!(parse_endpoint(url).is_err(), "{url}");
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_not_forwarded() {
+        assert!(!is_forwarded(&header::CONNECTION));
+        assert!(!is_forwarded(&header::HOST));
+        assert!(!is_forwarded(&header::CONTENT_LENGTH));
+        assert!(is_forwarded(&header::AUTHORIZATION));
+        assert!(is_forwarded(&header::HeaderName::from_static("x-tier")));
+    }
+}

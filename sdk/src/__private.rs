@@ -1,0 +1,187 @@
+//! Glue between the generated component bindings and [`Policy`]: holds the
+//! instance's policy value and converts between WIT and SDK types.
+//!
+//! Used only by the expansion of [`export_policy!`](crate::export_policy);
+//! nothing here is a stable API.
+
+use std::cell::RefCell;
+
+use crate::types::{Decision, Endpoint, Message, Request};
+use crate::Policy;
+
+/// Bindings generated from `sdk/wit/policy.wit`.
+///
+/// The export macro is public so that `export_policy!` can expand it in the
+/// plugin crate, which then needs no dependency on `wit-bindgen` itself.
+#[allow(
+    missing_debug_implementations,
+    clippy::all,
+    reason = "generated code"
+)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "wit",
+        world: "policy",
+        pub_export_macro: true,
+        export_macro_name: "export",
+        default_bindings_module: "::switchyard_sdk::__private::bindings",
+    });
+}
+
+use self::bindings::switchyard::policy::types as wit;
+
+pub use self::bindings::Guest;
+pub use self::wit::{Decision as WitDecision, Request as WitRequest};
+
+thread_local! {
+    /// The policy value of this instance, set by `init`. A component
+    /// instance is single-threaded, so a thread-local is the whole state.
+    static POLICY: RefCell<Option<Box<dyn Policy>>> =
+        const { RefCell::new(None) };
+}
+
+/// Status and message returned when the host calls `route` before `init`
+/// succeeded, which a correct host never does.
+const NOT_INITIALISED_STATUS: u16 = 500;
+const NOT_INITIALISED: &str = "policy plugin was not initialised";
+
+/// The exported `init`: installs the panic hook, parses the configuration
+/// and stores the policy value.
+pub fn init<P: Policy>(config: String) -> Result<(), String> {
+    // Before anything can panic: without the hook a panic would only reach
+    // stderr, which the host discards.
+    std::panic::set_hook(Box::new(|info| {
+        crate::log::log(crate::log::Level::Error, &format!("plugin {info}"));
+    }));
+
+    let config: serde_json::Value = serde_json::from_str(&config)
+        .map_err(|e| format!("policy config is not valid JSON: {e}"))?;
+    let policy = P::init(&config)?;
+    POLICY.with(|slot| *slot.borrow_mut() = Some(Box::new(policy)));
+    Ok(())
+}
+
+/// The exported `route`: converts the request, asks the policy and
+/// converts its answer back.
+pub fn route(req: WitRequest) -> WitDecision {
+    let req = request_from_wit(req);
+    let decision = POLICY.with(|slot| {
+        slot.borrow()
+            .as_ref()
+            .map(|policy| policy.route(&req))
+    });
+    let decision = decision.unwrap_or_else(|| {
+        Decision::reject(NOT_INITIALISED_STATUS, NOT_INITIALISED)
+    });
+    decision_to_wit(decision)
+}
+
+fn request_from_wit(req: WitRequest) -> Request {
+    let endpoint = match req.endpoint {
+        wit::Endpoint::ChatCompletions => Endpoint::ChatCompletions,
+        wit::Endpoint::Completions => Endpoint::Completions,
+        wit::Endpoint::Embeddings => Endpoint::Embeddings,
+    };
+    let messages = req
+        .messages
+        .into_iter()
+        .map(|m| Message {
+            role: m.role,
+            content: m.content,
+            attributes: pairs(m.attributes),
+        })
+        .collect();
+    Request {
+        endpoint,
+        model: req.model,
+        messages,
+        prompt: req.prompt,
+        prompt_chars: req.prompt_chars,
+        max_tokens: req.max_tokens,
+        stream: req.stream,
+        headers: pairs(req.headers),
+        attributes: pairs(req.attributes),
+    }
+}
+
+fn decision_to_wit(decision: Decision) -> WitDecision {
+    match decision {
+        Decision::Route(route) => WitDecision::Route(wit::Route {
+            pool: route.pool,
+            max_tokens_cap: route.max_tokens_cap,
+            attributes: attributes(route.attributes),
+        }),
+        Decision::Reject(rejection) => WitDecision::Reject(wit::Rejection {
+            status: rejection.status,
+            message: rejection.message,
+            attributes: attributes(rejection.attributes),
+        }),
+    }
+}
+
+fn pairs(list: Vec<wit::Attribute>) -> Vec<(String, String)> {
+    list.into_iter().map(|a| (a.key, a.value)).collect()
+}
+
+fn attributes(list: Vec<(String, String)>) -> Vec<wit::Attribute> {
+    list.into_iter()
+        .map(|(key, value)| wit::Attribute { key, value })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Route;
+
+    #[test]
+    fn request_fields_survive_conversion_from_wit() {
+        let req = request_from_wit(WitRequest {
+            endpoint: wit::Endpoint::Completions,
+            model: "auto".into(),
+            messages: vec![wit::Message {
+                role: "user".into(),
+                content: "hi".into(),
+                attributes: vec![],
+            }],
+            prompt: vec!["p".into()],
+            prompt_chars: 3,
+            max_tokens: Some(7),
+            stream: true,
+            headers: vec![wit::Attribute {
+                key: "x-tier".into(),
+                value: "premium".into(),
+            }],
+            attributes: vec![],
+        });
+        assert_eq!(req.endpoint, Endpoint::Completions);
+        assert_eq!(req.messages[0].content, "hi");
+        assert_eq!(req.prompt_chars, 3);
+        assert_eq!(req.max_tokens, Some(7));
+        assert!(req.stream);
+        assert_eq!(req.header("X-Tier"), Some("premium"));
+    }
+
+    #[test]
+    fn capped_route_keeps_its_cap_and_attributes_in_wit() {
+        let route = Route::new("small")
+            .with_max_tokens_cap(5)
+            .with_attribute("k", "v");
+        let WitDecision::Route(route) = decision_to_wit(route.into()) else {
+            unreachable!("a route must stay a route");
+        };
+        assert_eq!(route.pool, "small");
+        assert_eq!(route.max_tokens_cap, Some(5));
+        assert_eq!(route.attributes[0].key, "k");
+    }
+
+    #[test]
+    fn rejection_keeps_status_and_message_in_wit() {
+        let WitDecision::Reject(r) =
+            decision_to_wit(Decision::reject(403, "no"))
+        else {
+            unreachable!("a rejection must stay a rejection");
+        };
+        assert_eq!((r.status, r.message.as_str()), (403, "no"));
+    }
+}

@@ -1,0 +1,158 @@
+//! Write Switchyard routing policies in Rust.
+//!
+//! Owns the plugin side of the `switchyard:policy@0.1.0` WIT interface
+//! (`sdk/wit/policy.wit`): plain Rust types for requests and decisions, the
+//! [`Policy`] trait, logging and metrics helpers, and the
+//! [`export_policy!`] macro that wires a type to the component exports. It
+//! must not know anything about the host beyond that interface.
+//!
+//! # Writing a plugin
+//!
+//! A plugin is a `cdylib` crate that depends on `switchyard-sdk` and
+//! `serde_json`, implements [`Policy`] and exports it:
+//!
+//! ```
+//! use switchyard_sdk::{export_policy, log, Decision, Policy, Request};
+//!
+//! struct ByTier {
+//!     premium_pool: String,
+//! }
+//!
+//! impl Policy for ByTier {
+//!     fn init(config: &serde_json::Value) -> Result<Self, String> {
+//!         let premium_pool = match config.get("premium_pool") {
+//!             None => "large".to_owned(),
+//!             Some(v) => v
+//!                 .as_str()
+//!                 .ok_or("premium_pool must be a string")?
+//!                 .to_owned(),
+//!         };
+//!         Ok(ByTier { premium_pool })
+//!     }
+//!
+//!     fn route(&self, req: &Request) -> Decision {
+//!         if req.header("x-tier") == Some("premium") {
+//!             log::debug!("premium request for {}", req.model);
+//!             return Decision::route(&self.premium_pool);
+//!         }
+//!         Decision::route("small")
+//!     }
+//! }
+//!
+//! export_policy!(ByTier);
+//! ```
+//!
+//! Build it with `cargo build --target wasm32-wasip2 --release` and point
+//! Switchyard's `[policy] plugin` at the `.wasm` file in
+//! `target/wasm32-wasip2/release/`. The routing rule is ordinary Rust, so
+//! unit tests call `Policy::init` and `Policy::route` natively; there the
+//! host functions fall back to stderr and the system clock.
+//!
+//! The host calls `init` once per instance, and may run several instances
+//! side by side and replace one at any time, so state kept in the policy
+//! value is per instance: use it for parsed configuration and caches, not
+//! for totals (use [`counter_add`] for those).
+//!
+//! A panic in `init` or `route` is logged through the host at error level
+//! and then aborts the call; the host discards that instance and answers
+//! the request with an error. `route` runs under a deadline (50 ms by
+//! default) and a memory cap (64 MiB by default); it must not block.
+//!
+//! # Why a WIT component and not JSON over a core module
+//!
+//! The other common shape for plugins is a core WebAssembly module that
+//! takes and returns JSON through linear memory. We chose the component
+//! model with a WIT interface instead:
+//!
+//! - **Type safety and generated bindings.** Both sides are generated from
+//!   one `.wit` file (`wit-bindgen` here, wasmtime's `bindgen!` in the
+//!   host), so a mismatch fails at build or load time, not on the first
+//!   request, and nobody hand-writes pointer and length plumbing.
+//! - **Speed.** Measured with wasmtime 48 on one core: a `route` call into
+//!   a warm component instance took about 1.7 us, the same call as JSON
+//!   into a warm core module about 4.4 us (serialising and parsing JSON
+//!   twice dominates). A fresh pooled instance plus its first call took
+//!   15 to 19 us, cheap enough to replace an instance after every fault.
+//! - **Evolvability.** The package is versioned
+//!   (`switchyard:policy@0.1.0`), so a later 0.2.0 world with new hooks can
+//!   be served side by side with this one. Within a version, adding a field
+//!   to a WIT record is a breaking change; every record therefore carries
+//!   an `attributes` key/value list, through which new facts (priorities,
+//!   deadlines, labels) can flow without breaking built plugins.
+//! - **Author experience.** Plugin authors write against plain Rust types
+//!   and one trait, with no `unsafe`, no serialisation code and no
+//!   knowledge of the ABI; any language with a WIT binding generator can
+//!   implement the same world.
+
+pub mod log;
+
+mod host;
+mod types;
+
+pub use crate::host::{counter_add, now_unix_ms};
+pub use crate::types::{Decision, Endpoint, Message, Rejection, Request, Route};
+
+/// A routing policy: parses its configuration once, then decides where each
+/// request goes.
+///
+/// Export an implementation with [`export_policy!`]. One value lives per
+/// plugin instance, created by [`Policy::init`].
+pub trait Policy: 'static {
+    /// Builds the policy from its configuration, the `[policy.config]`
+    /// table as JSON (an empty object when the table is absent).
+    ///
+    /// An error refuses to load the plugin, and the message is shown to the
+    /// operator: name the key and what is expected of it, for example
+    /// `"long_prompt_chars must be a non-negative integer, got \"x\""`.
+    fn init(config: &serde_json::Value) -> Result<Self, String>
+    where
+        Self: Sized;
+
+    /// Decides where one request goes. Runs under the host's deadline and
+    /// must not block.
+    fn route(&self, req: &Request) -> Decision;
+}
+
+/// Exports a [`Policy`] implementation as the plugin's `init` and `route`.
+///
+/// Invoke it once, at the top level of the plugin crate:
+///
+/// ```ignore
+/// switchyard_sdk::export_policy!(MyPolicy);
+/// ```
+///
+/// On `wasm32` targets this emits the component exports; on other targets
+/// it only checks that the type implements [`Policy`], so plugin crates
+/// build and test natively too.
+#[macro_export]
+macro_rules! export_policy {
+    ($policy:ty) => {
+        const _: () = {
+            struct __SwitchyardPolicyExports;
+
+            impl $crate::__private::Guest for __SwitchyardPolicyExports {
+                fn init(
+                    config: ::std::string::String,
+                ) -> ::std::result::Result<(), ::std::string::String> {
+                    $crate::__private::init::<$policy>(config)
+                }
+
+                fn route(
+                    req: $crate::__private::WitRequest,
+                ) -> $crate::__private::WitDecision {
+                    $crate::__private::route(req)
+                }
+            }
+
+            #[cfg(target_arch = "wasm32")]
+            $crate::__private::bindings::export!(
+                __SwitchyardPolicyExports
+                with_types_in $crate::__private::bindings
+            );
+        };
+    };
+}
+
+/// Implementation details of [`export_policy!`]; not a stable API.
+#[doc(hidden)]
+pub mod __private;

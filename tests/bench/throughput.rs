@@ -1,0 +1,333 @@
+//! Throughput and latency of Switchyard against the same fake upstream
+//! reached directly.
+//!
+//! `cargo bench -p switchyard --bench throughput` starts a `MockUpstream`
+//! and the release `switchyard` binary on loopback, then drives each
+//! scenario with one in-process load generator: `BENCH_CONCURRENCY`
+//! connections (default 32), each sending requests back to back for
+//! `BENCH_SECONDS` (default 5) after a one-second warm-up. Scenarios:
+//!
+//! - chat completions straight to the mock;
+//! - the same through Switchyard without a policy;
+//! - the same through Switchyard with `cost_router.wasm` (model `auto`);
+//! - one-input embeddings straight to the mock, and through a pool that
+//!   coalesces them (`max_batch = 8`, `max_wait_ms = 5`), counting the
+//!   requests the upstream received.
+//!
+//! It prints a table and through/direct ratios and asserts nothing about
+//! timing. Run without `--bench` (as `cargo test --benches` does) it only
+//! smoke-tests each scenario for a fraction of a second.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::print_stdout,
+    reason = "a benchmark binary reports on stdout and fails by panicking"
+)]
+
+#[path = "../support/mod.rs"]
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{CONTENT_TYPE, HOST};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::TcpStream;
+
+use support::{plugin_path, pool_toml, server_toml, MockUpstream, Switchyard};
+
+/// Measurement settings, from the environment.
+#[derive(Debug, Clone, Copy)]
+struct Settings {
+    /// Concurrent connections, each with one request in flight.
+    concurrency: usize,
+    /// Measured time per scenario.
+    measure: Duration,
+    /// Unmeasured time per scenario before measuring.
+    warm_up: Duration,
+}
+
+impl Settings {
+    fn from_env() -> Self {
+        let full_run = std::env::args().any(|a| a == "--bench");
+        if !full_run {
+            return Self {
+                concurrency: 2,
+                measure: Duration::from_millis(300),
+                warm_up: Duration::ZERO,
+            };
+        }
+        let concurrency = env_number("BENCH_CONCURRENCY").unwrap_or(32.0);
+        let seconds = env_number("BENCH_SECONDS").unwrap_or(5.0);
+        Self {
+            concurrency: (concurrency as usize).max(1),
+            measure: Duration::from_secs_f64(seconds.max(0.1)),
+            warm_up: Duration::from_secs(1),
+        }
+    }
+}
+
+fn env_number(name: &str) -> Option<f64> {
+    let value = std::env::var(name).ok()?;
+    match value.parse() {
+        Ok(number) => Some(number),
+        Err(_) => panic!("{name}={value:?} is not a number"),
+    }
+}
+
+/// One scenario: where to send which body.
+#[derive(Debug, Clone)]
+struct Scenario {
+    name: &'static str,
+    addr: SocketAddr,
+    path: &'static str,
+    body: Bytes,
+}
+
+/// What one measured run saw.
+#[derive(Debug)]
+struct Outcome {
+    name: &'static str,
+    ok: usize,
+    errors: usize,
+    elapsed: Duration,
+    /// Successful request latencies, sorted.
+    latencies: Vec<Duration>,
+    upstream_requests: usize,
+}
+
+impl Outcome {
+    fn rate(&self) -> f64 {
+        self.ok as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn percentile_ms(&self, pct: usize) -> f64 {
+        if self.latencies.is_empty() {
+            return f64::NAN;
+        }
+        let rank = (self.latencies.len() * pct / 100).min(self.latencies.len() - 1);
+        self.latencies[rank].as_secs_f64() * 1000.0
+    }
+}
+
+/// Per-connection tallies.
+#[derive(Debug, Default)]
+struct Tally {
+    errors: usize,
+    latencies: Vec<Duration>,
+}
+
+/// Sends requests back to back on one connection until `until`.
+async fn connection_loop(scenario: Scenario, until: Instant) -> Tally {
+    let mut tally = Tally::default();
+    let Ok(stream) = TcpStream::connect(scenario.addr).await else {
+        tally.errors += 1;
+        return tally;
+    };
+    let _ = stream.set_nodelay(true);
+    let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+    else {
+        tally.errors += 1;
+        return tally;
+    };
+    tokio::spawn(conn);
+
+    while Instant::now() < until {
+        let request = Request::post(scenario.path)
+            .header(HOST, scenario.addr.to_string())
+            .header(CONTENT_TYPE, "application/json")
+            .body(Full::new(scenario.body.clone()))
+            .expect("valid request");
+        let started = Instant::now();
+        let Ok(response) = sender.send_request(request).await else {
+            // The connection is gone; this worker is done.
+            tally.errors += 1;
+            return tally;
+        };
+        let status = response.status();
+        let body = response.into_body().collect().await;
+        if status.is_success() && body.is_ok() {
+            tally.latencies.push(started.elapsed());
+        } else {
+            tally.errors += 1;
+        }
+    }
+    tally
+}
+
+/// Runs `scenario` on every connection for `duration`.
+async fn load(scenario: &Scenario, concurrency: usize, duration: Duration) -> (Tally, Duration) {
+    let started = Instant::now();
+    let until = started + duration;
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| tokio::spawn(connection_loop(scenario.clone(), until)))
+        .collect();
+    let mut total = Tally::default();
+    for worker in workers {
+        let tally = worker.await.expect("load worker");
+        total.errors += tally.errors;
+        total.latencies.extend(tally.latencies);
+    }
+    (total, started.elapsed())
+}
+
+/// Warms up, then measures `scenario`, counting what `upstream` received.
+async fn measure(scenario: Scenario, settings: Settings, upstream: &MockUpstream) -> Outcome {
+    if !settings.warm_up.is_zero() {
+        load(&scenario, settings.concurrency, settings.warm_up).await;
+    }
+    let before = upstream.request_count();
+    let (mut tally, elapsed) = load(&scenario, settings.concurrency, settings.measure).await;
+    tally.latencies.sort_unstable();
+    Outcome {
+        name: scenario.name,
+        ok: tally.latencies.len(),
+        errors: tally.errors,
+        elapsed,
+        latencies: tally.latencies,
+        upstream_requests: upstream.request_count() - before,
+    }
+}
+
+fn addr_of(url: &str) -> SocketAddr {
+    url.trim_start_matches("http://").parse().expect("loopback address")
+}
+
+fn print_table(outcomes: &[Outcome]) {
+    println!(
+        "{:<34} {:>10} {:>9} {:>9} {:>7} {:>10}",
+        "scenario", "req/s", "p50 ms", "p99 ms", "errors", "upstream"
+    );
+    for o in outcomes {
+        println!(
+            "{:<34} {:>10.0} {:>9.2} {:>9.2} {:>7} {:>10}",
+            o.name,
+            o.rate(),
+            o.percentile_ms(50),
+            o.percentile_ms(99),
+            o.errors,
+            o.upstream_requests
+        );
+    }
+}
+
+fn print_ratio(label: &str, through: &Outcome, direct: &Outcome) {
+    println!(
+        "{label:<34} throughput x{:.2}, p50 x{:.2}, p99 x{:.2}",
+        through.rate() / direct.rate(),
+        through.percentile_ms(50) / direct.percentile_ms(50),
+        through.percentile_ms(99) / direct.percentile_ms(99)
+    );
+}
+
+async fn run(settings: Settings) -> bool {
+    let mock = MockUpstream::start_unrecorded().await;
+    let upstream = mock.addr();
+
+    // One proxy without a policy: a plain pool and a coalescing pool.
+    let mut config = server_toml();
+    config.push_str(&pool_toml("small", &mock.url(), "smollm2"));
+    config.push_str(&pool_toml("batched", &mock.url(), "smollm2"));
+    config.push_str("[pool.batch]\nmax_batch = 8\nmax_wait_ms = 5\n");
+    let plain = Switchyard::start_forgetting_logs(&config).await;
+    let proxy = addr_of(&plain.api_url());
+
+    let chat = |model: &str| -> Bytes {
+        let body = json!({
+            "model": model, "max_tokens": 16,
+            "messages": [{"role": "user", "content": "how fast is this proxy"}],
+        });
+        Bytes::from(body.to_string())
+    };
+    let embedding = |model: &str| -> Bytes {
+        Bytes::from(json!({"model": model, "input": "one input"}).to_string())
+    };
+    let scenario = |name, addr, path, body| Scenario { name, addr, path, body };
+    let chat_path = "/v1/chat/completions";
+    let emb_path = "/v1/embeddings";
+
+    println!(
+        "switchyard throughput: {} connections, {:?} per scenario",
+        settings.concurrency, settings.measure
+    );
+    let mut outcomes = Vec::new();
+    let direct_chat = scenario("chat direct", upstream, chat_path, chat("mock"));
+    outcomes.push(measure(direct_chat, settings, &mock).await);
+    let via_proxy = scenario("chat via switchyard", proxy, chat_path, chat("small"));
+    outcomes.push(measure(via_proxy, settings, &mock).await);
+
+    // The policy scenario needs the plugin; say so rather than fail.
+    let cost_router = plugin_path("cost_router");
+    let with_policy = if cost_router.is_file() {
+        let mut config = server_toml();
+        config.push_str(&pool_toml("small", &mock.url(), "smollm2"));
+        config.push_str(&pool_toml("large", &mock.url(), "big"));
+        config.push_str(&format!(
+            "\n[policy]\nplugin = \"{}\"\nconfig = {{ long_prompt_chars = 2000 }}\n",
+            cost_router.display()
+        ));
+        Some(Switchyard::start_forgetting_logs(&config).await)
+    } else {
+        println!("skipping the policy scenario: cost_router.wasm missing; run `make plugins`");
+        None
+    };
+    if let Some(sw) = &with_policy {
+        let addr = addr_of(&sw.api_url());
+        let routed = scenario("chat via switchyard + cost_router", addr, chat_path, chat("auto"));
+        outcomes.push(measure(routed, settings, &mock).await);
+    }
+
+    let direct_emb = scenario("embeddings direct", upstream, emb_path, embedding("mock"));
+    outcomes.push(measure(direct_emb, settings, &mock).await);
+    let batched = scenario("embeddings via switchyard, batched", proxy, emb_path, embedding("batched"));
+    outcomes.push(measure(batched, settings, &mock).await);
+
+    println!();
+    print_table(&outcomes);
+    println!();
+    let by_name = |name: &str| outcomes.iter().find(|o| o.name == name);
+    if let (Some(direct), Some(through)) = (by_name("chat direct"), by_name("chat via switchyard")) {
+        print_ratio("chat: switchyard / direct", through, direct);
+    }
+    if let (Some(direct), Some(through)) =
+        (by_name("chat direct"), by_name("chat via switchyard + cost_router"))
+    {
+        print_ratio("chat: switchyard+policy / direct", through, direct);
+    }
+    if let (Some(direct), Some(through)) =
+        (by_name("embeddings direct"), by_name("embeddings via switchyard, batched"))
+    {
+        print_ratio("embeddings: batched / direct", through, direct);
+        let per_upstream = through.ok as f64 / through.upstream_requests.max(1) as f64;
+        println!(
+            "{:<34} {} client requests in {} upstream requests ({per_upstream:.2} each)",
+            "embeddings: coalescing", through.ok, through.upstream_requests
+        );
+    }
+
+    // A scenario where nothing succeeded means a broken set-up, not a slow one.
+    let broken: Vec<&str> = outcomes.iter().filter(|o| o.ok == 0).map(|o| o.name).collect();
+    if !broken.is_empty() {
+        println!("\nno request succeeded in: {broken:?}\n{}", plain.output());
+    }
+    broken.is_empty()
+}
+
+fn main() -> std::process::ExitCode {
+    let settings = Settings::from_env();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    if runtime.block_on(run(settings)) {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    }
+}

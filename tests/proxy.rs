@@ -1,0 +1,35 @@
+//! Black-box tests of the `switchyard` binary.
+//!
+//! Each test starts its own fake upstream (`support::MockUpstream`) and its
+//! own proxy process (`support::Switchyard`) on loopback ports the OS
+//! picks, then asserts on what clients and upstreams see: routing,
+//! coalescing, streaming, errors, metrics, logs and `switchyard check`.
+//! Tests that need a policy plugin fail with "run `make plugins`" when it
+//! is not built.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a test reports failure by panicking"
+)]
+
+#[path = "support/mod.rs"]
+mod support;
+
+#[path = "proxy/coalescing.rs"]
+mod coalescing;
+#[path = "proxy/config_check.rs"]
+mod config_check;
+#[path = "proxy/errors.rs"]
+mod errors;
+#[path = "proxy/logs.rs"]
+mod logs;
+#[path = "proxy/metrics.rs"]
+mod metrics;
+#[path = "proxy/python_client.rs"]
+mod python_client;
+#[path = "proxy/routing.rs"]
+mod routing;
+#[path = "proxy/streaming.rs"]
+mod streaming;

@@ -1,0 +1,89 @@
+//! `switchyard check`: a valid config passes; every mistake fails with a
+//! message that names the full key path (and the line, for parse errors).
+
+use crate::support::{closed_port_url, plugin, server_toml, switchyard_check};
+
+/// A config with one pool `small` and a `[pool.batch]` table whose body is
+/// `batch`.
+fn config_with_batch(batch: &str) -> String {
+    format!(
+        "{}\n[[pool]]\nname = \"small\"\nendpoints = [\"{}\"]\nmodel = \"smollm2\"\n\
+         connect_timeout_ms = 1000\nrequest_timeout_ms = 2000\n\
+         [pool.batch]\n{batch}",
+        server_toml(),
+        closed_port_url()
+    )
+}
+
+/// Fails unless `check` rejected the config and stderr has every needle.
+fn assert_rejected(config: &str, needles: &[&str]) {
+    let (code, stderr) = switchyard_check(config);
+    assert_ne!(code, 0, "check accepted an invalid config:\n{config}");
+    for needle in needles {
+        assert!(
+            stderr.contains(needle),
+            "stderr should mention {needle:?}:\n{stderr}\n--- config ---\n{config}"
+        );
+    }
+}
+
+#[test]
+fn check_accepts_a_valid_config() {
+    let config = config_with_batch("max_batch = 8\nmax_wait_ms = 50\n");
+    let (code, stderr) = switchyard_check(&config);
+    assert_eq!(code, 0, "stderr:\n{stderr}");
+}
+
+#[test]
+fn check_accepts_a_config_with_a_policy_plugin() {
+    let mut config = config_with_batch("max_batch = 8\nmax_wait_ms = 50\n");
+    config.push_str(&format!(
+        "\n[policy]\nplugin = \"{}\"\nconfig = {{ long_prompt_chars = 2000 }}\n\
+         timeout_ms = 50\nmax_memory_bytes = 67108864\n",
+        plugin("cost_router")
+    ));
+    let (code, stderr) = switchyard_check(&config);
+    assert_eq!(code, 0, "stderr:\n{stderr}");
+}
+
+#[test]
+fn check_rejects_an_unknown_key_naming_its_path_and_line() {
+    let config = config_with_batch("max_batch = 8\nmax_wait = 5\n");
+    let line = config
+        .lines()
+        .position(|l| l.starts_with("max_wait ="))
+        .expect("key in config")
+        + 1;
+
+    assert_rejected(&config, &["pool[0].batch", "max_wait"]);
+    let (_, stderr) = switchyard_check(&config);
+    assert!(
+        stderr.contains(&format!("line {line}")) || stderr.contains(&format!(":{line}:")),
+        "stderr should give line {line}:\n{stderr}"
+    );
+}
+
+#[test]
+fn check_rejects_a_zero_max_wait() {
+    let config = config_with_batch("max_batch = 8\nmax_wait_ms = 0\n");
+    assert_rejected(&config, &["pool[0].batch.max_wait_ms"]);
+}
+
+#[test]
+fn check_rejects_duplicate_pool_names() {
+    let url = closed_port_url();
+    let pool = format!("\n[[pool]]\nname = \"twin\"\nendpoints = [\"{url}\"]\nmodel = \"m\"\n");
+    let config = format!("{}{pool}{pool}", server_toml());
+    assert_rejected(&config, &["twin"]);
+}
+
+#[test]
+fn check_rejects_a_missing_policy_plugin() {
+    let missing = std::env::temp_dir().join("switchyard-no-such-plugin/absent.wasm");
+    let config = format!(
+        "{}\n[policy]\nplugin = \"{}\"\n",
+        config_with_batch("max_batch = 8\nmax_wait_ms = 50\n"),
+        missing.display()
+    );
+    assert_rejected(&config, &["policy.plugin"]);
+}

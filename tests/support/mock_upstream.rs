@@ -1,0 +1,628 @@
+//! `MockUpstream`: a fake OpenAI-compatible model server on loopback.
+//!
+//! It speaks HTTP/1.1 and h2c (hyper-util's auto builder), answers
+//! deterministically so tests can check exactly how the proxy splits a
+//! merged batch, injects faults on request, records every request and
+//! counts accepted connections.
+//!
+//! # Answers
+//!
+//! - `POST /v1/completions`: `prompt` is a string, an array of strings, an
+//!   array of token ids (one prompt) or an array of token-id arrays. A
+//!   token-id prompt reads as its ids joined by spaces (`[1, 2]` → `"1 2"`).
+//!   For prompt `p` (0-based) and sample `j` of `n` (default 1) the choice
+//!   has `index = p * n + j` and `text = "echo:<prompt p>#<j>"`.
+//! - `POST /v1/chat/completions`: each of the `n` choices answers
+//!   `"echo:<content of the last user message>"` (text parts of an array
+//!   content are concatenated).
+//! - `POST /v1/embeddings`: `input` has the same forms as `prompt`; input
+//!   `i` gets `[chars(input) as f32, first byte as f32 (0 when empty), 1.0]`
+//!   at `index = i`, base64 of little-endian f32s when
+//!   `encoding_format = "base64"`.
+//! - `GET /v1/models`: one model, `mock-model`.
+//!
+//! Choices and embeddings are emitted in *reverse* index order, so a proxy
+//! that forgets to sort by `index` is caught.
+//!
+//! # Token counting
+//!
+//! `prompt_tokens` is the number of whitespace-separated words of every
+//! prompt, input or chat message content together. `completion_tokens` is
+//! 2 per choice. `total_tokens` is their sum (embeddings have no
+//! completion tokens).
+//!
+//! # Streaming
+//!
+//! With `"stream": true`, completions and chat answer SSE (`data: {..}\n\n`)
+//! with one chunk per word of each choice's text (the first chunk of a chat
+//! choice carries only the role, the last only the finish reason), a usage
+//! chunk when `stream_options.include_usage` is true, then `data: [DONE]`.
+//! Header `x-mock-chunk-delay-ms: N` sleeps N ms between two events.
+//!
+//! # Faults
+//!
+//! - `x-mock-delay-ms: N`: sleep N ms before answering.
+//! - `x-mock-status: S`: answer status S with an OpenAI error body.
+//! - `closed_port_url()`: a URL where nothing listens.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming};
+use hyper::service::service_fn;
+use hyper::{HeaderMap, Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+/// The `created` timestamp of every answer, fixed for determinism.
+const CREATED: u64 = 1_700_000_000;
+
+/// Completion tokens the mock charges per choice.
+pub const COMPLETION_TOKENS_PER_CHOICE: u64 = 2;
+
+type MockBody = BoxBody<Bytes, Infallible>;
+
+/// One request as the mock received it.
+#[derive(Debug, Clone)]
+pub struct RecordedRequest {
+    pub method: String,
+    /// Path without the query string.
+    pub path: String,
+    /// Header names are lowercase.
+    pub headers: Vec<(String, String)>,
+    /// The body parsed as JSON, `Null` when empty or not JSON.
+    pub body: Value,
+}
+
+impl RecordedRequest {
+    /// A request header by lowercase name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The prompt items of a completions request, or the inputs of an
+    /// embeddings request, read as the mock reads them.
+    pub fn items(&self) -> Vec<String> {
+        let field = if self.path.ends_with("/embeddings") {
+            "input"
+        } else {
+            "prompt"
+        };
+        text_items(&self.body[field]).unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    record: bool,
+    requests: Mutex<Vec<RecordedRequest>>,
+    request_count: AtomicUsize,
+    connections: AtomicUsize,
+    next_id: AtomicU64,
+}
+
+/// A fake OpenAI server on `127.0.0.1`, stopped when dropped.
+#[derive(Debug)]
+pub struct MockUpstream {
+    addr: SocketAddr,
+    state: Arc<State>,
+    accept: JoinHandle<()>,
+}
+
+impl MockUpstream {
+    /// Starts a mock that records every request.
+    pub async fn start() -> Self {
+        Self::start_inner(true).await
+    }
+
+    /// Starts a mock that only counts requests, for long benchmark runs.
+    pub async fn start_unrecorded() -> Self {
+        Self::start_inner(false).await
+    }
+
+    async fn start_inner(record: bool) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind mock upstream on loopback");
+        let addr = listener.local_addr().expect("mock local addr");
+        let state = Arc::new(State {
+            record,
+            ..State::default()
+        });
+        let accept = tokio::spawn(accept_loop(listener, state.clone()));
+        Self {
+            addr,
+            state,
+            accept,
+        }
+    }
+
+    /// Base URL, `http://127.0.0.1:PORT` (no trailing slash).
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Every request received so far, in arrival order.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.state
+            .requests
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default()
+    }
+
+    /// The requests received on `path` (e.g. `/v1/completions`).
+    pub fn requests_to(&self, path: &str) -> Vec<RecordedRequest> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.path == path)
+            .collect()
+    }
+
+    /// Requests received so far, recorded or not.
+    pub fn request_count(&self) -> usize {
+        self.state.request_count.load(Ordering::SeqCst)
+    }
+
+    /// TCP connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.state.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for MockUpstream {
+    fn drop(&mut self) {
+        // Open connections end with the test's runtime; no new ones start.
+        self.accept.abort();
+    }
+}
+
+/// A URL on loopback where nothing listens: binds an ephemeral port and
+/// releases it at once, so connecting is refused.
+pub fn closed_port_url() -> String {
+    let listener =
+        std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port to close");
+    let addr = listener.local_addr().expect("closed port addr");
+    drop(listener);
+    format!("http://{addr}")
+}
+
+async fn accept_loop(listener: TcpListener, state: Arc<State>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        state.connections.fetch_add(1, Ordering::SeqCst);
+
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| handle(state.clone(), req));
+            let builder = auto::Builder::new(TokioExecutor::new());
+            // A peer closing mid-request is normal in fault tests.
+            let _ = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn handle(
+    state: Arc<State>,
+    req: Request<Incoming>,
+) -> Result<Response<MockBody>, Infallible> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let headers = req.headers().clone();
+    let raw = match req.into_body().collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => Bytes::new(),
+    };
+    let body: Value = serde_json::from_slice(&raw).unwrap_or(Value::Null);
+
+    // Record before any fault, so tests see requests that timed out too.
+    state.request_count.fetch_add(1, Ordering::SeqCst);
+    if state.record {
+        let recorded = RecordedRequest {
+            method: method.to_string(),
+            path: path.clone(),
+            headers: header_pairs(&headers),
+            body: body.clone(),
+        };
+        if let Ok(mut requests) = state.requests.lock() {
+            requests.push(recorded);
+        }
+    }
+
+    if let Some(ms) = header_u64(&headers, "x-mock-delay-ms") {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if let Some(code) = header_u64(&headers, "x-mock-status") {
+        let status = u16::try_from(code)
+            .ok()
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let message = format!("mock upstream forced status {}", status.as_u16());
+        return Ok(error(status, "server_error", &message));
+    }
+
+    let delay = header_u64(&headers, "x-mock-chunk-delay-ms")
+        .map(Duration::from_millis)
+        .unwrap_or_default();
+    let id = state.next_id.fetch_add(1, Ordering::SeqCst);
+    let reply = match (&method, path.as_str()) {
+        (&Method::POST, "/v1/completions") => completions(&body, id, delay),
+        (&Method::POST, "/v1/chat/completions") => chat(&body, id, delay),
+        (&Method::POST, "/v1/embeddings") => embeddings(&body),
+        (&Method::GET, "/v1/models") => json_response(StatusCode::OK, &models()),
+        _ => error(StatusCode::NOT_FOUND, "invalid_request_error", "no such route"),
+    };
+    Ok(reply)
+}
+
+fn completions(body: &Value, id: u64, delay: Duration) -> Response<MockBody> {
+    let Some(prompts) = text_items(&body["prompt"]) else {
+        return bad_request("`prompt` must be a string or an array");
+    };
+    let n = body["n"].as_u64().unwrap_or(1);
+    let model = body["model"].clone();
+    let id = format!("cmpl-{id}");
+
+    // Choice texts in index order: index = p * n + j.
+    let mut texts = Vec::new();
+    for prompt in &prompts {
+        for j in 0..n {
+            texts.push(format!("echo:{prompt}#{j}"));
+        }
+    }
+    let prompt_tokens: u64 = prompts.iter().map(|p| word_count(p)).sum();
+    let usage = usage(prompt_tokens, texts.len() as u64);
+
+    if body["stream"].as_bool() == Some(true) {
+        let mut events = Vec::new();
+        for (index, text) in texts.iter().enumerate() {
+            let pieces = word_pieces(text);
+            let last = pieces.len() - 1;
+            for (k, piece) in pieces.into_iter().enumerate() {
+                let finish = if k == last { json!("stop") } else { Value::Null };
+                events.push(json!({
+                    "id": id, "object": "text_completion", "created": CREATED,
+                    "model": model,
+                    "choices": [{
+                        "index": index, "text": piece,
+                        "finish_reason": finish, "logprobs": null,
+                    }],
+                }));
+            }
+        }
+        if include_usage(body) {
+            events.push(json!({
+                "id": id, "object": "text_completion", "created": CREATED,
+                "model": model, "choices": [], "usage": usage,
+            }));
+        }
+        return sse(events, delay);
+    }
+
+    // Reverse order on purpose: the proxy must sort by index.
+    let choices: Vec<Value> = texts
+        .iter()
+        .enumerate()
+        .rev()
+        .map(|(index, text)| {
+            json!({
+                "index": index, "text": text,
+                "finish_reason": "stop", "logprobs": null,
+            })
+        })
+        .collect();
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "id": id, "object": "text_completion", "created": CREATED,
+            "model": model, "choices": choices, "usage": usage,
+        }),
+    )
+}
+
+fn chat(body: &Value, id: u64, delay: Duration) -> Response<MockBody> {
+    let Some(messages) = body["messages"].as_array() else {
+        return bad_request("`messages` must be an array");
+    };
+    let n = body["n"].as_u64().unwrap_or(1);
+    let model = body["model"].clone();
+    let id = format!("chatcmpl-{id}");
+
+    let contents: Vec<String> = messages.iter().map(|m| content_text(&m["content"])).collect();
+    let last_user = messages
+        .iter()
+        .rev()
+        .find(|m| m["role"] == "user")
+        .map(|m| content_text(&m["content"]))
+        .unwrap_or_default();
+    let answer = format!("echo:{last_user}");
+    let prompt_tokens: u64 = contents.iter().map(|c| word_count(c)).sum();
+    let usage = usage(prompt_tokens, n);
+
+    if body["stream"].as_bool() == Some(true) {
+        let chunk = |index: u64, delta: Value, finish: Value| {
+            json!({
+                "id": id, "object": "chat.completion.chunk", "created": CREATED,
+                "model": model,
+                "choices": [{
+                    "index": index, "delta": delta,
+                    "finish_reason": finish, "logprobs": null,
+                }],
+            })
+        };
+        let mut events = Vec::new();
+        for index in 0..n {
+            let role = json!({"role": "assistant", "content": ""});
+            events.push(chunk(index, role, Value::Null));
+            for piece in word_pieces(&answer) {
+                events.push(chunk(index, json!({"content": piece}), Value::Null));
+            }
+            events.push(chunk(index, json!({}), json!("stop")));
+        }
+        if include_usage(body) {
+            events.push(json!({
+                "id": id, "object": "chat.completion.chunk", "created": CREATED,
+                "model": model, "choices": [], "usage": usage,
+            }));
+        }
+        return sse(events, delay);
+    }
+
+    let choices: Vec<Value> = (0..n)
+        .rev()
+        .map(|index| {
+            json!({
+                "index": index,
+                "message": {"role": "assistant", "content": answer},
+                "finish_reason": "stop", "logprobs": null,
+            })
+        })
+        .collect();
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "id": id, "object": "chat.completion", "created": CREATED,
+            "model": model, "choices": choices, "usage": usage,
+        }),
+    )
+}
+
+fn embeddings(body: &Value) -> Response<MockBody> {
+    let Some(inputs) = text_items(&body["input"]) else {
+        return bad_request("`input` must be a string or an array");
+    };
+    let base64 = body["encoding_format"] == "base64";
+
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .rev()
+        .map(|(index, input)| {
+            let vector = embedding_of(input);
+            let embedding = if base64 {
+                json!(base64_f32(&vector))
+            } else {
+                json!(vector)
+            };
+            json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
+    let prompt_tokens: u64 = inputs.iter().map(|i| word_count(i)).sum();
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "object": "list", "data": data, "model": body["model"],
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+        }),
+    )
+}
+
+fn models() -> Value {
+    json!({
+        "object": "list",
+        "data": [{
+            "id": "mock-model", "object": "model",
+            "created": CREATED, "owned_by": "mock",
+        }],
+    })
+}
+
+/// The vector the mock returns for one embeddings input.
+pub fn embedding_of(input: &str) -> Vec<f32> {
+    let first = input.bytes().next().map_or(0.0, f32::from);
+    #[expect(
+        clippy::cast_precision_loss,
+        reason = "test inputs are far shorter than 2^24 characters"
+    )]
+    let chars = input.chars().count() as f32;
+    vec![chars, first, 1.0]
+}
+
+/// The items of a `prompt` or `input` field as text, or `None` when the
+/// field has another shape. Token-id arrays read as ids joined by spaces.
+pub fn text_items(field: &Value) -> Option<Vec<String>> {
+    match field {
+        Value::String(s) => Some(vec![s.clone()]),
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_u64) => {
+            Some(vec![token_text(items)])
+        }
+        Value::Array(items) => items
+            .iter()
+            .map(|item| match item {
+                Value::String(s) => Some(s.clone()),
+                Value::Array(ids) if ids.iter().all(Value::is_u64) => Some(token_text(ids)),
+                _ => None,
+            })
+            .collect(),
+        _ => None,
+    }
+}
+
+fn token_text(ids: &[Value]) -> String {
+    let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+    ids.join(" ")
+}
+
+fn content_text(content: &Value) -> String {
+    match content {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts.iter().filter_map(|p| p["text"].as_str()).collect(),
+        _ => String::new(),
+    }
+}
+
+fn word_count(text: &str) -> u64 {
+    text.split_whitespace().count() as u64
+}
+
+/// Splits `text` at spaces into pieces that concatenate back to `text`:
+/// `"a b c"` → `["a", " b", " c"]`.
+fn word_pieces(text: &str) -> Vec<String> {
+    text.split(' ')
+        .enumerate()
+        .map(|(k, word)| if k == 0 { word.to_string() } else { format!(" {word}") })
+        .collect()
+}
+
+fn usage(prompt_tokens: u64, choices: u64) -> Value {
+    let completion_tokens = choices * COMPLETION_TOKENS_PER_CHOICE;
+    json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    })
+}
+
+fn include_usage(body: &Value) -> bool {
+    body["stream_options"]["include_usage"].as_bool() == Some(true)
+}
+
+fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
+    headers.get(name)?.to_str().ok()?.trim().parse().ok()
+}
+
+fn header_pairs(headers: &HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|(name, value)| {
+            let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+            (name.as_str().to_string(), value)
+        })
+        .collect()
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response<MockBody> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())).boxed());
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn error(status: StatusCode, kind: &str, message: &str) -> Response<MockBody> {
+    let body = json!({"error": {"message": message, "type": kind, "code": null}});
+    json_response(status, &body)
+}
+
+fn bad_request(message: &str) -> Response<MockBody> {
+    error(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+}
+
+/// An SSE reply that writes `events` then `[DONE]`, sleeping `delay`
+/// between two events.
+fn sse(events: Vec<Value>, delay: Duration) -> Response<MockBody> {
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        let mut frames: Vec<Bytes> = events
+            .iter()
+            .map(|event| Bytes::from(format!("data: {event}\n\n")))
+            .collect();
+        frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
+
+        for (k, frame) in frames.into_iter().enumerate() {
+            if k > 0 && !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            // The client went away: stop producing.
+            if tx.send(frame).await.is_err() {
+                return;
+            }
+        }
+    });
+
+    let mut response = Response::new(ChannelBody { rx }.boxed());
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/event-stream"),
+    );
+    response
+}
+
+/// A response body fed by a channel, one data frame per message.
+struct ChannelBody {
+    rx: mpsc::Receiver<Bytes>,
+}
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.rx
+            .poll_recv(cx)
+            .map(|bytes| bytes.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// Standard base64 (with padding) of little-endian f32s, as OpenAI's
+/// `encoding_format = "base64"` answers.
+fn base64_f32(vector: &[f32]) -> String {
+    const ALPHABET: &[u8; 64] =
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for k in 0..4 {
+            if k <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * k)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}

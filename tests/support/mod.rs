@@ -1,0 +1,208 @@
+//! Helpers shared by the black-box tests and the benchmark: a fake OpenAI
+//! upstream, a harness that boots the real `switchyard` binary, and small
+//! HTTP helpers for asserting on OpenAI-shaped replies.
+//!
+//! Everything here talks to loopback only; nothing reaches another host.
+
+#![allow(
+    dead_code,
+    reason = "shared by the test and bench targets; each uses a subset"
+)]
+
+pub mod mock_upstream;
+pub mod switchyard;
+
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+pub use mock_upstream::{closed_port_url, MockUpstream, RecordedRequest};
+pub use switchyard::{switchyard_check, Switchyard};
+
+const PLUGIN_MISSING: &str = "policy plugin not built; run `make plugins`";
+
+/// The workspace root (the folder holding the top-level `Cargo.toml`).
+pub fn workspace_root() -> PathBuf {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    PathBuf::from(root)
+        .canonicalize()
+        .unwrap_or_else(|_| PathBuf::from(root))
+}
+
+/// Absolute path of a built policy plugin such as `cost_router`.
+///
+/// Fails the test when the `.wasm` is missing: plugins are built by
+/// `make plugins`, not by `cargo test`.
+pub fn plugin(name: &str) -> String {
+    let path = plugin_path(name);
+    assert!(path.is_file(), "{PLUGIN_MISSING} ({} is missing)", path.display());
+    path.display().to_string()
+}
+
+/// Where `make plugins` leaves the plugin `name`, built or not.
+pub fn plugin_path(name: &str) -> PathBuf {
+    workspace_root()
+        .join("target/wasm32-wasip2/release")
+        .join(format!("{name}.wasm"))
+}
+
+/// The `[server]` table every test config starts with: both listeners on
+/// loopback with an OS-chosen port, so parallel tests never collide.
+pub fn server_toml() -> String {
+    "[server]\nlisten = \"127.0.0.1:0\"\nadmin = \"127.0.0.1:0\"\n".to_string()
+}
+
+/// A config with one plain `[[pool]]` per `(name, upstream url, model)`.
+pub fn pools_config(pools: &[(&str, &str, &str)]) -> String {
+    let mut toml = server_toml();
+    for (name, url, model) in pools {
+        toml.push_str(&pool_toml(name, url, model));
+    }
+    toml
+}
+
+/// One `[[pool]]` table with a single endpoint and generous timeouts.
+pub fn pool_toml(name: &str, url: &str, model: &str) -> String {
+    format!(
+        "\n[[pool]]\nname = \"{name}\"\nendpoints = [\"{url}\"]\n\
+         model = \"{model}\"\nconnect_timeout_ms = 1000\n\
+         request_timeout_ms = 10000\n"
+    )
+}
+
+/// An HTTP/1.1 client that never goes through a proxy from the environment.
+pub fn http1_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .http1_only()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .expect("build HTTP/1.1 client")
+}
+
+/// A client speaking HTTP/2 over cleartext with prior knowledge (h2c).
+pub fn h2_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .http2_prior_knowledge()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .expect("build h2c client")
+}
+
+/// A reply read in full: status, headers and the body as JSON (`Null` when
+/// the body is not JSON; `text` always holds it).
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub version: reqwest::Version,
+    pub headers: reqwest::header::HeaderMap,
+    pub text: String,
+    pub json: Value,
+}
+
+impl Reply {
+    /// A response header as text, or `None` when absent.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The `x-switchyard-pool` header, failing the test when absent.
+    pub fn pool(&self) -> &str {
+        self.header("x-switchyard-pool")
+            .unwrap_or_else(|| panic!("no x-switchyard-pool header: {self:?}"))
+    }
+
+    /// Fails the test unless the status is `want`, showing the body.
+    pub fn assert_status(&self, want: u16) -> &Self {
+        assert_eq!(
+            self.status, want,
+            "unexpected status; body: {}",
+            self.text
+        );
+        self
+    }
+
+    /// Checks the OpenAI error shape `{"error":{"message","type","code"}}`
+    /// and the status, and returns the message.
+    pub fn assert_openai_error(&self, want: u16) -> String {
+        self.assert_status(want);
+        let error = &self.json["error"];
+        assert!(error.is_object(), "not an OpenAI error body: {}", self.text);
+        assert!(
+            error["message"].is_string(),
+            "error.message missing: {}",
+            self.text
+        );
+        assert!(error["type"].is_string(), "error.type missing: {}", self.text);
+        assert!(
+            error.get("code").is_some(),
+            "error.code missing (null is fine): {}",
+            self.text
+        );
+        error["message"].as_str().unwrap_or_default().to_string()
+    }
+}
+
+/// Sends a request and reads the whole reply.
+pub async fn send(request: reqwest::RequestBuilder) -> Reply {
+    let response = request.send().await.expect("request failed to send");
+    let status = response.status().as_u16();
+    let version = response.version();
+    let headers = response.headers().clone();
+    let text = response.text().await.expect("read reply body");
+    let json = serde_json::from_str(&text).unwrap_or(Value::Null);
+    Reply { status, version, headers, text, json }
+}
+
+/// POSTs `body` as JSON to `base` + `path` over `client`.
+pub async fn post(
+    client: &reqwest::Client,
+    base: &str,
+    path: &str,
+    body: &Value,
+) -> Reply {
+    send(client.post(format!("{base}{path}")).json(body)).await
+}
+
+/// Fetches the Prometheus text from the admin listener.
+pub async fn metrics_text(sw: &Switchyard) -> String {
+    let reply = send(http1_client().get(format!("{}/metrics", sw.admin_url()))).await;
+    reply.assert_status(200);
+    reply.text
+}
+
+/// Lines of a Prometheus exposition for metric `name` (samples only).
+pub fn metric_lines<'a>(text: &'a str, name: &str) -> Vec<&'a str> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .collect()
+}
+
+/// Whitespace-separated words, the mock's token count.
+pub fn words(text: &str) -> u64 {
+    text.split_whitespace().count() as u64
+}
+
+/// The `data:` payloads of a complete SSE body, in order (`[DONE]`
+/// included). Events are separated by a blank line.
+pub fn sse_data(text: &str) -> Vec<String> {
+    text.replace("\r\n", "\n")
+        .split("\n\n")
+        .filter_map(sse_event_data)
+        .collect()
+}
+
+/// The joined `data:` lines of one SSE event, or `None` when it has none.
+pub fn sse_event_data(event: &str) -> Option<String> {
+    let data: Vec<&str> = event
+        .lines()
+        .filter_map(|line| line.strip_prefix("data:"))
+        .map(|d| d.strip_prefix(' ').unwrap_or(d))
+        .collect();
+    (!data.is_empty()).then(|| data.join("\n"))
+}
