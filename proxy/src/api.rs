@@ -10,6 +10,9 @@ use switchyard_policy::{Endpoint, Message, RouteRequest};
 
 use crate::error::ApiError;
 
+/// Headers the routing policy is not shown: they carry credentials.
+const PRIVATE_HEADERS: [&str; 4] = ["authorization", "proxy-authorization", "cookie", "api-key"];
+
 /// A parsed API request.
 #[derive(Debug, Clone)]
 pub struct ApiRequest {
@@ -38,9 +41,8 @@ pub enum ItemForm {
 impl ApiRequest {
     /// Parses a request body for `endpoint`.
     pub fn parse(endpoint: Endpoint, bytes: &[u8]) -> Result<Self, ApiError> {
-        let value: Value = serde_json::from_slice(bytes).map_err(|e| {
-            ApiError::invalid(format!("request body is not valid JSON: {e}"))
-        })?;
+        let value: Value = serde_json::from_slice(bytes)
+            .map_err(|e| ApiError::invalid(format!("request body is not valid JSON: {e}")))?;
         let Value::Object(body) = value else {
             return Err(ApiError::invalid("request body must be a JSON object"));
         };
@@ -62,21 +64,13 @@ impl ApiRequest {
             None | Some(Value::Null) => 1,
             Some(value) => match value.as_u64() {
                 Some(n @ 1..=128) => n,
-                _ => {
-                    return Err(ApiError::bad_field(
-                        "n",
-                        "an integer between 1 and 128",
-                    ))
-                }
+                _ => return Err(ApiError::bad_field("n", "an integer between 1 and 128")),
             },
         };
         for field in ["max_tokens", "max_completion_tokens"] {
             if let Some(value) = body.get(field) {
                 if !value.is_null() && value.as_u64().is_none() {
-                    return Err(ApiError::bad_field(
-                        field,
-                        "a non-negative integer",
-                    ));
+                    return Err(ApiError::bad_field(field, "a non-negative integer"));
                 }
             }
         }
@@ -90,7 +84,15 @@ impl ApiRequest {
             Endpoint::Embeddings => split_items("input", body.get("input"))?,
         };
 
-        Ok(Self { endpoint, body, model, stream, items, item_form, n })
+        Ok(Self {
+            endpoint,
+            body,
+            model,
+            stream,
+            items,
+            item_form,
+            n,
+        })
     }
 
     /// The field that holds the items: `prompt` or `input`.
@@ -131,9 +133,7 @@ impl ApiRequest {
     /// What the routing policy is told about this request.
     pub fn route_request(&self, headers: &http::HeaderMap) -> RouteRequest {
         let messages = match self.body.get("messages") {
-            Some(Value::Array(messages)) => {
-                messages.iter().map(message_text).collect()
-            }
+            Some(Value::Array(messages)) => messages.iter().map(message_text).collect(),
             _ => Vec::new(),
         };
         let prompt: Vec<String> = self
@@ -151,6 +151,7 @@ impl ApiRequest {
             .sum();
         let headers = headers
             .iter()
+            .filter(|(name, _)| !PRIVATE_HEADERS.contains(&name.as_str()))
             .filter_map(|(name, value)| {
                 let value = value.to_str().ok()?;
                 Some((name.as_str().to_string(), value.to_string()))
@@ -184,9 +185,9 @@ fn check_messages(messages: Option<&Value>) -> Result<(), ApiError> {
         return Err(ApiError::bad_field("messages", "a non-empty array"));
     }
     for message in messages {
-        let valid = message.as_object().is_some_and(|message| {
-            message.get("role").is_some_and(Value::is_string)
-        });
+        let valid = message
+            .as_object()
+            .is_some_and(|message| message.get("role").is_some_and(Value::is_string));
         if !valid {
             return Err(ApiError::bad_field(
                 "messages",
@@ -335,8 +336,17 @@ mod tests {
             {"role": "user", "content": [{"type": "text", "text": "de"}]}
         ]}"#;
         let request = parse(Endpoint::ChatCompletions, body).unwrap();
-        let summary = request.route_request(&http::HeaderMap::new());
+        let mut headers = http::HeaderMap::new();
+        headers.insert("authorization", "Bearer secret".parse().unwrap());
+        headers.insert("x-tier", "premium".parse().unwrap());
+        let summary = request.route_request(&headers);
         assert_eq!(summary.prompt_chars, 5);
+        let names: Vec<&str> = summary
+            .headers
+            .iter()
+            .map(|(name, _)| name.as_str())
+            .collect();
+        assert_eq!(names, vec!["x-tier"]);
         assert_eq!(summary.messages.len(), 2);
         assert_eq!(summary.messages[1].content, "de");
     }

@@ -50,10 +50,7 @@ impl App {
     /// Builds pools, coalescers and the router from a validated
     /// configuration. Must run inside a tokio runtime (coalescers are
     /// tasks).
-    pub fn new(
-        config: &Config,
-        policy: Option<switchyard_policy::Policy>,
-    ) -> Result<Self, String> {
+    pub fn new(config: &Config, policy: Option<switchyard_policy::Policy>) -> Result<Self, String> {
         let mut pools = Vec::new();
         let mut coalescers = HashMap::new();
         for pool_config in &config.pool {
@@ -89,9 +86,7 @@ impl App {
 
         let endpoint = Endpoint::from_path(&path);
         let result = match (&method, path.as_str(), endpoint) {
-            (&Method::POST, _, Some(endpoint)) => {
-                self.proxy(endpoint, request, &mut outcome).await
-            }
+            (&Method::POST, _, Some(endpoint)) => self.proxy(endpoint, request, &mut outcome).await,
             (&Method::GET, "/v1/models", _) => Ok(self.models()),
             (_, "/v1/models", _) | (_, _, Some(_)) => Err(ApiError::new(
                 ErrorKind::MethodNotAllowed,
@@ -102,13 +97,19 @@ impl App {
                 format!("no such endpoint: {method} {path}"),
             )),
         };
-        let response = match result {
+        let mut response = match result {
             Ok(response) => response,
             Err(e) => {
                 outcome.error = Some(e.message.clone());
                 e.into_response()
             }
         };
+        // Errors after routing name the pool too, for whoever debugs them.
+        if let Some(pool) = &outcome.pool {
+            if !response.headers().contains_key(POOL_HEADER) {
+                set_header(&mut response, POOL_HEADER, pool);
+            }
+        }
 
         let elapsed = started.elapsed();
         let status = response.status().as_u16();
@@ -129,13 +130,16 @@ impl App {
         let bytes = read_body(body, &parts.headers, self.max_body_bytes).await?;
         let mut api = ApiRequest::parse(endpoint, &bytes)?;
 
-        let Route { pool, max_tokens_cap } =
-            self.router.route(&api, &parts.headers)?;
+        let Route {
+            pool,
+            max_tokens_cap,
+        } = self.router.route(&api, &parts.headers)?;
         outcome.pool = Some(pool.name.clone());
         if let Some(cap) = max_tokens_cap {
             api.cap_max_tokens(cap);
         }
-        api.body.insert("model".to_string(), Value::from(pool.model.clone()));
+        api.body
+            .insert("model".to_string(), Value::from(pool.model.clone()));
 
         let coalescer = self.coalescers.get(&pool.name);
         match coalescer {
@@ -162,9 +166,7 @@ impl App {
             .router
             .pool_names()
             .iter()
-            .map(|name| {
-                json!({"id": name, "object": "model", "owned_by": "switchyard"})
-            })
+            .map(|name| json!({"id": name, "object": "model", "owned_by": "switchyard"}))
             .collect();
         let body = json!({"object": "list", "data": data});
         json_response(Bytes::from(body.to_string()))
@@ -193,11 +195,7 @@ async fn forward(
 }
 
 /// Reads the whole request body, refusing more than `limit` bytes.
-async fn read_body(
-    body: Incoming,
-    headers: &HeaderMap,
-    limit: u64,
-) -> Result<Bytes, ApiError> {
+async fn read_body(body: Incoming, headers: &HeaderMap, limit: u64) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
             ErrorKind::BodyTooLarge,
@@ -220,9 +218,7 @@ async fn read_body(
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(too_large())
-        }
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Err(e) => Err(ApiError::invalid(format!(
             "could not read the request body: {e}"
         ))),
@@ -244,13 +240,7 @@ fn set_header(response: &mut Response<Body>, name: &'static str, value: &str) {
     }
 }
 
-fn log_request(
-    method: &Method,
-    path: &str,
-    outcome: &Outcome,
-    status: u16,
-    elapsed: Duration,
-) {
+fn log_request(method: &Method, path: &str, outcome: &Outcome, status: u16, elapsed: Duration) {
     let latency_ms = elapsed.as_secs_f64() * 1000.0;
     let pool = outcome.pool.as_deref().unwrap_or("none");
     let batch_size = outcome.batch_size;

@@ -13,5 +13,7 @@ pub type Body = BoxBody<Bytes, BoxError>;
 
 /// A body that is one buffer.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
 }

@@ -36,8 +36,7 @@ const QUEUE_CAPACITY: usize = 4096;
 /// share an upstream request.
 // Limitation: every other client header is dropped from coalesced requests,
 // because one upstream request cannot carry several callers' values.
-const BATCH_HEADERS: [&str; 3] =
-    ["authorization", "openai-organization", "openai-project"];
+const BATCH_HEADERS: [&str; 3] = ["authorization", "openai-organization", "openai-project"];
 
 /// Coalescing limits of one pool.
 #[derive(Debug, Clone, Copy)]
@@ -61,6 +60,7 @@ pub struct BatchReply {
 #[derive(Debug, Clone)]
 pub struct Coalescer {
     jobs: mpsc::Sender<Job>,
+    limits: BatchLimits,
 }
 
 impl Coalescer {
@@ -69,16 +69,59 @@ impl Coalescer {
     pub fn start(pool: Arc<Pool>, limits: BatchLimits) -> Self {
         let (jobs, queue) = mpsc::channel(QUEUE_CAPACITY);
         tokio::spawn(run(pool, limits, queue));
-        Self { jobs }
+        Self { jobs, limits }
     }
 
     /// Adds a parsed, routed request (its `model` already the pool's) to a
     /// batch and waits for its share of the answer.
+    ///
+    /// A request with more items than `max_batch` is cut into chunks of at
+    /// most `max_batch` that travel in separate upstream requests; their
+    /// answers are stitched back in order.
     pub async fn submit(
         &self,
         request: ApiRequest,
         headers: &HeaderMap,
     ) -> Result<BatchReply, ApiError> {
+        let max_batch = self.limits.max_batch;
+        if request.items.len() <= max_batch {
+            return self.submit_one(request, headers).await;
+        }
+
+        // Every chunk is queued before any answer is awaited, so the chunks
+        // travel upstream side by side.
+        let endpoint = request.endpoint;
+        let mut answers = Vec::new();
+        for items in request.items.chunks(max_batch) {
+            let chunk = ApiRequest {
+                items: items.to_vec(),
+                ..request.clone()
+            };
+            answers.push(self.enqueue(chunk, headers).await?);
+        }
+        let mut replies = Vec::with_capacity(answers.len());
+        for answer in answers {
+            replies.push(receive(answer).await);
+        }
+        stitch(endpoint, replies)
+    }
+
+    async fn submit_one(
+        &self,
+        request: ApiRequest,
+        headers: &HeaderMap,
+    ) -> Result<BatchReply, ApiError> {
+        let answer = self.enqueue(request, headers).await?;
+        receive(answer).await
+    }
+
+    /// Hands a job to the coalescing task; the answer comes on the
+    /// returned channel.
+    async fn enqueue(
+        &self,
+        request: ApiRequest,
+        headers: &HeaderMap,
+    ) -> Result<oneshot::Receiver<Result<BatchReply, ApiError>>, ApiError> {
         let (reply, answer) = oneshot::channel();
         let job = Job::new(request, headers, reply)?;
         if self.jobs.send(job).await.is_err() {
@@ -87,13 +130,86 @@ impl Coalescer {
                 "switchyard is shutting down",
             ));
         }
-        answer.await.unwrap_or_else(|_| {
-            Err(ApiError::new(
-                ErrorKind::Internal,
-                "the batch carrying this request was lost",
-            ))
-        })
+        Ok(answer)
     }
+}
+
+async fn receive(
+    answer: oneshot::Receiver<Result<BatchReply, ApiError>>,
+) -> Result<BatchReply, ApiError> {
+    answer.await.unwrap_or_else(|_| {
+        Err(ApiError::new(
+            ErrorKind::Internal,
+            "the batch carrying this request was lost",
+        ))
+    })
+}
+
+/// Joins the answers to a request's chunks into one answer: entries
+/// renumbered by chunk offset, usage summed, the first chunk's id. The
+/// first failed chunk, if any, is the answer.
+fn stitch(
+    endpoint: Endpoint,
+    answers: Vec<Result<BatchReply, ApiError>>,
+) -> Result<BatchReply, ApiError> {
+    let mut replies = Vec::with_capacity(answers.len());
+    for answer in answers {
+        let reply = answer?;
+        if !reply.status.is_success() {
+            return Ok(reply);
+        }
+        replies.push(reply);
+    }
+
+    let field = match endpoint {
+        Endpoint::Completions => "choices",
+        _ => "data",
+    };
+    let invalid = || {
+        ApiError::new(
+            ErrorKind::UpstreamInvalid,
+            "upstream answer to a split request could not be joined",
+        )
+    };
+    let mut joined: Option<Map<String, Value>> = None;
+    let mut entries = Vec::new();
+    let mut usage: Map<String, Value> = Map::new();
+    let mut batch_items = 0;
+    for reply in &replies {
+        let Ok(Value::Object(mut part)) = serde_json::from_slice(&reply.body) else {
+            return Err(invalid());
+        };
+        let Some(Value::Array(part_entries)) = part.remove(field) else {
+            return Err(invalid());
+        };
+        let offset = entries.len() as u64;
+        for mut entry in part_entries {
+            let index = entry.get("index").and_then(Value::as_u64);
+            entry["index"] = Value::from(offset + index.unwrap_or(0));
+            entries.push(entry);
+        }
+        if let Some(Value::Object(part_usage)) = part.remove("usage") {
+            for (name, count) in part_usage {
+                if let Some(count) = count.as_u64() {
+                    let sum = usage.get(&name).and_then(Value::as_u64);
+                    usage.insert(name, Value::from(sum.unwrap_or(0) + count));
+                }
+            }
+        }
+        batch_items = batch_items.max(reply.batch_items);
+        joined.get_or_insert(part);
+    }
+
+    let mut joined = joined.ok_or_else(invalid)?;
+    joined.insert(field.to_string(), Value::Array(entries));
+    if !usage.is_empty() {
+        joined.insert("usage".to_string(), Value::Object(usage));
+    }
+    Ok(BatchReply {
+        status: replies.first().map_or(StatusCode::OK, |r| r.status),
+        body: Bytes::from(Value::Object(joined).to_string()),
+        batch_items,
+    })
 }
 
 /// One caller's request waiting in the coalescer.
@@ -216,16 +332,11 @@ async fn run(pool: Arc<Pool>, limits: BatchLimits, mut queue: mpsc::Receiver<Job
     }
 }
 
-fn add(
-    pool: &Arc<Pool>,
-    limits: BatchLimits,
-    open: &mut HashMap<String, OpenBatch>,
-    job: Job,
-) {
+fn add(pool: &Arc<Pool>, limits: BatchLimits, open: &mut HashMap<String, OpenBatch>, job: Job) {
     let items = job.items.len();
 
-    // Limitation: a caller whose own array is larger than max_batch goes
-    // upstream alone and whole; it is not split across upstream requests.
+    // A job that fills a batch by itself (callers' arrays arrive cut to
+    // max_batch) needs no company.
     if items >= limits.max_batch {
         dispatch(pool, vec![job]);
         return;
@@ -268,7 +379,9 @@ async fn send_batch(pool: &Pool, mut jobs: Vec<Job>) {
     let Some(first) = jobs.first() else { return };
 
     let endpoint = first.endpoint;
-    let Some(field) = items_field(endpoint) else { return };
+    let Some(field) = items_field(endpoint) else {
+        return;
+    };
     let counts: Vec<usize> = jobs.iter().map(|job| job.items.len()).collect();
     let batch_items: usize = counts.iter().sum();
     let mut body = first.template.clone();
@@ -279,11 +392,8 @@ async fn send_batch(pool: &Pool, mut jobs: Vec<Job>) {
 
     let answer = fetch(pool, endpoint, &first.headers, body).await;
     let shares = match answer {
-        Ok((status, body)) if status.is_success() => {
-            split(endpoint, &jobs, &counts, &body).map(|bodies| {
-                bodies.into_iter().map(|body| (status, body)).collect()
-            })
-        }
+        Ok((status, body)) if status.is_success() => split(endpoint, &jobs, &counts, &body)
+            .map(|bodies| bodies.into_iter().map(|body| (status, body)).collect()),
         // The upstream's own error reaches every caller as it was sent.
         Ok((status, body)) => Ok(vec![(status, body); jobs.len()]),
         Err(e) => Err(e),
@@ -292,7 +402,11 @@ async fn send_batch(pool: &Pool, mut jobs: Vec<Job>) {
     match shares {
         Ok(shares) => {
             for (job, (status, body)) in jobs.into_iter().zip(shares) {
-                let reply = BatchReply { status, body, batch_items };
+                let reply = BatchReply {
+                    status,
+                    body,
+                    batch_items,
+                };
                 let _ = job.reply.send(Ok(reply));
             }
         }
@@ -347,8 +461,7 @@ fn split(
             format!("upstream answer to a batched request {what}"),
         )
     };
-    let Ok(Value::Object(answer)) = serde_json::from_slice::<Value>(body)
-    else {
+    let Ok(Value::Object(answer)) = serde_json::from_slice::<Value>(body) else {
         return Err(invalid("is not a JSON object"));
     };
     let n = jobs.first().map_or(1, |job| job.n);
@@ -360,8 +473,7 @@ fn split(
     let Some(Value::Array(entries)) = answer.get(field) else {
         return Err(invalid(&format!("has no `{field}` array")));
     };
-    let parts = split_entries(entries, counts, per_item)
-        .map_err(|message| invalid(&message))?;
+    let parts = split_entries(entries, counts, per_item).map_err(|message| invalid(&message))?;
 
     let weights = WeightSet::new(jobs, &parts, endpoint);
     let usages = answer
@@ -445,10 +557,12 @@ fn split_entries(
 ///
 /// The upstream reports usage for the whole batch only, so each caller's
 /// share is estimated from the size of its own part: token ids counted
-/// exactly where the prompt was given as ids, otherwise characters.
+/// exactly where the prompt was given as ids, completion tokens exactly
+/// where the answer carries `logprobs`, otherwise characters.
 // Limitation: with text prompts the split is proportional to characters,
 // not tokens, so a caller's count can differ from what it would have been
 // alone by a few tokens; the shares always add up to the upstream's total.
+// OpenAI-API servers report usage per request, never per prompt.
 #[derive(Debug)]
 struct WeightSet {
     prompt: Vec<u64>,
@@ -464,18 +578,26 @@ impl WeightSet {
         let completion = parts
             .iter()
             .map(|entries| match endpoint {
-                Endpoint::Completions => entries
-                    .iter()
-                    .map(|choice| {
-                        let text = choice.get("text").and_then(Value::as_str);
-                        text.map_or(0, |t| t.chars().count() as u64) + 1
-                    })
-                    .sum(),
+                Endpoint::Completions => entries.iter().map(choice_weight).sum(),
                 _ => 0,
             })
             .collect();
         Self { prompt, completion }
     }
+}
+
+/// A choice's completion tokens where the answer lists them (the client
+/// asked for `logprobs`), else its characters.
+fn choice_weight(choice: &Value) -> u64 {
+    let tokens = choice
+        .get("logprobs")
+        .and_then(|logprobs| logprobs.get("tokens"))
+        .and_then(Value::as_array);
+    if let Some(tokens) = tokens {
+        return tokens.len() as u64;
+    }
+    let text = choice.get("text").and_then(Value::as_str);
+    text.map_or(0, |t| t.chars().count() as u64) + 1
 }
 
 fn item_weight(item: &Value) -> u64 {
@@ -489,8 +611,7 @@ fn item_weight(item: &Value) -> u64 {
 fn split_usage(usage: &Map<String, Value>, weights: &WeightSet) -> Vec<Value> {
     let count = |name: &str| usage.get(name).and_then(Value::as_u64);
     let prompt = apportion(count("prompt_tokens").unwrap_or(0), &weights.prompt);
-    let completion = count("completion_tokens")
-        .map(|total| apportion(total, &weights.completion));
+    let completion = count("completion_tokens").map(|total| apportion(total, &weights.completion));
 
     (0..weights.prompt.len())
         .map(|k| {
@@ -646,9 +767,13 @@ mod tests {
             "usage": {"prompt_tokens": 5, "completion_tokens": 3,
                       "total_tokens": 8},
         });
-        let bodies =
-            split(Endpoint::Completions, &jobs, &[2], answer.to_string().as_bytes())
-                .unwrap();
+        let bodies = split(
+            Endpoint::Completions,
+            &jobs,
+            &[2],
+            answer.to_string().as_bytes(),
+        )
+        .unwrap();
         let body: Value = serde_json::from_slice(&bodies[0]).unwrap();
         assert_eq!(body["id"], "cmpl-9");
         assert_eq!(body["usage"]["prompt_tokens"], 5);

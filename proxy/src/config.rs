@@ -145,8 +145,7 @@ pub struct PolicyConfig {
 impl PolicyConfig {
     /// The host's view of this table.
     pub fn settings(&self) -> switchyard_policy::PolicySettings {
-        let config = serde_json::to_value(&self.config)
-            .unwrap_or(serde_json::Value::Null);
+        let config = serde_json::to_value(&self.config).unwrap_or(serde_json::Value::Null);
         switchyard_policy::PolicySettings {
             plugin: self.plugin.clone(),
             config,
@@ -204,21 +203,15 @@ impl Config {
         if self.server.max_body_bytes == 0 {
             return Err(invalid("server.max_body_bytes", "must be > 0"));
         }
-        if self.server.listen == self.server.admin
-            && self.server.listen.port() != 0
-        {
-            return Err(invalid(
-                "server.admin",
-                "must differ from server.listen",
-            ));
+        if self.server.listen == self.server.admin && self.server.listen.port() != 0 {
+            return Err(invalid("server.admin", "must differ from server.listen"));
         }
 
         let mut names = HashSet::new();
         for (i, pool) in self.pool.iter().enumerate() {
             validate_pool(i, pool)?;
             if !names.insert(pool.name.as_str()) {
-                let message =
-                    format!("pool name {:?} is used twice", pool.name);
+                let message = format!("pool name {:?} is used twice", pool.name);
                 return Err(invalid(&format!("pool[{i}].name"), &message));
             }
         }
@@ -258,8 +251,7 @@ fn validate_pool(i: usize, pool: &PoolConfig) -> Result<(), ConfigError> {
             return Err(invalid(&key("batch.max_batch"), &message));
         }
         if batch.max_wait_ms == 0 || batch.max_wait_ms > MAX_WAIT_LIMIT_MS {
-            let message =
-                format!("must be between 1 and {MAX_WAIT_LIMIT_MS} ms");
+            let message = format!("must be between 1 and {MAX_WAIT_LIMIT_MS} ms");
             return Err(invalid(&key("batch.max_wait_ms"), &message));
         }
     }
@@ -290,12 +282,10 @@ fn is_name_char(c: char) -> bool {
 /// Deserializes with unknown keys rejected, recording the key path of the
 /// first error and the line the parser points at.
 fn parse_strict(text: &str) -> Result<Config, ConfigError> {
-    let deserializer = toml::Deserializer::parse(text).map_err(|e| {
-        ConfigError {
-            key: String::new(),
-            line: e.span().map(|span| line_of(text, span.start)),
-            message: e.message().to_string(),
-        }
+    let deserializer = toml::Deserializer::parse(text).map_err(|e| ConfigError {
+        key: String::new(),
+        line: e.span().map(|span| line_of(text, span.start)),
+        message: e.message().to_string(),
     })?;
     serde_path_to_error::deserialize(deserializer).map_err(|e| {
         let key = e.path().to_string();
@@ -310,7 +300,11 @@ fn parse_strict(text: &str) -> Result<Config, ConfigError> {
 
 fn line_of(text: &str, offset: usize) -> usize {
     let end = offset.min(text.len());
-    text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 fn invalid(key: &str, message: &str) -> ConfigError {
@@ -449,9 +443,7 @@ model = "big"
 
     #[test]
     fn missing_plugin_file_is_rejected() {
-        let text = format!(
-            "{EXAMPLE}\n[policy]\nplugin = \"/nonexistent/x.wasm\"\n"
-        );
+        let text = format!("{EXAMPLE}\n[policy]\nplugin = \"/nonexistent/x.wasm\"\n");
         let err = Config::parse(&text).unwrap_err();
         assert_eq!(err.key, "policy.plugin");
         assert!(err.message.contains("make plugins"));

@@ -50,9 +50,7 @@ impl ErrorKind {
                 StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN)
             }
             Self::PolicyRejected(_) => StatusCode::FORBIDDEN,
-            Self::UpstreamUnavailable | Self::UpstreamInvalid => {
-                StatusCode::BAD_GATEWAY
-            }
+            Self::UpstreamUnavailable | Self::UpstreamInvalid => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -67,15 +65,11 @@ impl ErrorKind {
             | Self::ModelNotFound
             | Self::NotFound
             | Self::MethodNotAllowed => "invalid_request_error",
-            Self::PolicyRejected(status) if status < 500 => {
-                "invalid_request_error"
+            Self::PolicyRejected(status) if status < 500 => "invalid_request_error",
+            Self::PolicyRejected(_) | Self::ShuttingDown | Self::Internal => "server_error",
+            Self::UpstreamUnavailable | Self::UpstreamTimeout | Self::UpstreamInvalid => {
+                "upstream_error"
             }
-            Self::PolicyRejected(_) | Self::ShuttingDown | Self::Internal => {
-                "server_error"
-            }
-            Self::UpstreamUnavailable
-            | Self::UpstreamTimeout
-            | Self::UpstreamInvalid => "upstream_error",
         }
     }
 
@@ -108,7 +102,11 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into(), param: None }
+        Self {
+            kind,
+            message: message.into(),
+            param: None,
+        }
     }
 
     pub fn invalid(message: impl Into<String>) -> Self {
@@ -118,13 +116,19 @@ impl ApiError {
     /// A required field is absent.
     pub fn missing(field: &'static str) -> Self {
         let message = format!("missing required field `{field}`");
-        Self { param: Some(field), ..Self::invalid(message) }
+        Self {
+            param: Some(field),
+            ..Self::invalid(message)
+        }
     }
 
     /// A field has the wrong type or value.
     pub fn bad_field(field: &'static str, expected: &str) -> Self {
         let message = format!("field `{field}` must be {expected}");
-        Self { param: Some(field), ..Self::invalid(message) }
+        Self {
+            param: Some(field),
+            ..Self::invalid(message)
+        }
     }
 
     pub fn status(&self) -> StatusCode {

@@ -80,8 +80,7 @@ fn check(path: &std::path::Path) -> ExitCode {
 }
 
 fn run(path: &std::path::Path) -> Result<(), String> {
-    let config = Config::load(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let config = Config::load(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let policy = match &config.policy {
         Some(policy) => Some(
             switchyard_policy::Policy::load(&policy.settings())
@@ -96,8 +95,7 @@ fn run(path: &std::path::Path) -> Result<(), String> {
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
     runtime.block_on(async {
         let metrics = switchyard::metrics::install()?;
-        switchyard::server::run(config, policy, metrics, shutdown_signal())
-            .await
+        switchyard::server::run(config, policy, metrics, shutdown_signal()).await
     })
 }
 

@@ -20,33 +20,27 @@ pub const POLICY_ERRORS: &str = "switchyard_policy_errors_total";
 /// Request and upstream latency buckets, in seconds: from a cached 1 ms
 /// answer to a five-minute generation.
 const LATENCY_BUCKETS: [f64; 17] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-    10.0, 30.0, 60.0, 120.0, 300.0,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0,
 ];
 
 /// Policy call buckets, in seconds: a warm call takes microseconds.
 const POLICY_BUCKETS: [f64; 12] = [
-    1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 5e-3, 0.01,
-    0.05,
+    1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 5e-3, 0.01, 0.05,
 ];
 
 /// Items per upstream request.
-const BATCH_BUCKETS: [f64; 11] =
-    [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0];
+const BATCH_BUCKETS: [f64; 11] = [
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
 
 /// Installs the process-wide Prometheus recorder and describes every
 /// metric. Call once, inside a tokio runtime: it starts the upkeep task.
 pub fn install() -> Result<PrometheusHandle, String> {
     let builder = PrometheusBuilder::new()
-        .set_buckets_for_metric(
-            Matcher::Full(POLICY_DURATION.to_string()),
-            &POLICY_BUCKETS,
-        )
+        .set_buckets_for_metric(Matcher::Full(POLICY_DURATION.to_string()), &POLICY_BUCKETS)
         .and_then(|b| {
-            b.set_buckets_for_metric(
-                Matcher::Full(BATCH_SIZE.to_string()),
-                &BATCH_BUCKETS,
-            )
+            b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.to_string()), &BATCH_BUCKETS)
         })
         .and_then(|b| {
             b.set_buckets_for_metric(
@@ -105,19 +99,17 @@ fn describe() {
 }
 
 /// Records an answered request. `pool` is "none" when it was not routed.
-pub fn record_request(
-    pool: &str,
-    endpoint: &str,
-    status: u16,
-    elapsed: Duration,
-) {
+pub fn record_request(pool: &str, endpoint: &str, status: u16, elapsed: Duration) {
     let labels = [
         ("pool", pool.to_string()),
         ("endpoint", endpoint.to_string()),
         ("status", status.to_string()),
     ];
     counter!(REQUESTS, &labels).increment(1);
-    let labels = [("pool", pool.to_string()), ("endpoint", endpoint.to_string())];
+    let labels = [
+        ("pool", pool.to_string()),
+        ("endpoint", endpoint.to_string()),
+    ];
     histogram!(REQUEST_DURATION, &labels).record(elapsed.as_secs_f64());
 }
 

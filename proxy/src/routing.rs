@@ -41,7 +41,11 @@ impl Router {
             .into_iter()
             .map(|pool| (pool.name.clone(), pool))
             .collect();
-        Self { pools, names, policy }
+        Self {
+            pools,
+            names,
+            policy,
+        }
     }
 
     /// Pool names in configuration order.
@@ -58,11 +62,7 @@ impl Router {
     }
 
     /// Chooses the pool for `request`.
-    pub fn route(
-        &self,
-        request: &ApiRequest,
-        headers: &HeaderMap,
-    ) -> Result<Route, ApiError> {
+    pub fn route(&self, request: &ApiRequest, headers: &HeaderMap) -> Result<Route, ApiError> {
         let Some(policy) = &self.policy else {
             return self.default_route(&request.model);
         };
@@ -73,27 +73,22 @@ impl Router {
         metrics::record_policy_call(policy.name(), started.elapsed());
 
         match outcome {
-            Ok(RouteOutcome::Route(decision)) => {
-                match self.pools.get(&decision.pool) {
-                    Some(pool) => Ok(Route {
-                        pool: Arc::clone(pool),
-                        max_tokens_cap: decision.max_tokens_cap,
-                    }),
-                    None => {
-                        tracing::warn!(
-                            plugin = policy.name(),
-                            pool = %decision.pool,
-                            "policy chose a pool that does not exist; \
-                             taking the default route"
-                        );
-                        metrics::record_policy_error(
-                            policy.name(),
-                            "unknown_pool",
-                        );
-                        self.default_route(&request.model)
-                    }
+            Ok(RouteOutcome::Route(decision)) => match self.pools.get(&decision.pool) {
+                Some(pool) => Ok(Route {
+                    pool: Arc::clone(pool),
+                    max_tokens_cap: decision.max_tokens_cap,
+                }),
+                None => {
+                    tracing::warn!(
+                        plugin = policy.name(),
+                        pool = %decision.pool,
+                        "policy chose a pool that does not exist; \
+                         taking the default route"
+                    );
+                    metrics::record_policy_error(policy.name(), "unknown_pool");
+                    self.default_route(&request.model)
                 }
-            }
+            },
             Ok(RouteOutcome::Reject { status, message }) => {
                 Err(ApiError::new(ErrorKind::PolicyRejected(status), message))
             }
@@ -113,7 +108,10 @@ impl Router {
     /// The pool named by the request's `model`.
     fn default_route(&self, model: &str) -> Result<Route, ApiError> {
         match self.pools.get(model) {
-            Some(pool) => Ok(Route { pool: Arc::clone(pool), max_tokens_cap: None }),
+            Some(pool) => Ok(Route {
+                pool: Arc::clone(pool),
+                max_tokens_cap: None,
+            }),
             None => {
                 let message = format!(
                     "no pool serves model {model:?}; pools: {}",

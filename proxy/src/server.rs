@@ -73,7 +73,10 @@ pub async fn run(
     }
 
     let graceful = GracefulShutdown::new();
-    let admin_state = Arc::new(AdminState { metrics, ready: Arc::clone(&ready) });
+    let admin_state = Arc::new(AdminState {
+        metrics,
+        ready: Arc::clone(&ready),
+    });
 
     let api_app = Arc::clone(&app);
     let api_service = move |request: Request<Incoming>| {
@@ -183,8 +186,7 @@ impl AdminState {
         }
         match request.uri().path() {
             "/metrics" => {
-                let mut response =
-                    text(StatusCode::OK, self.metrics.render());
+                let mut response = text(StatusCode::OK, self.metrics.render());
                 response.headers_mut().insert(
                     header::CONTENT_TYPE,
                     HeaderValue::from_static("text/plain; version=0.0.4"),
@@ -192,12 +194,8 @@ impl AdminState {
                 response
             }
             "/healthz" => text(StatusCode::OK, "ok\n"),
-            "/readyz" if self.ready.load(Ordering::SeqCst) => {
-                text(StatusCode::OK, "ready\n")
-            }
-            "/readyz" => {
-                text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
-            }
+            "/readyz" if self.ready.load(Ordering::SeqCst) => text(StatusCode::OK, "ready\n"),
+            "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
         }
     }

@@ -126,9 +126,7 @@ impl Pool {
             .collect::<Result<Vec<_>, _>>()?;
 
         let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_millis(
-            config.connect_timeout_ms,
-        )));
+        connector.set_connect_timeout(Some(Duration::from_millis(config.connect_timeout_ms)));
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
@@ -160,9 +158,7 @@ impl Pool {
 
         let started = Instant::now();
         let sent = self.client.request(request);
-        let response = match tokio::time::timeout(self.request_timeout, sent)
-            .await
-        {
+        let response = match tokio::time::timeout(self.request_timeout, sent).await {
             Ok(Ok(response)) => response,
             Ok(Err(e)) => return Err(self.transport_error(endpoint, &e)),
             Err(_) => {
@@ -189,9 +185,9 @@ impl Pool {
         headers: &HeaderMap,
         body: Bytes,
     ) -> Result<Request<Full<Bytes>>, ApiError> {
-        let uri = endpoint.uri(path).map_err(|e| {
-            ApiError::new(ErrorKind::Internal, format!("bad upstream uri: {e}"))
-        })?;
+        let uri = endpoint
+            .uri(path)
+            .map_err(|e| ApiError::new(ErrorKind::Internal, format!("bad upstream uri: {e}")))?;
         let mut request = Request::new(Full::new(body));
         *request.method_mut() = Method::POST;
         *request.uri_mut() = uri;
@@ -220,8 +216,7 @@ impl Pool {
             "lost the connection to"
         };
         let cause = error_chain(error);
-        let message =
-            format!("pool {:?}: {what} upstream {endpoint}: {cause}", self.name);
+        let message = format!("pool {:?}: {what} upstream {endpoint}: {cause}", self.name);
         ApiError::new(ErrorKind::UpstreamUnavailable, message)
     }
 }

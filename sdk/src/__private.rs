@@ -13,11 +13,7 @@ use crate::Policy;
 ///
 /// The export macro is public so that `export_policy!` can expand it in the
 /// plugin crate, which then needs no dependency on `wit-bindgen` itself.
-#[allow(
-    missing_debug_implementations,
-    clippy::all,
-    reason = "generated code"
-)]
+#[allow(missing_debug_implementations, clippy::all, reason = "generated code")]
 pub mod bindings {
     wit_bindgen::generate!({
         path: "wit",
@@ -51,7 +47,20 @@ pub fn init<P: Policy>(config: String) -> Result<(), String> {
     // Before anything can panic: without the hook a panic would only reach
     // stderr, which the host discards.
     std::panic::set_hook(Box::new(|info| {
-        crate::log::log(crate::log::Level::Error, &format!("plugin {info}"));
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(non-text payload)");
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        crate::log::log(
+            crate::log::Level::Error,
+            &format!("plugin panicked{at}: {message}"),
+        );
     }));
 
     let config: serde_json::Value = serde_json::from_str(&config)
@@ -65,13 +74,9 @@ pub fn init<P: Policy>(config: String) -> Result<(), String> {
 /// converts its answer back.
 pub fn route(req: WitRequest) -> WitDecision {
     let req = request_from_wit(req);
-    let decision = POLICY.with(|slot| {
-        slot.borrow()
-            .as_ref()
-            .map(|policy| policy.route(&req))
-    });
-    let decision = decision.unwrap_or_else(|| {
-        Decision::reject(NOT_INITIALISED_STATUS, NOT_INITIALISED)
+    let decision = POLICY.with(|slot| match slot.borrow().as_deref() {
+        Some(policy) => policy.route(&req),
+        None => Decision::reject(NOT_INITIALISED_STATUS, NOT_INITIALISED),
     });
     decision_to_wit(decision)
 }
@@ -177,9 +182,7 @@ mod tests {
 
     #[test]
     fn rejection_keeps_status_and_message_in_wit() {
-        let WitDecision::Reject(r) =
-            decision_to_wit(Decision::reject(403, "no"))
-        else {
+        let WitDecision::Reject(r) = decision_to_wit(Decision::reject(403, "no")) else {
             unreachable!("a rejection must stay a rejection");
         };
         assert_eq!((r.status, r.message.as_str()), (403, "no"));

@@ -54,9 +54,10 @@
 //! for totals (use [`counter_add`] for those).
 //!
 //! A panic in `init` or `route` is logged through the host at error level
-//! and then aborts the call; the host discards that instance and answers
-//! the request with an error. `route` runs under a deadline (50 ms by
-//! default) and a memory cap (64 MiB by default); it must not block.
+//! and then aborts the call: the call fails and the host discards that
+//! instance. `route` runs under a deadline (50 ms by default) and a memory
+//! cap (64 MiB by default); it must not block, and a plugin that sleeps
+//! or waits on I/O traps.
 //!
 //! # Why a WIT component and not JSON over a core module
 //!
@@ -137,9 +138,7 @@ macro_rules! export_policy {
                     $crate::__private::init::<$policy>(config)
                 }
 
-                fn route(
-                    req: $crate::__private::WitRequest,
-                ) -> $crate::__private::WitDecision {
+                fn route(req: $crate::__private::WitRequest) -> $crate::__private::WitDecision {
                     $crate::__private::route(req)
                 }
             }

@@ -99,11 +99,7 @@ impl Request {
     }
 
     /// Adds a header; the name is stored lowercase, as the host does.
-    pub fn with_header(
-        mut self,
-        name: impl Into<String>,
-        value: impl Into<String>,
-    ) -> Self {
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         let name = name.into().to_ascii_lowercase();
         self.headers.push((name, value.into()));
         self
@@ -137,11 +133,7 @@ impl Request {
     }
 
     /// Adds an attribute.
-    pub fn with_attribute(
-        mut self,
-        key: impl Into<String>,
-        value: impl Into<String>,
-    ) -> Self {
+    pub fn with_attribute(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.attributes.push((key.into(), value.into()));
         self
     }
@@ -178,11 +170,7 @@ impl Route {
     }
 
     /// Adds a hint for the host.
-    pub fn with_attribute(
-        mut self,
-        key: impl Into<String>,
-        value: impl Into<String>,
-    ) -> Self {
+    pub fn with_attribute(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.attributes.push((key.into(), value.into()));
         self
     }
@@ -270,8 +258,7 @@ mod tests {
 
     #[test]
     fn header_lookup_ignores_name_case() {
-        let req = Request::new(Endpoint::ChatCompletions, "auto")
-            .with_header("X-Tier", "premium");
+        let req = Request::new(Endpoint::ChatCompletions, "auto").with_header("X-Tier", "premium");
         assert_eq!(req.header("x-tier"), Some("premium"));
         assert_eq!(req.header("X-TIER"), Some("premium"));
         assert_eq!(req.header("x-other"), None);

@@ -15,7 +15,8 @@
 //!   requests the upstream received.
 //!
 //! It prints a table and through/direct ratios and asserts nothing about
-//! timing. Run without `--bench` (as `cargo test --benches` does) it only
+//! timing. The load generator, the mock and the proxy share the machine's
+//! cores, so on a small machine the ratios overstate the proxy's cost. Run without `--bench` (as `cargo test --benches` does) it only
 //! smoke-tests each scenario for a fraction of a second.
 
 #![allow(
@@ -196,7 +197,9 @@ async fn measure(scenario: Scenario, settings: Settings, upstream: &MockUpstream
 }
 
 fn addr_of(url: &str) -> SocketAddr {
-    url.trim_start_matches("http://").parse().expect("loopback address")
+    url.trim_start_matches("http://")
+        .parse()
+        .expect("loopback address")
 }
 
 fn print_table(outcomes: &[Outcome]) {
@@ -248,7 +251,12 @@ async fn run(settings: Settings) -> bool {
     let embedding = |model: &str| -> Bytes {
         Bytes::from(json!({"model": model, "input": "one input"}).to_string())
     };
-    let scenario = |name, addr, path, body| Scenario { name, addr, path, body };
+    let scenario = |name, addr, path, body| Scenario {
+        name,
+        addr,
+        path,
+        body,
+    };
     let chat_path = "/v1/chat/completions";
     let emb_path = "/v1/embeddings";
 
@@ -279,30 +287,43 @@ async fn run(settings: Settings) -> bool {
     };
     if let Some(sw) = &with_policy {
         let addr = addr_of(&sw.api_url());
-        let routed = scenario("chat via switchyard + cost_router", addr, chat_path, chat("auto"));
+        let routed = scenario(
+            "chat via switchyard + cost_router",
+            addr,
+            chat_path,
+            chat("auto"),
+        );
         outcomes.push(measure(routed, settings, &mock).await);
     }
 
     let direct_emb = scenario("embeddings direct", upstream, emb_path, embedding("mock"));
     outcomes.push(measure(direct_emb, settings, &mock).await);
-    let batched = scenario("embeddings via switchyard, batched", proxy, emb_path, embedding("batched"));
+    let batched = scenario(
+        "embeddings via switchyard, batched",
+        proxy,
+        emb_path,
+        embedding("batched"),
+    );
     outcomes.push(measure(batched, settings, &mock).await);
 
     println!();
     print_table(&outcomes);
     println!();
     let by_name = |name: &str| outcomes.iter().find(|o| o.name == name);
-    if let (Some(direct), Some(through)) = (by_name("chat direct"), by_name("chat via switchyard")) {
+    if let (Some(direct), Some(through)) = (by_name("chat direct"), by_name("chat via switchyard"))
+    {
         print_ratio("chat: switchyard / direct", through, direct);
     }
-    if let (Some(direct), Some(through)) =
-        (by_name("chat direct"), by_name("chat via switchyard + cost_router"))
-    {
+    if let (Some(direct), Some(through)) = (
+        by_name("chat direct"),
+        by_name("chat via switchyard + cost_router"),
+    ) {
         print_ratio("chat: switchyard+policy / direct", through, direct);
     }
-    if let (Some(direct), Some(through)) =
-        (by_name("embeddings direct"), by_name("embeddings via switchyard, batched"))
-    {
+    if let (Some(direct), Some(through)) = (
+        by_name("embeddings direct"),
+        by_name("embeddings via switchyard, batched"),
+    ) {
         print_ratio("embeddings: batched / direct", through, direct);
         let per_upstream = through.ok as f64 / through.upstream_requests.max(1) as f64;
         println!(
@@ -312,7 +333,11 @@ async fn run(settings: Settings) -> bool {
     }
 
     // A scenario where nothing succeeded means a broken set-up, not a slow one.
-    let broken: Vec<&str> = outcomes.iter().filter(|o| o.ok == 0).map(|o| o.name).collect();
+    let broken: Vec<&str> = outcomes
+        .iter()
+        .filter(|o| o.ok == 0)
+        .map(|o| o.name)
+        .collect();
     if !broken.is_empty() {
         println!("\nno request succeeded in: {broken:?}\n{}", plain.output());
     }

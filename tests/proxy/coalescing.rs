@@ -68,7 +68,11 @@ fn upstream_carrying<'a>(upstream: &'a [RecordedRequest], item: &str) -> &'a Rec
         .iter()
         .filter(|r| r.items().iter().any(|i| i == item))
         .collect();
-    assert_eq!(carriers.len(), 1, "upstream requests carrying {item:?}: {carriers:#?}");
+    assert_eq!(
+        carriers.len(),
+        1,
+        "upstream requests carrying {item:?}: {carriers:#?}"
+    );
     carriers[0]
 }
 
@@ -77,7 +81,11 @@ fn upstream_carrying<'a>(upstream: &'a [RecordedRequest], item: &str) -> &'a Rec
 fn assert_own_completion(reply: &Reply, body: &Value) {
     reply.assert_status(200);
     assert_eq!(reply.pool(), "small");
-    assert_eq!(reply.json["object"], "text_completion", "body: {}", reply.text);
+    assert_eq!(
+        reply.json["object"], "text_completion",
+        "body: {}",
+        reply.text
+    );
 
     let prompts = prompts_of(body);
     let n = body["n"].as_u64().unwrap_or(1);
@@ -91,20 +99,38 @@ fn assert_own_completion(reply: &Reply, body: &Value) {
     for (k, choice) in choices.iter().enumerate() {
         let (p, j) = (k as u64 / n, k as u64 % n);
         let want = format!("echo:{}#{j}", prompts[p as usize]);
-        assert_eq!(choice["index"], k, "choice order for {body}; reply {}", reply.text);
-        assert_eq!(choice["text"], want, "choice {k} for {body}; reply {}", reply.text);
+        assert_eq!(
+            choice["index"], k,
+            "choice order for {body}; reply {}",
+            reply.text
+        );
+        assert_eq!(
+            choice["text"], want,
+            "choice {k} for {body}; reply {}",
+            reply.text
+        );
     }
 
-    let prompt_tokens: u64 = prompts.iter().map(|p| words(p)).sum();
-    let completion_tokens = choices.len() as u64 * TOKENS_PER_CHOICE;
     let usage = &reply.json["usage"];
-    assert_eq!(usage["prompt_tokens"], prompt_tokens, "usage for {body}: {usage}");
-    assert_eq!(usage["completion_tokens"], completion_tokens, "usage for {body}: {usage}");
+    let (prompt, completion) = (&usage["prompt_tokens"], &usage["completion_tokens"]);
     assert_eq!(
-        usage["total_tokens"],
-        prompt_tokens + completion_tokens,
+        usage["total_tokens"].as_u64(),
+        Some(
+            prompt.as_u64().expect("prompt_tokens")
+                + completion.as_u64().expect("completion_tokens")
+        ),
         "usage for {body}: {usage}"
     );
+
+    // Alone in its upstream request, a caller's usage is the upstream's
+    // count exactly. Shared, it is an estimate whose sum is checked by
+    // `usage_shares_add_up_to_the_upstream_total`.
+    if batch_size(reply) == prompts.len() {
+        let prompt_tokens: u64 = prompts.iter().map(|p| words(p)).sum();
+        let completion_tokens = choices.len() as u64 * TOKENS_PER_CHOICE;
+        assert_eq!(*prompt, prompt_tokens, "usage for {body}: {usage}");
+        assert_eq!(*completion, completion_tokens, "usage for {body}: {usage}");
+    }
 }
 
 /// The `x-switchyard-batch-size` header as a number.
@@ -133,11 +159,19 @@ async fn concurrent_completions_merge_into_one_upstream_request_per_parameter_se
     // Two parameter sets (n absent, n = 2), so two upstream requests.
     let upstream = mock.requests_to("/v1/completions");
     let sizes: Vec<usize> = upstream.iter().map(|r| r.items().len()).collect();
-    assert_eq!(upstream.len(), 2, "upstream batches (items each: {sizes:?})");
+    assert_eq!(
+        upstream.len(),
+        2,
+        "upstream batches (items each: {sizes:?})"
+    );
     for request in &upstream {
         assert_eq!(request.body["model"], "smollm2");
         assert_eq!(request.body["max_tokens"], 8);
-        assert!(request.items().len() <= 8, "batch over max_batch: {:?}", request.body);
+        assert!(
+            request.items().len() <= 8,
+            "batch over max_batch: {:?}",
+            request.body
+        );
     }
 
     let mut ids = HashSet::new();
@@ -147,8 +181,16 @@ async fn concurrent_completions_merge_into_one_upstream_request_per_parameter_se
         // Each caller's prompts rode in the same upstream request, whose
         // size the batch-size header reports.
         let carrier = upstream_carrying(&upstream, &prompts_of(body)[0]);
-        assert_eq!(carrier.body["n"].as_u64().unwrap_or(1), body["n"].as_u64().unwrap_or(1));
-        assert_eq!(batch_size(reply), carrier.items().len(), "reply {}", reply.text);
+        assert_eq!(
+            carrier.body["n"].as_u64().unwrap_or(1),
+            body["n"].as_u64().unwrap_or(1)
+        );
+        assert_eq!(
+            batch_size(reply),
+            carrier.items().len(),
+            "reply {}",
+            reply.text
+        );
 
         let id = reply.json["id"].as_str().expect("id").to_string();
         assert!(ids.insert(id.clone()), "id {id} handed to two callers");
@@ -189,9 +231,19 @@ async fn batches_never_exceed_max_batch() {
 
     let upstream = mock.requests_to("/v1/completions");
     let sizes: Vec<usize> = upstream.iter().map(|r| r.items().len()).collect();
-    assert!(sizes.iter().all(|&s| s <= 4), "batch sizes {sizes:?} over max_batch 4");
-    assert_eq!(sizes.iter().sum::<usize>(), 10, "every prompt sent once: {sizes:?}");
-    assert!(upstream.len() >= 3, "10 items need 3+ batches of 4: {sizes:?}");
+    assert!(
+        sizes.iter().all(|&s| s <= 4),
+        "batch sizes {sizes:?} over max_batch 4"
+    );
+    assert_eq!(
+        sizes.iter().sum::<usize>(),
+        10,
+        "every prompt sent once: {sizes:?}"
+    );
+    assert!(
+        upstream.len() >= 3,
+        "10 items need 3+ batches of 4: {sizes:?}"
+    );
     for (reply, body) in replies.iter().zip(&bodies) {
         assert_own_completion(reply, body);
     }
@@ -208,8 +260,15 @@ async fn a_request_larger_than_max_batch_is_split() {
     assert_own_completion(&reply, &body);
     let upstream = mock.requests_to("/v1/completions");
     let sizes: Vec<usize> = upstream.iter().map(|r| r.items().len()).collect();
-    assert!(sizes.iter().all(|&s| s <= 4), "batch sizes {sizes:?} over max_batch 4");
-    assert_eq!(sizes.iter().sum::<usize>(), 10, "every prompt sent once: {sizes:?}");
+    assert!(
+        sizes.iter().all(|&s| s <= 4),
+        "batch sizes {sizes:?} over max_batch 4"
+    );
+    assert_eq!(
+        sizes.iter().sum::<usize>(),
+        10,
+        "every prompt sent once: {sizes:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -237,11 +296,23 @@ fn assert_own_embeddings(reply: &Reply, inputs: &[&str]) {
     for (k, item) in data.iter().enumerate() {
         assert_eq!(item["index"], k, "order; reply {}", reply.text);
         assert_eq!(item["object"], "embedding");
-        assert_eq!(item["embedding"], json!(embedding_of(inputs[k])), "input {:?}", inputs[k]);
+        assert_eq!(
+            item["embedding"],
+            json!(embedding_of(inputs[k])),
+            "input {:?}",
+            inputs[k]
+        );
     }
-    let tokens: u64 = inputs.iter().map(|i| words(i)).sum();
-    assert_eq!(reply.json["usage"]["prompt_tokens"], tokens, "reply {}", reply.text);
-    assert_eq!(reply.json["usage"]["total_tokens"], tokens, "reply {}", reply.text);
+    let usage = &reply.json["usage"];
+    assert_eq!(
+        usage["total_tokens"], usage["prompt_tokens"],
+        "reply {}",
+        reply.text
+    );
+    if batch_size(reply) == inputs.len() {
+        let tokens: u64 = inputs.iter().map(|i| words(i)).sum();
+        assert_eq!(usage["prompt_tokens"], tokens, "reply {}", reply.text);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -288,17 +359,97 @@ async fn streaming_and_chat_requests_are_never_coalesced() {
     for (k, reply) in replies.iter().enumerate() {
         reply.assert_status(200);
         let events = sse_data(&reply.text);
-        assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "stream {k}");
+        assert_eq!(
+            events.last().map(String::as_str),
+            Some("[DONE]"),
+            "stream {k}"
+        );
         let text: String = events[..events.len() - 1]
             .iter()
             .map(|e| {
                 let chunk: Value = serde_json::from_str(e).expect("JSON chunk");
-                chunk["choices"][0]["text"].as_str().unwrap_or_default().to_string()
+                chunk["choices"][0]["text"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()
             })
             .collect();
-        assert_eq!(text, format!("echo:stream {k}#0"), "stream {k}: {}", reply.text);
+        assert_eq!(
+            text,
+            format!("echo:stream {k}#0"),
+            "stream {k}: {}",
+            reply.text
+        );
     }
     let upstream = mock.requests_to("/v1/completions");
     assert_eq!(upstream.len(), 3, "one upstream request per stream");
     assert!(upstream.iter().all(|r| r.items().len() == 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_shares_add_up_to_the_upstream_total() {
+    let (mock, sw) = batching_rig(8).await;
+
+    // Word counts (the mock's tokens) and lengths deliberately disagree, so
+    // the shares are estimates; what must hold is that nothing is counted
+    // twice or lost, and that each caller's total is its own sum.
+    let completions = [
+        json!({"model": "small", "prompt": "a"}),
+        json!({"model": "small", "prompt": "abcdefghijklmnopqrstuvwxyz abcdefghijklmnopqrstuvwxyz"}),
+        json!({"model": "small", "prompt": ["x y z", "w"], "n": 2}),
+    ];
+    let embeddings = [
+        json!({"model": "small", "input": ["b", "abcdefghijklmnopqrstuvwxyz0123456789"]}),
+        json!({"model": "small", "input": "abcdefghijklmnopqrstuvwxyz abcdefghij klmnop"}),
+    ];
+    let (completion_replies, embedding_replies) = tokio::join!(
+        send_together(&sw, "/v1/completions", &completions[..2]),
+        send_together(&sw, "/v1/embeddings", &embeddings),
+    );
+    let upstream = mock.requests_to("/v1/completions");
+    assert_eq!(upstream.len(), 1, "completions merged");
+    assert_eq!(
+        mock.requests_to("/v1/embeddings").len(),
+        1,
+        "embeddings merged"
+    );
+
+    let all_prompts: u64 = upstream[0].items().iter().map(|p| words(p)).sum();
+    let sum = |replies: &[Reply], field: &str| -> u64 {
+        replies
+            .iter()
+            .map(|r| r.json["usage"][field].as_u64().expect(field))
+            .sum()
+    };
+    assert_eq!(sum(&completion_replies, "prompt_tokens"), all_prompts);
+    assert_eq!(
+        sum(&completion_replies, "completion_tokens"),
+        2 * TOKENS_PER_CHOICE
+    );
+    for (reply, body) in completion_replies.iter().zip(&completions) {
+        assert_own_completion(reply, body);
+    }
+
+    let all_inputs: u64 = [
+        "b",
+        "abcdefghijklmnopqrstuvwxyz0123456789",
+        "abcdefghijklmnopqrstuvwxyz abcdefghij klmnop",
+    ]
+    .iter()
+    .map(|i| words(i))
+    .sum();
+    assert_eq!(sum(&embedding_replies, "prompt_tokens"), all_inputs);
+    assert_eq!(sum(&embedding_replies, "total_tokens"), all_inputs);
+
+    // A caller alone in its batch gets the upstream's count exactly.
+    let reply = post(
+        &http1_client(),
+        &sw.api_url(),
+        "/v1/completions",
+        &completions[2],
+    )
+    .await;
+    assert_eq!(batch_size(&reply), 2);
+    assert_own_completion(&reply, &completions[2]);
+    assert_eq!(reply.json["usage"]["prompt_tokens"], 4);
 }

@@ -5,7 +5,8 @@
 use serde_json::{json, Value};
 
 use crate::support::{
-    closed_port_url, http1_client, post, send, server_toml, MockUpstream, Reply, Switchyard,
+    chat_body, closed_port_url, http1_client, post, send, server_toml, MockUpstream, Reply,
+    Switchyard,
 };
 
 /// Body limit of the error rig, in bytes.
@@ -36,13 +37,20 @@ async fn error_rig() -> (MockUpstream, Switchyard) {
     (mock, sw)
 }
 
-fn chat_body(model: &str) -> Value {
-    json!({"model": model, "messages": [{"role": "user", "content": "hello"}]})
+/// A chat request for `model` saying "hello".
+fn hello(model: &str) -> Value {
+    chat_body(model, "hello")
 }
 
 /// A normal request still succeeds: the previous error broke nothing.
 async fn assert_still_serves(sw: &Switchyard) {
-    let reply = post(&http1_client(), &sw.api_url(), "/v1/chat/completions", &chat_body("small")).await;
+    let reply = post(
+        &http1_client(),
+        &sw.api_url(),
+        "/v1/chat/completions",
+        &hello("small"),
+    )
+    .await;
     reply.assert_status(200);
     assert_eq!(reply.json["choices"][0]["message"]["content"], "echo:hello");
 }
@@ -58,7 +66,11 @@ async fn post_raw(sw: &Switchyard, path: &str, body: impl Into<reqwest::Body>) -
 
 fn assert_invalid_request(reply: &Reply, status: u16, field: &str) {
     let message = reply.assert_openai_error(status);
-    assert_eq!(reply.json["error"]["type"], "invalid_request_error", "{}", reply.text);
+    assert_eq!(
+        reply.json["error"]["type"], "invalid_request_error",
+        "{}",
+        reply.text
+    );
     assert!(
         message.contains(field),
         "message {message:?} should name the field `{field}`"
@@ -71,7 +83,11 @@ async fn malformed_json_is_a_400_invalid_request() {
 
     let reply = post_raw(&sw, "/v1/chat/completions", "{\"model\": \"small\", ").await;
     reply.assert_openai_error(400);
-    assert_eq!(reply.json["error"]["type"], "invalid_request_error", "{}", reply.text);
+    assert_eq!(
+        reply.json["error"]["type"], "invalid_request_error",
+        "{}",
+        reply.text
+    );
     assert_eq!(mock.request_count(), 0, "nothing reaches the upstream");
 
     assert_still_serves(&sw).await;
@@ -83,8 +99,16 @@ async fn missing_required_fields_are_400_naming_the_field() {
     let client = http1_client();
     let api = sw.api_url();
     let cases = [
-        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}]}), "model"),
-        ("/v1/chat/completions", json!({"model": "small"}), "messages"),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}]}),
+            "model",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "small"}),
+            "messages",
+        ),
         ("/v1/completions", json!({"model": "small"}), "prompt"),
         ("/v1/embeddings", json!({"model": "small"}), "input"),
         ("/v1/embeddings", json!({"input": "x"}), "model"),
@@ -115,10 +139,23 @@ async fn oversized_body_is_413() {
 async fn unknown_model_is_404_model_not_found() {
     let (mock, sw) = error_rig().await;
 
-    let reply = post(&http1_client(), &sw.api_url(), "/v1/chat/completions", &chat_body("nope")).await;
+    let reply = post(
+        &http1_client(),
+        &sw.api_url(),
+        "/v1/chat/completions",
+        &hello("nope"),
+    )
+    .await;
     let message = reply.assert_openai_error(404);
-    assert_eq!(reply.json["error"]["code"], "model_not_found", "{}", reply.text);
-    assert!(message.contains("nope"), "message {message:?} should name the model");
+    assert_eq!(
+        reply.json["error"]["code"], "model_not_found",
+        "{}",
+        reply.text
+    );
+    assert!(
+        message.contains("nope"),
+        "message {message:?} should name the model"
+    );
     assert_eq!(mock.request_count(), 0);
 
     assert_still_serves(&sw).await;
@@ -128,9 +165,18 @@ async fn unknown_model_is_404_model_not_found() {
 async fn refused_upstream_is_502_naming_the_pool() {
     let (_mock, sw) = error_rig().await;
 
-    let reply = post(&http1_client(), &sw.api_url(), "/v1/chat/completions", &chat_body(DEAD_POOL)).await;
+    let reply = post(
+        &http1_client(),
+        &sw.api_url(),
+        "/v1/chat/completions",
+        &hello(DEAD_POOL),
+    )
+    .await;
     let message = reply.assert_openai_error(502);
-    assert!(message.contains(DEAD_POOL), "message {message:?} should name the pool");
+    assert!(
+        message.contains(DEAD_POOL),
+        "message {message:?} should name the pool"
+    );
 
     assert_still_serves(&sw).await;
 }
@@ -142,10 +188,13 @@ async fn slow_upstream_is_504_naming_the_pool() {
     let request = http1_client()
         .post(format!("{}/v1/chat/completions", sw.api_url()))
         .header("x-mock-delay-ms", "3000")
-        .json(&chat_body(SLOW_POOL));
+        .json(&hello(SLOW_POOL));
     let reply = send(request).await;
     let message = reply.assert_openai_error(504);
-    assert!(message.contains(SLOW_POOL), "message {message:?} should name the pool");
+    assert!(
+        message.contains(SLOW_POOL),
+        "message {message:?} should name the pool"
+    );
     assert_eq!(mock.request_count(), 1, "the upstream did get the request");
 
     assert_still_serves(&sw).await;
@@ -158,10 +207,13 @@ async fn upstream_error_status_and_body_pass_through() {
     let request = http1_client()
         .post(format!("{}/v1/chat/completions", sw.api_url()))
         .header("x-mock-status", "503")
-        .json(&chat_body("small"));
+        .json(&hello("small"));
     let reply = send(request).await;
     let message = reply.assert_openai_error(503);
-    assert_eq!(message, "mock upstream forced status 503", "upstream body kept");
+    assert_eq!(
+        message, "mock upstream forced status 503",
+        "upstream body kept"
+    );
     assert_eq!(reply.pool(), "small");
 
     assert_still_serves(&sw).await;
@@ -175,7 +227,7 @@ async fn unknown_path_is_404_and_wrong_method_is_405() {
 
     let reply = send(client.get(format!("{api}/v1/nothing"))).await;
     reply.assert_openai_error(404);
-    let reply = post(&client, &api, "/v2/chat/completions", &chat_body("small")).await;
+    let reply = post(&client, &api, "/v2/chat/completions", &hello("small")).await;
     reply.assert_openai_error(404);
 
     for path in ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"] {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::support::{
-    http1_client, pools_config, post, server_toml,
+    chat_body, http1_client, pools_config, post, server_toml, small_pool_config,
     switchyard::{log_field, log_text},
     MockUpstream, Switchyard,
 };
@@ -21,13 +21,15 @@ fn is_access_line(line: &Value, path: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_request_logs_one_info_line_with_its_fields() {
     let mock = MockUpstream::start().await;
-    let sw = Switchyard::start(&pools_config(&[("small", &mock.url(), "smollm2")])).await;
+    let sw = Switchyard::start(&small_pool_config(&mock)).await;
     let client = http1_client();
 
     let path = "/v1/chat/completions";
     for k in 0..3 {
-        let body = json!({"model": "small", "messages": [{"role": "user", "content": format!("m{k}")}]});
-        post(&client, &sw.api_url(), path, &body).await.assert_status(200);
+        let body = chat_body("small", &format!("m{k}"));
+        post(&client, &sw.api_url(), path, &body)
+            .await
+            .assert_status(200);
     }
 
     // Wait for the third line, then give a duplicate time to show up.
@@ -43,7 +45,10 @@ async fn each_request_logs_one_info_line_with_its_fields() {
         assert_eq!(log_text(line, "pool").as_deref(), Some("small"), "{line}");
         assert_eq!(log_text(line, "status").as_deref(), Some("200"), "{line}");
         let latency = log_text(line, "latency_ms").unwrap_or_default();
-        assert!(latency.parse::<f64>().is_ok(), "latency_ms not a number: {line}");
+        assert!(
+            latency.parse::<f64>().is_ok(),
+            "latency_ms not a number: {line}"
+        );
     }
 }
 
@@ -64,9 +69,15 @@ async fn coalesced_request_logs_its_batch_size() {
         .assert_status(200);
 
     let line = sw
-        .wait_for_log("the completions access line", |l| is_access_line(l, "/v1/completions"))
+        .wait_for_log("the completions access line", |l| {
+            is_access_line(l, "/v1/completions")
+        })
         .await;
-    assert_eq!(log_text(&line, "batch_size").as_deref(), Some("2"), "{line}");
+    assert_eq!(
+        log_text(&line, "batch_size").as_deref(),
+        Some("2"),
+        "{line}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,7 +90,9 @@ async fn start_up_logs_the_pools() {
     let sw = Switchyard::start(&config).await;
 
     let line = sw
-        .wait_for_log("a start-up line with `pools`", |l| log_field(l, "pools").is_some())
+        .wait_for_log("a start-up line with `pools`", |l| {
+            log_field(l, "pools").is_some()
+        })
         .await;
     let pools = log_text(&line, "pools").unwrap_or_default();
     assert!(

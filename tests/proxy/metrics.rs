@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::support::{
-    http1_client, metric_lines, metrics_text, plugin, pools_config, post, send, server_toml,
-    MockUpstream, Switchyard,
+    chat_body, http1_client, metric_lines, metrics_text, plugin, pools_config, post, send,
+    server_toml, small_pool_config, MockUpstream, Switchyard,
 };
 
 /// Polls `/metrics` for up to 5 s until `name` has a sample line that
@@ -33,7 +33,7 @@ async fn wait_for_metric(sw: &Switchyard, name: &str, parts: &[&str]) -> String 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_readiness_answer_200() {
     let mock = MockUpstream::start().await;
-    let sw = Switchyard::start(&pools_config(&[("small", &mock.url(), "smollm2")])).await;
+    let sw = Switchyard::start(&small_pool_config(&mock)).await;
     let client = http1_client();
 
     for path in ["/healthz", "/readyz"] {
@@ -45,10 +45,10 @@ async fn health_and_readiness_answer_200() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_are_counted_by_pool_endpoint_and_status() {
     let mock = MockUpstream::start().await;
-    let sw = Switchyard::start(&pools_config(&[("small", &mock.url(), "smollm2")])).await;
+    let sw = Switchyard::start(&small_pool_config(&mock)).await;
     let client = http1_client();
 
-    let body = json!({"model": "small", "messages": [{"role": "user", "content": "hi"}]});
+    let body = chat_body("small", "hi");
     post(&client, &sw.api_url(), "/v1/chat/completions", &body)
         .await
         .assert_status(200);
@@ -60,7 +60,10 @@ async fn requests_are_counted_by_pool_endpoint_and_status() {
 
     let ok = ["pool=\"small\"", "status=\"200\"", "endpoint=\""];
     let line = wait_for_metric(&sw, "switchyard_requests_total", &ok).await;
-    assert!(line.ends_with(" 1"), "one successful request counted: {line}");
+    assert!(
+        line.ends_with(" 1"),
+        "one successful request counted: {line}"
+    );
     let failed = ["pool=\"small\"", "status=\"503\"", "endpoint=\""];
     wait_for_metric(&sw, "switchyard_requests_total", &failed).await;
 
@@ -102,10 +105,20 @@ async fn policy_decisions_are_timed() {
     ));
     let sw = Switchyard::start(&config).await;
 
-    let body = json!({"model": "auto", "messages": [{"role": "user", "content": "hi"}]});
-    post(&http1_client(), &sw.api_url(), "/v1/chat/completions", &body)
-        .await
-        .assert_status(200);
+    let body = chat_body("auto", "hi");
+    post(
+        &http1_client(),
+        &sw.api_url(),
+        "/v1/chat/completions",
+        &body,
+    )
+    .await
+    .assert_status(200);
 
-    wait_for_metric(&sw, "switchyard_policy_decision_duration_seconds_bucket", &[]).await;
+    wait_for_metric(
+        &sw,
+        "switchyard_policy_decision_duration_seconds_bucket",
+        &[],
+    )
+    .await;
 }

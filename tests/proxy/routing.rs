@@ -5,9 +5,8 @@
 use serde_json::{json, Value};
 
 use crate::support::{
-    h2_client, http1_client, metrics_text, metric_lines, plugin, pool_toml,
-    pools_config, post, send, server_toml, switchyard::log_text, MockUpstream,
-    Switchyard,
+    chat_body, h2_client, http1_client, metric_lines, metrics_text, plugin, pool_toml,
+    pools_config, post, send, server_toml, switchyard::log_text, MockUpstream, Switchyard,
 };
 
 /// A `[policy]` table for plugin `name` with its JSON-ish `config` inline
@@ -19,10 +18,6 @@ fn policy_toml(name: &str, config: &str, timeout_ms: u64) -> String {
          max_memory_bytes = 67108864\n",
         plugin(name)
     )
-}
-
-fn chat_body(model: &str, content: &str) -> Value {
-    json!({"model": model, "messages": [{"role": "user", "content": content}]})
 }
 
 /// Two mocks behind pools `small` (model `smollm2`) and `large` (`big`).
@@ -43,22 +38,44 @@ async fn model_names_the_pool_and_upstream_sees_the_pool_model() {
     let (small, large, sw) = two_pools("").await;
     let client = http1_client();
 
-    let reply = post(&client, &sw.api_url(), "/v1/chat/completions", &chat_body("small", "hi there")).await;
+    let reply = post(
+        &client,
+        &sw.api_url(),
+        "/v1/chat/completions",
+        &chat_body("small", "hi there"),
+    )
+    .await;
     reply.assert_status(200);
     assert_eq!(reply.pool(), "small");
-    assert_eq!(reply.json["choices"][0]["message"]["content"], "echo:hi there");
+    assert_eq!(
+        reply.json["choices"][0]["message"]["content"],
+        "echo:hi there"
+    );
     let seen = small.requests_to("/v1/chat/completions");
     assert_eq!(seen.len(), 1, "small pool upstream requests");
-    assert_eq!(seen[0].body["model"], "smollm2", "model rewritten to the pool's");
+    assert_eq!(
+        seen[0].body["model"], "smollm2",
+        "model rewritten to the pool's"
+    );
     assert_eq!(seen[0].body["messages"][0]["content"], "hi there");
 
-    let reply = post(&client, &sw.api_url(), "/v1/chat/completions", &chat_body("large", "big one")).await;
+    let reply = post(
+        &client,
+        &sw.api_url(),
+        "/v1/chat/completions",
+        &chat_body("large", "big one"),
+    )
+    .await;
     reply.assert_status(200);
     assert_eq!(reply.pool(), "large");
     let seen = large.requests_to("/v1/chat/completions");
     assert_eq!(seen.len(), 1, "large pool upstream requests");
     assert_eq!(seen[0].body["model"], "big");
-    assert_eq!(small.request_count(), 1, "small pool got only its own request");
+    assert_eq!(
+        small.request_count(),
+        1,
+        "small pool got only its own request"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,7 +117,10 @@ async fn completions_and_embeddings_pass_through_over_http1() {
     sorted.sort_unstable();
     assert_eq!(sorted, want, "body: {}", reply.text);
     assert_eq!(reply.json["usage"]["prompt_tokens"], 3);
-    assert_eq!(small.requests_to("/v1/completions")[0].body["max_tokens"], 4);
+    assert_eq!(
+        small.requests_to("/v1/completions")[0].body["max_tokens"],
+        4
+    );
 
     // Token-id prompts reach the upstream untouched.
     let body = json!({"model": "small", "prompt": [[11, 12], [13]]});
@@ -135,11 +155,20 @@ async fn every_endpoint_serves_h2c_prior_knowledge() {
     let client = h2_client();
     let api = sw.api_url();
 
-    let reply = post(&client, &api, "/v1/chat/completions", &chat_body("small", "over h2")).await;
+    let reply = post(
+        &client,
+        &api,
+        "/v1/chat/completions",
+        &chat_body("small", "over h2"),
+    )
+    .await;
     reply.assert_status(200);
     assert_eq!(reply.version, reqwest::Version::HTTP_2);
     assert_eq!(reply.pool(), "small");
-    assert_eq!(reply.json["choices"][0]["message"]["content"], "echo:over h2");
+    assert_eq!(
+        reply.json["choices"][0]["message"]["content"],
+        "echo:over h2"
+    );
 
     let body = json!({"model": "large", "prompt": "h2 prompt"});
     let reply = post(&client, &api, "/v1/completions", &body).await;
@@ -185,21 +214,45 @@ async fn cost_router_routes_by_model_prompt_length_and_tier() {
     let api = sw.api_url();
 
     // Explicit pool names are honoured.
-    let reply = post(&client, &api, "/v1/chat/completions", &chat_body("small", "x")).await;
+    let reply = post(
+        &client,
+        &api,
+        "/v1/chat/completions",
+        &chat_body("small", "x"),
+    )
+    .await;
     reply.assert_status(200);
     assert_eq!(reply.pool(), "small");
-    let reply = post(&client, &api, "/v1/chat/completions", &chat_body("large", "x")).await;
+    let reply = post(
+        &client,
+        &api,
+        "/v1/chat/completions",
+        &chat_body("large", "x"),
+    )
+    .await;
     reply.assert_status(200);
     assert_eq!(reply.pool(), "large");
 
     // "auto": short prompts are cheap, long ones and premium callers not.
-    let reply = post(&client, &api, "/v1/chat/completions", &chat_body("auto", "short")).await;
+    let reply = post(
+        &client,
+        &api,
+        "/v1/chat/completions",
+        &chat_body("auto", "short"),
+    )
+    .await;
     reply.assert_status(200);
     assert_eq!(reply.pool(), "small", "short auto prompt");
     assert_eq!(small.requests().last().unwrap().body["model"], "smollm2");
 
     let long = "word ".repeat(500);
-    let reply = post(&client, &api, "/v1/chat/completions", &chat_body("auto", &long)).await;
+    let reply = post(
+        &client,
+        &api,
+        "/v1/chat/completions",
+        &chat_body("auto", &long),
+    )
+    .await;
     reply.assert_status(200);
     assert_eq!(reply.pool(), "large", "2500-char auto prompt");
     assert_eq!(large.requests().last().unwrap().body["model"], "big");
@@ -223,7 +276,12 @@ async fn cost_router_routes_by_model_prompt_length_and_tier() {
 async fn fault_rig() -> (MockUpstream, Switchyard) {
     let mock = MockUpstream::start().await;
     let mut config = server_toml();
-    for (name, model) in [("small", "smollm2"), ("trap", "t"), ("spin", "s"), ("grow", "g")] {
+    for (name, model) in [
+        ("small", "smollm2"),
+        ("trap", "t"),
+        ("spin", "s"),
+        ("grow", "g"),
+    ] {
         config.push_str(&pool_toml(name, &mock.url(), model));
     }
     config.push_str(&policy_toml("test_faults", "{}", 200));
@@ -238,10 +296,23 @@ async fn assert_policy_failure_falls_back(model: &str, kind: &str) {
     let (mock, sw) = fault_rig().await;
 
     let body = chat_body(model, "still served");
-    let reply = post(&http1_client(), &sw.api_url(), "/v1/chat/completions", &body).await;
+    let reply = post(
+        &http1_client(),
+        &sw.api_url(),
+        "/v1/chat/completions",
+        &body,
+    )
+    .await;
     reply.assert_status(200);
-    assert_eq!(reply.pool(), model, "fallback to the pool named by the model");
-    assert_eq!(reply.json["choices"][0]["message"]["content"], "echo:still served");
+    assert_eq!(
+        reply.pool(),
+        model,
+        "fallback to the pool named by the model"
+    );
+    assert_eq!(
+        reply.json["choices"][0]["message"]["content"],
+        "echo:still served"
+    );
     assert_eq!(mock.request_count(), 1);
 
     let metrics = metrics_text(&sw).await;
@@ -260,7 +331,13 @@ async fn assert_policy_failure_falls_back(model: &str, kind: &str) {
     .await;
 
     // The proxy keeps serving after a plugin failure.
-    let reply = post(&http1_client(), &sw.api_url(), "/v1/chat/completions", &chat_body("small", "ok")).await;
+    let reply = post(
+        &http1_client(),
+        &sw.api_url(),
+        "/v1/chat/completions",
+        &chat_body("small", "ok"),
+    )
+    .await;
     reply.assert_status(200);
     assert_eq!(reply.pool(), "small");
 }
@@ -285,13 +362,23 @@ async fn policy_rejection_is_a_403_openai_error() {
     let (mock, sw) = fault_rig().await;
 
     let body = chat_body("reject", "let me in");
-    let reply = post(&http1_client(), &sw.api_url(), "/v1/chat/completions", &body).await;
+    let reply = post(
+        &http1_client(),
+        &sw.api_url(),
+        "/v1/chat/completions",
+        &body,
+    )
+    .await;
     let message = reply.assert_openai_error(403);
     assert!(
         message.contains("rejected by policy"),
         "message {message:?} should say the policy rejected the request"
     );
-    assert_eq!(mock.request_count(), 0, "a rejected request never goes upstream");
+    assert_eq!(
+        mock.request_count(),
+        0,
+        "a rejected request never goes upstream"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -306,8 +393,10 @@ async fn policy_caps_max_tokens() {
         reply.assert_status(200);
         assert_eq!(reply.pool(), "small");
         let upstream = mock.requests().last().cloned().expect("upstream request");
-        assert_eq!(upstream.body["max_tokens"], sent, "client asked for {asked}");
+        assert_eq!(
+            upstream.body["max_tokens"], sent,
+            "client asked for {asked}"
+        );
         assert_eq!(upstream.body["model"], "smollm2");
     }
 }
-

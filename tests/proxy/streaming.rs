@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::support::{
-    h2_client, http1_client, pools_config, sse_event_data, MockUpstream, Switchyard,
+    h2_client, http1_client, small_pool_config, sse_event_data, MockUpstream, Switchyard,
 };
 
 const CHUNK_DELAY_MS: u64 = 200;
@@ -80,11 +80,19 @@ async fn stream(client: &reqwest::Client, url: &str, body: &Value) -> Streamed {
         while let Some(end) = buffer.find("\n\n") {
             let event: String = buffer.drain(..end + 2).collect();
             if let Some(data) = sse_event_data(&event) {
-                events.push(Event { data, at: start.elapsed() });
+                events.push(Event {
+                    data,
+                    at: start.elapsed(),
+                });
             }
         }
     }
-    Streamed { status, content_type, pool, events }
+    Streamed {
+        status,
+        content_type,
+        pool,
+        events,
+    }
 }
 
 /// Fails unless events arrived over at least half the time the mock spent
@@ -102,7 +110,7 @@ fn assert_incremental(streamed: &Streamed) {
 
 async fn assert_chat_streams(client: &reqwest::Client) {
     let mock = MockUpstream::start().await;
-    let sw = Switchyard::start(&pools_config(&[("small", &mock.url(), "smollm2")])).await;
+    let sw = Switchyard::start(&small_pool_config(&mock)).await;
     let body = json!({
         "model": "small",
         "messages": [{"role": "user", "content": "one two three four five"}],
@@ -120,7 +128,10 @@ async fn assert_chat_streams(client: &reqwest::Client) {
         streamed.content_type
     );
     assert_eq!(streamed.pool, "small");
-    assert_eq!(streamed.events.last().map(|e| e.data.as_str()), Some("[DONE]"));
+    assert_eq!(
+        streamed.events.last().map(|e| e.data.as_str()),
+        Some("[DONE]")
+    );
 
     // role, five words, finish reason, usage; then [DONE].
     let chunks = streamed.chunks();
@@ -133,7 +144,9 @@ async fn assert_chat_streams(client: &reqwest::Client) {
     assert_eq!(content, "echo:one two three four five");
     assert_eq!(chunks[6]["choices"][0]["finish_reason"], "stop");
     assert_eq!(chunks[7]["usage"]["prompt_tokens"], 5);
-    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
     assert_incremental(&streamed);
 
     let upstream = mock.requests_to("/v1/chat/completions");
@@ -155,7 +168,7 @@ async fn chat_stream_passes_through_incrementally_over_h2c() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completion_stream_passes_through_incrementally() {
     let mock = MockUpstream::start().await;
-    let sw = Switchyard::start(&pools_config(&[("small", &mock.url(), "smollm2")])).await;
+    let sw = Switchyard::start(&small_pool_config(&mock)).await;
     let body = json!({"model": "small", "prompt": "a b c d e", "stream": true});
 
     let url = format!("{}/v1/completions", sw.api_url());
@@ -168,7 +181,10 @@ async fn completion_stream_passes_through_incrementally() {
         streamed.content_type
     );
     assert_eq!(streamed.pool, "small");
-    assert_eq!(streamed.events.last().map(|e| e.data.as_str()), Some("[DONE]"));
+    assert_eq!(
+        streamed.events.last().map(|e| e.data.as_str()),
+        Some("[DONE]")
+    );
 
     let chunks = streamed.chunks();
     assert_eq!(chunks.len(), 5, "one chunk per word: {chunks:#?}");

@@ -199,8 +199,7 @@ impl Drop for MockUpstream {
 /// A URL on loopback where nothing listens: binds an ephemeral port and
 /// releases it at once, so connecting is refused.
 pub fn closed_port_url() -> String {
-    let listener =
-        std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port to close");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port to close");
     let addr = listener.local_addr().expect("closed port addr");
     drop(listener);
     format!("http://{addr}")
@@ -273,7 +272,11 @@ async fn handle(
         (&Method::POST, "/v1/chat/completions") => chat(&body, id, delay),
         (&Method::POST, "/v1/embeddings") => embeddings(&body),
         (&Method::GET, "/v1/models") => json_response(StatusCode::OK, &models()),
-        _ => error(StatusCode::NOT_FOUND, "invalid_request_error", "no such route"),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "no such route",
+        ),
     };
     Ok(reply)
 }
@@ -302,7 +305,11 @@ fn completions(body: &Value, id: u64, delay: Duration) -> Response<MockBody> {
             let pieces = word_pieces(text);
             let last = pieces.len() - 1;
             for (k, piece) in pieces.into_iter().enumerate() {
-                let finish = if k == last { json!("stop") } else { Value::Null };
+                let finish = if k == last {
+                    json!("stop")
+                } else {
+                    Value::Null
+                };
                 events.push(json!({
                     "id": id, "object": "text_completion", "created": CREATED,
                     "model": model,
@@ -351,7 +358,10 @@ fn chat(body: &Value, id: u64, delay: Duration) -> Response<MockBody> {
     let model = body["model"].clone();
     let id = format!("chatcmpl-{id}");
 
-    let contents: Vec<String> = messages.iter().map(|m| content_text(&m["content"])).collect();
+    let contents: Vec<String> = messages
+        .iter()
+        .map(|m| content_text(&m["content"]))
+        .collect();
     let last_user = messages
         .iter()
         .rev()
@@ -453,10 +463,7 @@ fn models() -> Value {
 /// The vector the mock returns for one embeddings input.
 pub fn embedding_of(input: &str) -> Vec<f32> {
     let first = input.bytes().next().map_or(0.0, f32::from);
-    #[expect(
-        clippy::cast_precision_loss,
-        reason = "test inputs are far shorter than 2^24 characters"
-    )]
+    // Test inputs are far shorter than 2^24 characters: exact as f32.
     let chars = input.chars().count() as f32;
     vec![chars, first, 1.0]
 }
@@ -503,7 +510,13 @@ fn word_count(text: &str) -> u64 {
 fn word_pieces(text: &str) -> Vec<String> {
     text.split(' ')
         .enumerate()
-        .map(|(k, word)| if k == 0 { word.to_string() } else { format!(" {word}") })
+        .map(|(k, word)| {
+            if k == 0 {
+                word.to_string()
+            } else {
+                format!(" {word}")
+            }
+        })
         .collect()
 }
 
@@ -605,8 +618,7 @@ impl Body for ChannelBody {
 /// Standard base64 (with padding) of little-endian f32s, as OpenAI's
 /// `encoding_format = "base64"` answers.
 fn base64_f32(vector: &[f32]) -> String {
-    const ALPHABET: &[u8; 64] =
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
     let mut out = String::new();
     for chunk in bytes.chunks(3) {

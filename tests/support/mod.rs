@@ -6,6 +6,7 @@
 
 #![allow(
     dead_code,
+    unused_imports,
     reason = "shared by the test and bench targets; each uses a subset"
 )]
 
@@ -35,7 +36,11 @@ pub fn workspace_root() -> PathBuf {
 /// `make plugins`, not by `cargo test`.
 pub fn plugin(name: &str) -> String {
     let path = plugin_path(name);
-    assert!(path.is_file(), "{PLUGIN_MISSING} ({} is missing)", path.display());
+    assert!(
+        path.is_file(),
+        "{PLUGIN_MISSING} ({} is missing)",
+        path.display()
+    );
     path.display().to_string()
 }
 
@@ -68,6 +73,19 @@ pub fn pool_toml(name: &str, url: &str, model: &str) -> String {
          model = \"{model}\"\nconnect_timeout_ms = 1000\n\
          request_timeout_ms = 10000\n"
     )
+}
+
+/// A chat request for `model` with one user message.
+pub fn chat_body(model: &str, content: &str) -> Value {
+    serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+    })
+}
+
+/// A config with the single pool `small` (model `smollm2`) on `mock`.
+pub fn small_pool_config(mock: &MockUpstream) -> String {
+    pools_config(&[("small", &mock.url(), "smollm2")])
 }
 
 /// An HTTP/1.1 client that never goes through a proxy from the environment.
@@ -115,11 +133,7 @@ impl Reply {
 
     /// Fails the test unless the status is `want`, showing the body.
     pub fn assert_status(&self, want: u16) -> &Self {
-        assert_eq!(
-            self.status, want,
-            "unexpected status; body: {}",
-            self.text
-        );
+        assert_eq!(self.status, want, "unexpected status; body: {}", self.text);
         self
     }
 
@@ -134,7 +148,11 @@ impl Reply {
             "error.message missing: {}",
             self.text
         );
-        assert!(error["type"].is_string(), "error.type missing: {}", self.text);
+        assert!(
+            error["type"].is_string(),
+            "error.type missing: {}",
+            self.text
+        );
         assert!(
             error.get("code").is_some(),
             "error.code missing (null is fine): {}",
@@ -152,16 +170,17 @@ pub async fn send(request: reqwest::RequestBuilder) -> Reply {
     let headers = response.headers().clone();
     let text = response.text().await.expect("read reply body");
     let json = serde_json::from_str(&text).unwrap_or(Value::Null);
-    Reply { status, version, headers, text, json }
+    Reply {
+        status,
+        version,
+        headers,
+        text,
+        json,
+    }
 }
 
 /// POSTs `body` as JSON to `base` + `path` over `client`.
-pub async fn post(
-    client: &reqwest::Client,
-    base: &str,
-    path: &str,
-    body: &Value,
-) -> Reply {
+pub async fn post(client: &reqwest::Client, base: &str, path: &str, body: &Value) -> Reply {
     send(client.post(format!("{base}{path}")).json(body)).await
 }
 

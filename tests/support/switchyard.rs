@@ -285,7 +285,9 @@ fn spawn_reader(
 }
 
 fn lock(lines: &Lines) -> std::sync::MutexGuard<'_, Vec<String>> {
-    lines.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    lines
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Writes a config to a file name no other test or run uses.
@@ -301,7 +303,6 @@ fn write_temp_config(config_toml: &str) -> PathBuf {
         NEXT.fetch_add(1, Ordering::SeqCst)
     );
     let path = std::env::temp_dir().join(name);
-    std::fs::write(&path, config_toml)
-        .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    std::fs::write(&path, config_toml).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
     path
 }

@@ -90,11 +90,7 @@ fn parse_config(config: &Value) -> Result<CostRouter, String> {
     let map = match config {
         Value::Null => &empty,
         Value::Object(map) => map,
-        other => {
-            return Err(format!(
-                "cost-router config must be a table, got {other}"
-            ))
-        }
+        other => return Err(format!("cost-router config must be a table, got {other}")),
     };
     if let Some(key) = map.keys().find(|k| !KNOWN_KEYS.contains(&k.as_str())) {
         return Err(format!(
@@ -152,8 +148,10 @@ mod tests {
     fn empty_config_uses_defaults() {
         let r = router();
         assert_eq!(r.long_prompt_chars, 2000);
-        assert_eq!((r.small_pool.as_str(), r.large_pool.as_str()),
-            ("small", "large"));
+        assert_eq!(
+            (r.small_pool.as_str(), r.large_pool.as_str()),
+            ("small", "large")
+        );
         assert_eq!(CostRouter::init(&Value::Null), Ok(r));
     }
 
@@ -196,10 +194,8 @@ mod tests {
             "large_pool": "smart",
         }))
         .unwrap_or_else(|e| unreachable!("{e}"));
-        assert_eq!(r.route(&auto().with_prompt_chars(10)).pool(),
-            Some("cheap"));
-        assert_eq!(r.route(&auto().with_prompt_chars(11)).pool(),
-            Some("smart"));
+        assert_eq!(r.route(&auto().with_prompt_chars(10)).pool(), Some("cheap"));
+        assert_eq!(r.route(&auto().with_prompt_chars(11)).pool(), Some("smart"));
     }
 
     #[test]

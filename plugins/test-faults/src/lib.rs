@@ -26,8 +26,7 @@ use std::hint::black_box;
 
 use serde_json::Value;
 use switchyard_sdk::{
-    counter_add, export_policy, log, now_unix_ms, Decision, Policy, Request,
-    Route,
+    counter_add, export_policy, log, now_unix_ms, Decision, Policy, Request, Route,
 };
 
 /// Status and message of the `reject` model.

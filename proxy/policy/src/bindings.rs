@@ -10,18 +10,27 @@ wasmtime::component::bindgen!({
     path: "../../sdk/wit",
     world: "policy",
     // Requests borrow from the caller's `RouteRequest`, so prompts are
-    // copied once (into the plugin's memory), not twice.
+    // copied once (into the plugin's memory), not twice. `attribute` is
+    // both borrowed (in requests) and owned (in decisions), so it becomes
+    // `AttributeParam<'a>` and `Attribute`.
     ownership: Borrowing { duplicate_if_necessary: true },
 });
 
 use self::switchyard::policy::types as wit;
+
+// Limitation: only the 0.1.0 world is bound. When 0.2.0 exists, a second
+// `bindgen!` and a choice by the component's exports are needed here.
+
+// Limitation: every call copies all messages and prompts into the plugin's
+// memory, even for a rule that reads only `prompt_chars`; a very long
+// prompt costs a copy of its length per call.
 
 /// A WIT request borrowing from a [`RouteRequest`]. The lists are built
 /// here because WIT lists of records lower from slices of WIT records.
 pub(crate) struct BorrowedRequest<'a> {
     messages: Vec<wit::Message<'a>>,
     prompt: Vec<&'a str>,
-    headers: Vec<wit::Attribute<'a>>,
+    headers: Vec<wit::AttributeParam<'a>>,
     req: &'a RouteRequest,
 }
 
@@ -39,7 +48,7 @@ impl<'a> BorrowedRequest<'a> {
         let headers = req
             .headers
             .iter()
-            .map(|(key, value)| wit::Attribute { key, value })
+            .map(|(key, value)| wit::AttributeParam { key, value })
             .collect();
         BorrowedRequest {
             messages,

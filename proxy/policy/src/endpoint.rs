@@ -3,12 +3,16 @@
 /// An OpenAI endpoint that Switchyard serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Endpoint {
+    /// `POST /v1/chat/completions`.
     ChatCompletions,
+    /// `POST /v1/completions`.
     Completions,
+    /// `POST /v1/embeddings`.
     Embeddings,
 }
 
 impl Endpoint {
+    /// The endpoint served at `path`, or `None` for any other path.
     pub fn from_path(path: &str) -> Option<Self> {
         match path {
             "/v1/chat/completions" => Some(Self::ChatCompletions),
@@ -18,6 +22,7 @@ impl Endpoint {
         }
     }
 
+    /// The URL path of the endpoint, e.g. `/v1/completions`.
     pub fn path(self) -> &'static str {
         match self {
             Self::ChatCompletions => "/v1/chat/completions",

@@ -4,36 +4,108 @@
 //! Owns the plugin's engine, compiled component and warm instances. It must
 //! not touch pools, HTTP or metrics of the request path beyond the policy's
 //! own counters: callers hand it plain data and get plain data back.
+//!
+//! The interface is `sdk/wit/policy.wit` (`switchyard:policy@0.1.0`);
+//! plugins are written with the `switchyard-sdk` crate.
+//!
+//! ```no_run
+//! use switchyard_policy::{Endpoint, Policy, PolicySettings, RouteRequest};
+//!
+//! let settings = PolicySettings::new("target/wasm32-wasip2/release/cost_router.wasm");
+//! let policy = Policy::load(&settings)?;
+//! let req = RouteRequest::new(Endpoint::ChatCompletions, "auto");
+//! let outcome = policy.route(&req)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Sandbox: each instance runs in its own store with an empty WASI context
+//! (no files, environment, arguments or sockets; stdout and stderr are
+//! discarded), a memory cap (`max_memory_bytes`) and a per-call deadline
+//! (`timeout_ms`) enforced by epoch interruption. An instance that traps
+//! or times out is dropped, never reused.
 
 use std::path::PathBuf;
 
 pub use crate::endpoint::Endpoint;
+pub use crate::error::{CallError, LoadError};
+pub use crate::policy::Policy;
 
+mod bindings;
 mod endpoint;
+mod error;
+mod linker;
+mod policy;
+mod state;
+mod ticker;
+
+/// Default of [`PolicySettings::timeout_ms`]: 50 ms.
+pub const DEFAULT_TIMEOUT_MS: u64 = 50;
+
+/// Default of [`PolicySettings::max_memory_bytes`]: 64 MiB.
+pub const DEFAULT_MAX_MEMORY_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Settings for the policy host, from the `[policy]` table.
 #[derive(Debug, Clone)]
 pub struct PolicySettings {
     /// Path of the compiled plugin (`.wasm` component).
     pub plugin: PathBuf,
-    /// Plugin configuration, handed to its `init` as JSON.
+    /// Plugin configuration, handed to its `init` as JSON. An absent
+    /// `[policy.config]` table should be an empty object.
     pub config: serde_json::Value,
-    /// Wall-clock budget of one call into the plugin, in milliseconds.
+    /// Wall-clock budget of one `route` call into the plugin, in
+    /// milliseconds, resolved to 1 ms. `init` of each new instance gets
+    /// this or 1000 ms, whichever is longer. Must be at least 1. Default is
+    /// 50 ms ([`DEFAULT_TIMEOUT_MS`]).
     pub timeout_ms: u64,
     /// Largest linear memory one plugin instance may grow to, in bytes.
+    /// Must be at least 1; a Rust plugin needs about 2 MiB. Default is
+    /// 64 MiB ([`DEFAULT_MAX_MEMORY_BYTES`]).
     pub max_memory_bytes: u64,
+}
+
+impl PolicySettings {
+    /// Settings for `plugin` with an empty config and default limits.
+    pub fn new(plugin: impl Into<PathBuf>) -> Self {
+        PolicySettings {
+            plugin: plugin.into(),
+            config: serde_json::Value::Object(serde_json::Map::new()),
+            timeout_ms: DEFAULT_TIMEOUT_MS,
+            max_memory_bytes: DEFAULT_MAX_MEMORY_BYTES,
+        }
+    }
+
+    /// Replaces the plugin configuration.
+    pub fn with_config(mut self, config: serde_json::Value) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Replaces the per-call budget, in milliseconds.
+    pub fn with_timeout_ms(mut self, timeout_ms: u64) -> Self {
+        self.timeout_ms = timeout_ms;
+        self
+    }
+
+    /// Replaces the per-instance memory cap, in bytes.
+    pub fn with_max_memory_bytes(mut self, max_memory_bytes: u64) -> Self {
+        self.max_memory_bytes = max_memory_bytes;
+        self
+    }
 }
 
 /// One chat message as the policy sees it.
 #[derive(Debug, Clone)]
 pub struct Message {
+    /// `system`, `user`, `assistant` or `tool`, as the client sent it.
     pub role: String,
+    /// The message text; non-text parts are left out.
     pub content: String,
 }
 
 /// What the policy is told about a request.
 #[derive(Debug, Clone)]
 pub struct RouteRequest {
+    /// The endpoint the request arrived on.
     pub endpoint: Endpoint,
     /// The `model` field as the client sent it.
     pub model: String,
@@ -43,19 +115,41 @@ pub struct RouteRequest {
     pub prompt: Vec<String>,
     /// Characters in all messages, prompts or inputs together.
     pub prompt_chars: u64,
+    /// The client's `max_tokens`, if set.
     pub max_tokens: Option<u32>,
+    /// Whether the client asked for a streamed response.
     pub stream: bool,
     /// Request headers, names lowercase.
     pub headers: Vec<(String, String)>,
 }
 
+impl RouteRequest {
+    /// A request for `model` on `endpoint` with no content or headers.
+    pub fn new(endpoint: Endpoint, model: impl Into<String>) -> Self {
+        RouteRequest {
+            endpoint,
+            model: model.into(),
+            messages: Vec::new(),
+            prompt: Vec::new(),
+            prompt_chars: 0,
+            max_tokens: None,
+            stream: false,
+            headers: Vec::new(),
+        }
+    }
+}
+
 /// The policy's answer.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RouteOutcome {
+    /// Send the request to a pool.
     Route(RouteDecision),
+    /// Answer the client with an error. `status` is always 400..=599 (the
+    /// host turns anything else into 500).
     Reject { status: u16, message: String },
 }
 
+/// Where the policy sends a request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RouteDecision {
     /// Name of the pool that serves the request.

@@ -3,8 +3,8 @@
 //!
 //! Owns what a plugin can reach. Plugins get clocks, randomness, an empty
 //! environment, closed stdin, discarded stdout/stderr and no preopened
-//! directories. Sockets are not linked at all; any import the host does
-//! not provide traps when called.
+//! directories. Sockets are not linked at all, so a plugin that imports
+//! them (or anything else not listed here) fails to load.
 //!
 //! wasmtime-wasi's synchronous `wasi:io` bindings run blocking operations
 //! with `Handle::block_on` on the ambient tokio runtime, which panics when
@@ -19,80 +19,69 @@ use std::future::Future;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 
-use wasmtime::component::{Component, HasData, HasSelf, Linker, Resource};
 use wasmtime::component::ResourceTable;
+use wasmtime::component::{HasData, HasSelf, Linker, Resource};
 use wasmtime_wasi::cli::{WasiCli, WasiCliView};
 use wasmtime_wasi::clocks::{WasiClocks, WasiClocksView};
 use wasmtime_wasi::filesystem::{WasiFilesystem, WasiFilesystemView};
 use wasmtime_wasi::p2::bindings::io as async_io;
+use wasmtime_wasi::p2::bindings::sync::filesystem::types as sync_fs_types;
 use wasmtime_wasi::p2::bindings::sync::io as sync_io;
 use wasmtime_wasi::p2::bindings::{cli, clocks, filesystem, random};
-use wasmtime_wasi::p2::{
-    DynInputStream, DynOutputStream, DynPollable, StreamError, StreamResult,
-};
+use wasmtime_wasi::p2::{DynInputStream, DynOutputStream, DynPollable};
+use wasmtime_wasi::p2::{StreamError, StreamResult};
 use wasmtime_wasi::random::{WasiRandom, WasiRandomView};
 
 use crate::bindings;
 use crate::state::HostState;
 
 /// Message of the trap raised when a plugin would block.
-const WOULD_BLOCK: &str =
-    "policy plugins must not block: a wasi:io operation was not ready";
+const WOULD_BLOCK: &str = "plugin would block: a wasi:io operation was not ready";
 
-/// Builds the linker for `component`.
-pub(crate) fn linker(
-    engine: &wasmtime::Engine,
-    component: &Component,
-) -> wasmtime::Result<Linker<HostState>> {
+/// Builds the linker every plugin instance is created from.
+//
+// `Linker::define_unknown_imports_as_traps` would let plugins that import
+// sockets load, but it defines stubs under the exact versions the plugin
+// imports (`wasi:cli/stdout@0.2.6`), which then shadow the
+// semver-compatible real ones (`@0.2.12`): every WASI call would trap.
+pub(crate) fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostState>> {
     let mut linker = Linker::new(engine);
     let l = &mut linker;
 
     bindings::Policy::add_to_linker::<_, HasSelf<_>>(l, |s| s)?;
 
-    clocks::wall_clock::add_to_linker::<_, WasiClocks>(l, HostState::clocks)?;
-    clocks::monotonic_clock::add_to_linker::<_, WasiClocks>(
-        l,
-        HostState::clocks,
-    )?;
-    random::random::add_to_linker::<_, WasiRandom>(l, HostState::random)?;
-    random::insecure::add_to_linker::<_, WasiRandom>(l, HostState::random)?;
-    random::insecure_seed::add_to_linker::<_, WasiRandom>(
-        l,
-        HostState::random,
-    )?;
-    cli::exit::add_to_linker::<_, WasiCli>(l, HostState::cli)?;
-    cli::environment::add_to_linker::<_, WasiCli>(l, HostState::cli)?;
-    cli::stdin::add_to_linker::<_, WasiCli>(l, HostState::cli)?;
-    cli::stdout::add_to_linker::<_, WasiCli>(l, HostState::cli)?;
-    cli::stderr::add_to_linker::<_, WasiCli>(l, HostState::cli)?;
-    cli::terminal_input::add_to_linker::<_, WasiCli>(l, HostState::cli)?;
-    cli::terminal_output::add_to_linker::<_, WasiCli>(l, HostState::cli)?;
-    cli::terminal_stdin::add_to_linker::<_, WasiCli>(l, HostState::cli)?;
-    cli::terminal_stdout::add_to_linker::<_, WasiCli>(l, HostState::cli)?;
-    cli::terminal_stderr::add_to_linker::<_, WasiCli>(l, HostState::cli)?;
+    let clock = HostState::clocks;
+    let rand = HostState::random;
+    let cli_view = HostState::cli;
+    clocks::wall_clock::add_to_linker::<_, WasiClocks>(l, clock)?;
+    clocks::monotonic_clock::add_to_linker::<_, WasiClocks>(l, clock)?;
+    random::random::add_to_linker::<_, WasiRandom>(l, rand)?;
+    random::insecure::add_to_linker::<_, WasiRandom>(l, rand)?;
+    random::insecure_seed::add_to_linker::<_, WasiRandom>(l, rand)?;
+    cli::exit::add_to_linker::<_, WasiCli>(l, cli_view)?;
+    cli::environment::add_to_linker::<_, WasiCli>(l, cli_view)?;
+    cli::stdin::add_to_linker::<_, WasiCli>(l, cli_view)?;
+    cli::stdout::add_to_linker::<_, WasiCli>(l, cli_view)?;
+    cli::stderr::add_to_linker::<_, WasiCli>(l, cli_view)?;
+    cli::terminal_input::add_to_linker::<_, WasiCli>(l, cli_view)?;
+    cli::terminal_output::add_to_linker::<_, WasiCli>(l, cli_view)?;
+    cli::terminal_stdin::add_to_linker::<_, WasiCli>(l, cli_view)?;
+    cli::terminal_stdout::add_to_linker::<_, WasiCli>(l, cli_view)?;
+    cli::terminal_stderr::add_to_linker::<_, WasiCli>(l, cli_view)?;
 
-    // Rust's standard library imports the filesystem interfaces. With no
-    // preopens the plugin can never hold a descriptor, so the blocking
-    // descriptor methods are unreachable.
-    filesystem::preopens::add_to_linker::<_, WasiFilesystem>(
-        l,
-        HostState::filesystem,
-    )?;
-    sync_filesystem_types(l)?;
+    // Plugins that touch `std::fs` import the filesystem interfaces. With
+    // no preopens they can never hold a descriptor, so the blocking
+    // descriptor methods (which would hit the tokio problem) are
+    // unreachable.
+    let fs = HostState::filesystem;
+    filesystem::preopens::add_to_linker::<_, WasiFilesystem>(l, fs)?;
+    sync_fs_types::add_to_linker::<_, WasiFilesystem>(l, fs)?;
 
     async_io::error::add_to_linker::<_, TableIo>(l, HostState::table)?;
     sync_io::streams::add_to_linker::<_, NonBlockingIo>(l, table)?;
     sync_io::poll::add_to_linker::<_, NonBlockingIo>(l, table)?;
 
-    l.define_unknown_imports_as_traps(component)?;
     Ok(linker)
-}
-
-fn sync_filesystem_types(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
-    wasmtime_wasi::p2::bindings::sync::filesystem::types::add_to_linker::<
-        _,
-        WasiFilesystem,
-    >(l, HostState::filesystem)
 }
 
 fn table(state: &mut HostState) -> NonBlockingTable<'_> {
@@ -130,16 +119,30 @@ fn would_block() -> wasmtime::Error {
     wasmtime::format_err!("{WOULD_BLOCK}")
 }
 
-fn now_or_trap<T>(future: impl Future<Output = wasmtime::Result<T>>)
-    -> wasmtime::Result<T> {
+/// Result of `future` if ready at once, else a trap.
+fn now_or_trap<T, F>(future: F) -> wasmtime::Result<T>
+where
+    F: Future<Output = wasmtime::Result<T>>,
+{
     ready_now(future).unwrap_or_else(|| Err(would_block()))
 }
 
-fn stream_now_or_trap<T>(future: impl Future<Output = StreamResult<T>>)
-    -> StreamResult<T> {
-    ready_now(future)
-        .unwrap_or_else(|| Err(StreamError::Trap(would_block())))
+/// Result of a stream operation if ready at once, else a trap.
+fn stream_now_or_trap<T, F>(future: F) -> StreamResult<T>
+where
+    F: Future<Output = StreamResult<T>>,
+{
+    ready_now(future).unwrap_or_else(|| Err(StreamError::Trap(would_block())))
 }
+
+// Short names for the resources in the signatures below.
+type Output = Resource<DynOutputStream>;
+type Input = Resource<DynInputStream>;
+type Pollable = Resource<DynPollable>;
+
+// Each method either delegates to wasmtime-wasi's own non-blocking
+// implementation on the table (`Sync::`) or runs its async one once
+// (`Async::`), trapping if it is not ready.
 
 impl sync_io::streams::Host for NonBlockingTable<'_> {
     fn convert_stream_error(
@@ -151,176 +154,119 @@ impl sync_io::streams::Host for NonBlockingTable<'_> {
 }
 
 impl sync_io::streams::HostOutputStream for NonBlockingTable<'_> {
-    fn drop(
-        &mut self,
-        stream: Resource<DynOutputStream>,
-    ) -> wasmtime::Result<()> {
+    fn drop(&mut self, stream: Output) -> wasmtime::Result<()> {
         use async_io::streams::HostOutputStream as Async;
         now_or_trap(Async::drop(self.0, stream))
     }
 
-    fn check_write(
-        &mut self,
-        stream: Resource<DynOutputStream>,
-    ) -> StreamResult<u64> {
-        sync_io::streams::HostOutputStream::check_write(self.0, stream)
+    fn check_write(&mut self, stream: Output) -> StreamResult<u64> {
+        use sync_io::streams::HostOutputStream as Sync;
+        Sync::check_write(self.0, stream)
     }
 
-    fn write(
-        &mut self,
-        stream: Resource<DynOutputStream>,
-        bytes: Vec<u8>,
-    ) -> StreamResult<()> {
-        sync_io::streams::HostOutputStream::write(self.0, stream, bytes)
+    fn write(&mut self, stream: Output, bytes: Vec<u8>) -> StreamResult<()> {
+        use sync_io::streams::HostOutputStream as Sync;
+        Sync::write(self.0, stream, bytes)
     }
 
-    fn blocking_write_and_flush(
-        &mut self,
-        stream: Resource<DynOutputStream>,
-        bytes: Vec<u8>,
-    ) -> StreamResult<()> {
+    fn blocking_write_and_flush(&mut self, stream: Output, bytes: Vec<u8>) -> StreamResult<()> {
         use async_io::streams::HostOutputStream as Async;
-        stream_now_or_trap(Async::blocking_write_and_flush(
-            self.0, stream, bytes,
-        ))
+        let table = &mut *self.0;
+        stream_now_or_trap(Async::blocking_write_and_flush(table, stream, bytes))
     }
 
-    fn blocking_write_zeroes_and_flush(
-        &mut self,
-        stream: Resource<DynOutputStream>,
-        len: u64,
-    ) -> StreamResult<()> {
+    fn blocking_write_zeroes_and_flush(&mut self, stream: Output, len: u64) -> StreamResult<()> {
         use async_io::streams::HostOutputStream as Async;
-        stream_now_or_trap(Async::blocking_write_zeroes_and_flush(
-            self.0, stream, len,
-        ))
+        let table = &mut *self.0;
+        let write = Async::blocking_write_zeroes_and_flush(table, stream, len);
+        stream_now_or_trap(write)
     }
 
-    fn subscribe(
-        &mut self,
-        stream: Resource<DynOutputStream>,
-    ) -> wasmtime::Result<Resource<DynPollable>> {
-        sync_io::streams::HostOutputStream::subscribe(self.0, stream)
+    fn subscribe(&mut self, stream: Output) -> wasmtime::Result<Pollable> {
+        use sync_io::streams::HostOutputStream as Sync;
+        Sync::subscribe(self.0, stream)
     }
 
-    fn write_zeroes(
-        &mut self,
-        stream: Resource<DynOutputStream>,
-        len: u64,
-    ) -> StreamResult<()> {
-        sync_io::streams::HostOutputStream::write_zeroes(self.0, stream, len)
+    fn write_zeroes(&mut self, stream: Output, len: u64) -> StreamResult<()> {
+        use sync_io::streams::HostOutputStream as Sync;
+        Sync::write_zeroes(self.0, stream, len)
     }
 
-    fn flush(&mut self, stream: Resource<DynOutputStream>) -> StreamResult<()> {
-        sync_io::streams::HostOutputStream::flush(self.0, stream)
+    fn flush(&mut self, stream: Output) -> StreamResult<()> {
+        use sync_io::streams::HostOutputStream as Sync;
+        Sync::flush(self.0, stream)
     }
 
-    fn blocking_flush(
-        &mut self,
-        stream: Resource<DynOutputStream>,
-    ) -> StreamResult<()> {
+    fn blocking_flush(&mut self, stream: Output) -> StreamResult<()> {
         use async_io::streams::HostOutputStream as Async;
         stream_now_or_trap(Async::blocking_flush(self.0, stream))
     }
 
-    fn splice(
-        &mut self,
-        dst: Resource<DynOutputStream>,
-        src: Resource<DynInputStream>,
-        len: u64,
-    ) -> StreamResult<u64> {
-        sync_io::streams::HostOutputStream::splice(self.0, dst, src, len)
+    fn splice(&mut self, dst: Output, src: Input, len: u64) -> StreamResult<u64> {
+        use sync_io::streams::HostOutputStream as Sync;
+        Sync::splice(self.0, dst, src, len)
     }
 
-    fn blocking_splice(
-        &mut self,
-        dst: Resource<DynOutputStream>,
-        src: Resource<DynInputStream>,
-        len: u64,
-    ) -> StreamResult<u64> {
+    fn blocking_splice(&mut self, dst: Output, src: Input, len: u64) -> StreamResult<u64> {
         use async_io::streams::HostOutputStream as Async;
         stream_now_or_trap(Async::blocking_splice(self.0, dst, src, len))
     }
 }
 
 impl sync_io::streams::HostInputStream for NonBlockingTable<'_> {
-    fn drop(&mut self, stream: Resource<DynInputStream>) -> wasmtime::Result<()> {
+    fn drop(&mut self, stream: Input) -> wasmtime::Result<()> {
         use async_io::streams::HostInputStream as Async;
         now_or_trap(Async::drop(self.0, stream))
     }
 
-    fn read(
-        &mut self,
-        stream: Resource<DynInputStream>,
-        len: u64,
-    ) -> StreamResult<Vec<u8>> {
-        sync_io::streams::HostInputStream::read(self.0, stream, len)
+    fn read(&mut self, stream: Input, len: u64) -> StreamResult<Vec<u8>> {
+        use sync_io::streams::HostInputStream as Sync;
+        Sync::read(self.0, stream, len)
     }
 
-    fn blocking_read(
-        &mut self,
-        stream: Resource<DynInputStream>,
-        len: u64,
-    ) -> StreamResult<Vec<u8>> {
+    fn blocking_read(&mut self, stream: Input, len: u64) -> StreamResult<Vec<u8>> {
         use async_io::streams::HostInputStream as Async;
         stream_now_or_trap(Async::blocking_read(self.0, stream, len))
     }
 
-    fn skip(
-        &mut self,
-        stream: Resource<DynInputStream>,
-        len: u64,
-    ) -> StreamResult<u64> {
-        sync_io::streams::HostInputStream::skip(self.0, stream, len)
+    fn skip(&mut self, stream: Input, len: u64) -> StreamResult<u64> {
+        use sync_io::streams::HostInputStream as Sync;
+        Sync::skip(self.0, stream, len)
     }
 
-    fn blocking_skip(
-        &mut self,
-        stream: Resource<DynInputStream>,
-        len: u64,
-    ) -> StreamResult<u64> {
+    fn blocking_skip(&mut self, stream: Input, len: u64) -> StreamResult<u64> {
         use async_io::streams::HostInputStream as Async;
         stream_now_or_trap(Async::blocking_skip(self.0, stream, len))
     }
 
-    fn subscribe(
-        &mut self,
-        stream: Resource<DynInputStream>,
-    ) -> wasmtime::Result<Resource<DynPollable>> {
-        sync_io::streams::HostInputStream::subscribe(self.0, stream)
+    fn subscribe(&mut self, stream: Input) -> wasmtime::Result<Pollable> {
+        use sync_io::streams::HostInputStream as Sync;
+        Sync::subscribe(self.0, stream)
     }
 }
 
 impl sync_io::poll::Host for NonBlockingTable<'_> {
-    fn poll(
-        &mut self,
-        pollables: Vec<Resource<DynPollable>>,
-    ) -> wasmtime::Result<Vec<u32>> {
+    fn poll(&mut self, pollables: Vec<Pollable>) -> wasmtime::Result<Vec<u32>> {
         use async_io::poll::Host as Async;
         now_or_trap(Async::poll(self.0, pollables))
     }
 }
 
 impl sync_io::poll::HostPollable for NonBlockingTable<'_> {
-    fn ready(
-        &mut self,
-        pollable: Resource<DynPollable>,
-    ) -> wasmtime::Result<bool> {
+    fn ready(&mut self, pollable: Pollable) -> wasmtime::Result<bool> {
         // `ready` only asks; an unready pollable is an answer, not a block.
         use async_io::poll::HostPollable as Async;
         ready_now(Async::ready(self.0, pollable)).unwrap_or(Ok(false))
     }
 
-    fn block(
-        &mut self,
-        pollable: Resource<DynPollable>,
-    ) -> wasmtime::Result<()> {
+    fn block(&mut self, pollable: Pollable) -> wasmtime::Result<()> {
         use async_io::poll::HostPollable as Async;
         now_or_trap(Async::block(self.0, pollable))
     }
 
-    fn drop(&mut self, pollable: Resource<DynPollable>) -> wasmtime::Result<()> {
-        sync_io::poll::HostPollable::drop(self.0, pollable)
+    fn drop(&mut self, pollable: Pollable) -> wasmtime::Result<()> {
+        use sync_io::poll::HostPollable as Sync;
+        Sync::drop(self.0, pollable)
     }
 }
 

@@ -156,6 +156,10 @@ impl ResourceLimiter for Limits {
     }
 }
 
+// Limitation: plugin stdout and stderr are discarded rather than routed to
+// the log, so `println!` debugging is lost; plugins must use the SDK's log
+// functions.
+
 /// The data of one plugin instance's store.
 pub(crate) struct HostState {
     /// Empty WASI context: no files, environment, arguments or network;

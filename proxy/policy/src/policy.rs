@@ -1,0 +1,429 @@
+//! A loaded policy plugin: its engine, compiled component and a small pool
+//! of warm instances that serve `route` calls.
+//!
+//! Owns instance lifecycle (create, init, reuse, discard) and the per-call
+//! deadline and memory cap. An instance that failed a call is never
+//! reused: it is dropped and the next call gets a healthy one.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::{Mutex, PoisonError};
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::Component;
+use wasmtime::{Engine, Store, Trap};
+
+use crate::bindings::{self, BorrowedRequest, PolicyPre};
+use crate::error::{CallError, LoadError};
+use crate::linker;
+use crate::state::{HostState, PluginMeta};
+use crate::ticker::{Ticker, TICK};
+use crate::{PolicySettings, RouteOutcome, RouteRequest};
+
+/// Most idle instances kept for reuse; more are dropped when returned. The
+/// number of instances in use at once is bounded by the threads calling
+/// [`Policy::route`], so this only caps memory kept after a burst.
+const MAX_IDLE_INSTANCES: usize = 32;
+
+/// Least deadline of `init`, in ms. `init` runs once per instance, and a
+/// fresh instance's first call also pays for touching its memory, which
+/// on a loaded machine can take longer than a `route` budget.
+const MIN_INIT_TIMEOUT_MS: u64 = 1000;
+
+/// Hex digits of the SHA-256 of the plugin file kept as its version.
+const VERSION_HEX_DIGITS: usize = 12;
+
+// Limitation: each idle instance keeps the linear memory it grew to (wasm
+// memories never shrink), so the worst case held is MAX_IDLE_INSTANCES
+// times max_memory_bytes; typical Rust plugins use 1 to 2 MiB each.
+
+/// A loaded routing policy plugin, ready to answer [`Policy::route`].
+///
+/// Cheap to share: `Send + Sync`, meant to live behind an `Arc` and be
+/// called from many threads or tokio tasks at once. Dropping it stops its
+/// epoch thread and frees its instances.
+pub struct Policy {
+    path: PathBuf,
+    name: String,
+    version: String,
+    /// `settings.config` as JSON, handed to `init` of every instance.
+    config_json: String,
+    timeout_ms: u64,
+    max_memory_bytes: u64,
+    /// Per-call deadline in epochs ([`TICK`]s), rounded up.
+    deadline_ticks: u64,
+    /// Deadline of `init` in epochs.
+    init_deadline_ticks: u64,
+    meta: Arc<PluginMeta>,
+    engine: Engine,
+    pre: PolicyPre<HostState>,
+    idle: Mutex<Vec<Instance>>,
+    _ticker: Ticker,
+}
+
+/// One instantiated, initialised plugin and its store.
+struct Instance {
+    store: Store<HostState>,
+    bindings: bindings::Policy,
+}
+
+/// Why a fresh instance could not be made ready.
+enum InstanceError {
+    /// `init` returned this error message.
+    Refused(String),
+    /// Instantiation or `init` failed.
+    Failed(CallError),
+}
+
+impl Policy {
+    /// Loads the plugin named by `settings.plugin`: reads and compiles it,
+    /// links it against the host interface and a sandboxed WASI, and
+    /// initialises one instance with `settings.config`.
+    ///
+    /// Compilation takes tens to hundreds of milliseconds; call this at
+    /// start-up or reload, not per request.
+    pub fn load(settings: &PolicySettings) -> Result<Policy, LoadError> {
+        validate(settings)?;
+        let path = settings.plugin.clone();
+
+        let bytes = std::fs::read(&path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                LoadError::Missing { path: path.clone() }
+            } else {
+                LoadError::Read {
+                    path: path.clone(),
+                    source,
+                }
+            }
+        })?;
+        let version = version_of(&bytes);
+        let name = name_of(&path);
+
+        // Epoch interruption lets a deadline stop a plugin stuck in a loop
+        // at the cost of a counter check on loop back-edges.
+        let mut config = wasmtime::Config::new();
+        config.epoch_interruption(true);
+        let engine_error = |detail: String| LoadError::Engine {
+            path: path.clone(),
+            detail,
+        };
+        let engine = Engine::new(&config).map_err(|e| engine_error(error_chain(&e)))?;
+
+        let component = Component::new(&engine, &bytes).map_err(|e| LoadError::Compile {
+            path: path.clone(),
+            detail: error_chain(&e),
+        })?;
+        let link_error = |e: wasmtime::Error| LoadError::Link {
+            path: path.clone(),
+            detail: error_chain(&e),
+        };
+        let linker = linker::linker(&engine).map_err(link_error)?;
+        let pre = linker.instantiate_pre(&component).map_err(link_error)?;
+        let pre = PolicyPre::new(pre).map_err(link_error)?;
+
+        let config_json =
+            serde_json::to_string(&settings.config).map_err(|e| LoadError::Settings {
+                key: "config",
+                reason: format!("cannot be encoded as JSON: {e}"),
+            })?;
+        let ticker = Ticker::start(engine.clone())
+            .map_err(|e| engine_error(format!("epoch thread: {e}")))?;
+
+        let policy = Policy {
+            path: path.clone(),
+            meta: Arc::new(PluginMeta::new(name.clone())),
+            name,
+            version,
+            config_json,
+            timeout_ms: settings.timeout_ms,
+            max_memory_bytes: settings.max_memory_bytes,
+            deadline_ticks: deadline_ticks(settings.timeout_ms),
+            init_deadline_ticks: deadline_ticks(init_timeout_ms(settings.timeout_ms)),
+            engine,
+            pre,
+            idle: Mutex::new(Vec::new()),
+            _ticker: ticker,
+        };
+
+        // One instance now, so that a bad config fails the load rather than
+        // the first request.
+        let instance = policy.instantiate().map_err(|e| match e {
+            InstanceError::Refused(message) => LoadError::Init {
+                path: path.clone(),
+                message,
+            },
+            InstanceError::Failed(source) => LoadError::InitFailed {
+                path: path.clone(),
+                source,
+            },
+        })?;
+        policy.put_back(instance);
+
+        tracing::info!(
+            plugin = %policy.name,
+            version = %policy.version,
+            path = %policy.path.display(),
+            timeout_ms = policy.timeout_ms,
+            max_memory_bytes = policy.max_memory_bytes,
+            "policy plugin loaded",
+        );
+        Ok(policy)
+    }
+
+    /// Asks the plugin where `req` goes.
+    ///
+    /// Synchronous and usually a few microseconds; bounded by
+    /// `timeout_ms` (plus up to one millisecond of deadline resolution)
+    /// and, when no warm instance is free, the time to create one.
+    pub fn route(&self, req: &RouteRequest) -> Result<RouteOutcome, CallError> {
+        let mut instance = match self.take_idle() {
+            Some(instance) => instance,
+            None => self.instantiate().map_err(|e| self.fresh_failed(e))?,
+        };
+
+        let request = BorrowedRequest::new(req);
+        let store = &mut instance.store;
+        store.data_mut().limits.memory_denied = false;
+        store.set_epoch_deadline(self.deadline_ticks);
+        let result = instance.bindings.call_route(&mut *store, request.as_wit());
+
+        match result {
+            Ok(decision) => {
+                self.put_back(instance);
+                Ok(bindings::outcome(decision))
+            }
+            // The instance is dropped here: after a trap its state is
+            // undefined, so it must never serve another call.
+            Err(err) => {
+                let state = instance.store.data();
+                Err(self.call_failed(&err, state, self.timeout_ms))
+            }
+        }
+    }
+
+    /// The plugin's name: its file name without extension.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The plugin's version: the first 12 hex digits of the SHA-256 of
+    /// its file, so two loads of the same bytes report the same version.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// The plugin file this policy was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Creates an instance and runs `init` on it.
+    fn instantiate(&self) -> Result<Instance, InstanceError> {
+        let max_memory = usize::try_from(self.max_memory_bytes).unwrap_or(usize::MAX);
+        let state = HostState::new(Arc::clone(&self.meta), max_memory);
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| &mut state.limits);
+
+        // Instantiation runs no plugin code, but the deadline must be set
+        // before `init` runs.
+        store.set_epoch_deadline(self.init_deadline_ticks);
+        let bindings = match self.pre.instantiate(&mut store) {
+            Ok(bindings) => bindings,
+            Err(err) => {
+                let error = self.instantiate_failed(&err, store.data());
+                return Err(InstanceError::Failed(error));
+            }
+        };
+        match bindings.call_init(&mut store, &self.config_json) {
+            Ok(Ok(())) => Ok(Instance { store, bindings }),
+            Ok(Err(message)) => Err(InstanceError::Refused(message)),
+            Err(err) => Err(InstanceError::Failed(self.call_failed(
+                &err,
+                store.data(),
+                init_timeout_ms(self.timeout_ms),
+            ))),
+        }
+    }
+
+    fn take_idle(&self) -> Option<Instance> {
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()
+    }
+
+    fn put_back(&self, instance: Instance) {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() < MAX_IDLE_INSTANCES {
+            idle.push(instance);
+            return;
+        }
+        // Drop the surplus instance after releasing the lock.
+        drop(idle);
+        drop(instance);
+    }
+
+    /// Classifies a failed call into the plugin that ran under a deadline
+    /// of `timeout_ms`.
+    fn call_failed(&self, err: &wasmtime::Error, state: &HostState, timeout_ms: u64) -> CallError {
+        let plugin = self.name.clone();
+        let error = if err.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+            CallError::Timeout { plugin, timeout_ms }
+        } else if state.limits.memory_denied {
+            CallError::Memory {
+                plugin,
+                max_memory_bytes: self.max_memory_bytes,
+            }
+        } else {
+            CallError::Trap {
+                plugin,
+                detail: root_cause(err),
+            }
+        };
+        tracing::debug!(
+            plugin = %self.name,
+            kind = error.kind(),
+            error = %error_chain(err),
+            "policy plugin call failed; instance discarded",
+        );
+        error
+    }
+
+    fn instantiate_failed(&self, err: &wasmtime::Error, state: &HostState) -> CallError {
+        if state.limits.memory_denied {
+            return CallError::Memory {
+                plugin: self.name.clone(),
+                max_memory_bytes: self.max_memory_bytes,
+            };
+        }
+        CallError::Instantiate {
+            plugin: self.name.clone(),
+            detail: error_chain(err),
+        }
+    }
+
+    /// A fresh instance for a `route` call failed; report it as
+    /// "instantiate", whatever went wrong inside.
+    fn fresh_failed(&self, err: InstanceError) -> CallError {
+        let detail = match err {
+            InstanceError::Refused(message) => {
+                format!("init rejected the configuration: {message}")
+            }
+            InstanceError::Failed(CallError::Instantiate { detail, .. }) => detail,
+            InstanceError::Failed(other) => format!("init failed: {other}"),
+        };
+        CallError::Instantiate {
+            plugin: self.name.clone(),
+            detail,
+        }
+    }
+}
+
+impl fmt::Debug for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let idle = self.idle.lock().map_or(0, |idle| idle.len());
+        f.debug_struct("Policy")
+            .field("path", &self.path)
+            .field("version", &self.version)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("max_memory_bytes", &self.max_memory_bytes)
+            .field("idle_instances", &idle)
+            .finish_non_exhaustive()
+    }
+}
+
+fn validate(settings: &PolicySettings) -> Result<(), LoadError> {
+    if settings.timeout_ms == 0 {
+        return Err(LoadError::Settings {
+            key: "timeout_ms",
+            reason: "must be at least 1".into(),
+        });
+    }
+    if settings.max_memory_bytes == 0 {
+        return Err(LoadError::Settings {
+            key: "max_memory_bytes",
+            reason: "must be at least 1 (a Rust plugin needs about 2 MiB)".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Deadline of `init` in ms for a `route` deadline of `timeout_ms`.
+fn init_timeout_ms(timeout_ms: u64) -> u64 {
+    timeout_ms.max(MIN_INIT_TIMEOUT_MS)
+}
+
+/// Deadline of a call in epochs: `timeout_ms` rounded up to whole ticks,
+/// plus one because the current epoch is already partly over.
+fn deadline_ticks(timeout_ms: u64) -> u64 {
+    let tick_ms = u64::try_from(TICK.as_millis()).unwrap_or(1).max(1);
+    timeout_ms.div_ceil(tick_ms).saturating_add(1)
+}
+
+fn version_of(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    let mut hex = String::with_capacity(VERSION_HEX_DIGITS);
+    for byte in digest.iter().take(VERSION_HEX_DIGITS.div_ceil(2)) {
+        hex.push_str(&format!("{byte:02x}"));
+    }
+    hex.truncate(VERSION_HEX_DIGITS);
+    hex
+}
+
+fn name_of(path: &Path) -> String {
+    path.file_stem()
+        .map(|stem| stem.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
+}
+
+/// The innermost cause: for a trap, wasmtime's description of it
+/// ("wasm trap: wasm `unreachable` instruction executed").
+fn root_cause(err: &wasmtime::Error) -> String {
+    err.root_cause().to_string()
+}
+
+/// All causes on one line, outermost first; a wasm backtrace in the chain
+/// stays multi-line.
+fn error_chain(err: &wasmtime::Error) -> String {
+    let causes: Vec<String> = err.chain().map(ToString::to_string).collect();
+    causes.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadline_rounds_up_and_adds_a_tick() {
+        assert_eq!(deadline_ticks(50), 51);
+        assert_eq!(deadline_ticks(1), 2);
+    }
+
+    #[test]
+    fn version_is_twelve_hex_digits_of_sha256() {
+        // SHA-256 of the empty input starts e3b0c44298fc.
+        assert_eq!(version_of(b""), "e3b0c44298fc");
+    }
+
+    #[test]
+    fn name_is_the_file_stem() {
+        assert_eq!(name_of(Path::new("a/b/cost_router.wasm")), "cost_router");
+    }
+
+    #[test]
+    fn zero_timeout_is_rejected_with_its_key() {
+        let settings = PolicySettings::new("x.wasm").with_timeout_ms(0);
+        let err = validate(&settings).err().map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some("[policy] timeout_ms must be at least 1")
+        );
+    }
+
+    #[test]
+    fn policy_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Policy>();
+    }
+}

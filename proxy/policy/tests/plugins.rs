@@ -1,0 +1,364 @@
+//! Loads the real plugins (`cost_router.wasm`, `test_faults.wasm`) into the
+//! policy host and checks routing, fault handling and sandbox limits.
+//!
+//! The plugins are not built here: run `make plugins` first. A missing
+//! plugin fails the test with that instruction rather than skipping it.
+
+#![allow(
+    clippy::panic,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests fail loudly"
+)]
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::json;
+use switchyard_policy::{
+    CallError, Endpoint, LoadError, Policy, PolicySettings, RouteDecision, RouteOutcome,
+    RouteRequest,
+};
+
+const BUILD_PLUGINS: &str = "run `make plugins` (or `cargo build -p \
+    cost-router -p test-faults --target wasm32-wasip2 --release`) first";
+
+/// Deadline of the shared fault policy, in ms: short enough that `spin`
+/// tests are quick, long enough that ordinary calls on a loaded two-core
+/// machine never hit it.
+const FAULTS_TIMEOUT_MS: u64 = 200;
+/// Memory cap of the shared fault policy: small so `grow` tests are quick.
+const FAULTS_MAX_MEMORY_BYTES: u64 = 16 << 20;
+
+/// Path of a built plugin; fails the test if it is missing.
+fn plugin(file: &str) -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../target/wasm32-wasip2/release")
+        .join(file);
+    assert!(
+        path.is_file(),
+        "{} is missing: {BUILD_PLUGINS}",
+        path.display()
+    );
+    path
+}
+
+fn load(settings: &PolicySettings) -> Policy {
+    Policy::load(settings).unwrap_or_else(|e| panic!("load failed: {e}"))
+}
+
+fn load_err(settings: &PolicySettings) -> LoadError {
+    match Policy::load(settings) {
+        Ok(policy) => panic!("{policy:?} loaded but should not have"),
+        Err(err) => err,
+    }
+}
+
+/// cost-router with a 100-character threshold, shared by tests.
+fn router() -> &'static Policy {
+    static ROUTER: OnceLock<Policy> = OnceLock::new();
+    ROUTER.get_or_init(|| {
+        load(
+            &PolicySettings::new(plugin("cost_router.wasm"))
+                .with_config(json!({ "long_prompt_chars": 100 })),
+        )
+    })
+}
+
+/// test-faults with a short deadline and small memory, shared by tests.
+fn faults() -> &'static Policy {
+    static FAULTS: OnceLock<Policy> = OnceLock::new();
+    FAULTS.get_or_init(|| {
+        load(
+            &PolicySettings::new(plugin("test_faults.wasm"))
+                .with_timeout_ms(FAULTS_TIMEOUT_MS)
+                .with_max_memory_bytes(FAULTS_MAX_MEMORY_BYTES),
+        )
+    })
+}
+
+fn chat(model: &str) -> RouteRequest {
+    RouteRequest::new(Endpoint::ChatCompletions, model)
+}
+
+fn pool(outcome: Result<RouteOutcome, CallError>) -> String {
+    match outcome {
+        Ok(RouteOutcome::Route(RouteDecision { pool, .. })) => pool,
+        other => panic!("expected a route, got {other:?}"),
+    }
+}
+
+/// The next ordinary call succeeds, i.e. a failed instance was not reused
+/// or was replaced.
+fn assert_recovers(policy: &Policy) {
+    for _ in 0..3 {
+        assert_eq!(pool(policy.route(&chat("small"))), "small");
+    }
+}
+
+#[test]
+fn cost_router_sends_short_auto_requests_to_small_pool() {
+    let mut req = chat("auto");
+    req.prompt_chars = 100;
+    assert_eq!(pool(router().route(&req)), "small");
+}
+
+#[test]
+fn cost_router_sends_long_or_premium_auto_requests_to_large_pool() {
+    let mut long = chat("auto");
+    long.prompt_chars = 101;
+    assert_eq!(pool(router().route(&long)), "large");
+
+    // The proxy hands header names lowercase; the value's case is free.
+    let mut premium = chat("auto");
+    premium.headers.push(("x-tier".into(), "PREMIUM".into()));
+    assert_eq!(pool(router().route(&premium)), "large");
+
+    let mut standard = chat("auto");
+    standard.headers.push(("x-tier".into(), "standard".into()));
+    assert_eq!(pool(router().route(&standard)), "small");
+}
+
+#[test]
+fn cost_router_sends_named_models_to_their_own_pool() {
+    let mut req = RouteRequest::new(Endpoint::Embeddings, "bge-small");
+    req.prompt = vec!["x".repeat(500)];
+    req.prompt_chars = 500;
+    assert_eq!(pool(router().route(&req)), "bge-small");
+}
+
+#[test]
+fn cost_router_reports_name_and_version() {
+    assert_eq!(router().name(), "cost_router");
+    let version = router().version();
+    assert_eq!(version.len(), 12, "{version}");
+    assert!(version.chars().all(|c| c.is_ascii_hexdigit()), "{version}");
+}
+
+#[test]
+fn cost_router_bad_config_fails_load_naming_key_and_path() {
+    let settings = PolicySettings::new(plugin("cost_router.wasm"))
+        .with_config(json!({ "long_prompt_chars": "x" }));
+    let err = load_err(&settings);
+    assert!(matches!(err, LoadError::Init { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("cost_router.wasm"), "{msg}");
+    assert!(msg.contains("long_prompt_chars"), "{msg}");
+}
+
+#[test]
+fn trap_is_reported_and_next_call_succeeds() {
+    let err = faults().route(&chat("trap")).unwrap_err();
+    assert_eq!(err.kind(), "trap", "{err}");
+    assert_eq!(err.plugin(), "test_faults");
+    assert!(err.to_string().contains("test_faults"), "{err}");
+    assert_recovers(faults());
+}
+
+#[test]
+fn spin_is_stopped_by_deadline_and_next_call_succeeds() {
+    let start = Instant::now();
+    let err = faults().route(&chat("spin")).unwrap_err();
+    assert_eq!(err.kind(), "timeout", "{err}");
+    // Only a sanity bound: timing on a loaded CI machine varies.
+    assert!(start.elapsed() < Duration::from_secs(10));
+    assert_recovers(faults());
+}
+
+#[test]
+fn grow_hits_memory_limit_and_next_call_succeeds() {
+    let err = faults().route(&chat("grow")).unwrap_err();
+    assert_eq!(err.kind(), "memory", "{err}");
+    assert!(err.to_string().contains("16777216 bytes"), "{err}");
+    assert_recovers(faults());
+}
+
+#[test]
+fn reject_returns_status_and_message() {
+    let outcome = faults().route(&chat("reject")).unwrap();
+    assert_eq!(
+        outcome,
+        RouteOutcome::Reject {
+            status: 403,
+            message: "rejected by policy".into()
+        }
+    );
+}
+
+#[test]
+fn cap_routes_to_small_with_cap_of_five() {
+    let outcome = faults().route(&chat("cap")).unwrap();
+    assert_eq!(
+        outcome,
+        RouteOutcome::Route(RouteDecision {
+            pool: "small".into(),
+            max_tokens_cap: Some(5),
+        })
+    );
+}
+
+#[test]
+fn host_clock_is_wall_clock_in_ms() {
+    let now = || {
+        let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+        u64::try_from(d.as_millis()).unwrap()
+    };
+    let before = now();
+    let plugin_ms: u64 = pool(faults().route(&chat("clock"))).parse().unwrap();
+    assert!((before..=now()).contains(&plugin_ms), "{plugin_ms}");
+}
+
+#[test]
+fn counters_beyond_the_bound_do_not_fail_calls() {
+    // test-faults adds to 100 names; the host keeps 64 and drops the rest.
+    for _ in 0..2 {
+        assert_eq!(pool(faults().route(&chat("count"))), "count");
+    }
+}
+
+#[test]
+fn plugin_panic_message_is_logged_at_error() {
+    let logs = CapturedLogs::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(logs.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::TRACE)
+        .finish();
+    let err = tracing::subscriber::with_default(subscriber, || {
+        faults().route(&chat("trap")).unwrap_err()
+    });
+    assert_eq!(err.kind(), "trap");
+
+    let text = logs.text();
+    let line = text
+        .lines()
+        .find(|l| l.contains("test-faults was asked to trap"))
+        .unwrap_or_else(|| panic!("panic message not logged:\n{text}"));
+    assert!(line.contains("ERROR"), "{line}");
+    assert!(line.contains("switchyard::plugin"), "{line}");
+    assert!(line.contains("plugin=\"test_faults\""), "{line}");
+}
+
+#[test]
+fn init_error_is_a_load_error_with_the_plugin_message() {
+    let settings = PolicySettings::new(plugin("test_faults.wasm"))
+        .with_config(json!({ "fail": "key zzz is wrong" }));
+    let err = load_err(&settings);
+    assert!(matches!(err, LoadError::Init { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("key zzz is wrong"), "{msg}");
+    assert!(msg.contains("test_faults.wasm"), "{msg}");
+}
+
+#[test]
+fn init_panic_is_a_load_error_of_kind_trap() {
+    let settings =
+        PolicySettings::new(plugin("test_faults.wasm")).with_config(json!({ "panic": true }));
+    match load_err(&settings) {
+        LoadError::InitFailed { source, .. } => {
+            assert_eq!(source.kind(), "trap", "{source}");
+        }
+        other => panic!("expected InitFailed, got {other:?}"),
+    }
+}
+
+#[test]
+fn memory_cap_below_initial_size_fails_load_as_memory() {
+    let settings = PolicySettings::new(plugin("test_faults.wasm")).with_max_memory_bytes(64 * 1024);
+    match load_err(&settings) {
+        LoadError::InitFailed { source, .. } => {
+            assert_eq!(source.kind(), "memory", "{source}");
+        }
+        other => panic!("expected InitFailed, got {other:?}"),
+    }
+}
+
+#[test]
+fn missing_plugin_file_says_to_run_make_plugins() {
+    let err = load_err(&PolicySettings::new("/nonexistent/missing.wasm"));
+    assert!(matches!(err, LoadError::Missing { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("/nonexistent/missing.wasm"), "{msg}");
+    assert!(msg.contains("make plugins"), "{msg}");
+}
+
+#[test]
+fn non_component_file_fails_to_compile() {
+    let path =
+        std::env::temp_dir().join(format!("switchyard-not-wasm-{}.wasm", std::process::id()));
+    std::fs::File::create(&path)
+        .and_then(|mut f| f.write_all(b"not wasm"))
+        .unwrap();
+    let err = load_err(&PolicySettings::new(&path));
+    let _ = std::fs::remove_file(&path);
+    assert!(matches!(err, LoadError::Compile { .. }), "{err:?}");
+    assert!(err.to_string().contains("wasm32-wasip2"), "{err}");
+}
+
+#[test]
+fn concurrent_calls_from_many_threads_all_answer() {
+    const THREADS: usize = 8;
+    const CALLS: usize = 100;
+    let policy = faults();
+    thread::scope(|scope| {
+        for t in 0..THREADS {
+            scope.spawn(move || {
+                for i in 0..CALLS {
+                    // Interleave traps so that instances are replaced
+                    // while other threads are using theirs.
+                    if i % 25 == 7 {
+                        let err = policy.route(&chat("trap")).unwrap_err();
+                        assert_eq!(err.kind(), "trap");
+                        continue;
+                    }
+                    let model = format!("pool-{t}-{i}");
+                    assert_eq!(pool(policy.route(&chat(&model))), model);
+                }
+            });
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_stdio_and_faults_are_safe_on_tokio_workers() {
+    // wasmtime-wasi's blocking stdio calls panic on a runtime worker
+    // thread; the host links non-blocking ones instead. `print` writes to
+    // stdout and stderr; `grow` makes std write its allocation failure.
+    let policy = faults();
+    assert_eq!(pool(policy.route(&chat("print"))), "print");
+    assert_eq!(policy.route(&chat("grow")).unwrap_err().kind(), "memory");
+    let spawned = tokio::spawn(async { pool(faults().route(&chat("print"))) });
+    assert_eq!(spawned.await.unwrap(), "print");
+}
+
+/// A `tracing_subscriber` writer that keeps everything written to it.
+#[derive(Clone, Default)]
+struct CapturedLogs(Arc<Mutex<Vec<u8>>>);
+
+impl CapturedLogs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl Write for CapturedLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for CapturedLogs {
+    type Writer = CapturedLogs;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
