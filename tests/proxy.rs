@@ -31,5 +31,7 @@ mod metrics;
 mod python_client;
 #[path = "proxy/routing.rs"]
 mod routing;
+#[path = "proxy/shutdown.rs"]
+mod shutdown;
 #[path = "proxy/streaming.rs"]
 mod streaming;

@@ -253,6 +253,11 @@ fn log_request(method: &Method, path: &str, outcome: &Outcome, status: u16, elap
             %method, path, pool, status, latency_ms, error = %error,
             "request rejected"
         ),
+        // An upstream's own server error, passed through.
+        None if status >= 500 => tracing::warn!(
+            %method, path, pool, status, latency_ms, batch_size,
+            "upstream failed"
+        ),
         None => tracing::info!(
             %method, path, pool, status, latency_ms, batch_size,
             "request"

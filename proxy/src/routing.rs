@@ -78,6 +78,10 @@ impl Router {
                     pool: Arc::clone(pool),
                     max_tokens_cap: decision.max_tokens_cap,
                 }),
+                // Passing the client's model through as the pool is a
+                // plugin's normal answer; no such pool is the client's
+                // mistake, not the plugin's.
+                None if decision.pool == request.model => self.default_route(&request.model),
                 None => {
                     tracing::warn!(
                         plugin = policy.name(),

@@ -13,8 +13,11 @@ pub enum LogFormat {
 /// Installs the global subscriber. Call once, before anything logs.
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only for a person at a terminal, never into a log file.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stdout);
     match format {
         LogFormat::Text => builder.init(),

@@ -197,6 +197,30 @@ impl Switchyard {
     }
 }
 
+impl Switchyard {
+    /// Sends SIGTERM, as an orchestrator stopping the container would.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed: {status}");
+    }
+
+    /// Waits up to `timeout` for the process to exit; its exit code, or
+    /// `None` when it is still running (or died by a signal).
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+}
+
 impl Drop for Switchyard {
     fn drop(&mut self) {
         let _ = self.child.kill();
