@@ -67,6 +67,9 @@ impl Router {
             return self.default_route(&request.model);
         };
 
+        // Limitation: the plugin runs on the async worker that handles the
+        // request. A warm call takes microseconds, but a runaway plugin
+        // holds that worker until `policy.timeout_ms` stops it.
         let summary = request.route_request(headers);
         let started = Instant::now();
         let outcome = policy.route(&summary);
