@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use switchyard_policy::Endpoint;
 
 use crate::api::ApiRequest;
-use crate::body::{full, Body, BoxError};
+use crate::body::{full, Body};
 use crate::coalesce::{BatchLimits, Coalescer};
 use crate::config::Config;
 use crate::error::{ApiError, ErrorKind};
@@ -36,6 +36,7 @@ pub struct App {
     router: Router,
     coalescers: HashMap<String, Coalescer>,
     max_body_bytes: u64,
+    body_read_timeout: Duration,
 }
 
 /// What the log line and metrics say about one request.
@@ -65,10 +66,12 @@ impl App {
             }
             pools.push(pool);
         }
+        let fallback_pool = config.policy.as_ref().and_then(|p| p.fallback_pool.clone());
         Ok(Self {
-            router: Router::new(pools, policy),
+            router: Router::new(pools, policy, fallback_pool),
             coalescers,
             max_body_bytes: config.server.max_body_bytes,
+            body_read_timeout: Duration::from_millis(config.server.body_read_timeout_ms),
         })
     }
 
@@ -79,14 +82,17 @@ impl App {
     /// Answers one API request. Never fails: errors become OpenAI error
     /// responses here.
     pub async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
-        let started = Instant::now();
         let method = request.method().clone();
         let path = request.uri().path().to_string();
-        let mut outcome = Outcome::default();
-
         let endpoint = Endpoint::from_path(&path);
+        // Logs and counts the request even if the client leaves first and
+        // this future is dropped mid-way.
+        let mut record = RequestRecord::new(&method, &path, endpoint);
+
         let result = match (&method, path.as_str(), endpoint) {
-            (&Method::POST, _, Some(endpoint)) => self.proxy(endpoint, request, &mut outcome).await,
+            (&Method::POST, _, Some(endpoint)) => {
+                self.proxy(endpoint, request, &mut record.outcome).await
+            }
             (&Method::GET, "/v1/models", _) => Ok(self.models()),
             (_, "/v1/models", _) | (_, _, Some(_)) => Err(ApiError::new(
                 ErrorKind::MethodNotAllowed,
@@ -94,29 +100,24 @@ impl App {
             )),
             _ => Err(ApiError::new(
                 ErrorKind::NotFound,
-                format!("no such endpoint: {method} {path}"),
+                format!("no such endpoint: {method} {path:?}"),
             )),
         };
         let mut response = match result {
             Ok(response) => response,
             Err(e) => {
-                outcome.error = Some(e.message.clone());
+                record.outcome.error = Some(e.message.clone());
                 e.into_response()
             }
         };
         // Errors after routing name the pool too, for whoever debugs them.
-        if let Some(pool) = &outcome.pool {
+        if let Some(pool) = &record.outcome.pool {
             if !response.headers().contains_key(POOL_HEADER) {
                 set_header(&mut response, POOL_HEADER, pool);
             }
         }
 
-        let elapsed = started.elapsed();
-        let status = response.status().as_u16();
-        let pool = outcome.pool.as_deref().unwrap_or("none");
-        let endpoint_label = endpoint.map_or("other", Endpoint::label);
-        metrics::record_request(pool, endpoint_label, status, elapsed);
-        log_request(&method, &path, &outcome, status, elapsed);
+        record.finish(response.status().as_u16());
         response
     }
 
@@ -127,7 +128,18 @@ impl App {
         outcome: &mut Outcome,
     ) -> Result<Response<Body>, ApiError> {
         let (parts, body) = request.into_parts();
-        let bytes = read_body(body, &parts.headers, self.max_body_bytes).await?;
+        let reading = read_body(body, &parts.headers, self.max_body_bytes);
+        let bytes = match tokio::time::timeout(self.body_read_timeout, reading).await {
+            Ok(bytes) => bytes?,
+            Err(_) => {
+                let message = format!(
+                    "request body not received within {} ms \
+                     (server.body_read_timeout_ms)",
+                    self.body_read_timeout.as_millis()
+                );
+                return Err(ApiError::new(ErrorKind::BodyTimeout, message));
+            }
+        };
         let mut api = ApiRequest::parse(endpoint, &bytes)?;
 
         let Route {
@@ -186,7 +198,7 @@ async fn forward(
     metrics::record_upstream(&pool.name, endpoint, upstream.elapsed);
 
     let (parts, body) = upstream.response.into_parts();
-    let body = body.map_err(|e| -> BoxError { Box::new(e) }).boxed();
+    let body = pool.watch_body(body).boxed();
     let mut response = Response::new(body);
     *response.status_mut() = parts.status;
     copy_response_headers(&parts.headers, response.headers_mut());
@@ -237,6 +249,62 @@ fn json_response(body: Bytes) -> Response<Body> {
 fn set_header(response: &mut Response<Body>, name: &'static str, value: &str) {
     if let Ok(value) = HeaderValue::from_str(value) {
         response.headers_mut().insert(name, value);
+    }
+}
+
+/// Status logged and counted for a request whose client went away before
+/// it was answered (nginx's convention; no response carries it).
+const CLIENT_CLOSED: u16 = 499;
+
+/// The log line and metrics of one request, written exactly once: by
+/// `finish`, or on drop when the client left first.
+#[derive(Debug)]
+struct RequestRecord {
+    started: Instant,
+    method: Method,
+    path: String,
+    endpoint: &'static str,
+    outcome: Outcome,
+    finished: bool,
+}
+
+impl RequestRecord {
+    fn new(method: &Method, path: &str, endpoint: Option<Endpoint>) -> Self {
+        Self {
+            started: Instant::now(),
+            method: method.clone(),
+            path: path.to_string(),
+            endpoint: endpoint.map_or("other", Endpoint::label),
+            outcome: Outcome::default(),
+            finished: false,
+        }
+    }
+
+    fn finish(&mut self, status: u16) {
+        self.finished = true;
+        let elapsed = self.started.elapsed();
+        let pool = self.outcome.pool.as_deref().unwrap_or("none");
+        metrics::record_request(pool, self.endpoint, status, elapsed);
+        log_request(&self.method, &self.path, &self.outcome, status, elapsed);
+    }
+}
+
+impl Drop for RequestRecord {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let elapsed = self.started.elapsed();
+        let pool = self.outcome.pool.as_deref().unwrap_or("none");
+        metrics::record_request(pool, self.endpoint, CLIENT_CLOSED, elapsed);
+        tracing::info!(
+            method = %self.method,
+            path = %self.path,
+            pool,
+            status = CLIENT_CLOSED,
+            latency_ms = elapsed.as_secs_f64() * 1000.0,
+            "client went away"
+        );
     }
 }
 

@@ -11,6 +11,8 @@
 //! does not stream.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::api::{ApiRequest, ItemForm};
+use crate::body::BodyStalled;
 use crate::error::{ApiError, ErrorKind};
 use crate::metrics;
 use crate::upstream::Pool;
@@ -368,12 +371,15 @@ fn add(pool: &Arc<Pool>, limits: BatchLimits, open: &mut HashMap<String, OpenBat
 }
 
 fn dispatch(pool: &Arc<Pool>, jobs: Vec<Job>) {
-    let pool = Arc::clone(pool);
-    tokio::spawn(async move { send_batch(&pool, jobs).await });
+    // Boxed as a `Send` future: `send_batch` dispatches again when it
+    // retries callers one by one, and the recursion needs a named type.
+    let task: Pin<Box<dyn Future<Output = ()> + Send>> =
+        Box::pin(send_batch(Arc::clone(pool), jobs));
+    tokio::spawn(task);
 }
 
 /// Sends one upstream request for `jobs` and answers each caller.
-async fn send_batch(pool: &Pool, mut jobs: Vec<Job>) {
+async fn send_batch(pool: Arc<Pool>, mut jobs: Vec<Job>) {
     // Callers that gave up while their batch was open take no part.
     jobs.retain(|job| !job.reply.is_closed());
     let Some(first) = jobs.first() else { return };
@@ -390,10 +396,40 @@ async fn send_batch(pool: &Pool, mut jobs: Vec<Job>) {
     let body = Bytes::from(Value::Object(body).to_string());
     metrics::record_batch(&pool.name, endpoint, batch_items);
 
-    let answer = fetch(pool, endpoint, &first.headers, body).await;
+    // When every caller has gone, the upstream request is dropped, which
+    // closes its connection rather than wait for an answer nobody reads.
+    let headers = first.headers.clone();
+    let answer = tokio::select! {
+        answer = fetch(&pool, endpoint, &headers, body) => answer,
+        () = all_gone(&mut jobs) => {
+            tracing::debug!(pool = %pool.name, "every caller left; batch aborted");
+            return;
+        }
+    };
+
+    // A client error on a merged request may be one caller's fault (a
+    // prompt too long, say): each caller is retried alone, so only those
+    // at fault get the error.
+    if let Ok((status, _)) = &answer {
+        if status.is_client_error() && jobs.len() > 1 {
+            tracing::info!(
+                pool = %pool.name,
+                status = status.as_u16(),
+                callers = jobs.len(),
+                "merged request refused; retrying its callers one by one"
+            );
+            for job in jobs {
+                dispatch(&pool, vec![job]);
+            }
+            return;
+        }
+    }
+
     let shares = match answer {
-        Ok((status, body)) if status.is_success() => split(endpoint, &jobs, &counts, &body)
-            .map(|bodies| bodies.into_iter().map(|body| (status, body)).collect()),
+        Ok((status, body)) if status.is_success() => {
+            split(&pool.name, endpoint, &jobs, &counts, &body)
+                .map(|bodies| bodies.into_iter().map(|body| (status, body)).collect())
+        }
         // The upstream's own error reaches every caller as it was sent.
         Ok((status, body)) => Ok(vec![(status, body); jobs.len()]),
         Err(e) => Err(e),
@@ -418,6 +454,13 @@ async fn send_batch(pool: &Pool, mut jobs: Vec<Job>) {
     }
 }
 
+/// Resolves once every job's caller has stopped waiting.
+async fn all_gone(jobs: &mut [Job]) {
+    for job in jobs.iter_mut() {
+        job.reply.closed().await;
+    }
+}
+
 /// Posts the merged body and reads the whole answer.
 async fn fetch(
     pool: &Pool,
@@ -425,19 +468,23 @@ async fn fetch(
     headers: &HeaderMap,
     body: Bytes,
 ) -> Result<(StatusCode, Bytes), ApiError> {
-    let upstream = pool.post(endpoint.path(), headers, body).await;
-    let upstream = upstream?;
+    let upstream = pool.post(endpoint.path(), headers, body).await?;
     let status = upstream.response.status();
-    let collected = upstream.response.into_body().collect().await;
-    let body = collected.map_err(|e| {
+    let body = pool.watch_body(upstream.response.into_body());
+    let collected = body.collect().await.map_err(|e| {
+        let kind = if e.is::<BodyStalled>() {
+            ErrorKind::UpstreamTimeout
+        } else {
+            ErrorKind::UpstreamUnavailable
+        };
         let message = format!(
             "pool {:?}: upstream {} broke off its answer: {e}",
             pool.name, upstream.endpoint
         );
-        ApiError::new(ErrorKind::UpstreamUnavailable, message)
+        ApiError::new(kind, message)
     })?;
     metrics::record_upstream(&pool.name, endpoint, upstream.elapsed);
-    Ok((status, body.to_bytes()))
+    Ok((status, collected.to_bytes()))
 }
 
 fn items_field(endpoint: Endpoint) -> Option<&'static str> {
@@ -450,6 +497,7 @@ fn items_field(endpoint: Endpoint) -> Option<&'static str> {
 
 /// Splits a successful upstream answer into one body per job.
 fn split(
+    pool: &str,
     endpoint: Endpoint,
     jobs: &[Job],
     counts: &[usize],
@@ -458,7 +506,7 @@ fn split(
     let invalid = |what: &str| {
         ApiError::new(
             ErrorKind::UpstreamInvalid,
-            format!("upstream answer to a batched request {what}"),
+            format!("pool {pool:?}: upstream answer to a batched request {what}"),
         )
     };
     let Ok(Value::Object(answer)) = serde_json::from_slice::<Value>(body) else {
@@ -739,6 +787,7 @@ mod tests {
                       "total_tokens": 12},
         });
         let bodies = split(
+            "small",
             Endpoint::Completions,
             &jobs,
             &[1, 1],
@@ -768,6 +817,7 @@ mod tests {
                       "total_tokens": 8},
         });
         let bodies = split(
+            "small",
             Endpoint::Completions,
             &jobs,
             &[2],
@@ -796,6 +846,7 @@ mod tests {
             "usage": {"prompt_tokens": 3, "total_tokens": 3},
         });
         let bodies = split(
+            "small",
             Endpoint::Embeddings,
             &[first, second],
             &[1, 2],

@@ -20,6 +20,8 @@ pub const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 8 * 1024 * 1024;
 /// Default time a shutdown waits for in-flight requests: 30 s.
 pub const DEFAULT_SHUTDOWN_GRACE_S: u64 = 30;
+/// Default time a client has to send request headers, and its body: 30 s.
+pub const DEFAULT_CLIENT_TIMEOUT_MS: u64 = 30_000;
 /// Default time to establish an upstream connection: 2 s.
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2_000;
 /// Default time an upstream has to start its response: 300 s, because a
@@ -68,6 +70,14 @@ pub struct ServerConfig {
     /// Default 30.
     #[serde(default = "default_shutdown_grace_s")]
     pub shutdown_grace_s: u64,
+    /// Time a client has to send a request's headers, in milliseconds;
+    /// past it the connection is closed. Default 30000.
+    #[serde(default = "default_client_timeout_ms")]
+    pub header_read_timeout_ms: u64,
+    /// Time a client has to send a request's whole body, in milliseconds;
+    /// past it the request gets 408. Default 30000.
+    #[serde(default = "default_client_timeout_ms")]
+    pub body_read_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -77,6 +87,8 @@ impl Default for ServerConfig {
             admin: default_admin(),
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             shutdown_grace_s: DEFAULT_SHUTDOWN_GRACE_S,
+            header_read_timeout_ms: DEFAULT_CLIENT_TIMEOUT_MS,
+            body_read_timeout_ms: DEFAULT_CLIENT_TIMEOUT_MS,
         }
     }
 }
@@ -133,6 +145,10 @@ pub struct PolicyConfig {
     /// Handed to the plugin's `init` as JSON. Default: an empty table.
     #[serde(default = "empty_table")]
     pub config: toml::Table,
+    /// Pool for requests whose plugin call failed (trap, timeout, memory)
+    /// and whose `model` names no pool. Default: none, so those requests
+    /// get 404.
+    pub fallback_pool: Option<String>,
     /// Budget of one call into the plugin, in milliseconds; a call past it
     /// is stopped and the request takes the default route. Default 50.
     #[serde(default = "default_policy_timeout_ms")]
@@ -203,6 +219,12 @@ impl Config {
         if self.server.max_body_bytes == 0 {
             return Err(invalid("server.max_body_bytes", "must be > 0"));
         }
+        if self.server.header_read_timeout_ms == 0 {
+            return Err(invalid("server.header_read_timeout_ms", "must be > 0"));
+        }
+        if self.server.body_read_timeout_ms == 0 {
+            return Err(invalid("server.body_read_timeout_ms", "must be > 0"));
+        }
         if self.server.listen == self.server.admin && self.server.listen.port() != 0 {
             return Err(invalid("server.admin", "must differ from server.listen"));
         }
@@ -218,6 +240,12 @@ impl Config {
 
         if let Some(policy) = &self.policy {
             validate_policy(policy)?;
+            if let Some(fallback) = &policy.fallback_pool {
+                if !names.contains(fallback.as_str()) {
+                    let message = format!("names no configured pool: {fallback:?}");
+                    return Err(invalid("policy.fallback_pool", &message));
+                }
+            }
         }
         Ok(())
     }
@@ -260,9 +288,17 @@ fn validate_pool(i: usize, pool: &PoolConfig) -> Result<(), ConfigError> {
 
 fn validate_policy(policy: &PolicyConfig) -> Result<(), ConfigError> {
     if !policy.plugin.is_file() {
+        // Relative paths resolve against the working directory, which is
+        // worth saying when the file is not found from there.
+        let resolved = std::env::current_dir()
+            .map(|dir| dir.join(&policy.plugin))
+            .unwrap_or_else(|_| policy.plugin.clone());
         let message = format!(
-            "plugin file {} does not exist (build plugins with `make plugins`)",
-            policy.plugin.display()
+            "plugin file {} does not exist (looked at {}; relative paths \
+             start from the working directory; build the bundled plugins \
+             with `make plugins`)",
+            policy.plugin.display(),
+            resolved.display()
         );
         return Err(invalid("policy.plugin", &message));
     }
@@ -329,6 +365,10 @@ fn default_max_body_bytes() -> u64 {
 
 fn default_shutdown_grace_s() -> u64 {
     DEFAULT_SHUTDOWN_GRACE_S
+}
+
+fn default_client_timeout_ms() -> u64 {
+    DEFAULT_CLIENT_TIMEOUT_MS
 }
 
 fn default_connect_timeout_ms() -> u64 {

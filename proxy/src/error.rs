@@ -18,6 +18,8 @@ pub enum ErrorKind {
     InvalidRequest,
     /// The body is larger than `server.max_body_bytes`.
     BodyTooLarge,
+    /// The body did not arrive within `server.body_read_timeout_ms`.
+    BodyTimeout,
     /// No pool serves the requested model.
     ModelNotFound,
     /// No such path.
@@ -43,6 +45,7 @@ impl ErrorKind {
         match self {
             Self::InvalidRequest => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::ModelNotFound | Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             // A plugin may only reject with a client or server error.
@@ -62,6 +65,7 @@ impl ErrorKind {
         match self {
             Self::InvalidRequest
             | Self::BodyTooLarge
+            | Self::BodyTimeout
             | Self::ModelNotFound
             | Self::NotFound
             | Self::MethodNotAllowed => "invalid_request_error",
@@ -78,6 +82,7 @@ impl ErrorKind {
         match self {
             Self::InvalidRequest => "invalid_request",
             Self::BodyTooLarge => "body_too_large",
+            Self::BodyTimeout => "body_timeout",
             Self::ModelNotFound => "model_not_found",
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",

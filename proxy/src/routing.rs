@@ -32,10 +32,17 @@ pub struct Router {
     /// Pool names in configuration order, for listings and messages.
     names: Vec<String>,
     policy: Option<Policy>,
+    /// Where a request goes when the policy fails and its `model` names no
+    /// pool.
+    fallback_pool: Option<String>,
 }
 
 impl Router {
-    pub fn new(pools: Vec<Arc<Pool>>, policy: Option<Policy>) -> Self {
+    pub fn new(
+        pools: Vec<Arc<Pool>>,
+        policy: Option<Policy>,
+        fallback_pool: Option<String>,
+    ) -> Self {
         let names = pools.iter().map(|pool| pool.name.clone()).collect();
         let pools = pools
             .into_iter()
@@ -45,6 +52,7 @@ impl Router {
             pools,
             names,
             policy,
+            fallback_pool,
         }
     }
 
@@ -67,12 +75,9 @@ impl Router {
             return self.default_route(&request.model);
         };
 
-        // Limitation: the plugin runs on the async worker that handles the
-        // request. A warm call takes microseconds, but a runaway plugin
-        // holds that worker until `policy.timeout_ms` stops it.
         let summary = request.route_request(headers);
         let started = Instant::now();
-        let outcome = policy.route(&summary);
+        let outcome = call_blocking(|| policy.route(&summary));
         metrics::record_policy_call(policy.name(), started.elapsed());
 
         match outcome {
@@ -93,7 +98,7 @@ impl Router {
                          taking the default route"
                     );
                     metrics::record_policy_error(policy.name(), "unknown_pool");
-                    self.default_route(&request.model)
+                    self.failure_route(&request.model)
                 }
             },
             Ok(RouteOutcome::Reject { status, message }) => {
@@ -107,8 +112,24 @@ impl Router {
                     "policy call failed; taking the default route"
                 );
                 metrics::record_policy_error(policy.name(), e.kind());
-                self.default_route(&request.model)
+                self.failure_route(&request.model)
             }
+        }
+    }
+
+    /// Where a request goes when the policy failed: the pool its `model`
+    /// names, else `policy.fallback_pool` when one is set.
+    fn failure_route(&self, model: &str) -> Result<Route, ApiError> {
+        let fallback = self
+            .fallback_pool
+            .as_ref()
+            .and_then(|name| self.pools.get(name));
+        match (self.pools.get(model), fallback) {
+            (None, Some(pool)) => Ok(Route {
+                pool: Arc::clone(pool),
+                max_tokens_cap: None,
+            }),
+            _ => self.default_route(model),
         }
     }
 
@@ -130,5 +151,19 @@ impl Router {
                 })
             }
         }
+    }
+}
+
+/// Runs a synchronous call that may block up to the plugin's timeout. On
+/// a multi-threaded runtime the worker's other tasks move to another
+/// thread first, so a runaway plugin delays only its own request.
+fn call_blocking<T>(call: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    let multi_thread = Handle::try_current()
+        .is_ok_and(|handle| handle.runtime_flavor() == RuntimeFlavor::MultiThread);
+    if multi_thread {
+        tokio::task::block_in_place(call)
+    } else {
+        call()
     }
 }

@@ -18,6 +18,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use crate::body::UpstreamBody;
 use crate::config::PoolConfig;
 use crate::error::{ApiError, ErrorKind};
 
@@ -86,6 +87,13 @@ pub fn parse_endpoint(url: &str) -> Result<UpstreamEndpoint, String> {
     let Some(authority) = uri.authority().cloned() else {
         return Err(format!("{url:?} has no host"));
     };
+    // Credentials in the URL would be neither sent nor kept secret (they
+    // appear in logs); they belong in headers.
+    if authority.as_str().contains('@') {
+        return Err("must not carry credentials (user:password@); send them \
+                    as an authorization header from the client"
+            .to_string());
+    }
     if uri.query().is_some() {
         return Err(format!("{url:?} must not have a query string"));
     }
@@ -176,6 +184,12 @@ impl Pool {
             endpoint: endpoint.clone(),
             elapsed: started.elapsed(),
         })
+    }
+
+    /// Wraps an upstream response body so that a stall longer than the
+    /// pool's request timeout cuts it off.
+    pub fn watch_body(&self, body: Incoming) -> UpstreamBody<Incoming> {
+        UpstreamBody::new(body, &self.name, self.request_timeout)
     }
 
     fn build_request(
@@ -272,7 +286,14 @@ mod tests {
 
     #[test]
     fn endpoint_urls_without_http_are_rejected() {
-        for url in ["127.0.0.1:8001", "ftp://h:1", "https://h:1", "http://"] {
+        let urls = [
+            "127.0.0.1:8001",
+            "ftp://h:1",
+            "https://h:1",
+            "http://",
+            "http://u:p@h:1",
+        ];
+        for url in urls {
             assert!(parse_endpoint(url).is_err(), "{url}");
         }
     }
