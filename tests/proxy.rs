@@ -23,6 +23,8 @@ mod coalescing;
 mod config_check;
 #[path = "proxy/errors.rs"]
 mod errors;
+#[path = "proxy/faults.rs"]
+mod faults;
 #[path = "proxy/logs.rs"]
 mod logs;
 #[path = "proxy/metrics.rs"]

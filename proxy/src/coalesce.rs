@@ -407,11 +407,12 @@ async fn send_batch(pool: Arc<Pool>, mut jobs: Vec<Job>) {
         }
     };
 
-    // A client error on a merged request may be one caller's fault (a
-    // prompt too long, say): each caller is retried alone, so only those
-    // at fault get the error.
+    // A refusal of the input itself may be one caller's fault (a prompt
+    // too long, say): each caller is retried alone, so only those at fault
+    // get the error. Refusals that concern everyone alike (429, 401, 404)
+    // are not retried: that would only add load to a pushing-back upstream.
     if let Ok((status, _)) = &answer {
-        if status.is_client_error() && jobs.len() > 1 {
+        if refuses_input(*status) && jobs.len() > 1 {
             tracing::info!(
                 pool = %pool.name,
                 status = status.as_u16(),
@@ -452,6 +453,12 @@ async fn send_batch(pool: Arc<Pool>, mut jobs: Vec<Job>) {
             }
         }
     }
+}
+
+/// Whether an upstream status says the request's content was refused:
+/// 400 Bad Request, 413 Content Too Large, 422 Unprocessable Content.
+fn refuses_input(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 400 | 413 | 422)
 }
 
 /// Resolves once every job's caller has stopped waiting.

@@ -118,7 +118,7 @@ pub trait Policy: 'static {
 ///
 /// Invoke it once, at the top level of the plugin crate:
 ///
-/// ```ignore
+/// ```text
 /// switchyard_sdk::export_policy!(MyPolicy);
 /// ```
 ///

@@ -7,8 +7,13 @@ use std::collections::HashSet;
 use serde_json::{json, Value};
 
 use crate::support::{
-    http1_client, mock_upstream::embedding_of, post, server_toml, sse_data, words, MockUpstream,
-    RecordedRequest, Reply, Switchyard,
+    http1_client,
+    mock_upstream::{
+        embedding_of, FAULT_REJECT, FAULT_SHORT, FAULT_STALL_BODY, REJECT_CODE, REJECT_MESSAGE,
+    },
+    post, server_toml, sse_data,
+    switchyard::{log_message, log_text},
+    words, MockUpstream, RecordedRequest, Reply, Switchyard,
 };
 
 /// Completion tokens the mock charges per choice.
@@ -18,12 +23,23 @@ const TOKENS_PER_CHOICE: u64 = crate::support::mock_upstream::COMPLETION_TOKENS_
 /// still land in one batch window; a lone request waits at most this.
 const MAX_WAIT_MS: u64 = 300;
 
+/// Request timeout of the stall test's pool: short, so the test is quick.
+const STALL_TIMEOUT_MS: u64 = 1000;
+
 /// One mock behind pool `small` with `[pool.batch]`.
 async fn batching_rig(max_batch: usize) -> (MockUpstream, Switchyard) {
+    batching_rig_with_timeout(max_batch, 10_000).await
+}
+
+/// `batching_rig` with the pool's `request_timeout_ms`.
+async fn batching_rig_with_timeout(
+    max_batch: usize,
+    request_timeout_ms: u64,
+) -> (MockUpstream, Switchyard) {
     let mock = MockUpstream::start().await;
     let config = format!(
         "{}\n[[pool]]\nname = \"small\"\nendpoints = [\"{}\"]\nmodel = \"smollm2\"\n\
-         request_timeout_ms = 10000\n[pool.batch]\nmax_batch = {max_batch}\n\
+         request_timeout_ms = {request_timeout_ms}\n[pool.batch]\nmax_batch = {max_batch}\n\
          max_wait_ms = {MAX_WAIT_MS}\n",
         server_toml(),
         mock.url()
@@ -452,4 +468,101 @@ async fn usage_shares_add_up_to_the_upstream_total() {
     assert_eq!(batch_size(&reply), 2);
     assert_own_completion(&reply, &completions[2]);
     assert_eq!(reply.json["usage"]["prompt_tokens"], 4);
+}
+
+/// The info line the proxy writes when it splits a refused batch.
+const RETRY_ONE_BY_ONE: &str = "merged request refused; retrying its callers one by one";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_batch_fails_only_the_caller_at_fault() {
+    let (mock, sw) = batching_rig(8).await;
+    let bodies = [
+        json!({"model": "small", "prompt": "innocent one"}),
+        json!({"model": "small", "prompt": FAULT_REJECT}),
+        json!({"model": "small", "prompt": "innocent two"}),
+    ];
+
+    let replies = send_together(&sw, "/v1/completions", &bodies).await;
+
+    // The caller at fault gets the upstream's own error, as it was sent.
+    let message = replies[1].assert_openai_error(400);
+    assert_eq!(
+        replies[1].json["error"]["code"], REJECT_CODE,
+        "{}",
+        replies[1].text
+    );
+    assert_eq!(message, REJECT_MESSAGE, "upstream error body kept");
+
+    // The others get exactly their own choices, from a request of their own.
+    assert_own_completion(&replies[0], &bodies[0]);
+    assert_own_completion(&replies[2], &bodies[2]);
+    assert_eq!(batch_size(&replies[0]), 1);
+    assert_eq!(batch_size(&replies[2]), 1);
+
+    // First the merged request, then each caller alone.
+    let upstream = mock.requests_to("/v1/completions");
+    let items: Vec<Vec<String>> = upstream.iter().map(RecordedRequest::items).collect();
+    assert_eq!(items[0].len(), 3, "the three were merged first: {items:?}");
+    for body in &bodies {
+        let prompt = &prompts_of(body)[0];
+        let alone = items.iter().filter(|i| **i == [prompt.as_str()]).count();
+        assert_eq!(alone, 1, "{prompt:?} retried alone once: {items:?}");
+    }
+
+    let line = sw
+        .wait_for_log("the retry-one-by-one line", |l| {
+            log_message(l) == Some(RETRY_ONE_BY_ONE)
+        })
+        .await;
+    assert_eq!(log_text(&line, "level").as_deref(), Some("INFO"), "{line}");
+    assert_eq!(log_text(&line, "pool").as_deref(), Some("small"), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_upstream_stalls_mid_body_is_a_504_naming_the_pool() {
+    let (mock, sw) = batching_rig_with_timeout(8, STALL_TIMEOUT_MS).await;
+    let client = http1_client();
+
+    let body = json!({"model": "small", "prompt": FAULT_STALL_BODY});
+    let reply = post(&client, &sw.api_url(), "/v1/completions", &body).await;
+    let message = reply.assert_openai_error(504);
+    assert_eq!(
+        reply.json["error"]["code"], "upstream_timeout",
+        "{}",
+        reply.text
+    );
+    assert!(
+        message.contains("small"),
+        "message {message:?} should name the pool"
+    );
+    assert_eq!(mock.requests_to("/v1/completions").len(), 1);
+
+    // The proxy keeps serving the same pool.
+    let body = json!({"model": "small", "prompt": "after the stall"});
+    let reply = post(&client, &sw.api_url(), "/v1/completions", &body).await;
+    assert_own_completion(&reply, &body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_answer_missing_a_choice_is_a_502_naming_the_pool() {
+    let (_mock, sw) = batching_rig(8).await;
+    let client = http1_client();
+
+    // The mock answers one choice for these two prompts.
+    let body = json!({"model": "small", "prompt": [FAULT_SHORT, "its neighbour"]});
+    let reply = post(&client, &sw.api_url(), "/v1/completions", &body).await;
+    let message = reply.assert_openai_error(502);
+    assert_eq!(
+        reply.json["error"]["code"], "upstream_invalid_response",
+        "{}",
+        reply.text
+    );
+    assert!(
+        message.contains("small"),
+        "message {message:?} should name the pool"
+    );
+
+    let body = json!({"model": "small", "prompt": "after the short answer"});
+    let reply = post(&client, &sw.api_url(), "/v1/completions", &body).await;
+    assert_own_completion(&reply, &body);
 }

@@ -87,3 +87,29 @@ fn check_rejects_a_missing_policy_plugin() {
     );
     assert_rejected(&config, &["policy.plugin"]);
 }
+
+#[test]
+fn check_rejects_an_unknown_fallback_pool() {
+    let config = format!(
+        "{}\n[policy]\nplugin = \"{}\"\nfallback_pool = \"nope\"\n",
+        config_with_batch("max_batch = 8\nmax_wait_ms = 50\n"),
+        plugin("test_faults")
+    );
+    assert_rejected(&config, &["policy.fallback_pool", "nope"]);
+}
+
+#[test]
+fn check_rejects_credentials_in_an_endpoint_without_echoing_them() {
+    let password = "hunter2-s3cret";
+    let config = format!(
+        "{}\n[[pool]]\nname = \"small\"\n\
+         endpoints = [\"http://user:{password}@127.0.0.1:1\"]\n",
+        server_toml()
+    );
+    assert_rejected(&config, &["pool[0].endpoints[0]"]);
+    let (_, stderr) = switchyard_check(&config);
+    assert!(
+        !stderr.contains(password),
+        "stderr shows the endpoint's password:\n{stderr}"
+    );
+}

@@ -1,34 +1,12 @@
 //! Admin listener: health, readiness and the Prometheus metrics users
 //! build dashboards on.
 
-use std::time::{Duration, Instant};
-
 use serde_json::json;
 
 use crate::support::{
-    chat_body, http1_client, metric_lines, metrics_text, plugin, pools_config, post, send,
-    server_toml, small_pool_config, MockUpstream, Switchyard,
+    chat_body, http1_client, plugin, pools_config, post, send, server_toml, small_pool_config,
+    wait_for_metric, MockUpstream, Switchyard,
 };
-
-/// Polls `/metrics` for up to 5 s until `name` has a sample line that
-/// contains every one of `parts`; fails showing the last exposition.
-async fn wait_for_metric(sw: &Switchyard, name: &str, parts: &[&str]) -> String {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let text = metrics_text(sw).await;
-        let found = metric_lines(&text, name)
-            .into_iter()
-            .find(|line| parts.iter().all(|part| line.contains(part)));
-        if let Some(line) = found {
-            return line.to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no `{name}` sample containing {parts:?} in /metrics:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_readiness_answer_200() {

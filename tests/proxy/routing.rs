@@ -2,11 +2,14 @@
 //! every endpoint works over HTTP/1.1 and h2c, upstream connections are
 //! reused, and policy plugins choose, cap, reject or fall back.
 
+use std::time::{Duration, Instant};
+
 use serde_json::{json, Value};
 
 use crate::support::{
     chat_body, h2_client, http1_client, metric_lines, metrics_text, plugin, pool_toml,
-    pools_config, post, send, server_toml, switchyard::log_text, MockUpstream, Switchyard,
+    pools_config, post, send, server_toml, switchyard::log_text, wait_for_metric, MockUpstream,
+    Reply, Switchyard,
 };
 
 /// A `[policy]` table for plugin `name` with its JSON-ish `config` inline
@@ -399,4 +402,136 @@ async fn policy_caps_max_tokens() {
         );
         assert_eq!(upstream.body["model"], "smollm2");
     }
+}
+
+/// Plugin budget of the slow-plugin test, in ms: long, so that requests
+/// stuck behind a spinning call would visibly finish after it.
+const SLOW_PLUGIN_TIMEOUT_MS: u64 = 2000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spinning_policy_does_not_stall_unrelated_requests() {
+    let mock = MockUpstream::start().await;
+    let mut config = server_toml();
+    for (name, model) in [("small", "smollm2"), ("spin", "s")] {
+        config.push_str(&pool_toml(name, &mock.url(), model));
+    }
+    config.push_str(&policy_toml("test_faults", "{}", SLOW_PLUGIN_TIMEOUT_MS));
+    let sw = Switchyard::start(&config).await;
+    let client = http1_client();
+    let api = sw.api_url();
+
+    // Each task returns its reply and when it was read in full.
+    let timed = |request: reqwest::RequestBuilder| {
+        tokio::spawn(async move {
+            let reply = send(request).await;
+            (reply, Instant::now())
+        })
+    };
+    let started = Instant::now();
+    let spins: Vec<_> = (0..4)
+        .map(|k| {
+            let body = chat_body("spin", &format!("spin {k}"));
+            timed(
+                client
+                    .post(format!("{api}/v1/chat/completions"))
+                    .json(&body),
+            )
+        })
+        .collect();
+
+    // Once the plugin spins, unrelated requests must not queue behind it.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let models = timed(client.get(format!("{api}/v1/models")));
+    let body = chat_body("small", "not stuck");
+    let small = timed(
+        client
+            .post(format!("{api}/v1/chat/completions"))
+            .json(&body),
+    );
+
+    let (models, models_done) = models.await.expect("models task");
+    let (small, small_done) = small.await.expect("small task");
+    models.assert_status(200);
+    small.assert_status(200);
+    assert_eq!(small.pool(), "small");
+    let others_done = models_done.max(small_done);
+
+    let spins: Vec<(Reply, Instant)> = join_in_order(spins).await;
+    for (reply, done) in &spins {
+        // The spinning call hit its budget, then the default route served.
+        reply.assert_status(200);
+        assert_eq!(reply.pool(), "spin");
+        assert!(
+            *done > others_done,
+            "a spin request finished {:?} before the unrelated ones: \
+             they waited behind the plugin",
+            others_done - *done
+        );
+        let budget = Duration::from_millis(SLOW_PLUGIN_TIMEOUT_MS);
+        assert!(
+            done.duration_since(started) >= budget / 2,
+            "a spin request finished in {:?}: the plugin did not spin",
+            done.duration_since(started)
+        );
+    }
+}
+
+/// Awaits every task in order.
+async fn join_in_order<T>(tasks: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut done = Vec::new();
+    for task in tasks {
+        done.push(task.await.expect("request task"));
+    }
+    done
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_pool_serves_a_request_whose_policy_failed() {
+    let mut policy = policy_toml("test_faults", "{}", 1000);
+    policy.push_str("fallback_pool = \"small\"\n");
+    let (small, large, sw) = two_pools(&policy).await;
+
+    // `trap` makes the plugin trap, and no pool is named `trap`.
+    let body = chat_body("trap", "caught");
+    let reply = post(
+        &http1_client(),
+        &sw.api_url(),
+        "/v1/chat/completions",
+        &body,
+    )
+    .await;
+    reply.assert_status(200);
+    assert_eq!(reply.pool(), "small", "served by policy.fallback_pool");
+    assert_eq!(
+        reply.json["choices"][0]["message"]["content"],
+        "echo:caught"
+    );
+    assert_eq!(small.request_count(), 1);
+    assert_eq!(large.request_count(), 0);
+
+    let trap = ["kind=\"trap\""];
+    let line = wait_for_metric(&sw, "switchyard_policy_errors_total", &trap).await;
+    assert!(!line.ends_with(" 0"), "trap not counted: {line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_fallback_pool_a_failed_policy_leaves_an_unknown_model_404() {
+    let policy = policy_toml("test_faults", "{}", 1000);
+    let (small, large, sw) = two_pools(&policy).await;
+
+    let body = chat_body("trap", "nowhere to go");
+    let reply = post(
+        &http1_client(),
+        &sw.api_url(),
+        "/v1/chat/completions",
+        &body,
+    )
+    .await;
+    reply.assert_openai_error(404);
+    assert_eq!(
+        reply.json["error"]["code"], "model_not_found",
+        "{}",
+        reply.text
+    );
+    assert_eq!(small.request_count() + large.request_count(), 0);
 }

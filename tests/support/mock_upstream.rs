@@ -43,7 +43,24 @@
 //!
 //! - `x-mock-delay-ms: N`: sleep N ms before answering.
 //! - `x-mock-status: S`: answer status S with an OpenAI error body.
+//! - `x-mock-stall-body: 1`: send the status, the headers and the start of
+//!   the body (the first SSE event when streaming, the first
+//!   `STALL_PREFIX_BYTES` bytes of the JSON otherwise), then nothing more
+//!   until the connection is closed.
 //! - `closed_port_url()`: a URL where nothing listens.
+//!
+//! A coalesced upstream request carries no client headers, so faults for
+//! completions and embeddings can also be asked for in the prompt or input
+//! text. Any item that contains
+//!
+//! - `fault:reject` makes the whole request answer 400 with an OpenAI
+//!   error body whose code is `context_length_exceeded` (`REJECT_CODE`);
+//! - `fault:stall-body` stalls the body as `x-mock-stall-body: 1` does;
+//! - `fault:short` leaves one choice (or embedding) out of the answer, as a
+//!   server that miscounts a batch would.
+//!
+//! `fault:reject` wins over `fault:stall-body`, which wins over
+//! `fault:short`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -71,6 +88,21 @@ const CREATED: u64 = 1_700_000_000;
 
 /// Completion tokens the mock charges per choice.
 pub const COMPLETION_TOKENS_PER_CHOICE: u64 = 2;
+
+/// Prompt or input text that makes the mock refuse the whole request.
+pub const FAULT_REJECT: &str = "fault:reject";
+/// Prompt or input text that makes the mock stall mid-body.
+pub const FAULT_STALL_BODY: &str = "fault:stall-body";
+/// Prompt or input text that makes the mock drop one choice.
+pub const FAULT_SHORT: &str = "fault:short";
+
+/// The error `code` of a `fault:reject` answer.
+pub const REJECT_CODE: &str = "context_length_exceeded";
+/// The error message of a `fault:reject` answer.
+pub const REJECT_MESSAGE: &str = "mock upstream refused a prompt marked fault:reject";
+
+/// Bytes of a JSON answer sent before a stall.
+pub const STALL_PREFIX_BYTES: usize = 8;
 
 type MockBody = BoxBody<Bytes, Infallible>;
 
@@ -263,14 +295,32 @@ async fn handle(
         return Ok(error(status, "server_error", &message));
     }
 
+    // Faults named in the prompt or input text, for coalesced requests.
+    let field = if path.ends_with("/embeddings") {
+        "input"
+    } else {
+        "prompt"
+    };
+    let items = text_items(&body[field]).unwrap_or_default();
+    let has = |fault: &str| items.iter().any(|item| item.contains(fault));
+    if has(FAULT_REJECT) {
+        let body = json!({"error": {
+            "message": REJECT_MESSAGE, "type": "invalid_request_error",
+            "param": field, "code": REJECT_CODE,
+        }});
+        return Ok(json_response(StatusCode::BAD_REQUEST, &body));
+    }
+    let stall = has(FAULT_STALL_BODY) || header_u64(&headers, "x-mock-stall-body") == Some(1);
+    let short = has(FAULT_SHORT);
+
     let delay = header_u64(&headers, "x-mock-chunk-delay-ms")
         .map(Duration::from_millis)
         .unwrap_or_default();
     let id = state.next_id.fetch_add(1, Ordering::SeqCst);
     let reply = match (&method, path.as_str()) {
-        (&Method::POST, "/v1/completions") => completions(&body, id, delay),
+        (&Method::POST, "/v1/completions") => completions(&body, id, delay, short),
         (&Method::POST, "/v1/chat/completions") => chat(&body, id, delay),
-        (&Method::POST, "/v1/embeddings") => embeddings(&body),
+        (&Method::POST, "/v1/embeddings") => embeddings(&body, short),
         (&Method::GET, "/v1/models") => json_response(StatusCode::OK, &models()),
         _ => error(
             StatusCode::NOT_FOUND,
@@ -278,10 +328,13 @@ async fn handle(
             "no such route",
         ),
     };
+    if stall && reply.status().is_success() {
+        return Ok(stall_body(reply));
+    }
     Ok(reply)
 }
 
-fn completions(body: &Value, id: u64, delay: Duration) -> Response<MockBody> {
+fn completions(body: &Value, id: u64, delay: Duration, short: bool) -> Response<MockBody> {
     let Some(prompts) = text_items(&body["prompt"]) else {
         return bad_request("`prompt` must be a string or an array");
     };
@@ -330,7 +383,7 @@ fn completions(body: &Value, id: u64, delay: Duration) -> Response<MockBody> {
     }
 
     // Reverse order on purpose: the proxy must sort by index.
-    let choices: Vec<Value> = texts
+    let mut choices: Vec<Value> = texts
         .iter()
         .enumerate()
         .rev()
@@ -341,6 +394,9 @@ fn completions(body: &Value, id: u64, delay: Duration) -> Response<MockBody> {
             })
         })
         .collect();
+    if short {
+        choices.pop();
+    }
     json_response(
         StatusCode::OK,
         &json!({
@@ -420,13 +476,13 @@ fn chat(body: &Value, id: u64, delay: Duration) -> Response<MockBody> {
     )
 }
 
-fn embeddings(body: &Value) -> Response<MockBody> {
+fn embeddings(body: &Value, short: bool) -> Response<MockBody> {
     let Some(inputs) = text_items(&body["input"]) else {
         return bad_request("`input` must be a string or an array");
     };
     let base64 = body["encoding_format"] == "base64";
 
-    let data: Vec<Value> = inputs
+    let mut data: Vec<Value> = inputs
         .iter()
         .enumerate()
         .rev()
@@ -440,6 +496,9 @@ fn embeddings(body: &Value) -> Response<MockBody> {
             json!({"object": "embedding", "index": index, "embedding": embedding})
         })
         .collect();
+    if short {
+        data.pop();
+    }
     let prompt_tokens: u64 = inputs.iter().map(|i| word_count(i)).sum();
     json_response(
         StatusCode::OK,
@@ -594,6 +653,35 @@ fn sse(events: Vec<Value>, delay: Duration) -> Response<MockBody> {
         hyper::header::HeaderValue::from_static("text/event-stream"),
     );
     response
+}
+
+/// Keeps `reply`'s status and headers but sends only the start of its
+/// body (the first frame of a stream, the first `STALL_PREFIX_BYTES` of
+/// a JSON answer), then nothing until the connection is closed.
+fn stall_body(reply: Response<MockBody>) -> Response<MockBody> {
+    let (parts, mut body) = reply.into_parts();
+    let json = parts
+        .headers
+        .get(hyper::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    let (tx, rx) = mpsc::channel(1);
+    tokio::spawn(async move {
+        let first = match body.frame().await {
+            Some(Ok(frame)) => frame.into_data().unwrap_or_default(),
+            _ => Bytes::new(),
+        };
+        let first = if json {
+            first.slice(..first.len().min(STALL_PREFIX_BYTES))
+        } else {
+            first
+        };
+        if tx.send(first).await.is_err() {
+            return;
+        }
+        // Hold the body open, sending nothing, until hyper drops it.
+        tx.closed().await;
+    });
+    Response::from_parts(parts, ChannelBody { rx }.boxed())
 }
 
 /// A response body fed by a channel, one data frame per message.

@@ -14,6 +14,7 @@ pub mod mock_upstream;
 pub mod switchyard;
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -189,6 +190,26 @@ pub async fn metrics_text(sw: &Switchyard) -> String {
     let reply = send(http1_client().get(format!("{}/metrics", sw.admin_url()))).await;
     reply.assert_status(200);
     reply.text
+}
+
+/// Polls `/metrics` for up to 5 s until `name` has a sample line that
+/// contains every one of `parts`; fails showing the last exposition.
+pub async fn wait_for_metric(sw: &Switchyard, name: &str, parts: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = metrics_text(sw).await;
+        let found = metric_lines(&text, name)
+            .into_iter()
+            .find(|line| parts.iter().all(|part| line.contains(part)));
+        if let Some(line) = found {
+            return line.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no `{name}` sample containing {parts:?} in /metrics:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Lines of a Prometheus exposition for metric `name` (samples only).
