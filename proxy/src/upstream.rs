@@ -154,36 +154,60 @@ impl Pool {
     /// Sends `body` as a POST to `path` on the next endpoint and waits for
     /// the response headers, at most the pool's request timeout. The body
     /// of the response is not awaited: it streams.
+    ///
+    /// An endpoint that cannot be connected to never saw the request, so
+    /// the next endpoint is tried, each at most once.
+    // Limitation: a failing endpoint stays in the rotation; nothing ejects
+    // it, so every turn of the rotation pays its connect attempt.
     pub async fn post(
         &self,
         path: &str,
         headers: &HeaderMap,
         body: Bytes,
     ) -> Result<UpstreamResponse, ApiError> {
-        let index = self.next.fetch_add(1, Ordering::Relaxed);
-        let endpoint = &self.endpoints[index % self.endpoints.len()];
-        let request = self.build_request(endpoint, path, headers, body)?;
-
+        let first = self.next.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
-        let sent = self.client.request(request);
-        let response = match tokio::time::timeout(self.request_timeout, sent).await {
-            Ok(Ok(response)) => response,
-            Ok(Err(e)) => return Err(self.transport_error(endpoint, &e)),
-            Err(_) => {
-                let message = format!(
-                    "pool {:?}: upstream {endpoint} did not answer within \
-                     {} ms",
-                    self.name,
-                    self.request_timeout.as_millis()
-                );
-                return Err(ApiError::new(ErrorKind::UpstreamTimeout, message));
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
+
+        for attempt in 0..self.endpoints.len() {
+            let endpoint = &self.endpoints[(first + attempt) % self.endpoints.len()];
+            let request = self.build_request(endpoint, path, headers, body.clone())?;
+            let sent = self.client.request(request);
+            let error = match tokio::time::timeout_at(deadline, sent).await {
+                Ok(Ok(response)) => {
+                    return Ok(UpstreamResponse {
+                        response,
+                        endpoint: endpoint.clone(),
+                        elapsed: started.elapsed(),
+                    })
+                }
+                Ok(Err(e)) => e,
+                Err(_) => {
+                    let message = format!(
+                        "pool {:?}: upstream {endpoint} did not answer within \
+                         {} ms",
+                        self.name,
+                        self.request_timeout.as_millis()
+                    );
+                    return Err(ApiError::new(ErrorKind::UpstreamTimeout, message));
+                }
+            };
+
+            let last = attempt + 1 == self.endpoints.len();
+            if !error.is_connect() || last {
+                return Err(self.transport_error(endpoint, &error));
             }
-        };
-        Ok(UpstreamResponse {
-            response,
-            endpoint: endpoint.clone(),
-            elapsed: started.elapsed(),
-        })
+            tracing::warn!(
+                pool = %self.name,
+                upstream = %endpoint,
+                error = %error_chain(&error),
+                "cannot connect to upstream; trying the pool's next endpoint"
+            );
+        }
+        Err(ApiError::new(
+            ErrorKind::Internal,
+            format!("pool {:?} has no endpoints", self.name),
+        ))
     }
 
     /// Wraps an upstream response body so that a stall longer than the

@@ -238,3 +238,34 @@ async fn unknown_path_is_404_and_wrong_method_is_405() {
 
     assert_still_serves(&sw).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusing_endpoint_is_skipped_for_the_pools_next_one() {
+    let mock = MockUpstream::start().await;
+    let dead = closed_port_url();
+    let config = format!(
+        "{}\n[[pool]]\nname = \"small\"\nendpoints = [\"{dead}\", \"{}\"]\n\
+         model = \"smollm2\"\nconnect_timeout_ms = 1000\n",
+        server_toml(),
+        mock.url()
+    );
+    let sw = Switchyard::start(&config).await;
+
+    // The rotation starts on each endpoint in turn; every request must
+    // still reach the live one.
+    for k in 0..4 {
+        let reply = post(
+            &http1_client(),
+            &sw.api_url(),
+            "/v1/chat/completions",
+            &chat_body("small", &format!("try {k}")),
+        )
+        .await;
+        reply.assert_status(200);
+        assert_eq!(
+            reply.json["choices"][0]["message"]["content"],
+            format!("echo:try {k}")
+        );
+    }
+    assert_eq!(mock.requests_to("/v1/chat/completions").len(), 4);
+}
