@@ -210,7 +210,10 @@ impl Config {
     /// Parses and validates configuration text.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         let config = parse_strict(text)?;
-        config.validate()?;
+        config.validate().map_err(|mut e| {
+            e.line = e.line.or_else(|| line_of_key(text, &e.key));
+            e
+        })?;
         Ok(config)
     }
 
@@ -332,6 +335,27 @@ fn parse_strict(text: &str) -> Result<Config, ConfigError> {
             message: inner.message().to_string(),
         }
     })
+}
+
+/// The line where the value at `key` (`pool[1].batch.max_wait_ms`) is
+/// written, found by parsing the text again with spans.
+fn line_of_key(text: &str, key: &str) -> Option<usize> {
+    let root = toml::de::DeTable::parse(text).ok()?;
+    let mut span = root.span();
+    let mut value = toml::de::DeValue::Table(root.into_inner());
+    for segment in key.split('.') {
+        let (name, indices) = segment.split_once('[').unwrap_or((segment, ""));
+        let mut next = value.get(name)?.clone();
+        for index in indices.split('[') {
+            let Ok(index) = index.trim_end_matches(']').parse::<usize>() else {
+                continue;
+            };
+            next = next.get_ref().get(index)?.clone();
+        }
+        span = next.span();
+        value = next.into_inner();
+    }
+    Some(line_of(text, span.start))
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -460,10 +484,21 @@ model = "big"
     }
 
     #[test]
-    fn zero_wait_is_rejected_with_full_key() {
+    fn zero_wait_is_rejected_with_full_key_and_line() {
         let text = EXAMPLE.replace("max_wait_ms = 50", "max_wait_ms = 0");
         let err = Config::parse(&text).unwrap_err();
         assert_eq!(err.key, "pool[0].batch.max_wait_ms");
+        assert_eq!(err.line, Some(12), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_in_arrays_report_their_line() {
+        let text = EXAMPLE.replace("http://127.0.0.1:8002", "127.0.0.1:8002");
+        let err = Config::parse(&text).unwrap_err();
+        assert_eq!(err.line, Some(16), "{err}");
+        let text = EXAMPLE.replace("name = \"large\"", "name = \"small\"");
+        let err = Config::parse(&text).unwrap_err();
+        assert_eq!(err.line, Some(15), "{err}");
     }
 
     #[test]
