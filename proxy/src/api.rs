@@ -29,6 +29,8 @@ pub struct ApiRequest {
     pub item_form: ItemForm,
     /// Choices per prompt (`n`). Default 1.
     pub n: u64,
+    /// The request URI's query string, sent upstream unchanged.
+    pub query: Option<String>,
 }
 
 /// How the prompt or input items are written.
@@ -92,7 +94,16 @@ impl ApiRequest {
             items,
             item_form,
             n,
+            query: None,
         })
+    }
+
+    /// The path and query to request upstream.
+    pub fn upstream_path(&self) -> String {
+        match &self.query {
+            Some(query) => format!("{}?{query}", self.endpoint.path()),
+            None => self.endpoint.path().to_string(),
+        }
     }
 
     /// The field that holds the items: `prompt` or `input`.

@@ -141,6 +141,7 @@ impl App {
             }
         };
         let mut api = ApiRequest::parse(endpoint, &bytes)?;
+        api.query = parts.uri.query().map(str::to_string);
 
         let Route {
             pool,
@@ -193,8 +194,9 @@ async fn forward(
     headers: &HeaderMap,
     api: ApiRequest,
 ) -> Result<Response<Body>, ApiError> {
+    let path = api.upstream_path();
     let body = Bytes::from(Value::Object(api.body).to_string());
-    let upstream = pool.post(endpoint.path(), headers, body).await?;
+    let upstream = pool.post(&path, headers, body).await?;
     metrics::record_upstream(&pool.name, endpoint, upstream.elapsed);
 
     let (parts, body) = upstream.response.into_parts();
@@ -299,7 +301,7 @@ impl Drop for RequestRecord {
         metrics::record_request(pool, self.endpoint, CLIENT_CLOSED, elapsed);
         tracing::info!(
             method = %self.method,
-            path = %self.path,
+            path = self.path.as_str(),
             pool,
             status = CLIENT_CLOSED,
             latency_ms = elapsed.as_secs_f64() * 1000.0,

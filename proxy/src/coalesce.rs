@@ -220,6 +220,8 @@ fn stitch(
 struct Job {
     key: String,
     endpoint: Endpoint,
+    /// Upstream path and query.
+    path: String,
     /// The body without its items.
     template: Map<String, Value>,
     headers: HeaderMap,
@@ -240,6 +242,7 @@ impl Job {
                 "chat requests cannot be coalesced",
             ));
         };
+        let path = request.upstream_path();
         let mut template = request.body;
         template.remove(field);
 
@@ -249,16 +252,12 @@ impl Job {
                 batch_headers.append(name, value.clone());
             }
         }
-        let key = compatibility_key(
-            request.endpoint,
-            request.item_form,
-            &template,
-            &batch_headers,
-        );
+        let key = compatibility_key(&path, request.item_form, &template, &batch_headers);
 
         Ok(Self {
             key,
             endpoint: request.endpoint,
+            path,
             template,
             headers: batch_headers,
             items: request.items,
@@ -269,16 +268,16 @@ impl Job {
 }
 
 /// Requests share an upstream request only when this key is equal: the
-/// endpoint, the form of the items, every other body field and the
+/// path and query, the form of the items, every other body field and the
 /// forwarded credentials. serde_json's maps are ordered by key, so equal
 /// bodies serialize equally whatever order the client wrote them in.
 fn compatibility_key(
-    endpoint: Endpoint,
+    path: &str,
     form: ItemForm,
     template: &Map<String, Value>,
     headers: &HeaderMap,
 ) -> String {
-    let mut key = format!("{}|{form:?}|", endpoint.label());
+    let mut key = format!("{path}|{form:?}|");
     key.push_str(&Value::Object(template.clone()).to_string());
     for (name, value) in headers {
         key.push('|');
@@ -398,9 +397,9 @@ async fn send_batch(pool: Arc<Pool>, mut jobs: Vec<Job>) {
 
     // When every caller has gone, the upstream request is dropped, which
     // closes its connection rather than wait for an answer nobody reads.
-    let headers = first.headers.clone();
+    let (headers, path) = (first.headers.clone(), first.path.clone());
     let answer = tokio::select! {
-        answer = fetch(&pool, endpoint, &headers, body) => answer,
+        answer = fetch(&pool, endpoint, &path, &headers, body) => answer,
         () = all_gone(&mut jobs) => {
             tracing::debug!(pool = %pool.name, "every caller left; batch aborted");
             return;
@@ -472,23 +471,23 @@ async fn all_gone(jobs: &mut [Job]) {
 async fn fetch(
     pool: &Pool,
     endpoint: Endpoint,
+    path: &str,
     headers: &HeaderMap,
     body: Bytes,
 ) -> Result<(StatusCode, Bytes), ApiError> {
-    let upstream = pool.post(endpoint.path(), headers, body).await?;
+    let upstream = pool.post(path, headers, body).await?;
     let status = upstream.response.status();
     let body = pool.watch_body(upstream.response.into_body());
     let collected = body.collect().await.map_err(|e| {
-        let kind = if e.is::<BodyStalled>() {
-            ErrorKind::UpstreamTimeout
-        } else {
-            ErrorKind::UpstreamUnavailable
-        };
+        // A stall names the pool itself; a break gets the pool added.
+        if e.is::<BodyStalled>() {
+            return ApiError::new(ErrorKind::UpstreamTimeout, e.to_string());
+        }
         let message = format!(
             "pool {:?}: upstream {} broke off its answer: {e}",
             pool.name, upstream.endpoint
         );
-        ApiError::new(kind, message)
+        ApiError::new(ErrorKind::UpstreamUnavailable, message)
     })?;
     metrics::record_upstream(&pool.name, endpoint, upstream.elapsed);
     Ok((status, collected.to_bytes()))
@@ -724,6 +723,7 @@ mod tests {
         Job {
             key: String::new(),
             endpoint: Endpoint::Completions,
+            path: "/v1/completions".to_string(),
             template: Map::new(),
             headers: HeaderMap::new(),
             items,
@@ -875,9 +875,8 @@ mod tests {
         let mut b = a.clone();
         b.insert("temperature".into(), json!(0.7));
         let headers = HeaderMap::new();
-        let key = |t: &Map<String, Value>, form| {
-            compatibility_key(Endpoint::Completions, form, t, &headers)
-        };
+        let key =
+            |t: &Map<String, Value>, form| compatibility_key("/v1/completions", form, t, &headers);
         assert_ne!(key(&a, ItemForm::Text), key(&b, ItemForm::Text));
         assert_ne!(key(&a, ItemForm::Text), key(&a, ItemForm::Tokens));
         assert_eq!(key(&a, ItemForm::Text), key(&a.clone(), ItemForm::Text));

@@ -67,10 +67,13 @@ fn check(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    let pools = match config.pool.len() {
+        1 => "1 pool".to_string(),
+        n => format!("{n} pools"),
+    };
     eprintln!(
-        "{}: ok ({} pools, policy: {})",
+        "{}: ok ({pools}, policy: {})",
         path.display(),
-        config.pool.len(),
         config
             .policy
             .as_ref()

@@ -16,9 +16,9 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::app::App;
 use crate::body::{full, Body};
@@ -94,36 +94,30 @@ pub async fn run(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_millis(config.server.header_read_timeout_ms));
+    let first_byte = Duration::from_millis(config.server.header_read_timeout_ms);
+    let mut accept_errors = AcceptErrors::default();
     loop {
         tokio::select! {
             accepted = api_listener.accept() => {
-                let Some(stream) = accepted_stream(accepted).await else {
+                let Some(stream) = accept_errors.check(accepted).await else {
                     continue;
                 };
                 let service = service_fn(api_service.clone());
-                let connection = builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .into_owned();
-                let connection = graceful.watch(connection);
+                let watcher = graceful.watcher();
+                let builder = builder.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!(error = %e, "api connection closed");
-                    }
+                    serve(stream, builder, service, watcher, first_byte, "api").await;
                 });
             }
             accepted = admin_listener.accept() => {
-                let Some(stream) = accepted_stream(accepted).await else {
+                let Some(stream) = accept_errors.check(accepted).await else {
                     continue;
                 };
                 let service = service_fn(admin_service.clone());
-                let connection = builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .into_owned();
-                let connection = graceful.watch(connection);
+                let watcher = graceful.watcher();
+                let builder = builder.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!(error = %e, "admin connection closed");
-                    }
+                    serve(stream, builder, service, watcher, first_byte, "admin").await;
                 });
             }
             () = &mut shutdown => break,
@@ -158,21 +152,81 @@ fn local_addr(listener: &TcpListener) -> Result<SocketAddr, String> {
         .map_err(|e| format!("cannot read the listening address: {e}"))
 }
 
-async fn accepted_stream(
-    accepted: std::io::Result<(tokio::net::TcpStream, SocketAddr)>,
-) -> Option<tokio::net::TcpStream> {
-    match accepted {
-        Ok((stream, _peer)) => {
-            if let Err(e) = stream.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+/// Serves one connection until it closes. A client must send its first
+/// byte within `first_byte`: hyper's own header timeout starts only once
+/// it has seen a request line, so a silent connection would otherwise be
+/// held for ever.
+// Limitation: an HTTP/2 connection that opens no stream after its preface
+// is held until the client closes it; there is no idle timeout yet.
+async fn serve<S>(
+    stream: TcpStream,
+    builder: auto::Builder<TokioExecutor>,
+    service: S,
+    watcher: Watcher,
+    first_byte: Duration,
+    listener: &'static str,
+) where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut probe = [0u8; 1];
+    match tokio::time::timeout(first_byte, stream.peek(&mut probe)).await {
+        Ok(Ok(read)) if read > 0 => {}
+        Ok(Ok(_)) | Ok(Err(_)) => return,
+        Err(_) => {
+            tracing::debug!(listener, "client sent nothing in time; closing");
+            return;
+        }
+    }
+
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    if let Err(e) = watcher.watch(connection).await {
+        tracing::debug!(listener, error = %e, "connection closed");
+    }
+}
+
+/// Handles failed accepts: pauses so the loop does not spin, and warns at
+/// most once a second (running out of file descriptors fails every
+/// accept).
+#[derive(Debug, Default)]
+struct AcceptErrors {
+    last_warning: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl AcceptErrors {
+    async fn check(
+        &mut self,
+        accepted: std::io::Result<(TcpStream, SocketAddr)>,
+    ) -> Option<TcpStream> {
+        let error = match accepted {
+            Ok((stream, _peer)) => {
+                if let Err(e) = stream.set_nodelay(true) {
+                    tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+                }
+                return Some(stream);
             }
-            Some(stream)
+            Err(error) => error,
+        };
+
+        let now = std::time::Instant::now();
+        let quiet = self
+            .last_warning
+            .is_some_and(|last| now.duration_since(last) < Duration::from_secs(1));
+        if quiet {
+            self.suppressed += 1;
+        } else {
+            tracing::warn!(
+                error = %error,
+                failures_since_last_warning = self.suppressed,
+                "accept failed; retrying"
+            );
+            self.last_warning = Some(now);
+            self.suppressed = 0;
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "accept failed; retrying");
-            tokio::time::sleep(ACCEPT_BACKOFF).await;
-            None
-        }
+        tokio::time::sleep(ACCEPT_BACKOFF).await;
+        None
     }
 }
 

@@ -98,6 +98,13 @@ pub fn parse_endpoint(url: &str) -> Result<UpstreamEndpoint, String> {
         return Err(format!("{url:?} must not have a query string"));
     }
     let mut prefix = uri.path().trim_end_matches('/').to_string();
+    let api_paths = ["/completions", "/embeddings", "/models"];
+    if api_paths.iter().any(|api| prefix.ends_with(api)) {
+        return Err(format!(
+            "{url:?} names an API path; give the server's base URL \
+             (for example http://127.0.0.1:8001/v1)"
+        ));
+    }
     if prefix.ends_with("/v1") {
         prefix.truncate(prefix.len() - 3);
     }
@@ -230,9 +237,17 @@ impl Pool {
         *request.method_mut() = Method::POST;
         *request.uri_mut() = uri;
 
+        // Headers the client named in `Connection` are for this hop only.
+        let hop_only: Vec<String> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .map(|name| name.trim().to_ascii_lowercase())
+            .collect();
         let forwarded = request.headers_mut();
         for (name, value) in headers {
-            if is_forwarded(name) {
+            if is_forwarded(name) && !hop_only.iter().any(|hop| hop == name.as_str()) {
                 forwarded.append(name.clone(), value.clone());
             }
         }
@@ -267,6 +282,7 @@ fn is_forwarded(name: &header::HeaderName) -> bool {
         && name != "content-length"
         && name != "content-type"
         && name != "accept-encoding"
+        && name != "expect"
 }
 
 /// Copies upstream response headers that describe the message (not the
@@ -316,6 +332,7 @@ mod tests {
             "https://h:1",
             "http://",
             "http://u:p@h:1",
+            "http://h:1/v1/chat/completions",
         ];
         for url in urls {
             assert!(parse_endpoint(url).is_err(), "{url}");

@@ -262,6 +262,17 @@ fn parse_response(bytes: &[u8]) -> Option<(u16, String)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_sends_nothing_is_disconnected() {
+    let (mock, sw) = fault_rig(&read_timeouts()).await;
+
+    let mut stream = connect(&sw).await;
+    read_until_closed(&mut stream).await;
+
+    assert_eq!(mock.request_count(), 0, "nothing reaches the upstream");
+    assert_still_serves(&sw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_finishes_its_headers_is_disconnected() {
     let (mock, sw) = fault_rig(&read_timeouts()).await;
 

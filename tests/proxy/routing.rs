@@ -535,3 +535,34 @@ async fn without_fallback_pool_a_failed_policy_leaves_an_unknown_model_404() {
     );
     assert_eq!(small.request_count() + large.request_count(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_string_goes_upstream_and_hop_headers_do_not() {
+    let mock = MockUpstream::start().await;
+    let sw = Switchyard::start(&crate::support::small_pool_config(&mock)).await;
+
+    let url = format!(
+        "{}/v1/chat/completions?api-version=2024-06-01",
+        sw.api_url()
+    );
+    let reply = send(
+        http1_client()
+            .post(url)
+            .header("connection", "keep-alive, x-hop-secret")
+            .header("x-hop-secret", "s3")
+            .header("x-kept", "yes")
+            .json(&chat_body("small", "hello")),
+    )
+    .await;
+
+    reply.assert_status(200);
+    let upstream = mock.requests_to("/v1/chat/completions");
+    assert_eq!(upstream.len(), 1);
+    assert_eq!(upstream[0].query.as_deref(), Some("api-version=2024-06-01"));
+    assert_eq!(
+        upstream[0].header("x-hop-secret"),
+        None,
+        "named in Connection"
+    );
+    assert_eq!(upstream[0].header("x-kept"), Some("yes"));
+}

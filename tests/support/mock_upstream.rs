@@ -112,6 +112,8 @@ pub struct RecordedRequest {
     pub method: String,
     /// Path without the query string.
     pub path: String,
+    /// The query string, when there was one.
+    pub query: Option<String>,
     /// Header names are lowercase.
     pub headers: Vec<(String, String)>,
     /// The body parsed as JSON, `Null` when empty or not JSON.
@@ -262,6 +264,7 @@ async fn handle(
 ) -> Result<Response<MockBody>, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let query = req.uri().query().map(str::to_string);
     let headers = req.headers().clone();
     let raw = match req.into_body().collect().await {
         Ok(collected) => collected.to_bytes(),
@@ -275,6 +278,7 @@ async fn handle(
         let recorded = RecordedRequest {
             method: method.to_string(),
             path: path.clone(),
+            query,
             headers: header_pairs(&headers),
             body: body.clone(),
         };
