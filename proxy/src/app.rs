@@ -75,10 +75,6 @@ impl App {
         })
     }
 
-    pub fn router(&self) -> &Router {
-        &self.router
-    }
-
     /// Answers one API request. Never fails: errors become OpenAI error
     /// responses here.
     pub async fn handle(&self, request: Request<Incoming>) -> Response<Body> {

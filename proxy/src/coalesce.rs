@@ -164,10 +164,7 @@ fn stitch(
         replies.push(reply);
     }
 
-    let field = match endpoint {
-        Endpoint::Completions => "choices",
-        _ => "data",
-    };
+    let field = entries_field(endpoint);
     let invalid = || {
         ApiError::new(
             ErrorKind::UpstreamInvalid,
@@ -220,6 +217,8 @@ fn stitch(
 struct Job {
     key: String,
     endpoint: Endpoint,
+    /// The body field that holds the items: `prompt` or `input`.
+    field: &'static str,
     /// Upstream path and query.
     path: String,
     /// The body without its items.
@@ -257,6 +256,7 @@ impl Job {
         Ok(Self {
             key,
             endpoint: request.endpoint,
+            field,
             path,
             template,
             headers: batch_headers,
@@ -278,7 +278,7 @@ fn compatibility_key(
     headers: &HeaderMap,
 ) -> String {
     let mut key = format!("{path}|{form:?}|");
-    key.push_str(&Value::Object(template.clone()).to_string());
+    key.push_str(&serde_json::to_string(template).unwrap_or_default());
     for (name, value) in headers {
         key.push('|');
         key.push_str(name.as_str());
@@ -384,14 +384,11 @@ async fn send_batch(pool: Arc<Pool>, mut jobs: Vec<Job>) {
     let Some(first) = jobs.first() else { return };
 
     let endpoint = first.endpoint;
-    let Some(field) = items_field(endpoint) else {
-        return;
-    };
     let counts: Vec<usize> = jobs.iter().map(|job| job.items.len()).collect();
     let batch_items: usize = counts.iter().sum();
     let mut body = first.template.clone();
     let items = jobs.iter().flat_map(|job| job.items.iter().cloned());
-    body.insert(field.to_string(), Value::Array(items.collect()));
+    body.insert(first.field.to_string(), Value::Array(items.collect()));
     let body = Bytes::from(Value::Object(body).to_string());
     metrics::record_batch(&pool.name, endpoint, batch_items);
 
@@ -493,11 +490,11 @@ async fn fetch(
     Ok((status, collected.to_bytes()))
 }
 
-fn items_field(endpoint: Endpoint) -> Option<&'static str> {
+/// The answer's field that lists one entry per item (and choice).
+fn entries_field(endpoint: Endpoint) -> &'static str {
     match endpoint {
-        Endpoint::Completions => Some("prompt"),
-        Endpoint::Embeddings => Some("input"),
-        Endpoint::ChatCompletions => None,
+        Endpoint::Completions => "choices",
+        _ => "data",
     }
 }
 
@@ -515,26 +512,26 @@ fn split(
             format!("pool {pool:?}: upstream answer to a batched request {what}"),
         )
     };
-    let Ok(Value::Object(answer)) = serde_json::from_slice::<Value>(body) else {
+    let Ok(Value::Object(mut answer)) = serde_json::from_slice::<Value>(body) else {
         return Err(invalid("is not a JSON object"));
     };
-    let n = jobs.first().map_or(1, |job| job.n);
-
-    let (field, per_item) = match endpoint {
-        Endpoint::Completions => ("choices", n),
-        _ => ("data", 1),
+    let field = entries_field(endpoint);
+    let per_item = match endpoint {
+        Endpoint::Completions => jobs.first().map_or(1, |job| job.n),
+        _ => 1,
     };
-    let Some(Value::Array(entries)) = answer.get(field) else {
+    let Some(Value::Array(entries)) = answer.remove(field) else {
         return Err(invalid(&format!("has no `{field}` array")));
     };
-    let parts = split_entries(entries, counts, per_item).map_err(|message| invalid(&message))?;
+    let parts = split_entries(&entries, counts, per_item).map_err(|message| invalid(&message))?;
 
     let weights = WeightSet::new(jobs, &parts, endpoint);
-    let usages = answer
-        .get("usage")
-        .and_then(Value::as_object)
-        .map(|usage| split_usage(usage, &weights));
+    let usages = match answer.remove("usage") {
+        Some(Value::Object(usage)) => Some(split_usage(&usage, &weights)),
+        _ => None,
+    };
 
+    // `answer` now holds only what every share repeats (id, model, ...).
     let mut bodies = Vec::with_capacity(jobs.len());
     for (k, entries) in parts.into_iter().enumerate() {
         let mut share = answer.clone();
@@ -723,6 +720,7 @@ mod tests {
         Job {
             key: String::new(),
             endpoint: Endpoint::Completions,
+            field: "prompt",
             path: "/v1/completions".to_string(),
             template: Map::new(),
             headers: HeaderMap::new(),

@@ -7,15 +7,15 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
 /// Default API listener.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_LISTEN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8080));
 /// Default admin listener (metrics, health).
-pub const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
+pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9901));
 /// Default largest request body: 8 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 8 * 1024 * 1024;
 /// Default time a shutdown waits for in-flight requests: 30 s.
@@ -376,11 +376,11 @@ fn invalid(key: &str, message: &str) -> ConfigError {
 }
 
 fn default_listen() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 8080))
+    DEFAULT_LISTEN
 }
 
 fn default_admin() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 9901))
+    DEFAULT_ADMIN
 }
 
 fn default_max_body_bytes() -> u64 {
@@ -463,8 +463,8 @@ model = "big"
     fn empty_file_is_a_valid_config() {
         let config = Config::parse("").unwrap();
         assert!(config.pool.is_empty());
-        assert_eq!(config.server.listen.to_string(), DEFAULT_LISTEN);
-        assert_eq!(config.server.admin.to_string(), DEFAULT_ADMIN);
+        assert_eq!(config.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.server.admin.to_string(), "127.0.0.1:9901");
     }
 
     #[test]

@@ -61,14 +61,6 @@ impl Router {
         &self.names
     }
 
-    pub fn pool(&self, name: &str) -> Option<&Arc<Pool>> {
-        self.pools.get(name)
-    }
-
-    pub fn policy(&self) -> Option<&Policy> {
-        self.policy.as_ref()
-    }
-
     /// Chooses the pool for `request`.
     pub fn route(&self, request: &ApiRequest, headers: &HeaderMap) -> Result<Route, ApiError> {
         let Some(policy) = &self.policy else {

@@ -5,8 +5,8 @@
 use serde_json::{json, Value};
 
 use crate::support::{
-    chat_body, closed_port_url, http1_client, post, send, server_toml, MockUpstream, Reply,
-    Switchyard,
+    assert_still_serves, chat_body, closed_port_url, http1_client, post, send, server_toml,
+    MockUpstream, Reply, Switchyard,
 };
 
 /// Body limit of the error rig, in bytes.
@@ -40,19 +40,6 @@ async fn error_rig() -> (MockUpstream, Switchyard) {
 /// A chat request for `model` saying "hello".
 fn hello(model: &str) -> Value {
     chat_body(model, "hello")
-}
-
-/// A normal request still succeeds: the previous error broke nothing.
-async fn assert_still_serves(sw: &Switchyard) {
-    let reply = post(
-        &http1_client(),
-        &sw.api_url(),
-        "/v1/chat/completions",
-        &hello("small"),
-    )
-    .await;
-    reply.assert_status(200);
-    assert_eq!(reply.json["choices"][0]["message"]["content"], "echo:hello");
 }
 
 /// POSTs raw bytes as JSON.

@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::support::{
-    chat_body, http1_client, pool_toml, post, server_toml,
+    assert_still_serves, chat_body, http1_client, pool_toml, server_toml,
     switchyard::{log_message, log_text},
     wait_for_metric, MockUpstream, Switchyard,
 };
@@ -46,23 +46,6 @@ async fn fault_rig(server_extra: &str) -> (MockUpstream, Switchyard) {
     ));
     let sw = Switchyard::start(&config).await;
     (mock, sw)
-}
-
-/// A normal request still succeeds: the previous fault broke nothing.
-async fn assert_still_serves(sw: &Switchyard) {
-    let body = chat_body("small", "still here");
-    let reply = post(
-        &http1_client(),
-        &sw.api_url(),
-        "/v1/chat/completions",
-        &body,
-    )
-    .await;
-    reply.assert_status(200);
-    assert_eq!(
-        reply.json["choices"][0]["message"]["content"],
-        "echo:still here"
-    );
 }
 
 /// Sends a chat to the stalling pool whose upstream stalls mid-body.

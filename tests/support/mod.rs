@@ -246,3 +246,21 @@ pub fn sse_event_data(event: &str) -> Option<String> {
         .collect();
     (!data.is_empty()).then(|| data.join("\n"))
 }
+
+/// A normal request to pool `small` still succeeds: whatever fault came
+/// before broke nothing.
+pub async fn assert_still_serves(sw: &Switchyard) {
+    let body = chat_body("small", "still here");
+    let reply = post(
+        &http1_client(),
+        &sw.api_url(),
+        "/v1/chat/completions",
+        &body,
+    )
+    .await;
+    reply.assert_status(200);
+    assert_eq!(
+        reply.json["choices"][0]["message"]["content"],
+        "echo:still here"
+    );
+}
