@@ -7,8 +7,4 @@
 //! a KV cache, [`sampler`] picks tokens, and [`engine`] schedules many
 //! sequences into one running batch. Nothing here knows about HTTP.
 
-pub mod gguf;
-pub mod quant;
-pub mod tokenizer;
-pub mod chat;
 pub mod tensor;
