@@ -25,6 +25,8 @@ mod config_check;
 mod errors;
 #[path = "proxy/faults.rs"]
 mod faults;
+#[path = "proxy/local.rs"]
+mod local;
 #[path = "proxy/logs.rs"]
 mod logs;
 #[path = "proxy/metrics.rs"]

@@ -19,8 +19,9 @@ use switchyard_policy::Endpoint;
 use crate::api::ApiRequest;
 use crate::body::{full, Body};
 use crate::coalesce::{BatchLimits, Coalescer};
-use crate::config::Config;
+use crate::config::{Config, PoolKind};
 use crate::error::{ApiError, ErrorKind};
+use crate::local::LocalPool;
 use crate::metrics;
 use crate::routing::{Route, Router};
 use crate::upstream::{copy_response_headers, Pool};
@@ -34,6 +35,8 @@ pub const BATCH_SIZE_HEADER: &str = "x-switchyard-batch-size";
 #[derive(Debug)]
 pub struct App {
     router: Router,
+    upstreams: HashMap<String, Arc<Pool>>,
+    locals: HashMap<String, Arc<LocalPool>>,
     coalescers: HashMap<String, Coalescer>,
     max_body_bytes: u64,
     body_read_timeout: Duration,
@@ -52,9 +55,18 @@ impl App {
     /// configuration. Must run inside a tokio runtime (coalescers are
     /// tasks).
     pub fn new(config: &Config, policy: Option<switchyard_policy::Policy>) -> Result<Self, String> {
-        let mut pools = Vec::new();
+        let mut names = Vec::new();
+        let mut upstreams = HashMap::new();
+        let mut locals = HashMap::new();
         let mut coalescers = HashMap::new();
         for pool_config in &config.pool {
+            names.push(pool_config.name.clone());
+            if pool_config.kind == PoolKind::Local {
+                let model = pool_config.upstream_model().to_string();
+                let local = LocalPool::start(pool_config.engine_config(), model)?;
+                locals.insert(pool_config.name.clone(), Arc::new(local));
+                continue;
+            }
             let pool = Arc::new(Pool::new(pool_config)?);
             if let Some(batch) = &pool_config.batch {
                 let limits = BatchLimits {
@@ -64,11 +76,13 @@ impl App {
                 let coalescer = Coalescer::start(Arc::clone(&pool), limits);
                 coalescers.insert(pool.name.clone(), coalescer);
             }
-            pools.push(pool);
+            upstreams.insert(pool.name.clone(), pool);
         }
         let fallback_pool = config.policy.as_ref().and_then(|p| p.fallback_pool.clone());
         Ok(Self {
-            router: Router::new(pools, policy, fallback_pool),
+            router: Router::new(names, policy, fallback_pool),
+            upstreams,
+            locals,
             coalescers,
             max_body_bytes: config.server.max_body_bytes,
             body_read_timeout: Duration::from_millis(config.server.body_read_timeout_ms),
@@ -143,10 +157,17 @@ impl App {
             pool,
             max_tokens_cap,
         } = self.router.route(&api, &parts.headers)?;
-        outcome.pool = Some(pool.name.clone());
+        outcome.pool = Some(pool.clone());
         if let Some(cap) = max_tokens_cap {
             api.cap_max_tokens(cap);
         }
+        if let Some(local) = self.locals.get(&pool) {
+            return local.handle(api).await;
+        }
+        let Some(pool) = self.upstreams.get(&pool) else {
+            let message = format!("pool {pool:?} was routed to but is not configured");
+            return Err(ApiError::new(ErrorKind::Internal, message));
+        };
         api.body
             .insert("model".to_string(), Value::from(pool.model.clone()));
 
@@ -165,7 +186,7 @@ impl App {
                 );
                 Ok(response)
             }
-            _ => forward(&pool, endpoint, &parts.headers, api).await,
+            _ => forward(pool, endpoint, &parts.headers, api).await,
         }
     }
 

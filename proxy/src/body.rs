@@ -182,3 +182,31 @@ mod tests {
         assert_eq!(collected, "abc");
     }
 }
+
+/// A body whose chunks another task produces, ending when that task drops
+/// its sender. Dropping the body (the client left) closes the channel, which
+/// the producer sees at its next send.
+#[derive(Debug)]
+pub struct ChannelBody {
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+}
+
+impl ChannelBody {
+    /// A body and the sender that feeds it, buffering up to `depth` chunks.
+    pub fn new(depth: usize) -> (tokio::sync::mpsc::Sender<Bytes>, Body) {
+        let (tx, rx) = tokio::sync::mpsc::channel(depth);
+        (tx, ChannelBody { rx }.boxed())
+    }
+}
+
+impl HttpBody for ChannelBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.rx.poll_recv(cx).map(|chunk| chunk.map(|b| Ok(Frame::data(b))))
+    }
+}

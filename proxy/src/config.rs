@@ -31,6 +31,31 @@ pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 300_000;
 pub const DEFAULT_MAX_BATCH: usize = 8;
 /// Default longest time a request waits for others to join its batch.
 pub const DEFAULT_MAX_WAIT_MS: u64 = 50;
+/// Default model file of a `local` pool, relative to the working directory;
+/// `make model` fetches it.
+pub const DEFAULT_MODEL_PATH: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+/// Default sequences a `local` pool decodes at once.
+pub const DEFAULT_LOCAL_MAX_BATCH: usize = 8;
+/// Default tokens per sequence of a `local` pool, prompt and answer.
+pub const DEFAULT_LOCAL_CONTEXT: usize = 2048;
+/// Default requests a `local` pool holds beyond its running batch.
+pub const DEFAULT_LOCAL_MAX_QUEUE: usize = 64;
+/// Most threads a `local` pool takes by default, however many cores there
+/// are: past a few, the small model's matrices are too narrow to share.
+const DEFAULT_LOCAL_THREADS_MAX: usize = 8;
+
+/// The configuration `switchyard run` uses without `--config`: the small
+/// model, in-process, on the default addresses, no policy.
+pub const EMBEDDED_DEFAULT: &str = r#"
+[server]
+listen = "127.0.0.1:8080"
+admin = "127.0.0.1:9901"
+
+[[pool]]
+name = "small"
+kind = "local"
+model_path = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
+"#;
 
 /// Largest accepted `max_batch`; beyond it one upstream request would carry
 /// more than any model server is built to take at once.
@@ -93,13 +118,30 @@ impl Default for ServerConfig {
     }
 }
 
-/// `[[pool]]`: a set of interchangeable upstream model servers.
+/// What serves a pool.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolKind {
+    /// Upstream model servers over HTTP (`endpoints`). The default.
+    #[default]
+    Http,
+    /// The executor inside this process (`model_path`).
+    Local,
+}
+
+/// `[[pool]]`: a set of interchangeable upstream model servers, or the
+/// in-process executor (`kind = "local"`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
     /// Name that routes and metrics use; unique among pools.
     pub name: String,
-    /// Base URLs of the servers (`http://host:port`), used in turn.
+    /// `"http"` (default) or `"local"`.
+    #[serde(default)]
+    pub kind: PoolKind,
+    /// Base URLs of the servers (`http://host:port`), used in turn. Only
+    /// for `http` pools, which need at least one.
+    #[serde(default)]
     pub endpoints: Vec<String>,
     /// Written into the upstream request's `model` field. Default: the
     /// pool's name.
@@ -112,14 +154,47 @@ pub struct PoolConfig {
     #[serde(default = "default_request_timeout_ms")]
     pub request_timeout_ms: u64,
     /// Coalescing of `/v1/completions` and `/v1/embeddings`. Without this
-    /// table, requests go upstream one by one.
+    /// table, requests go upstream one by one. Only for `http` pools.
     pub batch: Option<BatchConfig>,
+    /// `local` pools: the GGUF model file, relative to the working
+    /// directory. Default `models/SmolLM2-135M-Instruct.Q4_1.gguf`.
+    pub model_path: Option<PathBuf>,
+    /// `local` pools: threads for the model's arithmetic. Default: the
+    /// machine's cores, at most 8.
+    pub threads: Option<usize>,
+    /// `local` pools: most sequences decoded at once. Default 8.
+    pub max_batch: Option<usize>,
+    /// `local` pools: most tokens per sequence, prompt and answer
+    /// together. Default 2048, at most the model's own context.
+    pub context: Option<usize>,
+    /// `local` pools: most requests waiting beyond the running batch; past
+    /// it requests get 429 with `Retry-After`. Default 64.
+    pub max_queue: Option<usize>,
 }
 
 impl PoolConfig {
     /// The model name sent upstream.
     pub fn upstream_model(&self) -> &str {
         self.model.as_deref().unwrap_or(&self.name)
+    }
+
+    /// A `local` pool's model file.
+    pub fn model_path(&self) -> PathBuf {
+        self.model_path.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL_PATH))
+    }
+
+    /// A `local` pool's executor settings, defaults filled in.
+    pub fn engine_config(&self) -> switchyard_executor::engine::EngineConfig {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        switchyard_executor::engine::EngineConfig {
+            name: self.name.clone(),
+            model_path: self.model_path(),
+            threads: self.threads.unwrap_or(cores.min(DEFAULT_LOCAL_THREADS_MAX)),
+            max_batch: self.max_batch.unwrap_or(DEFAULT_LOCAL_MAX_BATCH),
+            context: self.context.unwrap_or(DEFAULT_LOCAL_CONTEXT),
+            max_queue: self.max_queue.unwrap_or(DEFAULT_LOCAL_MAX_QUEUE),
+            prefill_chunk: switchyard_executor::engine::DEFAULT_PREFILL_CHUNK,
+        }
     }
 }
 
@@ -262,6 +337,23 @@ fn validate_pool(i: usize, pool: &PoolConfig) -> Result<(), ConfigError> {
             "must be non-empty and use only letters, digits, '-', '_', '.'",
         ));
     }
+    if pool.kind == PoolKind::Local {
+        return validate_local_pool(i, pool);
+    }
+    let local_keys = [
+        ("model_path", pool.model_path.is_some()),
+        ("threads", pool.threads.is_some()),
+        ("max_batch", pool.max_batch.is_some()),
+        ("context", pool.context.is_some()),
+        ("max_queue", pool.max_queue.is_some()),
+    ];
+    if let Some((field, _)) = local_keys.iter().find(|(_, set)| *set) {
+        return Err(invalid(
+            &key(field),
+            "applies only to pools with kind = \"local\" (for an http pool's \
+             coalescing, use pool.batch.max_batch)",
+        ));
+    }
     if pool.endpoints.is_empty() {
         return Err(invalid(&key("endpoints"), "must list at least one URL"));
     }
@@ -285,6 +377,44 @@ fn validate_pool(i: usize, pool: &PoolConfig) -> Result<(), ConfigError> {
             let message = format!("must be between 1 and {MAX_WAIT_LIMIT_MS} ms");
             return Err(invalid(&key("batch.max_wait_ms"), &message));
         }
+    }
+    Ok(())
+}
+
+fn validate_local_pool(i: usize, pool: &PoolConfig) -> Result<(), ConfigError> {
+    let key = |field: &str| format!("pool[{i}].{field}");
+    if !pool.endpoints.is_empty() {
+        return Err(invalid(
+            &key("endpoints"),
+            "a local pool runs its model in-process and has no endpoints",
+        ));
+    }
+    if pool.batch.is_some() {
+        return Err(invalid(
+            &key("batch"),
+            "a local pool batches on its own; set pool.max_batch instead",
+        ));
+    }
+    let ranges = [
+        ("threads", pool.threads, 1, 256),
+        ("max_batch", pool.max_batch, 1, 1024),
+        ("context", pool.context, 16, 1 << 20),
+        ("max_queue", pool.max_queue, 0, 1 << 20),
+    ];
+    for (field, value, lo, hi) in ranges {
+        if value.is_some_and(|v| v < lo || v > hi) {
+            return Err(invalid(&key(field), &format!("must be between {lo} and {hi}")));
+        }
+    }
+    let path = pool.model_path();
+    if !path.is_file() {
+        let message = format!(
+            "model file {} does not exist (relative paths start from the \
+             working directory); `make model` fetches the default model \
+             into models/",
+            path.display()
+        );
+        return Err(invalid(&key("model_path"), &message));
     }
     Ok(())
 }

@@ -28,6 +28,10 @@ pub enum ErrorKind {
     MethodNotAllowed,
     /// The routing policy refused the request with this status.
     PolicyRejected(u16),
+    /// The prompt and answer cannot fit the model's context.
+    ContextLengthExceeded,
+    /// The pool's queue is full; the response says when to retry.
+    Overloaded,
     /// The upstream could not be reached (refused, reset, unreachable).
     UpstreamUnavailable,
     /// The upstream did not answer within the pool's timeout.
@@ -53,6 +57,8 @@ impl ErrorKind {
                 StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN)
             }
             Self::PolicyRejected(_) => StatusCode::FORBIDDEN,
+            Self::ContextLengthExceeded => StatusCode::BAD_REQUEST,
+            Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             Self::UpstreamUnavailable | Self::UpstreamInvalid => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
@@ -68,7 +74,9 @@ impl ErrorKind {
             | Self::BodyTimeout
             | Self::ModelNotFound
             | Self::NotFound
-            | Self::MethodNotAllowed => "invalid_request_error",
+            | Self::MethodNotAllowed
+            | Self::ContextLengthExceeded => "invalid_request_error",
+            Self::Overloaded => "rate_limit_error",
             Self::PolicyRejected(status) if status < 500 => "invalid_request_error",
             Self::PolicyRejected(_) | Self::ShuttingDown | Self::Internal => "server_error",
             Self::UpstreamUnavailable | Self::UpstreamTimeout | Self::UpstreamInvalid => {
@@ -87,6 +95,8 @@ impl ErrorKind {
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::PolicyRejected(_) => "policy_rejected",
+            Self::ContextLengthExceeded => "context_length_exceeded",
+            Self::Overloaded => "overloaded",
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::UpstreamInvalid => "upstream_invalid_response",
@@ -103,6 +113,9 @@ pub struct ApiError {
     pub message: String,
     /// The request field at fault, where there is one.
     pub param: Option<&'static str>,
+    /// When the client may try again; sent as `Retry-After` (seconds) and
+    /// `retry-after-ms`, which OpenAI's client libraries honour.
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl ApiError {
@@ -111,6 +124,7 @@ impl ApiError {
             kind,
             message: message.into(),
             param: None,
+            retry_after: None,
         }
     }
 
@@ -156,10 +170,16 @@ impl ApiError {
         let body = Bytes::from(self.to_json().to_string());
         let mut response = Response::new(full(body));
         *response.status_mut() = self.status();
-        response.headers_mut().insert(
+        let headers = response.headers_mut();
+        headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if let Some(wait) = self.retry_after {
+            let seconds = wait.as_millis().div_ceil(1000).max(1);
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds as u64));
+            headers.insert("retry-after-ms", HeaderValue::from(wait.as_millis() as u64));
+        }
         response
     }
 }

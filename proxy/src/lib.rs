@@ -12,6 +12,8 @@
 //! - [`coalesce`]: merging requests into upstream batches and splitting
 //!   the answers;
 //! - [`upstream`]: pools of model servers and pooled connections to them;
+//! - [`local`]: pools served by the in-process executor
+//!   (`switchyard-executor`);
 //! - [`metrics`]: metric names and the Prometheus recorder;
 //! - [`error`]: the errors clients see, and their statuses;
 //! - [`telemetry`]: log output.
@@ -22,6 +24,7 @@ pub mod body;
 pub mod coalesce;
 pub mod config;
 pub mod error;
+pub mod local;
 pub mod metrics;
 pub mod routing;
 pub mod server;

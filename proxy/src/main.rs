@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use switchyard::config::Config;
+use switchyard::config::{Config, PoolKind, EMBEDDED_DEFAULT};
 use switchyard::telemetry::{self, LogFormat};
 
 #[derive(Debug, Parser)]
@@ -17,11 +17,12 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the proxy.
+    /// Run the proxy. Without --config, serves the small model in-process
+    /// on 127.0.0.1:8080 (the embedded default configuration).
     Run {
         /// Configuration file (TOML).
         #[arg(long, short)]
-        config: PathBuf,
+        config: Option<PathBuf>,
         /// Log line format.
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
@@ -40,7 +41,7 @@ fn main() -> ExitCode {
         Command::Check { config } => check(&config),
         Command::Run { config, log_format } => {
             telemetry::init(log_format);
-            match run(&config) {
+            match run(config.as_deref()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e}");
@@ -67,6 +68,17 @@ fn check(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    // A local pool's model file is opened and its weights checked, without
+    // starting the executor.
+    for (i, pool) in config.pool.iter().enumerate() {
+        if pool.kind != PoolKind::Local {
+            continue;
+        }
+        if let Err(e) = switchyard_executor::check_model(&pool.model_path()) {
+            eprintln!("{}: pool[{i}].model_path: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
     let pools = match config.pool.len() {
         1 => "1 pool".to_string(),
         n => format!("{n} pools"),
@@ -82,8 +94,14 @@ fn check(path: &std::path::Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn run(path: &std::path::Path) -> Result<(), String> {
-    let config = Config::load(path).map_err(|e| format!("{}: {e}", path.display()))?;
+fn run(path: Option<&std::path::Path>) -> Result<(), String> {
+    let config = match path {
+        Some(path) => Config::load(path).map_err(|e| format!("{}: {e}", path.display()))?,
+        None => {
+            tracing::info!("no --config given; using the embedded default (pool \"small\", local)");
+            Config::parse(EMBEDDED_DEFAULT).map_err(|e| format!("embedded default: {e}"))?
+        }
+    };
     let policy = match &config.policy {
         Some(policy) => Some(
             switchyard_policy::Policy::load(&policy.settings())

@@ -5,8 +5,7 @@
 //! A failing plugin never fails a request by itself: the failure is logged,
 //! counted, and the request takes the default route.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::HashSet;
 use std::time::Instant;
 
 use http::HeaderMap;
@@ -15,20 +14,22 @@ use switchyard_policy::{Policy, RouteOutcome};
 use crate::api::ApiRequest;
 use crate::error::{ApiError, ErrorKind};
 use crate::metrics;
-use crate::upstream::Pool;
 
 /// Where a request goes.
 #[derive(Debug, Clone)]
 pub struct Route {
-    pub pool: Arc<Pool>,
+    /// Name of the pool, one of those the router was built with.
+    pub pool: String,
     /// Upper bound the policy set on `max_tokens`.
     pub max_tokens_cap: Option<u32>,
 }
 
-/// The pools by name and the optional policy.
+/// The pool names and the optional policy. Routing needs only names: what
+/// serves a pool (upstream servers or the in-process executor) is the
+/// caller's business.
 #[derive(Debug)]
 pub struct Router {
-    pools: HashMap<String, Arc<Pool>>,
+    pools: HashSet<String>,
     /// Pool names in configuration order, for listings and messages.
     names: Vec<String>,
     policy: Option<Policy>,
@@ -38,16 +39,8 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(
-        pools: Vec<Arc<Pool>>,
-        policy: Option<Policy>,
-        fallback_pool: Option<String>,
-    ) -> Self {
-        let names = pools.iter().map(|pool| pool.name.clone()).collect();
-        let pools = pools
-            .into_iter()
-            .map(|pool| (pool.name.clone(), pool))
-            .collect();
+    pub fn new(names: Vec<String>, policy: Option<Policy>, fallback_pool: Option<String>) -> Self {
+        let pools = names.iter().cloned().collect();
         Self {
             pools,
             names,
@@ -75,7 +68,7 @@ impl Router {
         match outcome {
             Ok(RouteOutcome::Route(decision)) => match self.pools.get(&decision.pool) {
                 Some(pool) => Ok(Route {
-                    pool: Arc::clone(pool),
+                    pool: pool.clone(),
                     max_tokens_cap: decision.max_tokens_cap,
                 }),
                 // Passing the client's model through as the pool is a
@@ -118,7 +111,7 @@ impl Router {
             .and_then(|name| self.pools.get(name));
         match (self.pools.get(model), fallback) {
             (None, Some(pool)) => Ok(Route {
-                pool: Arc::clone(pool),
+                pool: pool.clone(),
                 max_tokens_cap: None,
             }),
             _ => self.default_route(model),
@@ -129,7 +122,7 @@ impl Router {
     fn default_route(&self, model: &str) -> Result<Route, ApiError> {
         match self.pools.get(model) {
             Some(pool) => Ok(Route {
-                pool: Arc::clone(pool),
+                pool: pool.clone(),
                 max_tokens_cap: None,
             }),
             None => {

@@ -22,7 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::app::App;
 use crate::body::{full, Body};
-use crate::config::Config;
+use crate::config::{Config, PoolKind};
 
 /// Pause after a failed accept (out of file descriptors, say) before the
 /// next, so the loop does not spin.
@@ -53,12 +53,11 @@ pub async fn run(
             let batch = pool.batch.as_ref().map_or(String::new(), |b| {
                 format!(", batch {} within {} ms", b.max_batch, b.max_wait_ms)
             });
-            format!(
-                "{} -> {} (model {}{batch})",
-                pool.name,
-                pool.endpoints.join(" "),
-                pool.upstream_model()
-            )
+            let target = match pool.kind {
+                PoolKind::Http => pool.endpoints.join(" "),
+                PoolKind::Local => format!("local {}", pool.model_path().display()),
+            };
+            format!("{} -> {target} (model {}{batch})", pool.name, pool.upstream_model())
         })
         .collect();
     tracing::info!(

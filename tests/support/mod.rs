@@ -264,3 +264,41 @@ pub async fn assert_still_serves(sw: &Switchyard) {
         "echo:still here"
     );
 }
+
+/// The small model's GGUF file, for tests of `local` pools: from
+/// `SWITCHYARD_MODEL`, else `models/` under the workspace (`make model`
+/// puts it there).
+///
+/// `None`, after printing why, when the file is absent, so that a checkout
+/// without the model still runs every other test; with
+/// `SWITCHYARD_REQUIRE_MODEL=1` (as `make test` sets) absence fails instead.
+pub fn model_file() -> Option<PathBuf> {
+    let path = std::env::var_os("SWITCHYARD_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    if path.is_file() {
+        return Some(path);
+    }
+    let required = std::env::var("SWITCHYARD_REQUIRE_MODEL").is_ok_and(|v| v == "1");
+    assert!(
+        !required,
+        "model file {} is missing and SWITCHYARD_REQUIRE_MODEL=1; run `make model`",
+        path.display()
+    );
+    eprintln!(
+        "skipped: model file {} is missing; run `make model` to test local pools",
+        path.display()
+    );
+    None
+}
+
+/// A config with one `local` pool named `small` on `model` and the given
+/// extra pool keys (`"max_batch = 2\n"`).
+pub fn local_pool_config(model: &std::path::Path, extra: &str) -> String {
+    format!(
+        "{}\n[[pool]]\nname = \"small\"\nkind = \"local\"\nmodel_path = \"{}\"\n\
+         threads = 1\n{extra}",
+        server_toml(),
+        model.display()
+    )
+}

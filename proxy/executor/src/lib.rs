@@ -7,4 +7,17 @@
 //! a KV cache, [`sampler`] picks tokens, and [`engine`] schedules many
 //! sequences into one running batch. Nothing here knows about HTTP.
 
+pub mod engine;
+pub mod model;
+pub mod sampler;
 pub mod tensor;
+
+/// Opens a model file and checks everything the executor needs from it
+/// (weights, vocabulary, chat template) without running it.
+pub fn check_model(path: &std::path::Path) -> Result<(), engine::EngineError> {
+    let file = gguf::GgufFile::open(path).map_err(model::ModelError::from)?;
+    model::Model::load(&file)?;
+    tokenizer::Tokenizer::from_gguf(&file)?;
+    chat::ChatTemplate::from_gguf(&file)?;
+    Ok(())
+}

@@ -1,0 +1,117 @@
+#![expect(clippy::print_stdout, reason = "a benchmark reports on stdout")]
+
+//! Decode speed of the executor's forward pass, driven directly (no HTTP,
+//! no scheduler), the way `tests/bench/llama_cpp_decode.py` drives
+//! llama.cpp: B sequences prefilled with the same prompt, then N greedy
+//! steps that decode one token for every sequence in one forward pass.
+//!
+//! Prints one JSON line per batch size. Arguments (all optional):
+//! `--threads T --batch 1,8 --steps N --model PATH`.
+
+use std::time::Instant;
+
+use switchyard_executor::gguf::GgufFile;
+use switchyard_executor::model::{Model, Row, Scratch, SeqCache};
+use switchyard_executor::pool::ThreadPool;
+use switchyard_executor::sampler::argmax;
+use switchyard_executor::tokenizer::Tokenizer;
+
+const PROMPT: &str = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, \
+trained by Hugging Face<|im_end|>\n<|im_start|>user\nWrite a short story about a \
+lighthouse keeper who finds a message in a bottle.<|im_end|>\n<|im_start|>assistant\n";
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("decode bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<(), String> {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str| {
+        args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
+    };
+    let threads: usize = arg("--threads").and_then(|t| t.parse().ok()).unwrap_or(1);
+    let steps: usize = arg("--steps").and_then(|t| t.parse().ok()).unwrap_or(128);
+    let batches: Vec<usize> = arg("--batch")
+        .unwrap_or_else(|| "1,8".to_string())
+        .split(',')
+        .filter_map(|b| b.parse().ok())
+        .collect();
+    let model_path = arg("--model").unwrap_or_else(|| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
+            .to_string()
+    });
+
+    let file = GgufFile::open(std::path::Path::new(&model_path)).map_err(|e| e.to_string())?;
+    let model = Model::load(&file).map_err(|e| e.to_string())?;
+    let tokenizer = Tokenizer::from_gguf(&file).map_err(|e| e.to_string())?;
+    let prompt = tokenizer.encode(PROMPT, true);
+    let pool = ThreadPool::new(threads);
+    let file_bytes = std::fs::metadata(&model_path).map_err(|e| e.to_string())?.len();
+
+    for &batch in &batches {
+        let mut caches: Vec<SeqCache> = (0..batch).map(|_| SeqCache::new(model.shape())).collect();
+        let mut scratch = Scratch::default();
+
+        // Prefill every sequence with the prompt, one sequence per pass as
+        // llama.cpp's script does.
+        let started = Instant::now();
+        let mut next = vec![0u32; batch];
+        for (seq, token) in next.iter_mut().enumerate() {
+            let rows: Vec<Row> = prompt
+                .iter()
+                .enumerate()
+                .map(|(i, &token)| Row { seq, token, logits: i + 1 == prompt.len() })
+                .collect();
+            let logits = model.forward(&pool, &rows, &mut caches, &mut scratch);
+            *token = argmax(&logits);
+        }
+        let prefill_ms = started.elapsed().as_secs_f64() * 1e3;
+
+        // Greedy decode; argmax is timed separately and left out.
+        let vocab = model.shape().vocab;
+        let mut forward_s = 0.0;
+        let mut argmax_s = 0.0;
+        for _ in 0..steps {
+            let rows: Vec<Row> = next
+                .iter()
+                .enumerate()
+                .map(|(seq, &token)| Row { seq, token, logits: true })
+                .collect();
+            let t = Instant::now();
+            let logits = model.forward(&pool, &rows, &mut caches, &mut scratch);
+            forward_s += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            for (token, row) in next.iter_mut().zip(logits.chunks_exact(vocab)) {
+                *token = argmax(row);
+            }
+            argmax_s += t.elapsed().as_secs_f64();
+        }
+
+        let kv_bytes: usize = caches.iter().map(SeqCache::bytes).sum();
+        let rss = resident_bytes();
+        println!(
+            "{{\"engine\":\"switchyard\",\"threads\":{threads},\"batch\":{batch},\
+             \"prompt_tokens\":{},\"steps\":{steps},\
+             \"decode_tokens_per_s\":{:.1},\"prefill_ms\":{prefill_ms:.1},\
+             \"argmax_ms_excluded\":{:.1},\"rss_bytes\":{rss},\
+             \"model_file_bytes\":{file_bytes},\"kv_cache_bytes\":{kv_bytes}}}",
+            prompt.len(),
+            (batch * steps) as f64 / forward_s,
+            argmax_s * 1e3,
+        );
+    }
+    Ok(())
+}
+
+/// Resident set size from /proc, 0 where there is none.
+fn resident_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}

@@ -1,0 +1,429 @@
+//! The llama-architecture forward pass: token ids in, logits out, over a KV
+//! cache per sequence.
+//!
+//! One call runs a batch of rows, each a token of some sequence; rows of the
+//! same sequence are consecutive positions (a prefill chunk), rows of
+//! different sequences share every matrix product (continuous batching).
+//! Scheduling lives in [`crate::engine`]; this module owns no queue.
+
+use std::sync::Mutex;
+
+use crate::gguf::{GgufError, GgufFile};
+use crate::pool::ThreadPool;
+use crate::quant::{dequantize_row, matmul};
+use crate::tensor::QMatrix;
+
+/// Shape and constants of a model, read from its GGUF metadata.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelShape {
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub n_ff: usize,
+    pub head_dim: usize,
+    pub vocab: usize,
+    /// Longest sequence the model was trained for, in tokens.
+    pub context_length: usize,
+    pub rope_base: f32,
+    pub rms_eps: f32,
+}
+
+impl ModelShape {
+    /// Width of one position's keys (or values) across all KV heads.
+    pub fn kv_dim(&self) -> usize {
+        self.n_head_kv * self.head_dim
+    }
+}
+
+/// Why a model file cannot be run.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    File(#[from] GgufError),
+    #[error("architecture {0:?} is not supported; this executor runs \"llama\"")]
+    Architecture(String),
+    #[error("model metadata is inconsistent: {0}")]
+    Shape(String),
+}
+
+#[derive(Debug)]
+struct Layer {
+    attn_norm: Vec<f32>,
+    wq: QMatrix,
+    wk: QMatrix,
+    wv: QMatrix,
+    wo: QMatrix,
+    ffn_norm: Vec<f32>,
+    gate: QMatrix,
+    up: QMatrix,
+    down: QMatrix,
+}
+
+/// A loaded model: weights stay in the memory-mapped file.
+#[derive(Debug)]
+pub struct Model {
+    shape: ModelShape,
+    tok_embd: QMatrix,
+    output_norm: Vec<f32>,
+    /// The output projection; `token_embd.weight` when the file ties them.
+    output: QMatrix,
+    layers: Vec<Layer>,
+    /// Rotary frequencies, one per pair of a head's dimensions.
+    inv_freq: Vec<f32>,
+}
+
+/// The keys and values a sequence has accumulated, one buffer per layer,
+/// `len` positions long.
+#[derive(Debug, Default)]
+pub struct SeqCache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    len: usize,
+}
+
+impl SeqCache {
+    pub fn new(shape: &ModelShape) -> SeqCache {
+        SeqCache {
+            k: vec![Vec::new(); shape.n_layer],
+            v: vec![Vec::new(); shape.n_layer],
+            len: 0,
+        }
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes held by the cache's buffers.
+    pub fn bytes(&self) -> usize {
+        let floats: usize = self.k.iter().chain(&self.v).map(Vec::capacity).sum();
+        floats * std::mem::size_of::<f32>()
+    }
+}
+
+/// One token to run: which sequence (an index into the caches passed to
+/// [`Model::forward`]), the token, and whether its logits are wanted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Row {
+    pub seq: usize,
+    pub token: u32,
+    pub logits: bool,
+}
+
+/// Buffers reused from one forward pass to the next.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    proj: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    pos: Vec<usize>,
+}
+
+impl Model {
+    /// Reads the shape and finds every weight; checks that each matrix has
+    /// the shape the metadata implies.
+    pub fn load(file: &GgufFile) -> Result<Model, ModelError> {
+        let arch = file.get_str("general.architecture")?;
+        if arch != "llama" {
+            return Err(ModelError::Architecture(arch.to_string()));
+        }
+        let shape = read_shape(file)?;
+
+        let tok_embd = file.matrix("token_embd.weight")?;
+        expect_shape(&tok_embd, "token_embd.weight", shape.vocab, shape.n_embd)?;
+        let output = match file.tensor_info("output.weight") {
+            Some(_) => file.matrix("output.weight")?,
+            None => tok_embd.clone(),
+        };
+        expect_shape(&output, "output.weight", shape.vocab, shape.n_embd)?;
+        let output_norm = norm(file, "output_norm.weight", shape.n_embd)?;
+
+        let (d, kv, ff) = (shape.n_embd, shape.kv_dim(), shape.n_ff);
+        let mut layers = Vec::with_capacity(shape.n_layer);
+        for i in 0..shape.n_layer {
+            let m = |name: &str, rows, cols| -> Result<QMatrix, ModelError> {
+                let full = format!("blk.{i}.{name}.weight");
+                let matrix = file.matrix(&full)?;
+                expect_shape(&matrix, &full, rows, cols)?;
+                Ok(matrix)
+            };
+            layers.push(Layer {
+                attn_norm: norm(file, &format!("blk.{i}.attn_norm.weight"), d)?,
+                wq: m("attn_q", d, d)?,
+                wk: m("attn_k", kv, d)?,
+                wv: m("attn_v", kv, d)?,
+                wo: m("attn_output", d, d)?,
+                ffn_norm: norm(file, &format!("blk.{i}.ffn_norm.weight"), d)?,
+                gate: m("ffn_gate", ff, d)?,
+                up: m("ffn_up", ff, d)?,
+                down: m("ffn_down", d, ff)?,
+            });
+        }
+
+        let half = shape.head_dim / 2;
+        let inv_freq = (0..half)
+            .map(|i| shape.rope_base.powf(-(2.0 * i as f32) / shape.head_dim as f32))
+            .collect();
+        Ok(Model { shape, tok_embd, output_norm, output, layers, inv_freq })
+    }
+
+    pub fn shape(&self) -> &ModelShape {
+        &self.shape
+    }
+
+    /// Runs `rows` and appends their keys and values to `caches`. Returns
+    /// the logits of the rows that asked for them, in row order,
+    /// `vocab` floats each.
+    ///
+    /// Rows of one sequence must be in position order; each row's position
+    /// is its cache's length plus the rows of its sequence before it.
+    pub fn forward(
+        &self,
+        pool: &ThreadPool,
+        rows: &[Row],
+        caches: &mut [SeqCache],
+        s: &mut Scratch,
+    ) -> Vec<f32> {
+        let sh = &self.shape;
+        let (n, d, kv) = (rows.len(), sh.n_embd, sh.kv_dim());
+
+        // Positions, and the embeddings of the input tokens.
+        s.pos.clear();
+        let mut next: Vec<usize> = caches.iter().map(|c| c.len).collect();
+        for row in rows {
+            s.pos.push(next[row.seq]);
+            next[row.seq] += 1;
+        }
+        resize(&mut s.x, n * d);
+        for (row, x) in rows.iter().zip(s.x.chunks_exact_mut(d)) {
+            let token = (row.token as usize).min(sh.vocab - 1);
+            dequantize_row(self.tok_embd.ty, self.tok_embd.row(token), x);
+        }
+
+        for (l, layer) in self.layers.iter().enumerate() {
+            // Attention block: x += wo(attention(rope(q), rope(k), v)).
+            rms_norm(&s.x, &layer.attn_norm, sh.rms_eps, &mut s.xn);
+            resize(&mut s.q, n * d);
+            resize(&mut s.k, n * kv);
+            resize(&mut s.v, n * kv);
+            matmul(pool, &layer.wq, &s.xn, n, &mut s.q);
+            matmul(pool, &layer.wk, &s.xn, n, &mut s.k);
+            matmul(pool, &layer.wv, &s.xn, n, &mut s.v);
+            for (i, &pos) in s.pos.iter().enumerate() {
+                self.rope(&mut s.q[i * d..(i + 1) * d], pos);
+                self.rope(&mut s.k[i * kv..(i + 1) * kv], pos);
+            }
+
+            // Keys and values join the caches before attention so that a
+            // prefill chunk's rows see each other (up to their own position).
+            for (i, row) in rows.iter().enumerate() {
+                let cache = &mut caches[row.seq];
+                cache.k[l].extend_from_slice(&s.k[i * kv..(i + 1) * kv]);
+                cache.v[l].extend_from_slice(&s.v[i * kv..(i + 1) * kv]);
+            }
+            resize(&mut s.att, n * d);
+            self.attention(pool, l, rows, &s.pos, caches, &s.q, &mut s.att);
+            resize(&mut s.proj, n * d);
+            matmul(pool, &layer.wo, &s.att, n, &mut s.proj);
+            add(&mut s.x, &s.proj);
+
+            // Feed-forward block: x += down(silu(gate(x)) * up(x)).
+            rms_norm(&s.x, &layer.ffn_norm, sh.rms_eps, &mut s.xn);
+            resize(&mut s.gate, n * sh.n_ff);
+            resize(&mut s.up, n * sh.n_ff);
+            matmul(pool, &layer.gate, &s.xn, n, &mut s.gate);
+            matmul(pool, &layer.up, &s.xn, n, &mut s.up);
+            for (g, u) in s.gate.iter_mut().zip(&s.up) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+            matmul(pool, &layer.down, &s.gate, n, &mut s.proj);
+            add(&mut s.x, &s.proj);
+        }
+        for (cache, len) in caches.iter_mut().zip(next) {
+            cache.len = len;
+        }
+
+        // Logits only for the rows that want them: projecting all 49152
+        // vocabulary rows costs as much as several layers.
+        let wanted: Vec<usize> = (0..n).filter(|&i| rows[i].logits).collect();
+        let mut last = Vec::with_capacity(wanted.len() * d);
+        for &i in &wanted {
+            last.extend_from_slice(&s.x[i * d..(i + 1) * d]);
+        }
+        rms_norm(&last, &self.output_norm, sh.rms_eps, &mut s.xn);
+        let mut logits = vec![0.0; wanted.len() * sh.vocab];
+        if !wanted.is_empty() {
+            matmul(pool, &self.output, &s.xn, wanted.len(), &mut logits);
+        }
+        logits
+    }
+
+    /// Rotates each head's adjacent pairs (x[2i], x[2i+1]) by `pos` times
+    /// the pair's frequency: GGUF stores llama's q and k weights permuted so
+    /// that this pairing matches the original model's.
+    fn rope(&self, x: &mut [f32], pos: usize) {
+        let hd = self.shape.head_dim;
+        for head in x.chunks_exact_mut(hd) {
+            for (pair, &f) in head.chunks_exact_mut(2).zip(&self.inv_freq) {
+                let (sin, cos) = (pos as f32 * f).sin_cos();
+                let (a, b) = (pair[0], pair[1]);
+                pair[0] = a * cos - b * sin;
+                pair[1] = a * sin + b * cos;
+            }
+        }
+    }
+
+    /// Causal attention of each row's query heads over its sequence's cache,
+    /// one task per (row, head). Query head h reads KV head h / group.
+    #[expect(clippy::too_many_arguments, reason = "one step's working set")]
+    fn attention(
+        &self,
+        pool: &ThreadPool,
+        layer: usize,
+        rows: &[Row],
+        pos: &[usize],
+        caches: &[SeqCache],
+        q: &[f32],
+        out: &mut [f32],
+    ) {
+        let sh = &self.shape;
+        let (hd, kv) = (sh.head_dim, sh.kv_dim());
+        let group = sh.n_head / sh.n_head_kv;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let outs: Vec<Mutex<&mut [f32]>> = out.chunks_exact_mut(hd).map(Mutex::new).collect();
+
+        pool.for_each(rows.len() * sh.n_head, &|task| {
+            let (i, h) = (task / sh.n_head, task % sh.n_head);
+            let cache = &caches[rows[i].seq];
+            let (keys, values) = (&cache.k[layer], &cache.v[layer]);
+            let qh = &q[i * sh.n_embd + h * hd..][..hd];
+            let off = (h / group) * hd;
+            let len = pos[i] + 1;
+
+            let mut scores: Vec<f32> = (0..len)
+                .map(|t| dot(qh, &keys[t * kv + off..][..hd]) * scale)
+                .collect();
+            softmax(&mut scores);
+
+            let Ok(mut o) = outs[task].lock() else { return };
+            o.fill(0.0);
+            for (t, &p) in scores.iter().enumerate() {
+                for (acc, &v) in o.iter_mut().zip(&values[t * kv + off..][..hd]) {
+                    *acc += p * v;
+                }
+            }
+        });
+    }
+}
+
+fn read_shape(file: &GgufFile) -> Result<ModelShape, ModelError> {
+    let u = |key: &str| -> Result<usize, ModelError> {
+        Ok(file.get_u32(&format!("llama.{key}"))? as usize)
+    };
+    let n_embd = u("embedding_length")?;
+    let n_head = u("attention.head_count")?;
+    let n_head_kv = match file.get_u32("llama.attention.head_count_kv") {
+        Ok(v) => v as usize,
+        Err(_) => n_head,
+    };
+    let vocab = match file.get_u32("llama.vocab_size") {
+        Ok(v) => v as usize,
+        Err(_) => file.get_str_array("tokenizer.ggml.tokens")?.len(),
+    };
+    let shape = ModelShape {
+        n_layer: u("block_count")?,
+        n_embd,
+        n_head,
+        n_head_kv,
+        n_ff: u("feed_forward_length")?,
+        head_dim: if n_head == 0 { 0 } else { n_embd / n_head },
+        vocab,
+        context_length: u("context_length")?,
+        rope_base: file.get_f32("llama.rope.freq_base").unwrap_or(10_000.0),
+        rms_eps: file.get_f32("llama.attention.layer_norm_rms_epsilon")?,
+    };
+
+    let ok = shape.n_head > 0
+        && shape.n_head_kv > 0
+        && shape.n_head % shape.n_head_kv == 0
+        && shape.n_embd % shape.n_head == 0
+        && shape.head_dim % 2 == 0
+        && shape.vocab > 0
+        && shape.n_layer > 0;
+    if !ok {
+        return Err(ModelError::Shape(format!(
+            "width {}, {} heads, {} kv heads, {} layers, vocabulary {}",
+            shape.n_embd, shape.n_head, shape.n_head_kv, shape.n_layer, shape.vocab
+        )));
+    }
+    Ok(shape)
+}
+
+fn expect_shape(m: &QMatrix, name: &str, rows: usize, cols: usize) -> Result<(), ModelError> {
+    if m.rows == rows && m.cols == cols {
+        return Ok(());
+    }
+    Err(ModelError::Shape(format!(
+        "{name} is {}x{}, expected {rows}x{cols}",
+        m.rows, m.cols
+    )))
+}
+
+fn norm(file: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
+    let v = file.vector_f32(name)?;
+    if v.len() != len {
+        return Err(ModelError::Shape(format!("{name} has {} entries, expected {len}", v.len())));
+    }
+    Ok(v)
+}
+
+fn resize(v: &mut Vec<f32>, len: usize) {
+    v.clear();
+    v.resize(len, 0.0);
+}
+
+/// out = x / rms(x) * w, row by row (rows of `w.len()`).
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut Vec<f32>) {
+    resize(out, x.len());
+    for (xr, or) in x.chunks_exact(w.len()).zip(out.chunks_exact_mut(w.len())) {
+        let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / w.len() as f32;
+        let inv = 1.0 / (ss + eps).sqrt();
+        for ((o, &v), &g) in or.iter_mut().zip(xr).zip(w) {
+            *o = v * inv * g;
+        }
+    }
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    for v in x.iter_mut() {
+        *v /= sum;
+    }
+}
