@@ -7,4 +7,8 @@
 //! a KV cache, [`sampler`] picks tokens, and [`engine`] schedules many
 //! sequences into one running batch. Nothing here knows about HTTP.
 
+pub mod gguf;
 pub mod tensor;
+
+#[cfg(test)]
+mod test_support;
