@@ -8,9 +8,13 @@
 //! sequences into one running batch. Nothing here knows about HTTP.
 
 pub mod engine;
+pub mod gguf;
 pub mod model;
 pub mod sampler;
 pub mod tensor;
+
+#[cfg(test)]
+mod test_support;
 
 /// Opens a model file and checks everything the executor needs from it
 /// (weights, vocabulary, chat template) without running it.
