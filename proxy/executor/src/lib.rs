@@ -9,6 +9,7 @@
 
 pub mod gguf;
 pub mod tensor;
+pub mod tokenizer;
 
 #[cfg(test)]
 mod test_support;
