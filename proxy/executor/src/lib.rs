@@ -7,6 +7,7 @@
 //! a KV cache, [`sampler`] picks tokens, and [`engine`] schedules many
 //! sequences into one running batch. Nothing here knows about HTTP.
 
+pub mod chat;
 pub mod gguf;
 pub mod tensor;
 pub mod tokenizer;
