@@ -143,7 +143,7 @@ impl fmt::Debug for Tokenizer {
 
 impl Tokenizer {
     /// Builds the tokenizer from `tokenizer.ggml.*` metadata: `model` must
-    /// be `gpt2` and `pre` one of [`SUPPORTED_PRE`]; `tokens`, `merges`,
+    /// be `gpt2` and `pre` `smollm` or `gpt2`; `tokens`, `merges`,
     /// `bos_token_id` and `eos_token_id` are required; `token_type` is
     /// optional (every token normal).
     pub fn from_gguf(gguf: &GgufFile) -> Result<Tokenizer, TokenizerError> {
