@@ -7,11 +7,13 @@
 //! a KV cache, [`sampler`] picks tokens, and [`engine`] schedules many
 //! sequences into one running batch. Nothing here knows about HTTP.
 
+pub mod chat;
 pub mod engine;
 pub mod gguf;
 pub mod model;
 pub mod sampler;
 pub mod tensor;
+pub mod tokenizer;
 
 #[cfg(test)]
 mod test_support;

@@ -427,3 +427,194 @@ fn softmax(x: &mut [f32]) {
         *v /= sum;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sampler::{argmax, log_sum_exp, top_logprobs};
+    use crate::test_support::open_model_or_skip;
+    use serde_json::Value;
+
+    /// One reference prompt and what llama.cpp computed at each step.
+    struct Case {
+        prompt: Vec<u32>,
+        greedy: Vec<u32>,
+        margin: Vec<f32>,
+        top1_logprob: Vec<f32>,
+        top5: Vec<Vec<(u32, f32)>>,
+    }
+
+    fn cases() -> Vec<Case> {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/smollm2/greedy.jsonl");
+        let text = std::fs::read_to_string(path).unwrap();
+        let ids = |v: &Value| -> Vec<u32> {
+            v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+        };
+        let floats = |v: &Value| -> Vec<f32> {
+            v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+        };
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|line| {
+                let v: Value = serde_json::from_str(line).unwrap();
+                let top5 = v["top5"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|step| {
+                        step.as_array()
+                            .unwrap()
+                            .iter()
+                            .map(|e| (e[0].as_u64().unwrap() as u32, e[1].as_f64().unwrap() as f32))
+                            .collect()
+                    })
+                    .collect();
+                Case {
+                    prompt: ids(&v["prompt_ids"]),
+                    greedy: ids(&v["greedy_ids"]),
+                    margin: floats(&v["top1_margin"]),
+                    top1_logprob: floats(&v["top1_logprob"]),
+                    top5,
+                }
+            })
+            .collect()
+    }
+
+    /// Logits for every step of a case with teacher forcing: the prompt and
+    /// the reference continuation run as one prefill, logits from the
+    /// prompt's last token on.
+    fn forced_logits(model: &Model, pool: &ThreadPool, case: &Case) -> Vec<Vec<f32>> {
+        let mut tokens = case.prompt.clone();
+        tokens.extend(&case.greedy[..case.greedy.len().saturating_sub(1)]);
+        let first = case.prompt.len() - 1;
+        let rows: Vec<Row> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, &token)| Row { seq: 0, token, logits: i >= first })
+            .collect();
+        let mut caches = vec![SeqCache::new(model.shape())];
+        let logits = model.forward(pool, &rows, &mut caches, &mut Scratch::default());
+        logits.chunks_exact(model.shape().vocab).map(<[f32]>::to_vec).collect()
+    }
+
+    #[test]
+    fn forward_pass_matches_llama_cpp_with_teacher_forcing() {
+        let Some(file) = open_model_or_skip("forward_pass_matches_llama_cpp") else { return };
+        let model = Model::load(&file).unwrap();
+        let pool = ThreadPool::new(2);
+
+        let (mut steps, mut confident, mut agree_confident) = (0, 0, 0);
+        let (mut lp_sum, mut lp_max) = (0.0f64, 0.0f32);
+        let (mut top5_sum, mut top5_steps) = (0.0f64, 0);
+        for (c, case) in cases().iter().enumerate() {
+            let logits = forced_logits(&model, &pool, case);
+            assert_eq!(logits.len(), case.greedy.len());
+            for (i, row) in logits.iter().enumerate() {
+                let lse = log_sum_exp(row);
+                let best = argmax(row);
+                let want = case.greedy[i];
+                let margin = case.margin[i];
+                steps += 1;
+
+                assert!(
+                    margin < 1.0 || best == want,
+                    "case {c} step {i}: best token {best}, llama.cpp {want} (margin {margin})"
+                );
+                if margin > 0.5 {
+                    confident += 1;
+                    agree_confident += usize::from(best == want);
+                }
+
+                let diff = (row[want as usize] - lse - case.top1_logprob[i]).abs();
+                assert!(diff <= 0.5, "case {c} step {i}: greedy log-prob off by {diff}");
+                lp_sum += f64::from(diff);
+                lp_max = lp_max.max(diff);
+
+                let mut step_sum = 0.0;
+                for &(id, reference) in &case.top5[i] {
+                    let d = (row[id as usize] - lse - reference).abs();
+                    if reference >= -4.0 {
+                        assert!(d <= 0.75, "case {c} step {i}: top-5 token {id} off by {d}");
+                    }
+                    step_sum += f64::from(d);
+                }
+                top5_sum += step_sum / case.top5[i].len() as f64;
+                top5_steps += 1;
+                // Our own top-5 is well formed.
+                assert_eq!(top_logprobs(row, lse, 5)[0].id, best);
+            }
+        }
+
+        let share = agree_confident as f64 / confident.max(1) as f64;
+        let lp_mean = lp_sum / steps as f64;
+        let top5_mean = top5_sum / top5_steps as f64;
+        eprintln!(
+            "reference: {steps} steps; confident agreement {agree_confident}/{confident}; \
+             greedy log-prob diff mean {lp_mean:.4} max {lp_max:.4}; top-5 mean {top5_mean:.4}"
+        );
+        assert!(share >= 0.97, "best token agrees at {share:.3} of confident steps");
+        assert!(lp_mean <= 0.08, "mean greedy log-prob difference {lp_mean}");
+        assert!(top5_mean < 0.15, "mean top-5 difference {top5_mean}");
+    }
+
+    #[test]
+    fn batched_decode_equals_decoding_alone() {
+        let Some(file) = open_model_or_skip("batched_decode_equals_decoding_alone") else {
+            return;
+        };
+        let model = Model::load(&file).unwrap();
+        let pool = ThreadPool::new(2);
+        let prompts: [&[u32]; 3] = [&[1, 9690, 198], &[1, 4093, 198, 19556], &[1, 46, 2]];
+
+        // Each prompt alone, then three greedy steps.
+        let alone: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| {
+                let mut caches = vec![SeqCache::new(model.shape())];
+                let mut s = Scratch::default();
+                let rows: Vec<Row> = p
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &token)| Row { seq: 0, token, logits: i + 1 == p.len() })
+                    .collect();
+                let mut out = vec![argmax(&model.forward(&pool, &rows, &mut caches, &mut s))];
+                for _ in 0..3 {
+                    let row = [Row { seq: 0, token: out[out.len() - 1], logits: true }];
+                    out.push(argmax(&model.forward(&pool, &row, &mut caches, &mut s)));
+                }
+                out
+            })
+            .collect();
+
+        // All three prefilled in one pass, then decoded together.
+        let mut caches: Vec<SeqCache> = prompts.iter().map(|_| SeqCache::new(model.shape())).collect();
+        let mut s = Scratch::default();
+        let rows: Vec<Row> = prompts
+            .iter()
+            .enumerate()
+            .flat_map(|(seq, p)| {
+                p.iter().enumerate().map(move |(i, &token)| Row {
+                    seq,
+                    token,
+                    logits: i + 1 == p.len(),
+                })
+            })
+            .collect();
+        let vocab = model.shape().vocab;
+        let logits = model.forward(&pool, &rows, &mut caches, &mut s);
+        let mut together: Vec<Vec<u32>> =
+            logits.chunks_exact(vocab).map(|l| vec![argmax(l)]).collect();
+        for _ in 0..3 {
+            let rows: Vec<Row> = together
+                .iter()
+                .enumerate()
+                .map(|(seq, out)| Row { seq, token: out[out.len() - 1], logits: true })
+                .collect();
+            let logits = model.forward(&pool, &rows, &mut caches, &mut s);
+            for (out, l) in together.iter_mut().zip(logits.chunks_exact(vocab)) {
+                out.push(argmax(l));
+            }
+        }
+        assert_eq!(together, alone);
+    }
+}
