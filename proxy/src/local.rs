@@ -409,6 +409,9 @@ impl Reply {
                         choice.text.push_str(&text);
                         choice.finish = Some(finish);
                     }
+                    Event::Failed(message) => {
+                        return Err(ApiError::new(ErrorKind::Internal, message));
+                    }
                 }
             }
             if choice.finish.is_none() {
@@ -527,6 +530,10 @@ impl Reply {
                             continue;
                         }
                         self.chunk(index, self.delta(text), logprobs, None)
+                    }
+                    Event::Failed(message) => {
+                        tracing::error!(error = %message, "ending a stream early");
+                        return;
                     }
                     Event::Done { text, finish } => {
                         done += 1;

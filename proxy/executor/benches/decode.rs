@@ -48,7 +48,7 @@ fn run() -> Result<(), String> {
     let model = Model::load(&file).map_err(|e| e.to_string())?;
     let tokenizer = Tokenizer::from_gguf(&file).map_err(|e| e.to_string())?;
     let prompt = tokenizer.encode(PROMPT, true);
-    let pool = ThreadPool::new(threads);
+    let pool = ThreadPool::new(threads).map_err(|e| e.to_string())?;
     let file_bytes = std::fs::metadata(&model_path).map_err(|e| e.to_string())?.len();
 
     for &batch in &batches {
@@ -65,7 +65,7 @@ fn run() -> Result<(), String> {
                 .enumerate()
                 .map(|(i, &token)| Row { seq, token, logits: i + 1 == prompt.len() })
                 .collect();
-            let logits = model.forward(&pool, &rows, &mut caches, &mut scratch);
+            let logits = model.forward(&pool, &rows, &mut caches, &mut scratch).map_err(|e| e.to_string())?;
             *token = argmax(&logits);
         }
         let prefill_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -81,7 +81,7 @@ fn run() -> Result<(), String> {
                 .map(|(seq, &token)| Row { seq, token, logits: true })
                 .collect();
             let t = Instant::now();
-            let logits = model.forward(&pool, &rows, &mut caches, &mut scratch);
+            let logits = model.forward(&pool, &rows, &mut caches, &mut scratch).map_err(|e| e.to_string())?;
             forward_s += t.elapsed().as_secs_f64();
             let t = Instant::now();
             for (token, row) in next.iter_mut().zip(logits.chunks_exact(vocab)) {

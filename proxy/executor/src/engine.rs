@@ -58,7 +58,7 @@ pub enum EngineError {
     Chat(#[from] ChatError),
     #[error("{0}")]
     Config(String),
-    #[error("cannot start the executor thread: {0}")]
+    #[error("cannot start the executor's threads: {0}")]
     Thread(std::io::Error),
 }
 
@@ -124,6 +124,8 @@ pub enum Event {
     /// with it: empty while a multi-byte character or a possible stop text
     /// is incomplete, several tokens' worth when it completes.
     Token { id: u32, text: String, info: Option<TokenInfo> },
+    /// The executor failed; the sequence is over without an answer.
+    Failed(String),
     /// The last event of every sequence, with any text that was held back
     /// (a possible start of a stop text, an incomplete character).
     Done { text: String, finish: Finish },
@@ -220,12 +222,12 @@ impl Engine {
 
         let (tx, rx) = mpsc::channel();
         let shared = Arc::new(Shared::default());
+        let pool = ThreadPool::new(config.threads).map_err(EngineError::Thread)?;
         let scheduler = Scheduler {
             config: config.clone(),
             model,
             tokenizer: tokenizer.clone(),
-            eog: end_of_generation(&tokenizer),
-            pool: ThreadPool::new(config.threads),
+            pool,
             shared: shared.clone(),
             jobs: rx,
             waiting: VecDeque::new(),
@@ -368,8 +370,6 @@ struct Scheduler {
     config: EngineConfig,
     model: Model,
     tokenizer: Arc<Tokenizer>,
-    /// Tokens that end a generation.
-    eog: Vec<u32>,
     pool: ThreadPool,
     shared: Arc<Shared>,
     jobs: mpsc::Receiver<Job>,
@@ -488,7 +488,20 @@ impl Scheduler {
             budget -= take;
         }
 
-        let logits = self.model.forward(&self.pool, &rows, &mut self.caches, &mut self.scratch);
+        let logits = match self.model.forward(&self.pool, &rows, &mut self.caches, &mut self.scratch)
+        {
+            Ok(logits) => logits,
+            Err(e) => {
+                // Shapes were checked at load, so this is a bug; fail the
+                // batch rather than the process.
+                tracing::error!(pool = %self.config.name, error = %e, "executor step failed");
+                for seq in self.running.drain(..) {
+                    let _ = seq.job.events.send(Event::Failed(e.to_string()));
+                }
+                self.caches.clear();
+                return;
+            }
+        };
 
         // Each row that asked for logits belongs to a distinct sequence.
         let vocab = self.model.shape().vocab;
@@ -498,7 +511,7 @@ impl Scheduler {
         for (row, logits) in with_logits.zip(logits.chunks_exact(vocab)) {
             let seq = &mut self.running[row.seq];
             seq.peak_batch = seq.peak_batch.max(batch);
-            if let Some(reason) = advance(seq, logits, &self.tokenizer, &self.eog, &self.config) {
+            if let Some(reason) = advance(seq, logits, &self.tokenizer, &self.config) {
                 finished.push((row.seq, reason));
             }
         }
@@ -553,20 +566,6 @@ impl Scheduler {
     }
 }
 
-/// The end-of-sequence token and the chat formats' end-of-turn tokens that
-/// the vocabulary has: a chat model ends its answer with either.
-fn end_of_generation(tokenizer: &Tokenizer) -> Vec<u32> {
-    let mut eog = vec![tokenizer.eos()];
-    for text in ["<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>"] {
-        if let Some(id) = tokenizer.token_id(text) {
-            if !eog.contains(&id) {
-                eog.push(id);
-            }
-        }
-    }
-    eog
-}
-
 fn gone(job: &Job) -> bool {
     job.cancelled.load(Ordering::Relaxed) || job.events.is_closed()
 }
@@ -577,7 +576,6 @@ fn advance(
     seq: &mut Seq,
     logits: &[f32],
     tokenizer: &Tokenizer,
-    eog: &[u32],
     config: &EngineConfig,
 ) -> Option<FinishReason> {
     let token = seq.sampler.sample(logits);
@@ -601,7 +599,7 @@ fn advance(
 
     // An end-of-generation token ends the answer and is not part of it,
     // nor of its log-probabilities.
-    if eog.contains(&token) {
+    if tokenizer.is_end_of_generation(token) {
         return Some(FinishReason::Stop);
     }
     seq.generated += 1;

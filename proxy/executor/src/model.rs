@@ -10,7 +10,7 @@ use std::sync::Mutex;
 
 use crate::gguf::{GgufError, GgufFile};
 use crate::pool::ThreadPool;
-use crate::quant::{dequantize_row, matmul};
+use crate::quant::{dequantize_row, matmul, KernelError};
 use crate::tensor::QMatrix;
 
 /// Shape and constants of a model, read from its GGUF metadata.
@@ -45,6 +45,8 @@ pub enum ModelError {
     Architecture(String),
     #[error("model metadata is inconsistent: {0}")]
     Shape(String),
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
 }
 
 #[derive(Debug)]
@@ -195,7 +197,7 @@ impl Model {
         rows: &[Row],
         caches: &mut [SeqCache],
         s: &mut Scratch,
-    ) -> Vec<f32> {
+    ) -> Result<Vec<f32>, ModelError> {
         let sh = &self.shape;
         let (n, d, kv) = (rows.len(), sh.n_embd, sh.kv_dim());
 
@@ -209,7 +211,7 @@ impl Model {
         resize(&mut s.x, n * d);
         for (row, x) in rows.iter().zip(s.x.chunks_exact_mut(d)) {
             let token = (row.token as usize).min(sh.vocab - 1);
-            dequantize_row(self.tok_embd.ty, self.tok_embd.row(token), x);
+            dequantize_row(self.tok_embd.ty, self.tok_embd.row(token), x)?;
         }
 
         for (l, layer) in self.layers.iter().enumerate() {
@@ -218,9 +220,9 @@ impl Model {
             resize(&mut s.q, n * d);
             resize(&mut s.k, n * kv);
             resize(&mut s.v, n * kv);
-            matmul(pool, &layer.wq, &s.xn, n, &mut s.q);
-            matmul(pool, &layer.wk, &s.xn, n, &mut s.k);
-            matmul(pool, &layer.wv, &s.xn, n, &mut s.v);
+            matmul(pool, &layer.wq, &s.xn, n, &mut s.q)?;
+            matmul(pool, &layer.wk, &s.xn, n, &mut s.k)?;
+            matmul(pool, &layer.wv, &s.xn, n, &mut s.v)?;
             for (i, &pos) in s.pos.iter().enumerate() {
                 self.rope(&mut s.q[i * d..(i + 1) * d], pos);
                 self.rope(&mut s.k[i * kv..(i + 1) * kv], pos);
@@ -236,19 +238,19 @@ impl Model {
             resize(&mut s.att, n * d);
             self.attention(pool, l, rows, &s.pos, caches, &s.q, &mut s.att);
             resize(&mut s.proj, n * d);
-            matmul(pool, &layer.wo, &s.att, n, &mut s.proj);
+            matmul(pool, &layer.wo, &s.att, n, &mut s.proj)?;
             add(&mut s.x, &s.proj);
 
             // Feed-forward block: x += down(silu(gate(x)) * up(x)).
             rms_norm(&s.x, &layer.ffn_norm, sh.rms_eps, &mut s.xn);
             resize(&mut s.gate, n * sh.n_ff);
             resize(&mut s.up, n * sh.n_ff);
-            matmul(pool, &layer.gate, &s.xn, n, &mut s.gate);
-            matmul(pool, &layer.up, &s.xn, n, &mut s.up);
+            matmul(pool, &layer.gate, &s.xn, n, &mut s.gate)?;
+            matmul(pool, &layer.up, &s.xn, n, &mut s.up)?;
             for (g, u) in s.gate.iter_mut().zip(&s.up) {
                 *g = *g / (1.0 + (-*g).exp()) * u;
             }
-            matmul(pool, &layer.down, &s.gate, n, &mut s.proj);
+            matmul(pool, &layer.down, &s.gate, n, &mut s.proj)?;
             add(&mut s.x, &s.proj);
         }
         for (cache, len) in caches.iter_mut().zip(next) {
@@ -265,9 +267,9 @@ impl Model {
         rms_norm(&last, &self.output_norm, sh.rms_eps, &mut s.xn);
         let mut logits = vec![0.0; wanted.len() * sh.vocab];
         if !wanted.is_empty() {
-            matmul(pool, &self.output, &s.xn, wanted.len(), &mut logits);
+            matmul(pool, &self.output, &s.xn, wanted.len(), &mut logits)?;
         }
-        logits
+        Ok(logits)
     }
 
     /// Rotates each head's adjacent pairs (x[2i], x[2i+1]) by `pos` times
@@ -493,7 +495,7 @@ mod tests {
             .map(|(i, &token)| Row { seq: 0, token, logits: i >= first })
             .collect();
         let mut caches = vec![SeqCache::new(model.shape())];
-        let logits = model.forward(pool, &rows, &mut caches, &mut Scratch::default());
+        let logits = model.forward(pool, &rows, &mut caches, &mut Scratch::default()).unwrap();
         logits.chunks_exact(model.shape().vocab).map(<[f32]>::to_vec).collect()
     }
 
@@ -501,7 +503,7 @@ mod tests {
     fn forward_pass_matches_llama_cpp_with_teacher_forcing() {
         let Some(file) = open_model_or_skip("forward_pass_matches_llama_cpp") else { return };
         let model = Model::load(&file).unwrap();
-        let pool = ThreadPool::new(2);
+        let pool = ThreadPool::new(2).unwrap();
 
         let (mut steps, mut confident, mut agree_confident) = (0, 0, 0);
         let (mut lp_sum, mut lp_max) = (0.0f64, 0.0f32);
@@ -563,7 +565,7 @@ mod tests {
             return;
         };
         let model = Model::load(&file).unwrap();
-        let pool = ThreadPool::new(2);
+        let pool = ThreadPool::new(2).unwrap();
         let prompts: [&[u32]; 3] = [&[1, 9690, 198], &[1, 4093, 198, 19556], &[1, 46, 2]];
 
         // Each prompt alone, then three greedy steps.
@@ -577,10 +579,10 @@ mod tests {
                     .enumerate()
                     .map(|(i, &token)| Row { seq: 0, token, logits: i + 1 == p.len() })
                     .collect();
-                let mut out = vec![argmax(&model.forward(&pool, &rows, &mut caches, &mut s))];
+                let mut out = vec![argmax(&model.forward(&pool, &rows, &mut caches, &mut s).unwrap())];
                 for _ in 0..3 {
                     let row = [Row { seq: 0, token: out[out.len() - 1], logits: true }];
-                    out.push(argmax(&model.forward(&pool, &row, &mut caches, &mut s)));
+                    out.push(argmax(&model.forward(&pool, &row, &mut caches, &mut s).unwrap()));
                 }
                 out
             })
@@ -601,7 +603,7 @@ mod tests {
             })
             .collect();
         let vocab = model.shape().vocab;
-        let logits = model.forward(&pool, &rows, &mut caches, &mut s);
+        let logits = model.forward(&pool, &rows, &mut caches, &mut s).unwrap();
         let mut together: Vec<Vec<u32>> =
             logits.chunks_exact(vocab).map(|l| vec![argmax(l)]).collect();
         for _ in 0..3 {
@@ -610,7 +612,7 @@ mod tests {
                 .enumerate()
                 .map(|(seq, out)| Row { seq, token: out[out.len() - 1], logits: true })
                 .collect();
-            let logits = model.forward(&pool, &rows, &mut caches, &mut s);
+            let logits = model.forward(&pool, &rows, &mut caches, &mut s).unwrap();
             for (out, l) in together.iter_mut().zip(logits.chunks_exact(vocab)) {
                 out.push(argmax(l));
             }
