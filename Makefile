@@ -1,16 +1,19 @@
 # Switchyard's tasks. `make run` serves; `make test` sets up what the tests
-# need (wasm target, plugins, the Python client) and runs every test.
+# need (wasm target, plugins, the Python client, the model file) and runs
+# every test.
 
 CARGO ?= cargo
 CONFIG ?= examples/switchyard.toml
 VENV := .venv
 WASM_TARGET := wasm32-wasip2
 PLUGINS := cost-router test-faults
+MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: run build plugins setup wasm-target python test lint bench clean
+.PHONY: run build plugins setup wasm-target python model test lint bench \
+	clean
 
 ## run: build and serve with $(CONFIG) (default examples/switchyard.toml)
-run: plugins build
+run: plugins build model
 	./target/release/switchyard run --config $(CONFIG)
 
 build:
@@ -26,7 +29,7 @@ wasm-target:
 		|| rustup target add $(WASM_TARGET)
 
 ## setup: everything the tests need besides the Rust toolchain
-setup: wasm-target python
+setup: wasm-target python model
 
 python: $(VENV)/.installed
 
@@ -36,9 +39,17 @@ $(VENV)/.installed: tests/python/requirements.txt
 		-r tests/python/requirements.txt
 	touch $@
 
+## model: SmolLM2-135M-Instruct at $(MODEL), checksums verified; the script
+## keeps a file whose checksum matches
+model: $(MODEL)
+
+$(MODEL): scripts/fetch-model.sh
+	scripts/fetch-model.sh
+
 ## test: lints, unit and integration tests, the Python client test
 test: setup plugins lint
-	SWITCHYARD_REQUIRE_PYTHON=1 $(CARGO) test --workspace
+	SWITCHYARD_REQUIRE_PYTHON=1 SWITCHYARD_REQUIRE_MODEL=1 \
+		$(CARGO) test --workspace
 
 lint:
 	@for c in clippy rustfmt; do \
