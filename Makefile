@@ -8,9 +8,14 @@ VENV := .venv
 WASM_TARGET := wasm32-wasip2
 PLUGINS := cost-router test-faults
 MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
+LLAMA_VENV := .venv-llama
+# llama.cpp's native build enables CPU features these machines do not allow
+# and crashes; name the ones to use instead.
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON \
+	-DGGML_F16C=ON -DGGML_AVX512=ON
 
 .PHONY: run build plugins setup wasm-target python model test lint bench \
-	clean
+	bench-llama-venv clean
 
 ## run: build and serve with $(CONFIG) (default examples/switchyard.toml)
 run: plugins build model
@@ -62,6 +67,16 @@ lint:
 ## bench: requests/s and latency, direct vs through Switchyard
 bench: plugins
 	$(CARGO) bench -p switchyard --bench throughput
+
+## bench-llama-venv: llama-cpp-python in $(LLAMA_VENV), the baseline for
+## tests/bench/llama_cpp_decode.py (a 10-minute build on 2 cores, done once)
+bench-llama-venv: $(LLAMA_VENV)/.installed
+
+$(LLAMA_VENV)/.installed:
+	python3 -m venv $(LLAMA_VENV)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(LLAMA_VENV)/bin/pip install \
+		'llama-cpp-python==0.3.36' numpy
+	touch $@
 
 clean:
 	$(CARGO) clean
