@@ -1,16 +1,24 @@
 # Switchyard's tasks. `make run` serves; `make test` sets up what the tests
-# need (wasm target, plugins, the Python client) and runs every test.
+# need (wasm target, plugins, the Python client, the model file) and runs
+# every test.
 
 CARGO ?= cargo
 CONFIG ?= examples/switchyard.toml
 VENV := .venv
 WASM_TARGET := wasm32-wasip2
 PLUGINS := cost-router test-faults
+MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
+LLAMA_VENV := .venv-llama
+# llama.cpp's native build enables CPU features these machines do not allow
+# and crashes; name the ones to use instead.
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON \
+	-DGGML_F16C=ON -DGGML_AVX512=ON
 
-.PHONY: run build plugins setup wasm-target python test lint bench clean
+.PHONY: run build plugins setup wasm-target python model test lint bench \
+	bench-llama-venv clean
 
 ## run: build and serve with $(CONFIG) (default examples/switchyard.toml)
-run: plugins build
+run: plugins build model
 	./target/release/switchyard run --config $(CONFIG)
 
 build:
@@ -26,7 +34,7 @@ wasm-target:
 		|| rustup target add $(WASM_TARGET)
 
 ## setup: everything the tests need besides the Rust toolchain
-setup: wasm-target python
+setup: wasm-target python model
 
 python: $(VENV)/.installed
 
@@ -36,9 +44,17 @@ $(VENV)/.installed: tests/python/requirements.txt
 		-r tests/python/requirements.txt
 	touch $@
 
+## model: SmolLM2-135M-Instruct at $(MODEL), checksums verified; the script
+## keeps a file whose checksum matches
+model: $(MODEL)
+
+$(MODEL): scripts/fetch-model.sh
+	scripts/fetch-model.sh
+
 ## test: lints, unit and integration tests, the Python client test
 test: setup plugins lint
-	SWITCHYARD_REQUIRE_PYTHON=1 $(CARGO) test --workspace
+	SWITCHYARD_REQUIRE_PYTHON=1 SWITCHYARD_REQUIRE_MODEL=1 \
+		$(CARGO) test --workspace
 
 lint:
 	@for c in clippy rustfmt; do \
@@ -51,6 +67,16 @@ lint:
 ## bench: requests/s and latency, direct vs through Switchyard
 bench: plugins
 	$(CARGO) bench -p switchyard --bench throughput
+
+## bench-llama-venv: llama-cpp-python in $(LLAMA_VENV), the baseline for
+## tests/bench/llama_cpp_decode.py (a 10-minute build on 2 cores, done once)
+bench-llama-venv: $(LLAMA_VENV)/.installed
+
+$(LLAMA_VENV)/.installed:
+	python3 -m venv $(LLAMA_VENV)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(LLAMA_VENV)/bin/pip install \
+		'llama-cpp-python==0.3.36' numpy
+	touch $@
 
 clean:
 	$(CARGO) clean
