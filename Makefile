@@ -3,7 +3,8 @@
 # every test.
 
 CARGO ?= cargo
-CONFIG ?= examples/switchyard.toml
+# Empty: the embedded default (the small model in-process, no policy).
+CONFIG ?=
 VENV := .venv
 WASM_TARGET := wasm32-wasip2
 PLUGINS := cost-router test-faults
@@ -17,9 +18,10 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON \
 .PHONY: run build plugins setup wasm-target python model test lint bench \
 	bench-llama-venv clean
 
-## run: build and serve with $(CONFIG) (default examples/switchyard.toml)
-run: plugins build model
-	./target/release/switchyard run --config $(CONFIG)
+## run: serve the small model in-process on 127.0.0.1:8080, or
+## $(CONFIG) when given (make run CONFIG=examples/switchyard.toml)
+run: build model $(if $(CONFIG),plugins)
+	./target/release/switchyard run $(if $(CONFIG),--config $(CONFIG))
 
 build:
 	$(CARGO) build --release -p switchyard
@@ -64,9 +66,11 @@ lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## bench: requests/s and latency, direct vs through Switchyard
-bench: plugins
+## bench: requests/s and latency, direct vs through Switchyard; then the
+## executor's decode tokens/s against llama.cpp's
+bench: plugins model bench-llama-venv
 	$(CARGO) bench -p switchyard --bench throughput
+	python3 tests/bench/decode_compare.py
 
 ## bench-llama-venv: llama-cpp-python in $(LLAMA_VENV), the baseline for
 ## tests/bench/llama_cpp_decode.py (a 10-minute build on 2 cores, done once)
