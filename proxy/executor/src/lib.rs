@@ -7,4 +7,6 @@
 //! a KV cache, [`sampler`] picks tokens, and [`engine`] schedules many
 //! sequences into one running batch. Nothing here knows about HTTP.
 
+pub mod pool;
+pub mod quant;
 pub mod tensor;
