@@ -189,11 +189,10 @@ pub(super) fn weight_block_ints(ty: GgmlType, block: &[u8]) -> ([i8; QK], f32, f
 }
 
 /// Horizontal sum of 8 lanes in the order the SIMD kernels reduce them:
-/// halves first, then pairs.
+/// adjacent pairs, pairs of those, then the two halves.
 #[inline]
 pub(super) fn hsum8(v: [f32; 8]) -> f32 {
-    let x = [v[0] + v[4], v[1] + v[5], v[2] + v[6], v[3] + v[7]];
-    (x[0] + x[2]) + (x[1] + x[3])
+    ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]))
 }
 
 /// Dot product of one weight row of quantized `ty` with one activation row,
@@ -201,34 +200,27 @@ pub(super) fn hsum8(v: [f32; 8]) -> f32 {
 ///
 /// - per block, 8 integer lanes, lane `k` summing elements `4k..4k + 4`;
 /// - each lane scaled by `d_w * d_x` (one f32 product) and fused-added into
-///   one of two 8-lane accumulators, even blocks into the first, odd into
-///   the second;
-/// - for Q4_1, `m * s` summed per block into two scalars the same way;
-/// - the result `hsum8(acc_even + acc_odd) + (s_even + s_odd)`.
+///   an 8-lane accumulator, block after block;
+/// - for Q4_1, `m * s` fused-added per block into a scalar;
+/// - the result `hsum8(acc) + offsets`.
 pub(super) fn dot_row(ty: GgmlType, w: &[u8], x: &[BlockQ8]) -> f32 {
     let bytes = ty.block_bytes();
-    let mut acc = [[0.0f32; 8]; 2];
-    let mut summs = [0.0f32; 2];
-    for (b, (blk, a)) in w.chunks_exact(bytes).zip(x).enumerate() {
+    let mut acc = [0.0f32; 8];
+    let mut offsets = 0.0f32;
+    for (blk, a) in w.chunks_exact(bytes).zip(x) {
         let (q, dw, m) = weight_block_ints(ty, blk);
         let d = dw * a.d;
-        let acc = &mut acc[b & 1];
         let groups = q.chunks_exact(4).zip(a.qs.chunks_exact(4));
         for (acc, (wq, xq)) in acc.iter_mut().zip(groups) {
             let lane: i32 = wq.iter().zip(xq).map(|(&w, &x)| w as i32 * x as i32).sum();
             *acc = d.mul_add(lane as f32, *acc);
         }
-        summs[b & 1] += m * a.s;
+        offsets = m.mul_add(a.s, offsets);
     }
-    let mut v = [0.0f32; 8];
-    for k in 0..8 {
-        v[k] = acc[0][k] + acc[1][k];
-    }
-    let sum = hsum8(v);
     if ty == GgmlType::Q4_1 {
-        sum + (summs[0] + summs[1])
+        hsum8(acc) + offsets
     } else {
-        sum
+        hsum8(acc)
     }
 }
 

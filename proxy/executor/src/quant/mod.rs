@@ -17,6 +17,7 @@ mod blocks;
 mod avx2;
 
 use std::cell::RefCell;
+use std::sync::OnceLock;
 
 use crate::pool::ThreadPool;
 use crate::tensor::{GgmlType, QMatrix};
@@ -142,16 +143,61 @@ enum Isa {
     Scalar,
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// AVX2 plus AVX-512 VNNI's byte dot product (on 256-bit registers).
+    #[cfg(target_arch = "x86_64")]
+    Vnni,
 }
 
+/// Environment variable that caps the instruction set the kernels use, for
+/// comparing them: `scalar`, `avx2` or `vnni`. Unset, or a set this CPU
+/// lacks, means the best it has.
+pub const ISA_ENV: &str = "SWITCHYARD_KERNEL_ISA";
+
 impl Isa {
-    /// The fastest this CPU supports. Feature detection is cached by std.
+    /// The instruction set kernel calls use: the best this CPU supports,
+    /// capped by [`ISA_ENV`]. Decided once per process.
     fn detect() -> Isa {
+        static CHOSEN: OnceLock<Isa> = OnceLock::new();
+        *CHOSEN.get_or_init(|| {
+            let best = Isa::best();
+            let wanted = match std::env::var(ISA_ENV).as_deref() {
+                Ok("scalar") => Isa::Scalar,
+                #[cfg(target_arch = "x86_64")]
+                Ok("avx2") => Isa::Avx2,
+                _ => best,
+            };
+            let isa = if wanted.rank() <= best.rank() {
+                wanted
+            } else {
+                best
+            };
+            tracing::debug!(isa = ?isa, "matrix kernels chose an instruction set");
+            isa
+        })
+    }
+
+    /// The fastest this CPU supports. Feature detection is cached by std.
+    fn best() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        if avx2::vnni_available() {
+            return Isa::Vnni;
+        }
         #[cfg(target_arch = "x86_64")]
         if avx2::available() {
             return Isa::Avx2;
         }
         Isa::Scalar
+    }
+
+    /// Order of capability: each runs on any CPU that runs a higher one.
+    fn rank(self) -> u8 {
+        match self {
+            Isa::Scalar => 0,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => 1,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Vnni => 2,
+        }
     }
 }
 
@@ -163,10 +209,10 @@ fn quantize_act(isa: Isa, x: &[f32], out: &mut [BlockQ8]) {
                 *out = blocks::quantize_block_act(x);
             }
         }
-        // SAFETY: `Isa::Avx2` is only chosen after `avx2::available()`.
+        // SAFETY: both are only chosen after `avx2::available()`.
         #[cfg(target_arch = "x86_64")]
         #[allow(unsafe_code)]
-        Isa::Avx2 => unsafe { avx2::quantize_act(x, out) },
+        Isa::Avx2 | Isa::Vnni => unsafe { avx2::quantize_act(x, out) },
     }
 }
 
@@ -248,13 +294,15 @@ fn with_act_scratch(len: usize, f: impl FnOnce(&mut [BlockQ8])) {
 }
 
 /// Rows of the weight matrix per pool task: about four tasks per thread, so
-/// a thread slowed by other load is covered by the rest, and at least 16
-/// rows so a task's overhead stays small.
+/// a thread slowed by other load is covered by the rest, at least 16 rows so
+/// a task's overhead stays small, and a multiple of [`ROWS`].
 fn rows_per_task(rows: usize, threads: usize) -> usize {
-    if threads <= 1 {
-        return rows.max(1);
-    }
-    rows.div_ceil(threads * 4).max(16)
+    let per = if threads <= 1 {
+        rows
+    } else {
+        rows.div_ceil(threads * 4).max(16)
+    };
+    per.next_multiple_of(ROWS).max(ROWS)
 }
 
 /// The output matrix, written by many tasks at once at distinct indices.
@@ -291,6 +339,13 @@ impl SharedOut {
     }
 }
 
+/// Weight rows and activation rows multiplied in one kernel call, at most.
+const ROWS: usize = 4;
+const ACTS: usize = 4;
+
+/// Results of one kernel call: `[weight row][activation row]`.
+type TileOut = [[f32; ACTS]; ROWS];
+
 /// The quantized case of [`matmul`]: `acts` holds the rows of quantized
 /// activations, `w.cols / 32` blocks each.
 fn matmul_quant(isa: Isa, pool: &ThreadPool, w: &QMatrix, acts: &[BlockQ8], out: &mut [f32]) {
@@ -303,23 +358,28 @@ fn matmul_quant(isa: Isa, pool: &ThreadPool, w: &QMatrix, acts: &[BlockQ8], out:
     let task = |t: usize| {
         let r0 = t * chunk;
         let r1 = (r0 + chunk).min(rows);
-        let Some(rows_bytes) = bytes.get(r0 * stride..r1 * stride) else {
-            return;
-        };
 
-        // Each weight row against all activation rows, a tile at a time,
-        // while the row is in L1.
-        let mut res = [0.0f32; TILE];
-        for (r, row) in (r0..r1).zip(rows_bytes.chunks_exact(stride)) {
-            for (t, tile) in acts.chunks(nb * TILE).enumerate() {
-                let res = &mut res[..tile.len() / nb];
-                dot_tile(isa, w.ty, row, tile, nb, res);
-                for (c, &v) in res.iter().enumerate() {
-                    // SAFETY: this task alone owns rows `r0..r1` of every
-                    // output row, and `out` is not used until the job ends.
-                    #[allow(unsafe_code)]
-                    unsafe {
-                        out.write((t * TILE + c) * rows + r, v);
+        // Up to 4 weight rows against all activation rows, 4 at a time,
+        // while the weight rows are in L1.
+        let mut res = [[0.0f32; ACTS]; ROWS];
+        for r in (r0..r1).step_by(ROWS) {
+            let nr = (r1 - r).min(ROWS);
+            let Some(wrows) = bytes.get(r * stride..(r + nr) * stride) else {
+                return;
+            };
+            for (t, tile) in acts.chunks(nb * ACTS).enumerate() {
+                let nc = tile.len() / nb;
+                let first = t == 0;
+                dot_tile(isa, w.ty, wrows, stride, nr, tile, nb, first, &mut res);
+                for (i, res) in res.iter().enumerate().take(nr) {
+                    for (c, &v) in res.iter().enumerate().take(nc) {
+                        // SAFETY: this task alone owns rows `r0..r1` of
+                        // every output row, and `out` is not used until
+                        // the job ends.
+                        #[allow(unsafe_code)]
+                        unsafe {
+                            out.write((t * ACTS + c) * rows + r + i, v);
+                        }
                     }
                 }
             }
@@ -328,26 +388,48 @@ fn matmul_quant(isa: Isa, pool: &ThreadPool, w: &QMatrix, acts: &[BlockQ8], out:
     pool.for_each(rows.div_ceil(chunk), &task);
 }
 
-/// Activation rows multiplied per pass over a weight row.
-#[cfg(target_arch = "x86_64")]
-const TILE: usize = avx2::MAX_TILE;
-#[cfg(not(target_arch = "x86_64"))]
-const TILE: usize = 4;
-
-/// Dot products of one weight row with `out.len()` activation rows of `nb`
-/// blocks each, stored one after another in `acts`.
+/// Dot products of `nr` weight rows (`stride` bytes apart in `w`) with the
+/// activation rows of `nb` blocks each stored one after another in `acts`
+/// (at most [`ROWS`] and [`ACTS`]), into `out[row][act]`; `prefetch` asks
+/// for the following weight rows to be fetched into cache.
 #[inline]
-fn dot_tile(isa: Isa, ty: GgmlType, row: &[u8], acts: &[BlockQ8], nb: usize, out: &mut [f32]) {
+#[allow(clippy::too_many_arguments)]
+fn dot_tile(
+    isa: Isa,
+    ty: GgmlType,
+    w: &[u8],
+    stride: usize,
+    nr: usize,
+    acts: &[BlockQ8],
+    nb: usize,
+    prefetch: bool,
+    out: &mut TileOut,
+) {
     match isa {
         Isa::Scalar => {
-            for (o, a) in out.iter_mut().zip(acts.chunks_exact(nb)) {
-                *o = blocks::dot_row(ty, row, a);
+            for (r, out) in out.iter_mut().enumerate().take(nr) {
+                let Some(row) = w.get(r * stride..(r + 1) * stride) else {
+                    return;
+                };
+                for (o, a) in out.iter_mut().zip(acts.chunks_exact(nb)) {
+                    *o = blocks::dot_row(ty, row, a);
+                }
             }
         }
         // SAFETY: `Isa::Avx2` is only chosen after `avx2::available()`.
         #[cfg(target_arch = "x86_64")]
         #[allow(unsafe_code)]
-        Isa::Avx2 => unsafe { avx2::dot_tile(ty, row, acts, nb, out) },
+        Isa::Avx2 => unsafe {
+            let flavor = avx2::Flavor::Avx2;
+            avx2::dot_tile(flavor, ty, w, stride, nr, acts, nb, prefetch, out)
+        },
+        // SAFETY: `Isa::Vnni` is only chosen after `avx2::vnni_available()`.
+        #[cfg(target_arch = "x86_64")]
+        #[allow(unsafe_code)]
+        Isa::Vnni => unsafe {
+            let flavor = avx2::Flavor::Vnni;
+            avx2::dot_tile(flavor, ty, w, stride, nr, acts, nb, prefetch, out)
+        },
     }
 }
 

@@ -155,13 +155,23 @@ fn run(isa: Isa, pool: &ThreadPool, w: &QMatrix, x: &[f32], n: usize) -> Vec<f32
     out
 }
 
-fn simd() -> Option<Isa> {
+/// The SIMD instruction sets this CPU runs.
+fn simd() -> Vec<Isa> {
+    let mut isas = Vec::new();
     #[cfg(target_arch = "x86_64")]
-    if avx2::available() {
-        return Some(Isa::Avx2);
+    {
+        if avx2::available() {
+            isas.push(Isa::Avx2);
+        } else {
+            eprintln!("skipping AVX2 comparison: this CPU lacks AVX2, FMA or F16C");
+        }
+        if avx2::vnni_available() {
+            isas.push(Isa::Vnni);
+        } else {
+            eprintln!("skipping VNNI comparison: this CPU lacks AVX-512 VNNI or VL");
+        }
     }
-    eprintln!("skipping SIMD comparison: this CPU lacks AVX2, FMA or F16C");
-    None
+    isas
 }
 
 #[test]
@@ -299,7 +309,7 @@ fn matmul_vec(pool: &ThreadPool, w: &QMatrix, x: &[f32], n: usize) -> Vec<f32> {
 
 #[test]
 fn simd_activation_quantizer_equals_scalar_bit_for_bit() {
-    let Some(isa) = simd() else { return };
+    let Some(&isa) = simd().first() else { return };
     let mut rng = Rng(7);
     let mut x = rng.row(32 * 200);
 
@@ -325,7 +335,7 @@ fn simd_activation_quantizer_equals_scalar_bit_for_bit() {
 
 #[test]
 fn simd_matmul_equals_scalar_bit_for_bit() {
-    let Some(isa) = simd() else { return };
+    let isas = simd();
     let mut rng = Rng(99);
     let pool = ThreadPool::new(2).unwrap();
     for ty in QUANTIZED {
@@ -344,13 +354,15 @@ fn simd_matmul_equals_scalar_bit_for_bit() {
                 let mut x = rng.row(n * cols);
                 x[..32].fill(1.0);
                 let want = run(Isa::Scalar, &pool, &w, &x, n);
-                let got = run(isa, &pool, &w, &x, n);
-                for (k, (g, s)) in got.iter().zip(&want).enumerate() {
-                    assert_eq!(
-                        g.to_bits(),
-                        s.to_bits(),
-                        "{ty} {rows}x{cols} n={n} [{k}]: {g} vs {s}"
-                    );
+                for &isa in &isas {
+                    let got = run(isa, &pool, &w, &x, n);
+                    for (k, (g, s)) in got.iter().zip(&want).enumerate() {
+                        assert_eq!(
+                            g.to_bits(),
+                            s.to_bits(),
+                            "{isa:?} {ty} {rows}x{cols} n={n} [{k}]: {g} vs {s}"
+                        );
+                    }
                 }
             }
         }
