@@ -6,6 +6,12 @@
 //! microseconds each, so dispatch must cost well under a microsecond: workers
 //! spin for a short while after each job before they sleep on a condition
 //! variable, and a dispatch allocates nothing.
+//!
+//! A job waits for its tasks to finish, never for every worker to turn up:
+//! on a machine with more runnable threads than cores a descheduled worker
+//! would otherwise stall each job for a scheduler time slice. Workers claim
+//! task indices with a compare-and-swap on one word that also names the job,
+//! so a late worker cannot claim a task of a job that has moved on.
 
 use std::any::Any;
 use std::panic::{self, AssertUnwindSafe};
@@ -21,6 +27,14 @@ const SPIN: Duration = Duration::from_micros(200);
 
 /// Spin iterations between two reads of the clock while spinning.
 const SPINS_PER_CLOCK_READ: u32 = 64;
+
+/// Most task indices one dispatch hands out; larger jobs are dispatched in
+/// rounds of this many.
+const MAX_TASKS: usize = (1 << TICKET_BITS) - 1;
+
+/// Bits of the ticket for the task count and for the next index each.
+const TICKET_BITS: u32 = 20;
+const TICKET_MASK: u64 = (1 << TICKET_BITS) - 1;
 
 /// The job type as workers see it: a shared reference to the caller's closure.
 type Job<'a> = &'a (dyn Fn(usize) + Sync + 'a);
@@ -40,22 +54,16 @@ pub struct ThreadPool {
 
 /// State shared between the dispatching thread and the workers.
 struct Shared {
-    /// Bumped once per job (and once at shutdown); workers wait for it to
-    /// change.
-    epoch: AtomicU64,
+    /// The current job's number (upper bits), task count and next index to
+    /// hand out (see [`Ticket`]). Threads claim an index by advancing it.
+    ticket: AtomicU64,
 
     /// Address of a [`Job`] on the dispatching thread's stack; valid while
-    /// `pending` is non-zero.
+    /// some claimed index of the current job has not finished.
     job: AtomicPtr<()>,
 
-    /// Number of indices in the current job.
-    tasks: AtomicUsize,
-
-    /// Next index to hand out; threads claim indices by incrementing it.
-    next: AtomicUsize,
-
-    /// Workers that have not yet finished with the current job.
-    pending: AtomicUsize,
+    /// Indices of the current job that have finished.
+    done: AtomicUsize,
 
     /// Workers asleep (or about to sleep) on `wake`.
     sleepers: AtomicUsize,
@@ -68,17 +76,39 @@ struct Shared {
     panic: Mutex<Option<Box<dyn Any + Send>>>,
 }
 
+/// The unpacked `Shared::ticket`: job number, task count, next index.
+#[derive(Clone, Copy)]
+struct Ticket {
+    job: u64,
+    tasks: usize,
+    next: usize,
+}
+
+impl Ticket {
+    fn unpack(word: u64) -> Ticket {
+        Ticket {
+            job: word >> (2 * TICKET_BITS),
+            tasks: ((word >> TICKET_BITS) & TICKET_MASK) as usize,
+            next: (word & TICKET_MASK) as usize,
+        }
+    }
+
+    fn pack(self) -> u64 {
+        (self.job << (2 * TICKET_BITS))
+            | ((self.tasks as u64 & TICKET_MASK) << TICKET_BITS)
+            | (self.next as u64 & TICKET_MASK)
+    }
+}
+
 impl ThreadPool {
     /// Starts a pool of `threads` threads in all, counting the caller, so
     /// `threads - 1` workers are spawned. 0 is taken as 1 (no workers: jobs
     /// run on the caller).
     pub fn new(threads: usize) -> std::io::Result<ThreadPool> {
         let shared = Arc::new(Shared {
-            epoch: AtomicU64::new(0),
+            ticket: AtomicU64::new(0),
             job: AtomicPtr::new(std::ptr::null_mut()),
-            tasks: AtomicUsize::new(0),
-            next: AtomicUsize::new(0),
-            pending: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
             sleepers: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
             lock: Mutex::new(()),
@@ -128,44 +158,56 @@ impl ThreadPool {
         let _dispatch = match self.dispatch.try_lock() {
             Ok(guard) => guard,
             // A previous job panicked; the pool's state is still sound
-            // because every job waits for all workers before returning.
+            // because every job waits for all its tasks before returning.
             Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
             Err(TryLockError::WouldBlock) => {
                 (0..tasks).for_each(f);
                 return;
             }
         };
+
+        // Huge jobs go out in rounds; the ticket has room for MAX_TASKS.
+        let mut start = 0;
+        while start < tasks {
+            let round = (tasks - start).min(MAX_TASKS);
+            let shifted = move |i: usize| f(start + i);
+            self.dispatch_round(round, &shifted);
+            start += round;
+        }
+    }
+
+    /// One job of at most [`MAX_TASKS`] indices; the dispatch lock is held.
+    fn dispatch_round(&self, tasks: usize, f: &(dyn Fn(usize) + Sync)) {
         let shared = &*self.shared;
 
-        // Publish the job. The epoch bump releases the plain stores before it;
-        // workers read them after they see the new epoch.
+        // Publish the job: the plain stores first, then the ticket that
+        // names the new job, which releases them to whoever claims from it.
         let job: Job<'_> = f;
         let job_addr = &job as *const Job<'_> as *mut ();
         shared.job.store(job_addr, Ordering::Relaxed);
-        shared.tasks.store(tasks, Ordering::Relaxed);
-        shared.next.store(0, Ordering::Relaxed);
-        shared.pending.store(self.workers.len(), Ordering::Relaxed);
-        shared.epoch.fetch_add(1, Ordering::SeqCst);
+        shared.done.store(0, Ordering::Relaxed);
+        let previous = Ticket::unpack(shared.ticket.load(Ordering::Relaxed));
+        let ticket = Ticket {
+            job: previous.job.wrapping_add(1),
+            tasks,
+            next: 0,
+        };
+        shared.ticket.store(ticket.pack(), Ordering::SeqCst);
 
         // Wake sleeping workers. SeqCst on both sides: a worker that counted
-        // itself a sleeper after this load sees the new epoch before waiting.
+        // itself a sleeper after this load sees the new ticket before waiting.
         if shared.sleepers.load(Ordering::SeqCst) > 0 {
             let _lock = lock(&shared.lock);
             shared.wake.notify_all();
         }
 
-        // Take our share of the indices, then wait for the workers: `job`
-        // lives in this frame and must outlive their use of it, so a panic
-        // here is held until they are done.
-        let ours = panic::catch_unwind(AssertUnwindSafe(|| {
-            run_indices(shared, f);
-        }));
-        wait_for_workers(shared);
+        // Take our share of the indices, then wait for the rest to finish:
+        // `job` lives in this frame and must outlive their use of it, so
+        // panics are held (by `run_indices`) until all are done.
+        run_indices(shared, ticket.job, f);
+        wait_for_tasks(shared, tasks);
         shared.job.store(std::ptr::null_mut(), Ordering::Relaxed);
 
-        if let Err(payload) = ours {
-            panic::resume_unwind(payload);
-        }
         if let Some(payload) = lock(&shared.panic).take() {
             panic::resume_unwind(payload);
         }
@@ -174,11 +216,17 @@ impl ThreadPool {
 
 impl Drop for ThreadPool {
     fn drop(&mut self) {
-        // `&mut self`: no job is out, so every worker is waiting for the
-        // next epoch.
+        // `&mut self`: no job is out. A new job number with no tasks wakes
+        // every worker to see the flag.
         let shared = &*self.shared;
         shared.shutdown.store(true, Ordering::SeqCst);
-        shared.epoch.fetch_add(1, Ordering::SeqCst);
+        let previous = Ticket::unpack(shared.ticket.load(Ordering::SeqCst));
+        let ticket = Ticket {
+            job: previous.job.wrapping_add(1),
+            tasks: 0,
+            next: 0,
+        };
+        shared.ticket.store(ticket.pack(), Ordering::SeqCst);
         {
             let _lock = lock(&shared.lock);
             shared.wake.notify_all();
@@ -200,59 +248,78 @@ impl std::fmt::Debug for ThreadPool {
     }
 }
 
-/// A worker: wait for a job, run indices until none are left, report done.
+/// A worker: wait for a new job, run indices of it until none are left.
 fn worker_loop(shared: &Shared) {
-    // Epoch 0 is the pool before its first job, which may be dispatched
+    // Job 0 is the pool before its first job, which may be dispatched
     // before this thread first runs: it must still count as new.
     let mut seen = 0;
     loop {
-        seen = wait_for_epoch(shared, seen);
+        seen = wait_for_job(shared, seen);
         if shared.shutdown.load(Ordering::SeqCst) {
             return;
         }
 
-        // SAFETY: `job` was stored before the epoch we just acquired, and the
-        // dispatcher keeps the `Job` it points at alive, unchanged, until
-        // `pending` drops to zero, which this worker does only below.
+        // SAFETY: only read after claiming an index of job `job` (in
+        // `run_indices`): the dispatcher stored the pointer before it
+        // published that job, and keeps the `Job` it points at alive until
+        // the claimed index has finished.
         #[allow(unsafe_code)]
-        let job: Job<'_> = unsafe { *(shared.job.load(Ordering::Relaxed) as *const Job<'_>) };
+        let claimed = |i: usize| {
+            let job: Job<'_> = unsafe { *(shared.job.load(Ordering::Relaxed) as *const Job<'_>) };
+            job(i);
+        };
 
-        // Keep the first panic for the dispatcher; stop taking indices after
-        // one, the other threads finish the job.
-        let result = panic::catch_unwind(AssertUnwindSafe(|| {
-            run_indices(shared, job);
-        }));
-        if let Err(payload) = result {
-            let mut slot = lock(&shared.panic);
-            if slot.is_none() {
-                *slot = Some(payload);
-            }
-        }
-        shared.pending.fetch_sub(1, Ordering::Release);
+        run_indices(shared, seen, &claimed);
     }
 }
 
-/// Claims and runs indices of the current job until there are none left.
-fn run_indices(shared: &Shared, f: &(dyn Fn(usize) + Sync)) {
-    let tasks = shared.tasks.load(Ordering::Relaxed);
+/// Claims and runs indices of job `job` until none are left or the job is
+/// no longer current. A panicking index still counts as done, after its
+/// panic (the job's first) is kept for the dispatcher to re-raise, so the
+/// dispatcher never waits forever nor misses it.
+fn run_indices(shared: &Shared, job: u64, f: &(dyn Fn(usize) + Sync)) {
+    let mut word = shared.ticket.load(Ordering::Acquire);
     loop {
-        let i = shared.next.fetch_add(1, Ordering::Relaxed);
-        if i >= tasks {
+        let ticket = Ticket::unpack(word);
+        if ticket.job != job || ticket.next >= ticket.tasks {
             return;
         }
-        f(i);
+        let claim = Ticket {
+            next: ticket.next + 1,
+            ..ticket
+        };
+        match shared.ticket.compare_exchange_weak(
+            word,
+            claim.pack(),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => {
+                let result = panic::catch_unwind(AssertUnwindSafe(|| f(ticket.next)));
+                if let Err(payload) = result {
+                    let mut slot = lock(&shared.panic);
+                    if slot.is_none() {
+                        *slot = Some(payload);
+                    }
+                }
+                shared.done.fetch_add(1, Ordering::Release);
+                word = shared.ticket.load(Ordering::Acquire);
+            }
+            Err(current) => word = current,
+        }
     }
 }
 
-/// Waits until the epoch differs from `seen` and returns it: spins for
-/// [`SPIN`], then sleeps on the condition variable.
-fn wait_for_epoch(shared: &Shared, seen: u64) -> u64 {
+/// Waits until the job number differs from `seen` and returns it: spins
+/// for [`SPIN`], then sleeps on the condition variable.
+fn wait_for_job(shared: &Shared, seen: u64) -> u64 {
+    let current = || Ticket::unpack(shared.ticket.load(Ordering::SeqCst)).job;
     let start = Instant::now();
     let mut spins = 0u32;
     loop {
-        let epoch = shared.epoch.load(Ordering::Acquire);
-        if epoch != seen {
-            return epoch;
+        let job = current();
+        if job != seen {
+            return job;
         }
         spins = spins.wrapping_add(1);
         if spins.is_multiple_of(SPINS_PER_CLOCK_READ) && start.elapsed() > SPIN {
@@ -261,15 +328,15 @@ fn wait_for_epoch(shared: &Shared, seen: u64) -> u64 {
         std::hint::spin_loop();
     }
 
-    // Count ourselves a sleeper before the last look at the epoch, under the
-    // lock the dispatcher takes to notify (see `for_each`).
+    // Count ourselves a sleeper before the last look at the ticket, under
+    // the lock the dispatcher takes to notify (see `dispatch_round`).
     let mut guard = lock(&shared.lock);
     shared.sleepers.fetch_add(1, Ordering::SeqCst);
     loop {
-        let epoch = shared.epoch.load(Ordering::SeqCst);
-        if epoch != seen {
+        let job = current();
+        if job != seen {
             shared.sleepers.fetch_sub(1, Ordering::SeqCst);
-            return epoch;
+            return job;
         }
         guard = shared
             .wake
@@ -278,13 +345,14 @@ fn wait_for_epoch(shared: &Shared, seen: u64) -> u64 {
     }
 }
 
-/// Waits for every worker to finish the current job: spins, since the
-/// stragglers are normally a few microseconds behind, then yields.
-fn wait_for_workers(shared: &Shared) {
+/// Waits until `tasks` indices of the current job have finished: spins,
+/// since the last ones are normally a few microseconds from done, then
+/// yields.
+fn wait_for_tasks(shared: &Shared, tasks: usize) {
     let mut spins = 0u32;
-    while shared.pending.load(Ordering::Acquire) != 0 {
+    while shared.done.load(Ordering::Acquire) < tasks {
         spins = spins.saturating_add(1);
-        if spins < 1 << 16 {
+        if spins < 1 << 14 {
             std::hint::spin_loop();
         } else {
             thread::yield_now();
@@ -414,6 +482,17 @@ mod tests {
         }
         let hits = counts(64);
         pool.for_each(64, &|i| {
+            hits[i].fetch_add(1, Ordering::Relaxed);
+        });
+        assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+    }
+
+    #[test]
+    fn jobs_larger_than_a_ticket_run_in_rounds() {
+        let pool = ThreadPool::new(2).unwrap();
+        let tasks = MAX_TASKS * 2 + 3;
+        let hits = counts(tasks);
+        pool.for_each(tasks, &|i| {
             hits[i].fetch_add(1, Ordering::Relaxed);
         });
         assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
