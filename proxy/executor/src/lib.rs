@@ -11,6 +11,8 @@ pub mod chat;
 pub mod engine;
 pub mod gguf;
 pub mod model;
+pub mod pool;
+pub mod quant;
 pub mod sampler;
 pub mod tensor;
 pub mod tokenizer;
