@@ -193,7 +193,7 @@ pub struct ChannelBody {
 
 impl ChannelBody {
     /// A body and the sender that feeds it, buffering up to `depth` chunks.
-    pub fn new(depth: usize) -> (tokio::sync::mpsc::Sender<Bytes>, Body) {
+    pub fn channel(depth: usize) -> (tokio::sync::mpsc::Sender<Bytes>, Body) {
         let (tx, rx) = tokio::sync::mpsc::channel(depth);
         (tx, ChannelBody { rx }.boxed())
     }
@@ -207,6 +207,8 @@ impl HttpBody for ChannelBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.rx.poll_recv(cx).map(|chunk| chunk.map(|b| Ok(Frame::data(b))))
+        self.rx
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|b| Ok(Frame::data(b))))
     }
 }

@@ -180,7 +180,9 @@ impl PoolConfig {
 
     /// A `local` pool's model file.
     pub fn model_path(&self) -> PathBuf {
-        self.model_path.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL_PATH))
+        self.model_path
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL_PATH))
     }
 
     /// A `local` pool's executor settings, defaults filled in.
@@ -403,7 +405,10 @@ fn validate_local_pool(i: usize, pool: &PoolConfig) -> Result<(), ConfigError> {
     ];
     for (field, value, lo, hi) in ranges {
         if value.is_some_and(|v| v < lo || v > hi) {
-            return Err(invalid(&key(field), &format!("must be between {lo} and {hi}")));
+            return Err(invalid(
+                &key(field),
+                &format!("must be between {lo} and {hi}"),
+            ));
         }
     }
     let path = pool.model_path();
