@@ -217,10 +217,11 @@ mod tests {
 
     #[test]
     fn top_p_never_draws_outside_the_nucleus() {
-        // Two tokens hold ~0.88 of the mass; with top_p 0.8 only they qualify.
+        // Two tokens hold 0.94 of the mass, the first 0.59: with top_p 0.8
+        // both are needed and nothing else qualifies.
         let mut logits = vec![0.0f32; 300];
-        logits[5] = 6.0;
-        logits[9] = 5.5;
+        logits[5] = 8.0;
+        logits[9] = 7.5;
         let mut s = Sampler::new(params(1.0, 0.8, 3));
         for _ in 0..500 {
             let t = s.sample(&logits);
