@@ -101,20 +101,12 @@ impl LocalPool {
         })
     }
 
-    /// Requests waiting for the executor.
-    pub fn queued(&self) -> usize {
-        self.engine.queued()
-    }
-
-    /// Stops taking requests and waits until every accepted one is done.
-    pub fn shutdown(&self) {
-        self.engine.shutdown();
-    }
-
     /// Answers a chat or completions request.
     pub async fn handle(&self, api: ApiRequest) -> Result<Response<Body>, ApiError> {
         let settings = self.settings(&api)?;
-        let prompts = self.prompts(&api)?;
+        // Tokenizing a body of several megabytes takes a while; keep it off
+        // the worker that other connections share.
+        let prompts = crate::routing::call_blocking(|| self.prompts(&api))?;
 
         // One generation per prompt and choice, all submitted before any is
         // awaited so that they share the running batch. A refusal drops the

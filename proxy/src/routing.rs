@@ -142,7 +142,7 @@ impl Router {
 /// Runs a synchronous call that may block up to the plugin's timeout. On
 /// a multi-threaded runtime the worker's other tasks move to another
 /// thread first, so a runaway plugin delays only its own request.
-fn call_blocking<T>(call: impl FnOnce() -> T) -> T {
+pub(crate) fn call_blocking<T>(call: impl FnOnce() -> T) -> T {
     use tokio::runtime::{Handle, RuntimeFlavor};
     let multi_thread = Handle::try_current()
         .is_ok_and(|handle| handle.runtime_flavor() == RuntimeFlavor::MultiThread);

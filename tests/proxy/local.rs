@@ -520,3 +520,51 @@ async fn metrics_describe_the_executor() {
         assert!(text.contains(name), "{name} missing:\n{text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_local_generations_finish() {
+    let Some(model) = model_file() else { return };
+    let mut sw = Switchyard::start(&local_pool_config(&model, "max_batch = 1\n")).await;
+    let client = http1_client();
+    let url = sw.api_url();
+
+    // One streaming and one queued behind it, both accepted before SIGTERM.
+    let body = |stream: bool| {
+        json!({
+            "model": "small", "prompt": "Tell a story:", "max_tokens": 40,
+            "temperature": 0, "stream": stream,
+        })
+    };
+    let mut streaming = client
+        .post(format!("{url}/v1/completions"))
+        .json(&body(true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(streaming.status(), 200);
+    let queued = {
+        let (client, url, body) = (client.clone(), url.clone(), body(false));
+        tokio::spawn(async move { post(&client, &url, "/v1/completions", &body).await })
+    };
+    let first = streaming.chunk().await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    sw.terminate();
+
+    let mut text = String::from_utf8_lossy(&first).into_owned();
+    while let Some(chunk) = streaming.chunk().await.unwrap() {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert_eq!(
+        sse_data(&text).last().map(String::as_str),
+        Some("[DONE]"),
+        "{text}"
+    );
+    let queued = queued.await.unwrap();
+    queued.assert_status(200);
+    assert_eq!(
+        queued.json["usage"]["completion_tokens"], 40,
+        "{}",
+        queued.text
+    );
+    assert_eq!(sw.wait_exit(Duration::from_secs(30)).await, Some(0));
+}

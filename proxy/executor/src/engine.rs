@@ -183,7 +183,10 @@ pub struct Engine {
 /// Counters the scheduler publishes for admission decisions.
 #[derive(Debug, Default)]
 struct Shared {
+    /// Requests submitted and not yet in the running batch.
     queued: AtomicUsize,
+    /// Sequences in the running batch.
+    running: AtomicUsize,
     /// Recent mean time a request spent in the running batch, in ms.
     mean_service_ms: AtomicUsize,
 }
@@ -291,9 +294,12 @@ impl Engine {
         }
 
         // Count the request as queued before it is sent, so that two callers
-        // racing for the last place cannot both take it.
+        // racing for the last place cannot both take it. Free places in the
+        // running batch count too: a request bound for one is not waiting.
         let queued = self.shared.queued.fetch_add(1, Ordering::AcqRel);
-        if queued >= self.config.max_queue {
+        let running = self.shared.running.load(Ordering::Acquire);
+        let free = self.config.max_batch.saturating_sub(running);
+        if queued >= self.config.max_queue + free {
             self.shared.queued.fetch_sub(1, Ordering::AcqRel);
             return Err(SubmitError::QueueFull {
                 queued,
@@ -473,11 +479,18 @@ impl Scheduler {
             });
             self.caches.push(SeqCache::new(self.model.shape()));
         }
+        self.shared
+            .running
+            .store(self.running.len(), Ordering::Release);
     }
 
     fn remove(&mut self, i: usize) -> Seq {
         self.caches.swap_remove(i);
-        self.running.swap_remove(i)
+        let seq = self.running.swap_remove(i);
+        self.shared
+            .running
+            .store(self.running.len(), Ordering::Release);
+        seq
     }
 
     /// One forward pass over every running sequence, then sampling.
@@ -752,5 +765,111 @@ impl Rate {
         } else {
             0.0
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::{model_path, open_model_or_skip};
+
+    fn engine(max_batch: usize, max_queue: usize) -> Engine {
+        Engine::start(EngineConfig {
+            name: "test".to_string(),
+            model_path: model_path(),
+            threads: 1,
+            max_batch,
+            context: 256,
+            max_queue,
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
+        })
+        .unwrap()
+    }
+
+    fn request(engine: &Engine, text: &str, max_tokens: usize) -> GenerateRequest {
+        GenerateRequest {
+            prompt: engine.tokenizer().encode(text, true),
+            max_tokens,
+            sampling: SamplingParams {
+                temperature: 0.0,
+                top_p: 1.0,
+                seed: None,
+            },
+            stop: Vec::new(),
+            logprobs: None,
+        }
+    }
+
+    /// Every event of a generation, blocking.
+    fn drain(mut generation: Generation) -> Vec<Event> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let mut events = Vec::new();
+            while let Some(event) = generation.next().await {
+                events.push(event);
+            }
+            events
+        })
+    }
+
+    #[test]
+    fn shutdown_lets_accepted_requests_finish() {
+        if open_model_or_skip("shutdown_lets_accepted_requests_finish").is_none() {
+            return;
+        }
+        let engine = engine(2, 4);
+        let generations: Vec<Generation> = ["One", "Two", "Three"]
+            .iter()
+            .map(|t| engine.submit(request(&engine, t, 8)).unwrap())
+            .collect();
+        engine.shutdown();
+
+        for generation in generations {
+            let events = drain(generation);
+            let Some(Event::Done { finish, .. }) = events.last() else {
+                panic!("no Done event: {events:?}");
+            };
+            assert!(finish.completion_tokens >= 1);
+        }
+        let refused = engine.submit(request(&engine, "late", 1)).unwrap_err();
+        assert_eq!(refused, SubmitError::Stopped);
+    }
+
+    #[test]
+    fn queue_holds_free_places_plus_max_queue_then_refuses() {
+        if open_model_or_skip("queue_holds_free_places_plus_max_queue").is_none() {
+            return;
+        }
+        let engine = engine(1, 1);
+        let first = engine
+            .submit(request(&engine, "Count slowly:", 64))
+            .unwrap();
+        let second = engine.submit(request(&engine, "And again:", 64)).unwrap();
+        match engine.submit(request(&engine, "Too many", 64)) {
+            Err(SubmitError::QueueFull { retry_after, .. }) => {
+                assert!(retry_after > Duration::ZERO);
+            }
+            other => panic!("expected QueueFull, got {other:?}"),
+        }
+        drop((first, second));
+    }
+
+    #[test]
+    fn prompts_that_cannot_fit_are_refused_at_once() {
+        if open_model_or_skip("prompts_that_cannot_fit_are_refused_at_once").is_none() {
+            return;
+        }
+        let engine = engine(1, 1);
+        let mut long = request(&engine, "x", 1);
+        long.prompt = vec![42; 256];
+        assert!(matches!(
+            engine.submit(long),
+            Err(SubmitError::PromptTooLong { .. })
+        ));
+        let mut empty = request(&engine, "x", 1);
+        empty.prompt.clear();
+        assert_eq!(engine.submit(empty).unwrap_err(), SubmitError::EmptyPrompt);
     }
 }
