@@ -14,7 +14,7 @@ use http::{header, HeaderValue, Response};
 use serde_json::{json, Map, Value};
 use switchyard_executor::chat::ChatMessage;
 use switchyard_executor::engine::{
-    Engine, EngineConfig, Event, Finish, Generation, GenerateRequest, SubmitError, TokenInfo,
+    Engine, EngineConfig, Event, Finish, GenerateRequest, Generation, SubmitError, TokenInfo,
     MAX_TOP_LOGPROBS,
 };
 use switchyard_executor::sampler::SamplingParams;
@@ -94,7 +94,11 @@ impl LocalPool {
     pub fn start(config: EngineConfig, model: String) -> Result<Self, String> {
         let name = config.name.clone();
         let engine = Engine::start(config).map_err(|e| format!("pool {name:?}: {e}"))?;
-        Ok(LocalPool { name, model, engine: Arc::new(engine) })
+        Ok(LocalPool {
+            name,
+            model,
+            engine: Arc::new(engine),
+        })
     }
 
     /// Requests waiting for the executor.
@@ -188,14 +192,15 @@ impl LocalPool {
             }
         }
 
-        let number = |field: &'static str, lo: f64, hi: f64, default: f64| {
-            match body.get(field) {
-                None | Some(Value::Null) => Ok(default),
-                Some(v) => match v.as_f64() {
-                    Some(x) if (lo..=hi).contains(&x) => Ok(x),
-                    _ => Err(ApiError::bad_field(field, &format!("a number from {lo} to {hi}"))),
-                },
-            }
+        let number = |field: &'static str, lo: f64, hi: f64, default: f64| match body.get(field) {
+            None | Some(Value::Null) => Ok(default),
+            Some(v) => match v.as_f64() {
+                Some(x) if (lo..=hi).contains(&x) => Ok(x),
+                _ => Err(ApiError::bad_field(
+                    field,
+                    &format!("a number from {lo} to {hi}"),
+                )),
+            },
         };
         let temperature = number("temperature", 0.0, 2.0, 1.0)? as f32;
         let top_p = number("top_p", 0.0, 1.0, 1.0)? as f32;
@@ -212,8 +217,10 @@ impl LocalPool {
             None | Some(Value::Null) => Vec::new(),
             Some(Value::String(s)) => vec![s.clone()],
             Some(Value::Array(items)) => {
-                let texts: Option<Vec<String>> =
-                    items.iter().map(|v| v.as_str().map(str::to_string)).collect();
+                let texts: Option<Vec<String>> = items
+                    .iter()
+                    .map(|v| v.as_str().map(str::to_string))
+                    .collect();
                 match texts {
                     Some(texts) if texts.len() <= MAX_STOP_TEXTS => texts,
                     _ => {
@@ -223,7 +230,12 @@ impl LocalPool {
                     }
                 }
             }
-            Some(_) => return Err(ApiError::bad_field("stop", "a string or an array of strings")),
+            Some(_) => {
+                return Err(ApiError::bad_field(
+                    "stop",
+                    "a string or an array of strings",
+                ))
+            }
         };
 
         let logprobs = match api.endpoint {
@@ -237,8 +249,14 @@ impl LocalPool {
             .unwrap_or(false);
 
         Ok(Settings {
-            max_tokens: api.max_tokens().map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
-            sampling: SamplingParams { temperature, top_p, seed },
+            max_tokens: api
+                .max_tokens()
+                .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+            sampling: SamplingParams {
+                temperature,
+                top_p,
+                seed,
+            },
             stop,
             logprobs,
             include_usage,
@@ -322,7 +340,10 @@ fn chat_messages(messages: Option<&Value>) -> Result<Vec<ChatMessage>, ApiError>
     };
     let mut out = Vec::with_capacity(messages.len());
     for message in messages {
-        let role = message.get("role").and_then(Value::as_str).unwrap_or_default();
+        let role = message
+            .get("role")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         let content = match message.get("content") {
             None | Some(Value::Null) => String::new(),
             Some(Value::String(s)) => s.clone(),
@@ -349,7 +370,10 @@ fn chat_messages(messages: Option<&Value>) -> Result<Vec<ChatMessage>, ApiError>
                 ))
             }
         };
-        out.push(ChatMessage { role: role.to_string(), content });
+        out.push(ChatMessage {
+            role: role.to_string(),
+            content,
+        });
     }
     Ok(out)
 }
@@ -369,7 +393,10 @@ fn prompt_ids(item: &Value, form: ItemForm, tokenizer: &Tokenizer) -> Result<Vec
                 })
                 .collect()
         }
-        _ => Err(ApiError::bad_field("prompt", "a string, or an array of token ids")),
+        _ => Err(ApiError::bad_field(
+            "prompt",
+            "a string, or an array of token ids",
+        )),
     }
 }
 
@@ -450,10 +477,13 @@ impl Reply {
             "usage": usage(prompt_tokens, completion_tokens),
         });
         let mut response = Response::new(full(Bytes::from(body.to_string())));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         response
             .headers_mut()
-            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        response.headers_mut().insert(BATCH_SIZE_HEADER, HeaderValue::from(peak_batch));
+            .insert(BATCH_SIZE_HEADER, HeaderValue::from(peak_batch));
         Ok(response)
     }
 
@@ -572,7 +602,10 @@ impl Reply {
 
         let mut response = Response::new(body);
         let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         response
     }
@@ -701,7 +734,9 @@ fn sse(value: &Value) -> Bytes {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// A response id unique within the process and across restarts.
@@ -715,5 +750,9 @@ fn response_id(endpoint: Endpoint) -> String {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
-    format!("{prefix}-{:x}{:04x}", nanos, NEXT.fetch_add(1, Ordering::Relaxed) & 0xffff)
+    format!(
+        "{prefix}-{:x}{:04x}",
+        nanos,
+        NEXT.fetch_add(1, Ordering::Relaxed) & 0xffff
+    )
 }

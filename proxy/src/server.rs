@@ -57,7 +57,11 @@ pub async fn run(
                 PoolKind::Http => pool.endpoints.join(" "),
                 PoolKind::Local => format!("local {}", pool.model_path().display()),
             };
-            format!("{} -> {target} (model {}{batch})", pool.name, pool.upstream_model())
+            format!(
+                "{} -> {target} (model {}{batch})",
+                pool.name,
+                pool.upstream_model()
+            )
         })
         .collect();
     tracing::info!(

@@ -23,7 +23,10 @@ fn greedy_chat(content: &str, max_tokens: u64) -> Value {
 }
 
 fn answer(reply: &Value) -> String {
-    reply["choices"][0]["message"]["content"].as_str().unwrap_or_default().to_string()
+    reply["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 #[tokio::test]
@@ -32,8 +35,13 @@ async fn chat_and_completions_are_answered_in_process() {
     let sw = Switchyard::start(&local_pool_config(&model, "")).await;
     let client = http1_client();
 
-    let reply = post(&client, &sw.api_url(), "/v1/chat/completions", &greedy_chat("What is 2+2?", 12))
-        .await;
+    let reply = post(
+        &client,
+        &sw.api_url(),
+        "/v1/chat/completions",
+        &greedy_chat("What is 2+2?", 12),
+    )
+    .await;
     reply.assert_status(200);
     assert_eq!(reply.pool(), "small");
     let body = &reply.json;
@@ -107,15 +115,33 @@ async fn concurrent_requests_share_a_batch_and_answer_as_alone() {
     for (i, task) in together.into_iter().enumerate() {
         let reply = task.await.unwrap();
         reply.assert_status(200);
-        assert_eq!(answer(&reply.json), alone[i], "question {i} answered differently in a batch");
-        let batch: usize = reply.header("x-switchyard-batch-size").unwrap().parse().unwrap();
+        assert_eq!(
+            answer(&reply.json),
+            alone[i],
+            "question {i} answered differently in a batch"
+        );
+        let batch: usize = reply
+            .header("x-switchyard-batch-size")
+            .unwrap()
+            .parse()
+            .unwrap();
         peak = peak.max(batch);
     }
-    assert_eq!(peak, questions.len(), "the four requests never ran in one batch");
+    assert_eq!(
+        peak,
+        questions.len(),
+        "the four requests never ran in one batch"
+    );
 
     let metrics = metrics_text(&sw).await;
-    assert!(metrics.contains("switchyard_executor_tokens_generated_total"), "{metrics}");
-    assert!(metrics.contains("switchyard_executor_batch_size_bucket"), "{metrics}");
+    assert!(
+        metrics.contains("switchyard_executor_tokens_generated_total"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("switchyard_executor_batch_size_bucket"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -161,8 +187,14 @@ async fn streaming_sends_the_same_answer_token_by_token() {
         }
     }
     assert_eq!(text, answer(&whole.json));
-    assert!(content_chunks > 3, "the answer arrived in {content_chunks} pieces");
-    assert_eq!(finish.as_deref(), whole.json["choices"][0]["finish_reason"].as_str());
+    assert!(
+        content_chunks > 3,
+        "the answer arrived in {content_chunks} pieces"
+    );
+    assert_eq!(
+        finish.as_deref(),
+        whole.json["choices"][0]["finish_reason"].as_str()
+    );
     assert_eq!(usage.unwrap(), whole.json["usage"]);
 }
 
@@ -178,7 +210,9 @@ async fn logprobs_come_in_the_openai_shapes() {
     request["top_logprobs"] = json!(3);
     let reply = post(&client, &url, "/v1/chat/completions", &request).await;
     reply.assert_status(200);
-    let content = reply.json["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    let content = reply.json["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap();
     let completion = reply.json["usage"]["completion_tokens"].as_u64().unwrap();
     assert_eq!(content.len() as u64, completion);
     let mut joined = Vec::new();
@@ -196,7 +230,10 @@ async fn logprobs_come_in_the_openai_shapes() {
         }
     }
     let text = answer(&reply.json);
-    assert!(String::from_utf8_lossy(&joined).starts_with(&text), "{text:?}");
+    assert!(
+        String::from_utf8_lossy(&joined).starts_with(&text),
+        "{text:?}"
+    );
 
     let request = json!({
         "model": "small", "prompt": "Once upon a time", "max_tokens": 5,
@@ -227,7 +264,10 @@ async fn stop_texts_end_the_answer_before_them() {
     });
     let full = post(&client, &url, "/v1/completions", &request).await;
     full.assert_status(200);
-    let text = full.json["choices"][0]["text"].as_str().unwrap().to_string();
+    let text = full.json["choices"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
     // Stop at the second word of the answer, whatever it is.
     let words: Vec<&str> = text.split_whitespace().collect();
     assert!(words.len() >= 3, "answer too short to cut: {text:?}");
@@ -253,7 +293,10 @@ async fn stop_texts_end_the_answer_before_them() {
             (got, finish)
         } else {
             let choice = &reply.json["choices"][0];
-            (choice["text"].as_str().unwrap().to_string(), choice["finish_reason"].clone())
+            (
+                choice["text"].as_str().unwrap().to_string(),
+                choice["finish_reason"].clone(),
+            )
         };
         assert_eq!(got, cut, "stream: {stream}");
         assert_eq!(finish, "stop", "stream: {stream}");
@@ -341,7 +384,11 @@ async fn requests_the_executor_cannot_serve_get_clear_errors() {
     let url = sw.api_url();
 
     let cases = [
-        ("/v1/embeddings", json!({"model": "small", "input": "hi"}), "embeddings"),
+        (
+            "/v1/embeddings",
+            json!({"model": "small", "input": "hi"}),
+            "embeddings",
+        ),
         (
             "/v1/chat/completions",
             json!({"model": "small", "messages": [{"role": "user", "content": "hi"}],
@@ -358,7 +405,11 @@ async fn requests_the_executor_cannot_serve_get_clear_errors() {
             json!({"model": "small", "prompt": "word ".repeat(200)}),
             "context",
         ),
-        ("/v1/completions", json!({"model": "small", "prompt": ""}), "empty"),
+        (
+            "/v1/completions",
+            json!({"model": "small", "prompt": ""}),
+            "empty",
+        ),
         (
             "/v1/completions",
             json!({"model": "small", "prompt": [1, 2, 99999999]}),
@@ -376,16 +427,26 @@ async fn requests_the_executor_cannot_serve_get_clear_errors() {
         let message = reply.assert_openai_error(400);
         assert!(message.contains(word), "{path} {body}: {message}");
     }
-    let reply = post(&client, &url, "/v1/completions", &json!({
-        "model": "small", "prompt": "word ".repeat(200),
-    }))
+    let reply = post(
+        &client,
+        &url,
+        "/v1/completions",
+        &json!({
+            "model": "small", "prompt": "word ".repeat(200),
+        }),
+    )
     .await;
     assert_eq!(reply.json["error"]["code"], "context_length_exceeded");
 
     // None of that disturbed the pool.
-    let reply = post(&client, &url, "/v1/completions", &json!({
-        "model": "small", "prompt": "Hello", "max_tokens": 2,
-    }))
+    let reply = post(
+        &client,
+        &url,
+        "/v1/completions",
+        &json!({
+            "model": "small", "prompt": "Hello", "max_tokens": 2,
+        }),
+    )
     .await;
     reply.assert_status(200);
 }
@@ -439,9 +500,13 @@ async fn metrics_describe_the_executor() {
     let Some(model) = model_file() else { return };
     let sw = Switchyard::start(&local_pool_config(&model, "")).await;
     let client = http1_client();
-    let reply = send(client.post(format!("{}/v1/completions", sw.api_url())).json(&json!({
-        "model": "small", "prompt": "Hi", "max_tokens": 3, "temperature": 0,
-    })))
+    let reply = send(
+        client
+            .post(format!("{}/v1/completions", sw.api_url()))
+            .json(&json!({
+                "model": "small", "prompt": "Hi", "max_tokens": 3, "temperature": 0,
+            })),
+    )
     .await;
     reply.assert_status(200);
     let text = metrics_text(&sw).await;
