@@ -724,7 +724,7 @@ mod tests {
 
     #[test]
     fn merged_batch_splits_usage_per_caller() {
-        let jobs = vec![job(vec![json!("aaaa")], 1), job(vec![json!("aaaa")], 1)];
+        let jobs = [job(vec![json!("aaaa")], 1), job(vec![json!("aaaa")], 1)];
         let answer = json!({
             "id": "cmpl-1",
             "object": "text_completion",
@@ -758,7 +758,7 @@ mod tests {
 
     #[test]
     fn single_caller_keeps_the_upstream_id_and_usage() {
-        let jobs = vec![job(vec![json!("a"), json!("bb")], 1)];
+        let jobs = [job(vec![json!("a"), json!("bb")], 1)];
         let answer = json!({
             "id": "cmpl-9",
             "choices": [{"index": 0, "text": "x"}, {"index": 1, "text": "y"}],

@@ -48,8 +48,8 @@ use crate::config::{BatchConfig, BatchMode, DEFAULT_PRIORITY};
 use crate::error::{ApiError, ErrorKind};
 use crate::upstream::Pool;
 
-/// Request header: milliseconds, from arrival, within which the answer
-/// must start; a request that cannot make it is refused at once.
+/// Request header: milliseconds, from arrival, within which the request
+/// must be answered; a request that cannot make it is refused at once.
 pub const DEADLINE_HEADER: &str = "x-switchyard-deadline-ms";
 /// Request header: priority 0 (lowest) to 9 (highest). Default 5.
 pub const PRIORITY_HEADER: &str = "x-switchyard-priority";
@@ -166,7 +166,7 @@ impl Arrays {
 pub struct Ticket {
     /// 0 (lowest) to 9 (highest).
     pub priority: u8,
-    /// When the answer must have started.
+    /// When the request must have been answered.
     pub deadline: Option<Instant>,
     /// The deadline as the client gave it, in milliseconds, for messages.
     pub deadline_ms: u64,
@@ -509,7 +509,7 @@ impl Coalescer {
             ticket: ticket.clone(),
             arrived: Instant::now(),
             work: Work::Batch {
-                part: part.with_collapse(collapse),
+                part: Box::new(part.with_collapse(collapse)),
                 reply,
             },
         }

@@ -62,7 +62,7 @@ impl Reason {
 pub enum Work {
     /// Items to merge into a batch; the answer is the caller's share.
     Batch {
-        part: Part,
+        part: Box<Part>,
         reply: oneshot::Sender<Result<BatchReply, ApiError>>,
     },
     /// A slot to send one request of its own (chat, streams).
@@ -483,9 +483,11 @@ impl Scheduler {
             return Decision::Send(Reason::Full);
         }
         let missing = (target - items) as f64;
-        let filled_at = (rate > 0.0)
-            .then(|| now + Duration::from_secs_f64((missing / rate).min(60.0)))
-            .unwrap_or(window_end + self.settings.max_wait);
+        let filled_at = if rate > 0.0 {
+            now + Duration::from_secs_f64((missing / rate).min(60.0))
+        } else {
+            window_end + self.settings.max_wait
+        };
         if filled_at > window_end {
             return Decision::Send(Reason::Window);
         }
@@ -495,26 +497,32 @@ impl Scheduler {
     /// The next time a decision could change without an event: a window
     /// or a deadline.
     fn next_wake(&self, now: Instant) -> Option<Instant> {
+        // Only times still ahead count: one already past has been acted
+        // on, and waking for it again would spin.
         let mut wake: Option<Instant> = None;
         let mut earliest = |at: Instant| {
-            wake = Some(wake.map_or(at, |w: Instant| w.min(at)));
+            if at > now {
+                wake = Some(wake.map_or(at, |w: Instant| w.min(at)));
+            }
         };
         for jobs in self.queues.values() {
             if let Decision::Wait(Some(at)) = self.decide(jobs, now) {
-                earliest(at);
+                earliest(at.max(now + Duration::from_millis(1)));
             }
             for job in jobs {
+                // Starvation lifts a job's priority at a known time.
+                earliest(job.arrived + self.settings.starvation);
                 let Some(deadline) = job.ticket.deadline else {
                     continue;
                 };
                 let model = self.lanes.get(&job.endpoint).map(|lane| &lane.model);
                 let alone = model.map_or(Duration::ZERO, |m| m.predict(job.items));
-                earliest(deadline.checked_sub(alone).unwrap_or(now));
-                // Starvation lifts a job's priority at a known time.
-                earliest(job.arrived + self.settings.starvation);
+                if let Some(hopeless) = deadline.checked_sub(alone) {
+                    earliest(hopeless);
+                }
             }
         }
-        wake.map(|at| at.max(now))
+        wake
     }
 
     /// Takes the jobs of `key` that make the next batch and sends it.
@@ -590,7 +598,7 @@ impl Scheduler {
                         let _ = reply.send(Ok(permit));
                     }
                 }
-                Work::Batch { part, reply } => members.push(Member { part, reply }),
+                Work::Batch { part, reply } => members.push(Member { part: *part, reply }),
             }
         }
         let Some(permit) = permit else { return };
@@ -745,7 +753,10 @@ mod tests {
             tokens: 1,
             ticket,
             arrived: Instant::now(),
-            work: Work::Batch { part, reply },
+            work: Work::Batch {
+                part: Box::new(part),
+                reply,
+            },
         };
         (job, answer)
     }
@@ -869,6 +880,35 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_full_queue_of_a_failing_pool_answers_503() {
+        let mut s = scheduler("max_queue = 1\nmax_inflight = 1");
+        busy(&mut s, 2);
+        s.on_event(Event::Done {
+            endpoint: Endpoint::Embeddings,
+            sample: None,
+            healthy: Some(false),
+        });
+        let (first, _kept) = job("a", ticket(5, "", None));
+        s.admit(first);
+        let (second, mut answer) = job("b", ticket(5, "", None));
+        s.admit(second);
+        let err = answer.try_recv().unwrap().unwrap_err();
+        assert_eq!(err.kind, ErrorKind::PoolUnavailable);
+        assert!(err.retry_after.is_some());
+
+        // One success and the pool is merely busy again.
+        s.on_event(Event::Done {
+            endpoint: Endpoint::Embeddings,
+            sample: None,
+            healthy: Some(true),
+        });
+        let (third, mut answer) = job("c", ticket(5, "", None));
+        s.admit(third);
+        let err = answer.try_recv().unwrap().unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Overloaded);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn higher_priority_first_and_tenants_take_turns() {
         let s = scheduler("");
         let jobs: Vec<Job> = [
@@ -894,6 +934,17 @@ mod tests {
         let new = job("new", ticket(9, "", None)).0;
         let order = s.batch_order(&[new, old], Instant::now());
         assert_eq!(order, vec![1, 0]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_starved_job_behind_a_busy_slot_sets_no_wake_in_the_past() {
+        let mut s = scheduler("max_inflight = 1\nstarvation_ms = 10");
+        busy(&mut s, 1);
+        let (queued, _answer) = job("a", ticket(5, "", None));
+        s.admit(queued);
+        tokio::time::advance(Duration::from_millis(500)).await;
+        let now = Instant::now();
+        assert!(s.next_wake(now).is_none_or(|at| at > now));
     }
 
     #[tokio::test(start_paused = true)]
