@@ -16,7 +16,7 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON \
 	-DGGML_F16C=ON -DGGML_AVX512=ON
 
 .PHONY: run build plugins setup wasm-target python model test lint bench \
-	bench-llama-venv clean
+	bench-coalescing bench-llama-venv clean
 
 ## run: serve the small model in-process on 127.0.0.1:8080, or
 ## $(CONFIG) when given (make run CONFIG=examples/switchyard.toml)
@@ -66,11 +66,17 @@ lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## bench: requests/s and latency, direct vs through Switchyard; then the
-## executor's decode tokens/s against llama.cpp's
+## bench: requests/s and latency, direct vs through Switchyard; the
+## coalescing table; then the executor's decode tokens/s against llama.cpp's
 bench: plugins model bench-llama-venv
 	$(CARGO) bench -p switchyard --bench throughput
+	$(CARGO) bench -p switchyard --bench coalescing
 	python3 tests/bench/decode_compare.py
+
+## bench-coalescing: no coalescing vs fixed vs adaptive window under
+## open-loop load (BENCH_SECONDS per row, default 10)
+bench-coalescing:
+	$(CARGO) bench -p switchyard --bench coalescing
 
 ## bench-llama-venv: llama-cpp-python in $(LLAMA_VENV), the baseline for
 ## tests/bench/llama_cpp_decode.py (a 10-minute build on 2 cores, done once)

@@ -18,7 +18,7 @@ use switchyard_policy::Endpoint;
 
 use crate::api::ApiRequest;
 use crate::body::{full, Body};
-use crate::coalesce::{BatchLimits, Coalescer};
+use crate::coalesce::{self, BatchSettings, Coalescer, Permit, Ticket};
 use crate::config::{Config, PoolKind};
 use crate::error::{ApiError, ErrorKind};
 use crate::local::LocalPool;
@@ -69,11 +69,8 @@ impl App {
             }
             let pool = Arc::new(Pool::new(pool_config)?);
             if let Some(batch) = &pool_config.batch {
-                let limits = BatchLimits {
-                    max_batch: batch.max_batch,
-                    max_wait: Duration::from_millis(batch.max_wait_ms),
-                };
-                let coalescer = Coalescer::start(Arc::clone(&pool), limits);
+                let settings = BatchSettings::from_config(batch);
+                let coalescer = Coalescer::start(Arc::clone(&pool), settings);
                 coalescers.insert(pool.name.clone(), coalescer);
             }
             upstreams.insert(pool.name.clone(), pool);
@@ -171,10 +168,16 @@ impl App {
         api.body
             .insert("model".to_string(), Value::from(pool.model.clone()));
 
-        let coalescer = self.coalescers.get(&pool.name);
-        match coalescer {
-            Some(coalescer) if api.items_field().is_some() && !api.stream => {
-                let reply = coalescer.submit(api, &parts.headers).await?;
+        let Some(coalescer) = self.coalescers.get(&pool.name) else {
+            return forward(pool, endpoint, &parts.headers, api, None).await;
+        };
+
+        // Every request to a coalescing pool queues; only non-streaming
+        // completions and embeddings merge.
+        let ticket = Ticket::from_headers(&parts.headers, coalescer.settings())?;
+        match api.items_field() {
+            Some(_) if !api.stream => {
+                let reply = coalescer.submit(api, &parts.headers, ticket).await?;
                 outcome.batch_size = Some(reply.batch_items);
                 let mut response = json_response(reply.body);
                 *response.status_mut() = reply.status;
@@ -186,7 +189,10 @@ impl App {
                 );
                 Ok(response)
             }
-            _ => forward(pool, endpoint, &parts.headers, api).await,
+            _ => {
+                let permit = coalescer.acquire(endpoint, ticket).await?;
+                forward(pool, endpoint, &parts.headers, api, Some(permit)).await
+            }
         }
     }
 
@@ -204,20 +210,33 @@ impl App {
 }
 
 /// Sends one request upstream and passes its answer back as it arrives,
-/// server-sent events included: the body is never buffered here.
+/// server-sent events included: the body is never buffered here. A queue
+/// `permit` is held until the answer's body ends.
 async fn forward(
     pool: &Pool,
     endpoint: Endpoint,
     headers: &HeaderMap,
     api: ApiRequest,
+    mut permit: Option<Permit>,
 ) -> Result<Response<Body>, ApiError> {
     let path = api.upstream_path();
     let body = Bytes::from(Value::Object(api.body).to_string());
-    let upstream = pool.post(&path, headers, body).await?;
+    let sent = pool.post(&path, headers, body).await;
+    if let Some(permit) = &mut permit {
+        let unreachable = sent
+            .as_ref()
+            .is_err_and(|e| e.kind == ErrorKind::UpstreamUnavailable);
+        permit.set_healthy(!unreachable);
+    }
+    let upstream = sent?;
     metrics::record_upstream(&pool.name, endpoint, upstream.elapsed);
 
     let (parts, body) = upstream.response.into_parts();
     let body = pool.watch_body(body).boxed();
+    let body = match permit {
+        Some(permit) => coalesce::hold(body, permit),
+        None => body,
+    };
     let mut response = Response::new(body);
     *response.status_mut() = parts.status;
     copy_response_headers(&parts.headers, response.headers_mut());

@@ -5,7 +5,7 @@
 //! knows it, the line. Nothing here opens sockets or loads plugins; the
 //! checks that touch the outside world stop at "does the file exist".
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
@@ -31,6 +31,14 @@ pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 300_000;
 pub const DEFAULT_MAX_BATCH: usize = 8;
 /// Default longest time a request waits for others to join its batch.
 pub const DEFAULT_MAX_WAIT_MS: u64 = 50;
+/// Default requests a coalescing pool holds waiting for the upstream.
+pub const DEFAULT_MAX_QUEUE: usize = 256;
+/// Default upstream requests in flight per endpoint of a coalescing pool.
+pub const DEFAULT_MAX_INFLIGHT: usize = 4;
+/// Default longest a low-priority request can be passed over: 1 s.
+pub const DEFAULT_STARVATION_MS: u64 = 1_000;
+/// Default priority of a request without `x-switchyard-priority`.
+pub const DEFAULT_PRIORITY: u8 = 5;
 /// Default model file of a `local` pool, relative to the working directory;
 /// `make model` fetches it.
 pub const DEFAULT_MODEL_PATH: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -62,6 +70,10 @@ model_path = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 const MAX_BATCH_LIMIT: usize = 4096;
 /// Largest accepted `max_wait_ms`: waiting longer only adds latency.
 const MAX_WAIT_LIMIT_MS: u64 = 10_000;
+/// Largest accepted `batch.max_queue`.
+const MAX_QUEUE_LIMIT: usize = 1 << 20;
+/// Largest accepted `batch.max_inflight`.
+const MAX_INFLIGHT_LIMIT: usize = 4096;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -200,17 +212,74 @@ impl PoolConfig {
     }
 }
 
-/// `[pool.batch]`: how requests are coalesced.
+/// `[pool.batch]`: how requests are queued and coalesced.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchConfig {
+    /// `"adaptive"` (default): send a batch as soon as waiting longer no
+    /// longer pays, by the upstream's fitted cost; `"fixed"`: wait for
+    /// `max_batch` items or `max_wait_ms`, whichever comes first.
+    #[serde(default)]
+    pub mode: BatchMode,
     /// Most prompt or input items in one upstream request. Default 8.
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
-    /// Longest time a request waits for others to join, in milliseconds.
-    /// Default 50.
+    /// Most estimated tokens in one upstream request (prompt tokens, about
+    /// 4 characters each, plus `max_tokens` × `n`). Default: no limit.
+    pub max_batch_tokens: Option<u64>,
+    /// Longest time a request waits for others to join, in milliseconds;
+    /// a hard bound in both modes. Default 50.
     #[serde(default = "default_max_wait_ms")]
     pub max_wait_ms: u64,
+    /// Most requests waiting for the upstream; past it requests get 429
+    /// (503 while the pool is unavailable) with `Retry-After`. Default 256.
+    #[serde(default = "default_max_queue")]
+    pub max_queue: usize,
+    /// Most upstream requests in flight per endpoint (completions,
+    /// embeddings, chat); the rest wait in the queue. Default 4.
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: usize,
+    /// Longest a request waits while higher priorities go first, in
+    /// milliseconds; past it, it goes before them. Default 1000.
+    #[serde(default = "default_starvation_ms")]
+    pub starvation_ms: u64,
+    /// Header whose value names a request's tenant for fair sharing.
+    /// Default: the `Authorization` bearer token.
+    pub tenant_header: Option<String>,
+    /// Weight of each tenant (by `tenant_header` value) in fair sharing;
+    /// a tenant not listed weighs 1.
+    #[serde(default)]
+    pub tenant_weights: BTreeMap<String, u32>,
+    /// Endpoints whose upstream takes a prompt or input array:
+    /// `"completions"`, `"embeddings"`. On the others one item goes per
+    /// upstream request. Default both.
+    #[serde(default = "default_array_endpoints")]
+    pub array_endpoints: Vec<String>,
+    /// Ask the upstream at start-up whether it takes arrays on
+    /// `array_endpoints`, and send one item per request where it does
+    /// not. Default false.
+    #[serde(default)]
+    pub probe_arrays: bool,
+    /// Send identical embeddings inputs of one batch upstream once.
+    /// Default true.
+    #[serde(default = "default_true")]
+    pub collapse_embeddings: bool,
+    /// Send identical completions prompts of one batch upstream once when
+    /// the answer is deterministic (`temperature` 0 or a `seed`). Default
+    /// false.
+    #[serde(default)]
+    pub collapse_completions: bool,
+}
+
+/// When a coalescing pool sends a batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchMode {
+    /// Cost-model driven, bounded by `max_wait_ms`. The default.
+    #[default]
+    Adaptive,
+    /// At `max_batch` items or after `max_wait_ms`.
+    Fixed,
 }
 
 /// `[policy]`: the WebAssembly routing plugin.
@@ -379,6 +448,46 @@ fn validate_pool(i: usize, pool: &PoolConfig) -> Result<(), ConfigError> {
             let message = format!("must be between 1 and {MAX_WAIT_LIMIT_MS} ms");
             return Err(invalid(&key("batch.max_wait_ms"), &message));
         }
+        validate_batch(&key, batch)?;
+    }
+    Ok(())
+}
+
+fn validate_batch(key: &dyn Fn(&str) -> String, batch: &BatchConfig) -> Result<(), ConfigError> {
+    if batch.max_batch_tokens == Some(0) {
+        return Err(invalid(&key("batch.max_batch_tokens"), "must be > 0"));
+    }
+    if batch.max_queue == 0 || batch.max_queue > MAX_QUEUE_LIMIT {
+        let message = format!("must be between 1 and {MAX_QUEUE_LIMIT}");
+        return Err(invalid(&key("batch.max_queue"), &message));
+    }
+    if batch.max_inflight == 0 || batch.max_inflight > MAX_INFLIGHT_LIMIT {
+        let message = format!("must be between 1 and {MAX_INFLIGHT_LIMIT}");
+        return Err(invalid(&key("batch.max_inflight"), &message));
+    }
+    if batch.starvation_ms == 0 {
+        return Err(invalid(&key("batch.starvation_ms"), "must be > 0"));
+    }
+    if let Some(name) = &batch.tenant_header {
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            let message = format!("{name:?} is not a valid header name");
+            return Err(invalid(&key("batch.tenant_header"), &message));
+        }
+    }
+    for (tenant, weight) in &batch.tenant_weights {
+        if *weight == 0 {
+            let field = format!("batch.tenant_weights.{tenant}");
+            return Err(invalid(&key(&field), "must be > 0"));
+        }
+    }
+    for (j, name) in batch.array_endpoints.iter().enumerate() {
+        if !matches!(name.as_str(), "completions" | "embeddings") {
+            let message = format!("{name:?} must be \"completions\" or \"embeddings\"");
+            return Err(invalid(
+                &key(&format!("batch.array_endpoints[{j}]")),
+                &message,
+            ));
+        }
     }
     Ok(())
 }
@@ -546,6 +655,26 @@ fn default_max_wait_ms() -> u64 {
     DEFAULT_MAX_WAIT_MS
 }
 
+fn default_max_queue() -> usize {
+    DEFAULT_MAX_QUEUE
+}
+
+fn default_max_inflight() -> usize {
+    DEFAULT_MAX_INFLIGHT
+}
+
+fn default_starvation_ms() -> u64 {
+    DEFAULT_STARVATION_MS
+}
+
+fn default_array_endpoints() -> Vec<String> {
+    vec!["completions".to_string(), "embeddings".to_string()]
+}
+
+fn default_true() -> bool {
+    true
+}
+
 fn default_policy_timeout_ms() -> u64 {
     switchyard_policy::DEFAULT_TIMEOUT_MS
 }
@@ -657,6 +786,29 @@ model = "big"
         let err = Config::parse(&text).unwrap_err();
         assert_eq!(err.key, "policy.plugin");
         assert!(err.message.contains("make plugins"));
+    }
+
+    #[test]
+    fn batch_keys_have_defaults_and_are_checked() {
+        let config = Config::parse(EXAMPLE).unwrap();
+        let batch = config.pool[0].batch.as_ref().unwrap();
+        assert_eq!(batch.mode, BatchMode::Adaptive);
+        assert_eq!(batch.max_queue, DEFAULT_MAX_QUEUE);
+        assert_eq!(batch.max_inflight, DEFAULT_MAX_INFLIGHT);
+        assert!(batch.collapse_embeddings && !batch.collapse_completions);
+
+        let text = EXAMPLE.replace("max_wait_ms = 50", "max_wait_ms = 50\nmax_inflight = 0");
+        let err = Config::parse(&text).unwrap_err();
+        assert_eq!(err.key, "pool[0].batch.max_inflight", "{err}");
+        let text = EXAMPLE.replace("max_wait_ms = 50", "max_wait_ms = 50\nmode = \"eager\"");
+        let err = Config::parse(&text).unwrap_err();
+        assert_eq!(err.key, "pool[0].batch.mode", "{err}");
+        let text = EXAMPLE.replace(
+            "max_wait_ms = 50",
+            "max_wait_ms = 50\narray_endpoints = [\"chat\"]",
+        );
+        let err = Config::parse(&text).unwrap_err();
+        assert_eq!(err.key, "pool[0].batch.array_endpoints[0]", "{err}");
     }
 
     #[test]

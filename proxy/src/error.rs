@@ -32,6 +32,11 @@ pub enum ErrorKind {
     ContextLengthExceeded,
     /// The pool's queue is full; the response says when to retry.
     Overloaded,
+    /// The pool's queue is full and its upstream is failing; the response
+    /// says when to retry.
+    PoolUnavailable,
+    /// The request's `x-switchyard-deadline-ms` cannot be met.
+    DeadlineExceeded,
     /// The upstream could not be reached (refused, reset, unreachable).
     UpstreamUnavailable,
     /// The upstream did not answer within the pool's timeout.
@@ -59,6 +64,8 @@ impl ErrorKind {
             Self::PolicyRejected(_) => StatusCode::FORBIDDEN,
             Self::ContextLengthExceeded => StatusCode::BAD_REQUEST,
             Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+            Self::PoolUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
             Self::UpstreamUnavailable | Self::UpstreamInvalid => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
@@ -79,6 +86,8 @@ impl ErrorKind {
             Self::Overloaded => "rate_limit_error",
             Self::PolicyRejected(status) if status < 500 => "invalid_request_error",
             Self::PolicyRejected(_) | Self::ShuttingDown | Self::Internal => "server_error",
+            Self::PoolUnavailable => "server_error",
+            Self::DeadlineExceeded => "timeout_error",
             Self::UpstreamUnavailable | Self::UpstreamTimeout | Self::UpstreamInvalid => {
                 "upstream_error"
             }
@@ -97,6 +106,8 @@ impl ErrorKind {
             Self::PolicyRejected(_) => "policy_rejected",
             Self::ContextLengthExceeded => "context_length_exceeded",
             Self::Overloaded => "overloaded",
+            Self::PoolUnavailable => "pool_unavailable",
+            Self::DeadlineExceeded => "deadline_exceeded",
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::UpstreamInvalid => "upstream_invalid_response",

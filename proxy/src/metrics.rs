@@ -6,7 +6,9 @@
 
 use std::time::Duration;
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, histogram, Unit};
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use switchyard_policy::Endpoint;
 
@@ -14,6 +16,14 @@ pub const REQUESTS: &str = "switchyard_requests_total";
 pub const REQUEST_DURATION: &str = "switchyard_request_duration_seconds";
 pub const UPSTREAM_DURATION: &str = "switchyard_upstream_duration_seconds";
 pub const BATCH_SIZE: &str = "switchyard_batch_size";
+pub const BATCH_TOKENS: &str = "switchyard_batch_tokens";
+pub const BATCHES: &str = "switchyard_batches_total";
+pub const QUEUE_WAIT: &str = "switchyard_queue_wait_seconds";
+pub const QUEUE_DEPTH: &str = "switchyard_queue_depth";
+pub const COST_FIXED: &str = "switchyard_batch_cost_fixed_seconds";
+pub const COST_PER_ITEM: &str = "switchyard_batch_cost_per_item_seconds";
+pub const COLLAPSED: &str = "switchyard_collapsed_items_total";
+pub const REJECTED: &str = "switchyard_rejected_requests_total";
 pub const POLICY_DURATION: &str = "switchyard_policy_decision_duration_seconds";
 pub const POLICY_ERRORS: &str = "switchyard_policy_errors_total";
 
@@ -43,12 +53,20 @@ const BATCH_BUCKETS: [f64; 11] = [
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
 ];
 
+/// Estimated tokens per upstream request.
+const TOKEN_BUCKETS: [f64; 12] = [
+    16.0, 64.0, 256.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0, 65536.0, 131072.0,
+    262144.0,
+];
+
 /// Installs the process-wide Prometheus recorder and describes every
 /// metric. Call once, inside a tokio runtime: it starts the upkeep task.
 pub fn install() -> Result<PrometheusHandle, String> {
-    let buckets: [(&str, &[f64]); 7] = [
+    let buckets: [(&str, &[f64]); 9] = [
         (POLICY_DURATION, &POLICY_BUCKETS),
         (BATCH_SIZE, &BATCH_BUCKETS),
+        (BATCH_TOKENS, &TOKEN_BUCKETS),
+        (QUEUE_WAIT, &LATENCY_BUCKETS),
         (REQUEST_DURATION, &LATENCY_BUCKETS),
         (UPSTREAM_DURATION, &LATENCY_BUCKETS),
         (EXECUTOR_BATCH_SIZE, &BATCH_BUCKETS),
@@ -93,6 +111,38 @@ fn describe() {
         "time from sending upstream to the upstream's response headers"
     );
     describe_histogram!(BATCH_SIZE, "items per coalesced upstream request");
+    describe_histogram!(
+        BATCH_TOKENS,
+        "estimated tokens per coalesced upstream request"
+    );
+    describe_counter!(
+        BATCHES,
+        "coalesced upstream requests, by why they were sent (full, window, deadline, idle)"
+    );
+    describe_histogram!(
+        QUEUE_WAIT,
+        Unit::Seconds,
+        "time a request waited in a pool's queue before going upstream"
+    );
+    describe_gauge!(QUEUE_DEPTH, "requests waiting in a pool's queue");
+    describe_gauge!(
+        COST_FIXED,
+        Unit::Seconds,
+        "fitted fixed cost of one upstream request (a in a + b x items)"
+    );
+    describe_gauge!(
+        COST_PER_ITEM,
+        Unit::Seconds,
+        "fitted cost of each item of an upstream request (b in a + b x items)"
+    );
+    describe_counter!(
+        COLLAPSED,
+        "items not sent upstream because an identical one in the batch was"
+    );
+    describe_counter!(
+        REJECTED,
+        "requests a pool's queue turned away, by reason (queue_full, deadline, unavailable)"
+    );
     describe_histogram!(
         POLICY_DURATION,
         Unit::Seconds,
@@ -159,6 +209,44 @@ pub fn record_batch(pool: &str, endpoint: Endpoint, items: usize) {
         ("endpoint", endpoint.label().to_string()),
     ];
     histogram!(BATCH_SIZE, &labels).record(items as f64);
+}
+
+fn pool_labels(pool: &str, endpoint: Endpoint) -> [(&'static str, String); 2] {
+    [
+        ("pool", pool.to_string()),
+        ("endpoint", endpoint.label().to_string()),
+    ]
+}
+
+/// Records one coalesced upstream request: its estimated tokens and why
+/// it was sent.
+pub fn record_dispatch(pool: &str, endpoint: Endpoint, tokens: u64, reason: &'static str) {
+    histogram!(BATCH_TOKENS, &pool_labels(pool, endpoint)).record(tokens as f64);
+    let [pool, endpoint] = pool_labels(pool, endpoint);
+    counter!(BATCHES, &[pool, endpoint, ("reason", reason.to_string())]).increment(1);
+}
+
+pub fn record_queue_wait(pool: &str, endpoint: Endpoint, waited: Duration) {
+    histogram!(QUEUE_WAIT, &pool_labels(pool, endpoint)).record(waited.as_secs_f64());
+}
+
+pub fn record_queue_depth(pool: &str, requests: usize) {
+    gauge!(QUEUE_DEPTH, &[("pool", pool.to_string())]).set(requests as f64);
+}
+
+/// Publishes a lane's fitted cost, `a + b × items` seconds.
+pub fn record_cost_model(pool: &str, endpoint: Endpoint, a: f64, b: f64) {
+    gauge!(COST_FIXED, &pool_labels(pool, endpoint)).set(a);
+    gauge!(COST_PER_ITEM, &pool_labels(pool, endpoint)).set(b);
+}
+
+pub fn record_collapsed(pool: &str, endpoint: Endpoint, items: usize) {
+    counter!(COLLAPSED, &pool_labels(pool, endpoint)).increment(items as u64);
+}
+
+pub fn record_rejected(pool: &str, endpoint: Endpoint, reason: &'static str) {
+    let [pool, endpoint] = pool_labels(pool, endpoint);
+    counter!(REJECTED, &[pool, endpoint, ("reason", reason.to_string())]).increment(1);
 }
 
 pub fn record_policy_call(plugin: &str, elapsed: Duration) {

@@ -22,7 +22,29 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::app::App;
 use crate::body::{full, Body};
-use crate::config::{Config, PoolKind};
+use crate::config::{BatchConfig, BatchMode, Config, PoolKind};
+
+/// How a coalescing pool batches, for the start-up line: mode, limits
+/// and the endpoints where the upstream takes no arrays.
+fn batch_summary(batch: &BatchConfig) -> String {
+    let mode = match batch.mode {
+        BatchMode::Adaptive => "adaptive",
+        BatchMode::Fixed => "fixed",
+    };
+    let mut summary = format!(
+        ", {mode} batch {} within {} ms, queue {}, {} in flight",
+        batch.max_batch, batch.max_wait_ms, batch.max_queue, batch.max_inflight
+    );
+    for endpoint in ["completions", "embeddings"] {
+        if !batch.array_endpoints.iter().any(|e| e == endpoint) {
+            summary.push_str(&format!(", {endpoint} one item per request"));
+        }
+    }
+    if batch.probe_arrays {
+        summary.push_str(", probing arrays");
+    }
+    summary
+}
 
 /// Pause after a failed accept (out of file descriptors, say) before the
 /// next, so the loop does not spin.
@@ -50,9 +72,7 @@ pub async fn run(
         .pool
         .iter()
         .map(|pool| {
-            let batch = pool.batch.as_ref().map_or(String::new(), |b| {
-                format!(", batch {} within {} ms", b.max_batch, b.max_wait_ms)
-            });
+            let batch = pool.batch.as_ref().map_or(String::new(), batch_summary);
             let target = match pool.kind {
                 PoolKind::Http => pool.endpoints.join(" "),
                 PoolKind::Local => format!("local {}", pool.model_path().display()),

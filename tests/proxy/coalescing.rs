@@ -26,7 +26,9 @@ const MAX_WAIT_MS: u64 = 300;
 /// Request timeout of the stall test's pool: short, so the test is quick.
 const STALL_TIMEOUT_MS: u64 = 1000;
 
-/// One mock behind pool `small` with `[pool.batch]`.
+/// One mock behind pool `small` with `[pool.batch]` in the fixed-window
+/// mode, so that requests sent together are merged whatever the
+/// upstream's state (the adaptive mode's own tests are in `adaptive`).
 async fn batching_rig(max_batch: usize) -> (MockUpstream, Switchyard) {
     batching_rig_with_timeout(max_batch, 10_000).await
 }
@@ -39,8 +41,8 @@ async fn batching_rig_with_timeout(
     let mock = MockUpstream::start().await;
     let config = format!(
         "{}\n[[pool]]\nname = \"small\"\nendpoints = [\"{}\"]\nmodel = \"smollm2\"\n\
-         request_timeout_ms = {request_timeout_ms}\n[pool.batch]\nmax_batch = {max_batch}\n\
-         max_wait_ms = {MAX_WAIT_MS}\n",
+         request_timeout_ms = {request_timeout_ms}\n[pool.batch]\nmode = \"fixed\"\n\
+         max_batch = {max_batch}\nmax_wait_ms = {MAX_WAIT_MS}\n",
         server_toml(),
         mock.url()
     );

@@ -39,6 +39,16 @@
 //! chunk when `stream_options.include_usage` is true, then `data: [DONE]`.
 //! Header `x-mock-chunk-delay-ms: N` sleeps N ms between two events.
 //!
+//! # Cost
+//!
+//! `MockUpstream::start_costed` makes every completions, chat and
+//! embeddings request take `fixed_ms + per_item_ms × items` (chat counts
+//! one item) before it answers, like a model server whose batch cost is
+//! linear; with `serial`, one request is served at a time and the others
+//! wait their turn, as on a single accelerator. `max_concurrent()` is the
+//! most requests it held at once, `abandoned()` how many the client
+//! dropped before the answer.
+//!
 //! # Faults
 //!
 //! - `x-mock-delay-ms: N`: sleep N ms before answering.
@@ -59,8 +69,11 @@
 //! - `fault:short` leaves one choice (or embedding) out of the answer, as a
 //!   server that miscounts a batch would.
 //!
+//! - `fault:server-error` makes the whole request answer 500.
+//!
 //! `fault:reject` wins over `fault:stall-body`, which wins over
-//! `fault:short`.
+//! `fault:short`. With `model = "single-item-only"` (`SINGLE_ITEM_MODEL`)
+//! a request with more than one item answers 500.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -95,6 +108,11 @@ pub const FAULT_REJECT: &str = "fault:reject";
 pub const FAULT_STALL_BODY: &str = "fault:stall-body";
 /// Prompt or input text that makes the mock drop one choice.
 pub const FAULT_SHORT: &str = "fault:short";
+/// Prompt or input text that makes the mock answer 500.
+pub const FAULT_SERVER_ERROR: &str = "fault:server-error";
+/// A `model` for which the mock answers 500 to more than one prompt or
+/// input, as llama-cpp-python's server does.
+pub const SINGLE_ITEM_MODEL: &str = "single-item-only";
 
 /// The error `code` of a `fault:reject` answer.
 pub const REJECT_CODE: &str = "context_length_exceeded";
@@ -141,9 +159,23 @@ impl RecordedRequest {
     }
 }
 
+/// What a costed mock charges per request.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cost {
+    pub fixed_ms: u64,
+    pub per_item_ms: u64,
+    /// One request at a time.
+    pub serial: bool,
+}
+
 #[derive(Debug, Default)]
 struct State {
     record: bool,
+    cost: Option<Cost>,
+    turn: tokio::sync::Mutex<()>,
+    concurrent: AtomicUsize,
+    max_concurrent: AtomicUsize,
+    abandoned: AtomicUsize,
     requests: Mutex<Vec<RecordedRequest>>,
     request_count: AtomicUsize,
     connections: AtomicUsize,
@@ -169,13 +201,23 @@ impl MockUpstream {
         Self::start_inner(false).await
     }
 
+    /// Starts a mock whose requests cost `cost` (see "Cost" above).
+    pub async fn start_costed(cost: Cost, record: bool) -> Self {
+        Self::start_with(record, Some(cost)).await
+    }
+
     async fn start_inner(record: bool) -> Self {
+        Self::start_with(record, None).await
+    }
+
+    async fn start_with(record: bool, cost: Option<Cost>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind mock upstream on loopback");
         let addr = listener.local_addr().expect("mock local addr");
         let state = Arc::new(State {
             record,
+            cost,
             ..State::default()
         });
         let accept = tokio::spawn(accept_loop(listener, state.clone()));
@@ -215,6 +257,16 @@ impl MockUpstream {
     /// Requests received so far, recorded or not.
     pub fn request_count(&self) -> usize {
         self.state.request_count.load(Ordering::SeqCst)
+    }
+
+    /// The most requests in progress at once so far.
+    pub fn max_concurrent(&self) -> usize {
+        self.state.max_concurrent.load(Ordering::SeqCst)
+    }
+
+    /// Requests whose client went away before they were answered.
+    pub fn abandoned(&self) -> usize {
+        self.state.abandoned.load(Ordering::SeqCst)
     }
 
     /// TCP connections accepted so far.
@@ -262,6 +314,17 @@ async fn handle(
     state: Arc<State>,
     req: Request<Incoming>,
 ) -> Result<Response<MockBody>, Infallible> {
+    // Counted until answered; a drop before then is an abandonment.
+    let mut watch = InProgress::enter(state.clone());
+    let response = handle_inner(state, req).await;
+    watch.answered = true;
+    response
+}
+
+async fn handle_inner(
+    state: Arc<State>,
+    req: Request<Incoming>,
+) -> Result<Response<MockBody>, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let query = req.uri().query().map(str::to_string);
@@ -287,6 +350,20 @@ async fn handle(
         }
     }
 
+    if let Some(cost) = state.cost {
+        let items = match path.as_str() {
+            "/v1/completions" => text_items(&body["prompt"]).map_or(1, |i| i.len()),
+            "/v1/embeddings" => text_items(&body["input"]).map_or(1, |i| i.len()),
+            _ => 1,
+        };
+        let _turn = if cost.serial {
+            Some(state.turn.lock().await)
+        } else {
+            None
+        };
+        let ms = cost.fixed_ms + cost.per_item_ms * items as u64;
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
     if let Some(ms) = header_u64(&headers, "x-mock-delay-ms") {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
@@ -307,6 +384,14 @@ async fn handle(
     };
     let items = text_items(&body[field]).unwrap_or_default();
     let has = |fault: &str| items.iter().any(|item| item.contains(fault));
+    if has(FAULT_SERVER_ERROR) || (body["model"] == SINGLE_ITEM_MODEL && items.len() > 1) {
+        let message = "mock upstream failed";
+        return Ok(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            message,
+        ));
+    }
     if has(FAULT_REJECT) {
         let body = json!({"error": {
             "message": REJECT_MESSAGE, "type": "invalid_request_error",
@@ -336,6 +421,32 @@ async fn handle(
         return Ok(stall_body(reply));
     }
     Ok(reply)
+}
+
+/// A request between arrival and answer.
+struct InProgress {
+    state: Arc<State>,
+    answered: bool,
+}
+
+impl InProgress {
+    fn enter(state: Arc<State>) -> Self {
+        let now = state.concurrent.fetch_add(1, Ordering::SeqCst) + 1;
+        state.max_concurrent.fetch_max(now, Ordering::SeqCst);
+        Self {
+            state,
+            answered: false,
+        }
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        self.state.concurrent.fetch_sub(1, Ordering::SeqCst);
+        if !self.answered {
+            self.state.abandoned.fetch_add(1, Ordering::SeqCst);
+        }
+    }
 }
 
 fn completions(body: &Value, id: u64, delay: Duration, short: bool) -> Response<MockBody> {

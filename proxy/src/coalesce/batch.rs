@@ -1,38 +1,29 @@
-//! Coalescing: compatible `/v1/completions` and `/v1/embeddings` requests
-//! for one pool that arrive close together go upstream as one request, and
-//! each caller gets back exactly its own part of the answer.
+//! One batch on its way: the merged upstream request, the retry of a
+//! refused batch one caller at a time, and the split of the answer back
+//! into each caller's exact share (indices renumbered, `n` choices per
+//! item, identical items fanned out, usage apportioned).
 //!
-//! One task per pool owns the open batches. Requests are compatible when
-//! everything but their prompt (or input) is identical, including the
-//! credentials they carry; a batch is sent when it holds `max_batch` items
-//! or its first request has waited `max_wait_ms`, whichever comes first.
-//! Sending and splitting the answer run in their own task, so a slow
-//! upstream never delays the next batch. This module does not route and
-//! does not stream.
+//! A batch task holds its endpoint's in-flight slot (a `Permit`) until
+//! every caller has its answer; it never touches the queue.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Map, Value};
 use switchyard_policy::Endpoint;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use super::Permit;
 use crate::api::{ApiRequest, ItemForm};
 use crate::body::BodyStalled;
 use crate::error::{ApiError, ErrorKind};
 use crate::metrics;
 use crate::upstream::Pool;
-
-/// Requests that may wait in a pool's coalescer before submitters are
-/// slowed down.
-const QUEUE_CAPACITY: usize = 4096;
 
 /// Client headers that go upstream with a coalesced request. They are part
 /// of the compatibility key, so callers with different credentials never
@@ -40,15 +31,6 @@ const QUEUE_CAPACITY: usize = 4096;
 // Limitation: every other client header is dropped from coalesced requests,
 // because one upstream request cannot carry several callers' values.
 const BATCH_HEADERS: [&str; 3] = ["authorization", "openai-organization", "openai-project"];
-
-/// Coalescing limits of one pool.
-#[derive(Debug, Clone, Copy)]
-pub struct BatchLimits {
-    /// Most items in one upstream request.
-    pub max_batch: usize,
-    /// Longest time the first request of a batch waits.
-    pub max_wait: Duration,
-}
 
 /// One caller's share of an upstream answer.
 #[derive(Debug)]
@@ -59,99 +41,10 @@ pub struct BatchReply {
     pub batch_items: usize,
 }
 
-/// The front of a pool's coalescing task.
-#[derive(Debug, Clone)]
-pub struct Coalescer {
-    jobs: mpsc::Sender<Job>,
-    limits: BatchLimits,
-}
-
-impl Coalescer {
-    /// Starts the coalescing task of `pool`. It ends when every clone of
-    /// the returned handle is dropped and the open batches are sent.
-    pub fn start(pool: Arc<Pool>, limits: BatchLimits) -> Self {
-        let (jobs, queue) = mpsc::channel(QUEUE_CAPACITY);
-        tokio::spawn(run(pool, limits, queue));
-        Self { jobs, limits }
-    }
-
-    /// Adds a parsed, routed request (its `model` already the pool's) to a
-    /// batch and waits for its share of the answer.
-    ///
-    /// A request with more items than `max_batch` is cut into chunks of at
-    /// most `max_batch` that travel in separate upstream requests; their
-    /// answers are stitched back in order.
-    pub async fn submit(
-        &self,
-        request: ApiRequest,
-        headers: &HeaderMap,
-    ) -> Result<BatchReply, ApiError> {
-        let max_batch = self.limits.max_batch;
-        if request.items.len() <= max_batch {
-            return self.submit_one(request, headers).await;
-        }
-
-        // Every chunk is queued before any answer is awaited, so the chunks
-        // travel upstream side by side.
-        let endpoint = request.endpoint;
-        let mut answers = Vec::new();
-        for items in request.items.chunks(max_batch) {
-            let chunk = ApiRequest {
-                items: items.to_vec(),
-                ..request.clone()
-            };
-            answers.push(self.enqueue(chunk, headers).await?);
-        }
-        let mut replies = Vec::with_capacity(answers.len());
-        for answer in answers {
-            replies.push(receive(answer).await);
-        }
-        stitch(endpoint, replies)
-    }
-
-    async fn submit_one(
-        &self,
-        request: ApiRequest,
-        headers: &HeaderMap,
-    ) -> Result<BatchReply, ApiError> {
-        let answer = self.enqueue(request, headers).await?;
-        receive(answer).await
-    }
-
-    /// Hands a job to the coalescing task; the answer comes on the
-    /// returned channel.
-    async fn enqueue(
-        &self,
-        request: ApiRequest,
-        headers: &HeaderMap,
-    ) -> Result<oneshot::Receiver<Result<BatchReply, ApiError>>, ApiError> {
-        let (reply, answer) = oneshot::channel();
-        let job = Job::new(request, headers, reply)?;
-        if self.jobs.send(job).await.is_err() {
-            return Err(ApiError::new(
-                ErrorKind::ShuttingDown,
-                "switchyard is shutting down",
-            ));
-        }
-        Ok(answer)
-    }
-}
-
-async fn receive(
-    answer: oneshot::Receiver<Result<BatchReply, ApiError>>,
-) -> Result<BatchReply, ApiError> {
-    answer.await.unwrap_or_else(|_| {
-        Err(ApiError::new(
-            ErrorKind::Internal,
-            "the batch carrying this request was lost",
-        ))
-    })
-}
-
 /// Joins the answers to a request's chunks into one answer: entries
 /// renumbered by chunk offset, usage summed, the first chunk's id. The
 /// first failed chunk, if any, is the answer.
-fn stitch(
+pub(super) fn stitch(
     endpoint: Endpoint,
     answers: Vec<Result<BatchReply, ApiError>>,
 ) -> Result<BatchReply, ApiError> {
@@ -212,29 +105,27 @@ fn stitch(
     })
 }
 
-/// One caller's request waiting in the coalescer.
+/// One caller's items and everything its upstream request repeats.
 #[derive(Debug)]
-struct Job {
-    key: String,
-    endpoint: Endpoint,
+pub struct Part {
+    /// Requests share a batch only when their keys are equal.
+    pub key: String,
+    pub endpoint: Endpoint,
     /// The body field that holds the items: `prompt` or `input`.
     field: &'static str,
     /// Upstream path and query.
     path: String,
     /// The body without its items.
-    template: Map<String, Value>,
+    pub template: Map<String, Value>,
     headers: HeaderMap,
-    items: Vec<Value>,
-    n: u64,
-    reply: oneshot::Sender<Result<BatchReply, ApiError>>,
+    pub items: Vec<Value>,
+    pub n: u64,
+    /// Identical items of the batch go upstream once.
+    collapse: bool,
 }
 
-impl Job {
-    fn new(
-        request: ApiRequest,
-        headers: &HeaderMap,
-        reply: oneshot::Sender<Result<BatchReply, ApiError>>,
-    ) -> Result<Self, ApiError> {
+impl Part {
+    pub fn new(request: ApiRequest, headers: &HeaderMap) -> Result<Self, ApiError> {
         let Some(field) = request.items_field() else {
             return Err(ApiError::new(
                 ErrorKind::Internal,
@@ -262,16 +153,27 @@ impl Job {
             headers: batch_headers,
             items: request.items,
             n: request.n,
-            reply,
+            collapse: false,
         })
     }
+
+    pub fn with_collapse(self, collapse: bool) -> Self {
+        Self { collapse, ..self }
+    }
+}
+
+/// A caller in a batch: its part and where its answer goes.
+#[derive(Debug)]
+pub struct Member {
+    pub part: Part,
+    pub reply: oneshot::Sender<Result<BatchReply, ApiError>>,
 }
 
 /// Requests share an upstream request only when this key is equal: the
 /// path and query, the form of the items, every other body field and the
 /// forwarded credentials. serde_json's maps are ordered by key, so equal
 /// bodies serialize equally whatever order the client wrote them in.
-fn compatibility_key(
+pub(super) fn compatibility_key(
     path: &str,
     form: ItemForm,
     template: &Map<String, Value>,
@@ -288,167 +190,210 @@ fn compatibility_key(
     key
 }
 
-/// A batch being filled.
-#[derive(Debug)]
-struct OpenBatch {
-    deadline: Instant,
-    items: usize,
-    jobs: Vec<Job>,
-}
-
-async fn run(pool: Arc<Pool>, limits: BatchLimits, mut queue: mpsc::Receiver<Job>) {
-    let mut open: HashMap<String, OpenBatch> = HashMap::new();
-    loop {
-        let next_deadline = open.values().map(|batch| batch.deadline).min();
-        let sleep = async {
-            match next_deadline {
-                Some(deadline) => tokio::time::sleep_until(deadline).await,
-                None => std::future::pending().await,
-            }
-        };
-
-        tokio::select! {
-            job = queue.recv() => {
-                let Some(job) = job else { break };
-                add(&pool, limits, &mut open, job);
-            }
-            () = sleep => {
-                let now = Instant::now();
-                let due: Vec<String> = open
-                    .iter()
-                    .filter(|(_, batch)| batch.deadline <= now)
-                    .map(|(key, _)| key.clone())
-                    .collect();
-                for key in due {
-                    if let Some(batch) = open.remove(&key) {
-                        dispatch(&pool, batch.jobs);
-                    }
-                }
-            }
-        }
-    }
-
-    // Every submitter is gone; send what is still open rather than drop it.
-    for (_, batch) in open.drain() {
-        dispatch(&pool, batch.jobs);
-    }
-}
-
-fn add(pool: &Arc<Pool>, limits: BatchLimits, open: &mut HashMap<String, OpenBatch>, job: Job) {
-    let items = job.items.len();
-
-    // A job that fills a batch by itself (callers' arrays arrive cut to
-    // max_batch) needs no company.
-    if items >= limits.max_batch {
-        dispatch(pool, vec![job]);
-        return;
-    }
-
-    // A batch that cannot take this job leaves now, and the job opens the
-    // next one, so no batch exceeds max_batch.
-    if let Some(batch) = open.get(&job.key) {
-        if batch.items + items > limits.max_batch {
-            if let Some(full) = open.remove(&job.key) {
-                dispatch(pool, full.jobs);
-            }
-        }
-    }
-
-    let key = job.key.clone();
-    let batch = open.entry(key.clone()).or_insert_with(|| OpenBatch {
-        deadline: Instant::now() + limits.max_wait,
-        items: 0,
-        jobs: Vec::new(),
+/// Sends `members` as one upstream request on its own task, holding
+/// `permit` until every caller is answered.
+pub fn spawn(pool: Arc<Pool>, endpoint: Endpoint, members: Vec<Member>, permit: Permit) {
+    tokio::spawn(async move {
+        let mut permit = permit;
+        send_batch(pool, endpoint, members, Some(&mut permit)).await;
     });
-    batch.items += items;
-    batch.jobs.push(job);
-    if batch.items >= limits.max_batch {
-        if let Some(full) = open.remove(&key) {
-            dispatch(pool, full.jobs);
-        }
+}
+
+/// Boxed as a `Send` future: `send_batch` calls itself when it retries
+/// callers one by one, and the recursion needs a named type.
+fn send_boxed(
+    pool: Arc<Pool>,
+    endpoint: Endpoint,
+    members: Vec<Member>,
+) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+    Box::pin(send_batch(pool, endpoint, members, None))
+}
+
+/// Sends one upstream request for `members` and answers each caller. The
+/// batch's time and what it says of the upstream go on `permit`.
+async fn send_batch(
+    pool: Arc<Pool>,
+    endpoint: Endpoint,
+    mut members: Vec<Member>,
+    permit: Option<&mut Permit>,
+) {
+    // Callers that gave up while queued take no part.
+    members.retain(|member| !member.reply.is_closed());
+    let Some(first) = members.first() else { return };
+
+    // Identical items (where they collapse) go upstream once; `map` says
+    // which sent item answers each caller's item, in order.
+    let (sent, map) = distinct(&members);
+    let counts: Vec<usize> = members.iter().map(|m| m.part.items.len()).collect();
+    let batch_items = sent.len();
+    let collapsed = map.len() - sent.len();
+    if collapsed > 0 {
+        metrics::record_collapsed(&pool.name, endpoint, collapsed);
     }
-}
-
-fn dispatch(pool: &Arc<Pool>, jobs: Vec<Job>) {
-    // Boxed as a `Send` future: `send_batch` dispatches again when it
-    // retries callers one by one, and the recursion needs a named type.
-    let task: Pin<Box<dyn Future<Output = ()> + Send>> =
-        Box::pin(send_batch(Arc::clone(pool), jobs));
-    tokio::spawn(task);
-}
-
-/// Sends one upstream request for `jobs` and answers each caller.
-async fn send_batch(pool: Arc<Pool>, mut jobs: Vec<Job>) {
-    // Callers that gave up while their batch was open take no part.
-    jobs.retain(|job| !job.reply.is_closed());
-    let Some(first) = jobs.first() else { return };
-
-    let endpoint = first.endpoint;
-    let counts: Vec<usize> = jobs.iter().map(|job| job.items.len()).collect();
-    let batch_items: usize = counts.iter().sum();
-    let mut body = first.template.clone();
-    let items = jobs.iter().flat_map(|job| job.items.iter().cloned());
-    body.insert(first.field.to_string(), Value::Array(items.collect()));
+    let mut body = first.part.template.clone();
+    body.insert(first.part.field.to_string(), Value::Array(sent));
     let body = Bytes::from(Value::Object(body).to_string());
     metrics::record_batch(&pool.name, endpoint, batch_items);
 
     // When every caller has gone, the upstream request is dropped, which
     // closes its connection rather than wait for an answer nobody reads.
-    let (headers, path) = (first.headers.clone(), first.path.clone());
+    let (headers, path) = (first.part.headers.clone(), first.part.path.clone());
+    let started = Instant::now();
     let answer = tokio::select! {
         answer = fetch(&pool, endpoint, &path, &headers, body) => answer,
-        () = all_gone(&mut jobs) => {
+        () = all_gone(&mut members) => {
             tracing::debug!(pool = %pool.name, "every caller left; batch aborted");
             return;
         }
     };
+    if let Some(permit) = permit {
+        match &answer {
+            Ok((status, _)) if status.is_success() => {
+                permit.sample_items = Some(batch_items);
+                permit.set_healthy(true);
+            }
+            Ok(_) => permit.set_healthy(true),
+            Err(e) if e.kind == ErrorKind::UpstreamUnavailable => permit.set_healthy(false),
+            Err(_) => {}
+        }
+        // The sample is the upstream's time, not the retries' below.
+        permit.started = started;
+    }
 
     // A refusal of the input itself may be one caller's fault (a prompt
     // too long, say): each caller is retried alone, so only those at fault
     // get the error. Refusals that concern everyone alike (429, 401, 404)
     // are not retried: that would only add load to a pushing-back upstream.
     if let Ok((status, _)) = &answer {
-        if refuses_input(*status) && jobs.len() > 1 {
+        if refuses_input(*status) && members.len() > 1 {
             tracing::info!(
                 pool = %pool.name,
                 status = status.as_u16(),
-                callers = jobs.len(),
+                callers = members.len(),
                 "merged request refused; retrying its callers one by one"
             );
-            for job in jobs {
-                dispatch(&pool, vec![job]);
+            // Limitation: the retries share the batch's one in-flight
+            // slot, so a refused batch of k callers briefly has k
+            // requests upstream.
+            let retries: Vec<_> = members
+                .into_iter()
+                .map(|member| tokio::spawn(send_boxed(Arc::clone(&pool), endpoint, vec![member])))
+                .collect();
+            for retry in retries {
+                let _ = retry.await;
             }
             return;
         }
     }
 
+    let per_item = match endpoint {
+        Endpoint::Completions => first_n(&members),
+        _ => 1,
+    };
     let shares = match answer {
         Ok((status, body)) if status.is_success() => {
-            split(&pool.name, endpoint, &jobs, &counts, &body)
+            let parts: Vec<&Part> = members.iter().map(|m| &m.part).collect();
+            expand(&pool.name, endpoint, &body, &map, per_item)
+                .and_then(|body| split(&pool.name, endpoint, &parts, &counts, &body))
                 .map(|bodies| bodies.into_iter().map(|body| (status, body)).collect())
         }
         // The upstream's own error reaches every caller as it was sent.
-        Ok((status, body)) => Ok(vec![(status, body); jobs.len()]),
+        Ok((status, body)) => Ok(vec![(status, body); members.len()]),
         Err(e) => Err(e),
     };
 
     match shares {
         Ok(shares) => {
-            for (job, (status, body)) in jobs.into_iter().zip(shares) {
+            for (member, (status, body)) in members.into_iter().zip(shares) {
                 let reply = BatchReply {
                     status,
                     body,
                     batch_items,
                 };
-                let _ = job.reply.send(Ok(reply));
+                let _ = member.reply.send(Ok(reply));
             }
         }
         Err(e) => {
-            for job in jobs {
-                let _ = job.reply.send(Err(e.clone()));
+            for member in members {
+                let _ = member.reply.send(Err(e.clone()));
             }
         }
     }
+}
+
+fn first_n(members: &[Member]) -> u64 {
+    members.first().map_or(1, |m| m.part.n)
+}
+
+/// The items to send, each distinct collapsing item once, and for every
+/// caller's item in order the index of the sent item that answers it.
+fn distinct(members: &[Member]) -> (Vec<Value>, Vec<usize>) {
+    let mut sent = Vec::new();
+    let mut map = Vec::new();
+    let mut seen: std::collections::HashMap<String, usize> = Default::default();
+    for member in members {
+        for item in &member.part.items {
+            if member.part.collapse {
+                let key = item.to_string();
+                if let Some(&index) = seen.get(&key) {
+                    map.push(index);
+                    continue;
+                }
+                seen.insert(key, sent.len());
+            }
+            map.push(sent.len());
+            sent.push(item.clone());
+        }
+    }
+    (sent, map)
+}
+
+/// Rewrites an answer to the sent (distinct) items as the answer to every
+/// caller's item: entry `u * n + j` copied to `p * n + j` for each item
+/// `p` that item `u` answers. Without collapsing it is the answer as is.
+fn expand(
+    pool: &str,
+    endpoint: Endpoint,
+    body: &Bytes,
+    map: &[usize],
+    per_item: u64,
+) -> Result<Bytes, ApiError> {
+    if map.iter().enumerate().all(|(p, u)| p == *u) {
+        return Ok(body.clone());
+    }
+    let invalid = |what: &str| {
+        ApiError::new(
+            ErrorKind::UpstreamInvalid,
+            format!("pool {pool:?}: upstream answer to a batched request {what}"),
+        )
+    };
+    let Ok(Value::Object(mut answer)) = serde_json::from_slice::<Value>(body) else {
+        return Err(invalid("is not a JSON object"));
+    };
+    let field = entries_field(endpoint);
+    let Some(Value::Array(entries)) = answer.remove(field) else {
+        return Err(invalid(&format!("has no `{field}` array")));
+    };
+    let mut by_index: std::collections::HashMap<u64, Value> = Default::default();
+    for entry in entries {
+        let Some(index) = entry.get("index").and_then(Value::as_u64) else {
+            return Err(invalid("has an entry without an integer `index`"));
+        };
+        by_index.insert(index, entry);
+    }
+    let mut expanded = Vec::with_capacity(map.len() * per_item as usize);
+    for (p, &u) in map.iter().enumerate() {
+        for j in 0..per_item {
+            let Some(entry) = by_index.get(&(u as u64 * per_item + j)) else {
+                return Err(invalid("is missing an entry"));
+            };
+            let mut entry = entry.clone();
+            entry["index"] = Value::from(p as u64 * per_item + j);
+            expanded.push(entry);
+        }
+    }
+    answer.insert(field.to_string(), Value::Array(expanded));
+    Ok(Bytes::from(Value::Object(answer).to_string()))
 }
 
 /// Whether an upstream status says the request's content was refused:
@@ -457,10 +402,10 @@ fn refuses_input(status: StatusCode) -> bool {
     matches!(status.as_u16(), 400 | 413 | 422)
 }
 
-/// Resolves once every job's caller has stopped waiting.
-async fn all_gone(jobs: &mut [Job]) {
-    for job in jobs.iter_mut() {
-        job.reply.closed().await;
+/// Resolves once every caller has stopped waiting.
+async fn all_gone(members: &mut [Member]) {
+    for member in members.iter_mut() {
+        member.reply.closed().await;
     }
 }
 
@@ -502,7 +447,7 @@ fn entries_field(endpoint: Endpoint) -> &'static str {
 fn split(
     pool: &str,
     endpoint: Endpoint,
-    jobs: &[Job],
+    jobs: &[&Part],
     counts: &[usize],
     body: &[u8],
 ) -> Result<Vec<Bytes>, ApiError> {
@@ -621,7 +566,7 @@ struct WeightSet {
 }
 
 impl WeightSet {
-    fn new(jobs: &[Job], parts: &[Vec<Value>], endpoint: Endpoint) -> Self {
+    fn new(jobs: &[&Part], parts: &[Vec<Value>], endpoint: Endpoint) -> Self {
         let prompt = jobs
             .iter()
             .map(|job| job.items.iter().map(item_weight).sum())
@@ -715,9 +660,8 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn job(items: Vec<Value>, n: u64) -> Job {
-        let (reply, _answer) = oneshot::channel();
-        Job {
+    fn job(items: Vec<Value>, n: u64) -> Part {
+        Part {
             key: String::new(),
             endpoint: Endpoint::Completions,
             field: "prompt",
@@ -726,7 +670,7 @@ mod tests {
             headers: HeaderMap::new(),
             items,
             n,
-            reply,
+            collapse: false,
         }
     }
 
@@ -780,7 +724,7 @@ mod tests {
 
     #[test]
     fn merged_batch_splits_usage_per_caller() {
-        let jobs = vec![job(vec![json!("aaaa")], 1), job(vec![json!("aaaa")], 1)];
+        let jobs = [job(vec![json!("aaaa")], 1), job(vec![json!("aaaa")], 1)];
         let answer = json!({
             "id": "cmpl-1",
             "object": "text_completion",
@@ -794,7 +738,7 @@ mod tests {
         let bodies = split(
             "small",
             Endpoint::Completions,
-            &jobs,
+            &jobs.iter().collect::<Vec<_>>(),
             &[1, 1],
             answer.to_string().as_bytes(),
         )
@@ -814,7 +758,7 @@ mod tests {
 
     #[test]
     fn single_caller_keeps_the_upstream_id_and_usage() {
-        let jobs = vec![job(vec![json!("a"), json!("bb")], 1)];
+        let jobs = [job(vec![json!("a"), json!("bb")], 1)];
         let answer = json!({
             "id": "cmpl-9",
             "choices": [{"index": 0, "text": "x"}, {"index": 1, "text": "y"}],
@@ -824,7 +768,7 @@ mod tests {
         let bodies = split(
             "small",
             Endpoint::Completions,
-            &jobs,
+            &jobs.iter().collect::<Vec<_>>(),
             &[2],
             answer.to_string().as_bytes(),
         )
@@ -853,7 +797,7 @@ mod tests {
         let bodies = split(
             "small",
             Endpoint::Embeddings,
-            &[first, second],
+            &[&first, &second],
             &[1, 2],
             answer.to_string().as_bytes(),
         )
@@ -863,6 +807,37 @@ mod tests {
         assert_eq!(second["data"][1]["index"], 1);
         assert_eq!(second["usage"]["prompt_tokens"], 2);
         assert_eq!(second["usage"]["total_tokens"], 2);
+    }
+
+    #[test]
+    fn collapsed_items_are_fanned_out_in_order() {
+        // Callers sent ["x", "y"] and ["x"]; "x" went upstream once, n = 2.
+        let answer = json!({
+            "choices": [
+                {"index": 3, "text": "y1"}, {"index": 0, "text": "x0"},
+                {"index": 2, "text": "y0"}, {"index": 1, "text": "x1"},
+            ],
+        });
+        let body = Bytes::from(answer.to_string());
+        let expanded = expand("small", Endpoint::Completions, &body, &[0, 1, 0], 2).unwrap();
+        let expanded: Value = serde_json::from_slice(&expanded).unwrap();
+        let texts: Vec<(u64, &str)> = expanded["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| (c["index"].as_u64().unwrap(), c["text"].as_str().unwrap()))
+            .collect();
+        assert_eq!(
+            texts,
+            vec![
+                (0, "x0"),
+                (1, "x1"),
+                (2, "y0"),
+                (3, "y1"),
+                (4, "x0"),
+                (5, "x1")
+            ]
+        );
     }
 
     #[test]
