@@ -523,9 +523,9 @@ fn validate_local_pool(i: usize, pool: &PoolConfig) -> Result<(), ConfigError> {
     let path = pool.model_path();
     if !path.is_file() {
         let message = format!(
-            "model file {} does not exist (relative paths start from the \
-             working directory); `make model` fetches the default model \
-             into models/",
+            "model file {} does not exist or is not a file (relative paths \
+             start from the working directory); `make model` fetches the \
+             default model into models/",
             path.display()
         );
         return Err(invalid(&key("model_path"), &message));

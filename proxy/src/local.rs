@@ -108,6 +108,22 @@ impl LocalPool {
         // the worker that other connections share.
         let prompts = crate::routing::call_blocking(|| self.prompts(&api))?;
 
+        // A request whose prompts and choices outnumber what the pool can
+        // ever hold would be refused however long its client waited.
+        let wanted = prompts.len() * api.n as usize;
+        if wanted > self.engine.capacity() {
+            let field = if api.n > 1 { "n" } else { "prompt" };
+            return Err(ApiError {
+                param: Some(field),
+                ..ApiError::invalid(format!(
+                    "this request needs {wanted} generations (prompts x n); \
+                     pool {:?} holds at most {} at once (max_batch + max_queue)",
+                    self.name,
+                    self.engine.capacity()
+                ))
+            });
+        }
+
         // One generation per prompt and choice, all submitted before any is
         // awaited so that they share the running batch. A refusal drops the
         // ones already submitted, which cancels them.
@@ -262,15 +278,14 @@ impl LocalPool {
         match api.endpoint {
             Endpoint::ChatCompletions => {
                 let messages = chat_messages(api.body.get("messages"))?;
-                let text = self.engine.render_chat(&messages).map_err(|e| {
+                let ids = self.engine.chat_prompt(&messages).map_err(|e| {
                     ApiError::invalid(format!(
                         "pool {:?}: the model's chat template refused these \
                          messages: {e}",
                         self.name
                     ))
                 })?;
-                // The template writes the special tokens as text.
-                Ok(vec![tokenizer.encode(&text, true)])
+                Ok(vec![ids])
             }
             Endpoint::Completions => api
                 .items
@@ -482,7 +497,7 @@ impl Reply {
     fn choice_json(&self, index: usize, choice: &Choice) -> Value {
         let finish = choice.finish.map(|f| f.reason.as_str());
         let logprobs = if self.logprobs {
-            self.logprobs_json(&choice.tokens, 0)
+            self.logprobs_json(&choice.tokens, &mut Vec::new())
         } else {
             Value::Null
         };
@@ -523,7 +538,8 @@ impl Reply {
         drop(events_tx);
 
         tokio::spawn(async move {
-            let mut offsets = vec![0usize; count];
+            // Each choice's answer so far, for completions' text offsets.
+            let mut answers = vec![Vec::new(); count];
             let mut prompt_tokens = 0;
             let mut completion_tokens = 0;
             let mut done = 0;
@@ -541,10 +557,8 @@ impl Reply {
                     Event::Token { text, info, .. } => {
                         let logprobs = match (&info, self.logprobs) {
                             (Some(info), true) => {
-                                let json =
-                                    self.logprobs_json(std::slice::from_ref(info), offsets[index]);
-                                offsets[index] += self.token_text(info.token.id).chars().count();
-                                json
+                                let tokens = std::slice::from_ref(info);
+                                self.logprobs_json(tokens, &mut answers[index])
                             }
                             _ => Value::Null,
                         };
@@ -643,14 +657,26 @@ impl Reply {
         }
     }
 
+    /// A token's text for completions' logprobs: its characters, or, for a
+    /// token that holds part of a character, its bytes written as
+    /// `bytes:\xe2\x80` (OpenAI's convention), so that distinct tokens never
+    /// share a name.
     fn token_text(&self, id: u32) -> String {
-        String::from_utf8_lossy(self.engine.tokenizer().token_bytes(id)).into_owned()
+        let bytes = self.engine.tokenizer().token_bytes(id);
+        match std::str::from_utf8(bytes) {
+            Ok(text) => text.to_string(),
+            Err(_) => {
+                let hex: String = bytes.iter().map(|b| format!("\\x{b:02x}")).collect();
+                format!("bytes:{hex}")
+            }
+        }
     }
 
     /// Log-probabilities in the endpoint's shape: chat's `content` list,
-    /// or completions' parallel arrays with character offsets starting at
-    /// `offset`.
-    fn logprobs_json(&self, tokens: &[TokenInfo], offset: usize) -> Value {
+    /// or completions' parallel arrays. `before` holds the answer's bytes
+    /// ahead of these tokens; completions' `text_offset` counts the whole
+    /// characters in it.
+    fn logprobs_json(&self, tokens: &[TokenInfo], before: &mut Vec<u8>) -> Value {
         let tokenizer = self.engine.tokenizer();
         let entry = |id: u32, logprob: f32| {
             let bytes = tokenizer.token_bytes(id);
@@ -675,14 +701,12 @@ impl Reply {
                 json!({"content": content})
             }
             _ => {
-                let mut at = offset;
                 let mut text_offset = Vec::with_capacity(tokens.len());
                 let mut names = Vec::with_capacity(tokens.len());
                 for t in tokens {
-                    let text = self.token_text(t.token.id);
-                    text_offset.push(at);
-                    at += text.chars().count();
-                    names.push(text);
+                    text_offset.push(whole_chars(before));
+                    before.extend_from_slice(tokenizer.token_bytes(t.token.id));
+                    names.push(self.token_text(t.token.id));
                 }
                 let top: Vec<Value> = tokens
                     .iter()
@@ -712,6 +736,15 @@ const EMPTY_FINISH: Finish = Finish {
     completion_tokens: 0,
     peak_batch: 0,
 };
+
+/// Characters in the longest valid UTF-8 start of `bytes`.
+fn whole_chars(bytes: &[u8]) -> usize {
+    let valid = match std::str::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(e) => std::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or_default(),
+    };
+    valid.chars().count()
+}
 
 fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
     json!({
