@@ -33,7 +33,10 @@ fn main() {
 fn run() -> Result<(), String> {
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str| {
-        args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
     };
     let threads: usize = arg("--threads").and_then(|t| t.parse().ok()).unwrap_or(1);
     let steps: usize = arg("--steps").and_then(|t| t.parse().ok()).unwrap_or(128);
@@ -43,8 +46,11 @@ fn run() -> Result<(), String> {
         .filter_map(|b| b.parse().ok())
         .collect();
     let model_path = arg("--model").unwrap_or_else(|| {
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/SmolLM2-135M-Instruct.Q4_1.gguf")
-            .to_string()
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../models/SmolLM2-135M-Instruct.Q4_1.gguf"
+        )
+        .to_string()
     });
 
     let file = GgufFile::open(std::path::Path::new(&model_path)).map_err(|e| e.to_string())?;
@@ -52,7 +58,9 @@ fn run() -> Result<(), String> {
     let tokenizer = Tokenizer::from_gguf(&file).map_err(|e| e.to_string())?;
     let prompt = tokenizer.encode(PROMPT, true);
     let pool = ThreadPool::new(threads).map_err(|e| e.to_string())?;
-    let file_bytes = std::fs::metadata(&model_path).map_err(|e| e.to_string())?.len();
+    let file_bytes = std::fs::metadata(&model_path)
+        .map_err(|e| e.to_string())?
+        .len();
 
     for &batch in &batches {
         let mut results = Vec::new();
@@ -111,7 +119,9 @@ fn decode_run(
         })
         .collect();
     let vocab = model.shape().vocab;
-    let logits = model.forward(pool, &rows, &mut caches, &mut scratch).map_err(|e| e.to_string())?;
+    let logits = model
+        .forward(pool, &rows, &mut caches, &mut scratch)
+        .map_err(|e| e.to_string())?;
     let mut next: Vec<u32> = logits.chunks_exact(vocab).map(argmax).collect();
     let prefill_ms = started.elapsed().as_secs_f64() * 1e3;
 
@@ -123,11 +133,16 @@ fn decode_run(
         let rows: Vec<Row> = next
             .iter()
             .enumerate()
-            .map(|(seq, &token)| Row { seq, token, logits: true })
+            .map(|(seq, &token)| Row {
+                seq,
+                token,
+                logits: true,
+            })
             .collect();
         let t = Instant::now();
-        let logits =
-            model.forward(pool, &rows, &mut caches, &mut scratch).map_err(|e| e.to_string())?;
+        let logits = model
+            .forward(pool, &rows, &mut caches, &mut scratch)
+            .map_err(|e| e.to_string())?;
         forward_s += t.elapsed().as_secs_f64();
         let t = Instant::now();
         for (token, row) in next.iter_mut().zip(logits.chunks_exact(vocab)) {

@@ -87,7 +87,10 @@ pub enum SubmitError {
     )]
     PromptTooLong { prompt: usize, context: usize },
     #[error("{queued} requests are already waiting for this pool")]
-    QueueFull { queued: usize, retry_after: Duration },
+    QueueFull {
+        queued: usize,
+        retry_after: Duration,
+    },
     #[error("the executor has stopped")]
     Stopped,
 }
@@ -123,7 +126,11 @@ pub enum Event {
     /// One generated token. `text` is the answer's text that became final
     /// with it: empty while a multi-byte character or a possible stop text
     /// is incomplete, several tokens' worth when it completes.
-    Token { id: u32, text: String, info: Option<TokenInfo> },
+    Token {
+        id: u32,
+        text: String,
+        info: Option<TokenInfo>,
+    },
     /// The executor failed; the sequence is over without an answer.
     Failed(String),
     /// The last event of every sequence, with any text that was held back
@@ -288,12 +295,20 @@ impl Engine {
         let queued = self.shared.queued.fetch_add(1, Ordering::AcqRel);
         if queued >= self.config.max_queue {
             self.shared.queued.fetch_sub(1, Ordering::AcqRel);
-            return Err(SubmitError::QueueFull { queued, retry_after: self.predicted_wait(queued) });
+            return Err(SubmitError::QueueFull {
+                queued,
+                retry_after: self.predicted_wait(queued),
+            });
         }
 
         let (events, rx) = tokio_mpsc::unbounded_channel();
         let cancelled = Arc::new(AtomicBool::new(false));
-        let job = Job { request, events, cancelled: cancelled.clone(), submitted: Instant::now() };
+        let job = Job {
+            request,
+            events,
+            cancelled: cancelled.clone(),
+            submitted: Instant::now(),
+        };
         let sent = match self.jobs.lock() {
             Ok(jobs) => jobs.as_ref().is_some_and(|tx| tx.send(job).is_ok()),
             Err(_) => false,
@@ -302,7 +317,10 @@ impl Engine {
             self.shared.queued.fetch_sub(1, Ordering::AcqRel);
             return Err(SubmitError::Stopped);
         }
-        Ok(Generation { events: rx, cancelled })
+        Ok(Generation {
+            events: rx,
+            cancelled,
+        })
     }
 
     /// Requests waiting for a place in the running batch.
@@ -434,7 +452,9 @@ impl Scheduler {
 
     fn admit(&mut self) {
         while self.running.len() < self.config.max_batch {
-            let Some(job) = self.waiting.pop_front() else { break };
+            let Some(job) = self.waiting.pop_front() else {
+                break;
+            };
             self.shared.queued.fetch_sub(1, Ordering::AcqRel);
             let max_stop = job.request.stop.iter().map(String::len).max().unwrap_or(0);
             self.running.push(Seq {
@@ -469,7 +489,11 @@ impl Scheduler {
         let mut decoding = 0;
         for (i, seq) in self.running.iter().enumerate() {
             if let Some(token) = seq.last {
-                rows.push(Row { seq: i, token, logits: true });
+                rows.push(Row {
+                    seq: i,
+                    token,
+                    logits: true,
+                });
                 decoding += 1;
             }
         }
@@ -482,26 +506,33 @@ impl Scheduler {
             let take = (prompt.len() - seq.prefilled).min(budget);
             for (k, &token) in prompt[seq.prefilled..][..take].iter().enumerate() {
                 let done = seq.prefilled + k + 1 == prompt.len();
-                rows.push(Row { seq: i, token, logits: done });
+                rows.push(Row {
+                    seq: i,
+                    token,
+                    logits: done,
+                });
             }
             seq.prefilled += take;
             budget -= take;
         }
 
-        let logits = match self.model.forward(&self.pool, &rows, &mut self.caches, &mut self.scratch)
-        {
-            Ok(logits) => logits,
-            Err(e) => {
-                // Shapes were checked at load, so this is a bug; fail the
-                // batch rather than the process.
-                tracing::error!(pool = %self.config.name, error = %e, "executor step failed");
-                for seq in self.running.drain(..) {
-                    let _ = seq.job.events.send(Event::Failed(e.to_string()));
+        let logits =
+            match self
+                .model
+                .forward(&self.pool, &rows, &mut self.caches, &mut self.scratch)
+            {
+                Ok(logits) => logits,
+                Err(e) => {
+                    // Shapes were checked at load, so this is a bug; fail the
+                    // batch rather than the process.
+                    tracing::error!(pool = %self.config.name, error = %e, "executor step failed");
+                    for seq in self.running.drain(..) {
+                        let _ = seq.job.events.send(Event::Failed(e.to_string()));
+                    }
+                    self.caches.clear();
+                    return;
                 }
-                self.caches.clear();
-                return;
-            }
-        };
+            };
 
         // Each row that asked for logits belongs to a distinct sequence.
         let vocab = self.model.shape().vocab;
@@ -518,7 +549,7 @@ impl Scheduler {
 
         // Finished sequences leave, highest index first so that swap_remove
         // does not move one still to be removed.
-        finished.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        finished.sort_unstable_by_key(|b| std::cmp::Reverse(b.0));
         for (i, reason) in finished {
             let seq = self.remove(i);
             self.finish(seq, reason);
@@ -546,7 +577,9 @@ impl Scheduler {
         } else {
             (old * 7 + service.as_millis() as usize) / 8
         };
-        self.shared.mean_service_ms.store(new.max(1), Ordering::Relaxed);
+        self.shared
+            .mean_service_ms
+            .store(new.max(1), Ordering::Relaxed);
 
         let finish = Finish {
             reason,
@@ -582,7 +615,10 @@ fn advance(
     let info = seq.job.request.logprobs.map(|k| {
         let lse = sampler::log_sum_exp(logits);
         TokenInfo {
-            token: TokenLogprob { id: token, logprob: logits[token as usize] - lse },
+            token: TokenLogprob {
+                id: token,
+                logprob: logits[token as usize] - lse,
+            },
             top: sampler::top_logprobs(logits, lse, k.min(MAX_TOP_LOGPROBS)),
         }
     });
@@ -623,7 +659,11 @@ fn advance(
     };
     let text = seq.text[seq.sent..end].to_string();
     seq.sent = end;
-    let _ = seq.job.events.send(Event::Token { id: token, text, info });
+    let _ = seq.job.events.send(Event::Token {
+        id: token,
+        text,
+        info,
+    });
 
     if stopped.is_some() {
         return Some(FinishReason::Stop);
@@ -707,6 +747,10 @@ impl Rate {
     }
 
     fn per_second(&self) -> f64 {
-        if self.seconds > 0.0 { self.tokens / self.seconds } else { 0.0 }
+        if self.seconds > 0.0 {
+            self.tokens / self.seconds
+        } else {
+            0.0
+        }
     }
 }

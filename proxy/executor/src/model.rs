@@ -176,9 +176,20 @@ impl Model {
 
         let half = shape.head_dim / 2;
         let inv_freq = (0..half)
-            .map(|i| shape.rope_base.powf(-(2.0 * i as f32) / shape.head_dim as f32))
+            .map(|i| {
+                shape
+                    .rope_base
+                    .powf(-(2.0 * i as f32) / shape.head_dim as f32)
+            })
             .collect();
-        Ok(Model { shape, tok_embd, output_norm, output, layers, inv_freq })
+        Ok(Model {
+            shape,
+            tok_embd,
+            output_norm,
+            output,
+            layers,
+            inv_freq,
+        })
     }
 
     pub fn shape(&self) -> &ModelShape {
@@ -350,7 +361,7 @@ fn read_shape(file: &GgufFile) -> Result<ModelShape, ModelError> {
         n_head,
         n_head_kv,
         n_ff: u("feed_forward_length")?,
-        head_dim: if n_head == 0 { 0 } else { n_embd / n_head },
+        head_dim: n_embd.checked_div(n_head).unwrap_or(0),
         vocab,
         context_length: u("context_length")?,
         rope_base: file.get_f32("llama.rope.freq_base").unwrap_or(10_000.0),
@@ -359,9 +370,9 @@ fn read_shape(file: &GgufFile) -> Result<ModelShape, ModelError> {
 
     let ok = shape.n_head > 0
         && shape.n_head_kv > 0
-        && shape.n_head % shape.n_head_kv == 0
-        && shape.n_embd % shape.n_head == 0
-        && shape.head_dim % 2 == 0
+        && shape.n_head.is_multiple_of(shape.n_head_kv)
+        && shape.n_embd.is_multiple_of(shape.n_head)
+        && shape.head_dim.is_multiple_of(2)
         && shape.vocab > 0
         && shape.n_layer > 0;
     if !ok {
@@ -386,7 +397,10 @@ fn expect_shape(m: &QMatrix, name: &str, rows: usize, cols: usize) -> Result<(),
 fn norm(file: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
     let v = file.vector_f32(name)?;
     if v.len() != len {
-        return Err(ModelError::Shape(format!("{name} has {} entries, expected {len}", v.len())));
+        return Err(ModelError::Shape(format!(
+            "{name} has {} entries, expected {len}",
+            v.len()
+        )));
     }
     Ok(v)
 }
@@ -447,13 +461,24 @@ mod tests {
     }
 
     fn cases() -> Vec<Case> {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/smollm2/greedy.jsonl");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/smollm2/greedy.jsonl"
+        );
         let text = std::fs::read_to_string(path).unwrap();
         let ids = |v: &Value| -> Vec<u32> {
-            v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
         };
         let floats = |v: &Value| -> Vec<f32> {
-            v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
         };
         text.lines()
             .filter(|l| !l.trim().is_empty())
@@ -492,16 +517,27 @@ mod tests {
         let rows: Vec<Row> = tokens
             .iter()
             .enumerate()
-            .map(|(i, &token)| Row { seq: 0, token, logits: i >= first })
+            .map(|(i, &token)| Row {
+                seq: 0,
+                token,
+                logits: i >= first,
+            })
             .collect();
         let mut caches = vec![SeqCache::new(model.shape())];
-        let logits = model.forward(pool, &rows, &mut caches, &mut Scratch::default()).unwrap();
-        logits.chunks_exact(model.shape().vocab).map(<[f32]>::to_vec).collect()
+        let logits = model
+            .forward(pool, &rows, &mut caches, &mut Scratch::default())
+            .unwrap();
+        logits
+            .chunks_exact(model.shape().vocab)
+            .map(<[f32]>::to_vec)
+            .collect()
     }
 
     #[test]
     fn forward_pass_matches_llama_cpp_with_teacher_forcing() {
-        let Some(file) = open_model_or_skip("forward_pass_matches_llama_cpp") else { return };
+        let Some(file) = open_model_or_skip("forward_pass_matches_llama_cpp") else {
+            return;
+        };
         let model = Model::load(&file).unwrap();
         let pool = ThreadPool::new(2).unwrap();
 
@@ -528,7 +564,10 @@ mod tests {
                 }
 
                 let diff = (row[want as usize] - lse - case.top1_logprob[i]).abs();
-                assert!(diff <= 0.5, "case {c} step {i}: greedy log-prob off by {diff}");
+                assert!(
+                    diff <= 0.5,
+                    "case {c} step {i}: greedy log-prob off by {diff}"
+                );
                 lp_sum += f64::from(diff);
                 lp_max = lp_max.max(diff);
 
@@ -554,7 +593,10 @@ mod tests {
             "reference: {steps} steps; confident agreement {agree_confident}/{confident}; \
              greedy log-prob diff mean {lp_mean:.4} max {lp_max:.4}; top-5 mean {top5_mean:.4}"
         );
-        assert!(share >= 0.97, "best token agrees at {share:.3} of confident steps");
+        assert!(
+            share >= 0.97,
+            "best token agrees at {share:.3} of confident steps"
+        );
         assert!(lp_mean <= 0.08, "mean greedy log-prob difference {lp_mean}");
         assert!(top5_mean < 0.15, "mean top-5 difference {top5_mean}");
     }
@@ -577,19 +619,34 @@ mod tests {
                 let rows: Vec<Row> = p
                     .iter()
                     .enumerate()
-                    .map(|(i, &token)| Row { seq: 0, token, logits: i + 1 == p.len() })
+                    .map(|(i, &token)| Row {
+                        seq: 0,
+                        token,
+                        logits: i + 1 == p.len(),
+                    })
                     .collect();
-                let mut out = vec![argmax(&model.forward(&pool, &rows, &mut caches, &mut s).unwrap())];
+                let mut out = vec![argmax(
+                    &model.forward(&pool, &rows, &mut caches, &mut s).unwrap(),
+                )];
                 for _ in 0..3 {
-                    let row = [Row { seq: 0, token: out[out.len() - 1], logits: true }];
-                    out.push(argmax(&model.forward(&pool, &row, &mut caches, &mut s).unwrap()));
+                    let row = [Row {
+                        seq: 0,
+                        token: out[out.len() - 1],
+                        logits: true,
+                    }];
+                    out.push(argmax(
+                        &model.forward(&pool, &row, &mut caches, &mut s).unwrap(),
+                    ));
                 }
                 out
             })
             .collect();
 
         // All three prefilled in one pass, then decoded together.
-        let mut caches: Vec<SeqCache> = prompts.iter().map(|_| SeqCache::new(model.shape())).collect();
+        let mut caches: Vec<SeqCache> = prompts
+            .iter()
+            .map(|_| SeqCache::new(model.shape()))
+            .collect();
         let mut s = Scratch::default();
         let rows: Vec<Row> = prompts
             .iter()
@@ -604,13 +661,19 @@ mod tests {
             .collect();
         let vocab = model.shape().vocab;
         let logits = model.forward(&pool, &rows, &mut caches, &mut s).unwrap();
-        let mut together: Vec<Vec<u32>> =
-            logits.chunks_exact(vocab).map(|l| vec![argmax(l)]).collect();
+        let mut together: Vec<Vec<u32>> = logits
+            .chunks_exact(vocab)
+            .map(|l| vec![argmax(l)])
+            .collect();
         for _ in 0..3 {
             let rows: Vec<Row> = together
                 .iter()
                 .enumerate()
-                .map(|(seq, out)| Row { seq, token: out[out.len() - 1], logits: true })
+                .map(|(seq, out)| Row {
+                    seq,
+                    token: out[out.len() - 1],
+                    logits: true,
+                })
                 .collect();
             let logits = model.forward(&pool, &rows, &mut caches, &mut s).unwrap();
             for (out, l) in together.iter_mut().zip(logits.chunks_exact(vocab)) {

@@ -20,7 +20,11 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 1.0, top_p: 1.0, seed: None }
+        SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            seed: None,
+        }
     }
 }
 
@@ -41,7 +45,10 @@ pub struct Sampler {
 impl Sampler {
     pub fn new(params: SamplingParams) -> Sampler {
         let seed = params.seed.unwrap_or_else(fresh_seed);
-        Sampler { params, rng: SplitMix64(seed) }
+        Sampler {
+            params,
+            rng: SplitMix64(seed),
+        }
     }
 
     /// Picks a token from `logits` (one per vocabulary entry).
@@ -130,7 +137,9 @@ pub fn top_logprobs(logits: &[f32], lse: f32, k: usize) -> Vec<TokenLogprob> {
     }
     let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
     let by_logit = |a: &u32, b: &u32| {
-        logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b))
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
     };
     if k < ids.len() {
         ids.select_nth_unstable_by(k - 1, by_logit);
@@ -138,7 +147,10 @@ pub fn top_logprobs(logits: &[f32], lse: f32, k: usize) -> Vec<TokenLogprob> {
     ids.truncate(k);
     ids.sort_unstable_by(by_logit);
     ids.into_iter()
-        .map(|id| TokenLogprob { id, logprob: logits[id as usize] - lse })
+        .map(|id| TokenLogprob {
+            id,
+            logprob: logits[id as usize] - lse,
+        })
         .collect()
 }
 
@@ -178,7 +190,11 @@ mod tests {
     use super::*;
 
     fn params(temperature: f32, top_p: f32, seed: u64) -> SamplingParams {
-        SamplingParams { temperature, top_p, seed: Some(seed) }
+        SamplingParams {
+            temperature,
+            top_p,
+            seed: Some(seed),
+        }
     }
 
     #[test]
