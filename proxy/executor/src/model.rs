@@ -10,7 +10,7 @@ use std::sync::Mutex;
 
 use crate::gguf::{GgufError, GgufFile};
 use crate::pool::ThreadPool;
-use crate::quant::{dequantize_row, matmul, KernelError};
+use crate::quant::{dequantize_matrix_row, interleave, matmul, KernelError};
 use crate::tensor::QMatrix;
 
 /// Shape and constants of a model, read from its GGUF metadata.
@@ -150,6 +150,15 @@ impl Model {
             None => tok_embd.clone(),
         };
         expect_shape(&output, "output.weight", shape.vocab, shape.n_embd)?;
+
+        // Every matrix is copied into the kernels' interleaved layout; tied
+        // embeddings share the output projection's copy (rows are read
+        // from either layout), so no weight is held twice.
+        let tied = file.tensor_info("output.weight").is_none();
+        let packed = interleave(&output)?;
+        output.bytes.release_pages();
+        let output = packed;
+        let tok_embd = if tied { output.clone() } else { tok_embd };
         let output_norm = norm(file, "output_norm.weight", shape.n_embd)?;
 
         let (d, kv, ff) = (shape.n_embd, shape.kv_dim(), shape.n_ff);
@@ -159,7 +168,9 @@ impl Model {
                 let full = format!("blk.{i}.{name}.weight");
                 let matrix = file.matrix(&full)?;
                 expect_shape(&matrix, &full, rows, cols)?;
-                Ok(matrix)
+                let packed = interleave(&matrix)?;
+                matrix.bytes.release_pages();
+                Ok(packed)
             };
             layers.push(Layer {
                 attn_norm: norm(file, &format!("blk.{i}.attn_norm.weight"), d)?,
@@ -222,7 +233,7 @@ impl Model {
         resize(&mut s.x, n * d);
         for (row, x) in rows.iter().zip(s.x.chunks_exact_mut(d)) {
             let token = (row.token as usize).min(sh.vocab - 1);
-            dequantize_row(self.tok_embd.ty, self.tok_embd.row(token), x)?;
+            dequantize_matrix_row(&self.tok_embd, token, x)?;
         }
 
         for (l, layer) in self.layers.iter().enumerate() {
