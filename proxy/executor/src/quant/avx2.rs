@@ -99,6 +99,9 @@ const Q4_0: u8 = 0;
 const Q4_1: u8 = 1;
 const Q8_0: u8 = 2;
 
+/// How far ahead of the column being read a group kernel prefetches.
+const PREFETCH_BYTES: usize = 1024;
+
 /// Defines a group kernel: the dot products of the 8 weight rows of one
 /// interleaved group (blocks of type `T`, `nb` block columns in `w`, see
 /// [`super::blocks::interleave_column`]) with `C` activation rows of `nb`
@@ -141,6 +144,18 @@ macro_rules! group_kernel {
                 // above). All loads are unaligned.
                 unsafe {
                     let col = wp.add(b * column);
+
+                    // The group's stream, and the next group's after it,
+                    // fetched PREFETCH_BYTES ahead: the computation on one
+                    // column is long enough at larger batches that the
+                    // hardware prefetcher falls behind. Prefetches never
+                    // fault, so running past the end is harmless.
+                    if PREFETCH_BYTES > 0 {
+                        let ahead = col.wrapping_add(PREFETCH_BYTES);
+                        for line in (0..column).step_by(64) {
+                            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line) as *const i8);
+                        }
+                    }
                     let dw = _mm256_cvtph_ps(_mm_loadu_si128(col as *const __m128i));
                     let mw = if T == Q4_1 {
                         _mm256_cvtph_ps(_mm_loadu_si128(col.add(16) as *const __m128i))
@@ -181,19 +196,25 @@ macro_rules! group_kernel {
                         }
                     }
 
-                    for (c, acc) in acc.iter_mut().enumerate() {
+                    // Integer sums, step k of every activation row before
+                    // step k + 1, so consecutive dot steps are independent.
+                    let mut isum = [_mm256_setzero_si256(); C];
+                    for (c, isum) in isum.iter_mut().enumerate() {
                         let a = &*ap.add(c * nb + b);
-                        let x = a.qs.as_ptr() as *const i32;
                         let bias = match T {
                             Q4_0 => -8 * a.sum,
                             Q8_0 if $vnni => -128 * a.sum,
                             _ => 0,
                         };
-                        let mut isum = _mm256_set1_epi32(bias);
-                        for k in 0..8 {
+                        *isum = _mm256_set1_epi32(bias);
+                    }
+                    for k in 0..8 {
+                        for (c, isum) in isum.iter_mut().enumerate() {
+                            let a = &*ap.add(c * nb + b);
+                            let x = a.qs.as_ptr() as *const i32;
                             let xk = _mm256_set1_epi32(x.add(k).read_unaligned());
-                            isum = if $vnni {
-                                _mm256_dpbusd_epi32(isum, wq[k], xk)
+                            *isum = if $vnni {
+                                _mm256_dpbusd_epi32(*isum, wq[k], xk)
                             } else {
                                 let xs = if T == Q8_0 {
                                     _mm256_sign_epi8(xk, signs[k])
@@ -201,9 +222,13 @@ macro_rules! group_kernel {
                                     xk
                                 };
                                 let pairs = _mm256_maddubs_epi16(wq[k], xs);
-                                _mm256_add_epi32(isum, _mm256_madd_epi16(pairs, ones))
+                                _mm256_add_epi32(*isum, _mm256_madd_epi16(pairs, ones))
                             };
                         }
+                    }
+
+                    for (c, (acc, isum)) in acc.iter_mut().zip(isum).enumerate() {
+                        let a = &*ap.add(c * nb + b);
                         let d = _mm256_mul_ps(dw, _mm256_set1_ps(a.d));
                         *acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(isum), *acc);
                         if T == Q4_1 {
