@@ -334,21 +334,137 @@ impl Model {
             let (keys, values) = (&cache.k[layer], &cache.v[layer]);
             let qh = &q[i * sh.n_embd + h * hd..][..hd];
             let off = (h / group) * hd;
-            let len = pos[i] + 1;
-
-            let mut scores: Vec<f32> = (0..len)
-                .map(|t| dot(qh, &keys[t * kv + off..][..hd]) * scale)
-                .collect();
-            softmax(&mut scores);
-
+            let head = Head {
+                q: qh,
+                keys: &keys[off..],
+                values: &values[off..],
+                stride: kv,
+                len: pos[i] + 1,
+                scale,
+            };
             let Ok(mut o) = outs[task].lock() else { return };
-            o.fill(0.0);
+            head.attend_fast(&mut o);
+        });
+    }
+}
+
+/// One query head's attention over one sequence's cache: key and value of
+/// position t at `keys[t * stride..]` and `values[t * stride..]`, the head
+/// width long.
+struct Head<'a> {
+    q: &'a [f32],
+    keys: &'a [f32],
+    values: &'a [f32],
+    stride: usize,
+    len: usize,
+    scale: f32,
+}
+
+impl Head<'_> {
+    /// Softmax-weighted sum of the values into `out` (the head width), on
+    /// AVX2 where the CPU has it: the same arithmetic in the same order as
+    /// the plain version, so the same results.
+    fn attend_fast(&self, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            #[allow(unsafe_code)]
+            unsafe {
+                x86::attend(self, out)
+            };
+            return;
+        }
+        self.attend(out);
+    }
+
+    /// The plain version of [`Head::attend_fast`].
+    fn attend(&self, out: &mut [f32]) {
+        let hd = self.q.len();
+        let mut scores = vec![0.0f32; self.len];
+        for (t, score) in scores.iter_mut().enumerate() {
+            *score = dot(self.q, &self.keys[t * self.stride..][..hd]) * self.scale;
+        }
+        softmax(&mut scores);
+        self.weigh_values(&scores, 0, out);
+    }
+
+    /// `out[j] = sum over t of p[t] * value_t[from + j]`, positions in
+    /// order, for each j.
+    fn weigh_values(&self, p: &[f32], from: usize, out: &mut [f32]) {
+        for (j, o) in out.iter_mut().enumerate() {
+            let mut acc = 0.0f32;
+            for (t, &p) in p.iter().enumerate() {
+                acc += p * self.values[t * self.stride + from + j];
+            }
+            *o = acc;
+        }
+    }
+}
+
+/// AVX2 versions of the attention loops.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{dot_tail, softmax, Head};
+
+    /// [`Head::attend`] on AVX2.
+    ///
+    /// # Safety
+    /// The CPU supports AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn attend(head: &Head<'_>, out: &mut [f32]) {
+        let hd = head.q.len();
+        let mut scores = vec![0.0f32; head.len];
+        for (t, score) in scores.iter_mut().enumerate() {
+            *score = dot(head.q, &head.keys[t * head.stride..][..hd]) * head.scale;
+        }
+        softmax(&mut scores);
+
+        // 32 dimensions at a time in four registers; the rest as plain.
+        let whole = hd / 32 * 32;
+        for (c, o) in out[..whole].chunks_exact_mut(32).enumerate() {
+            let mut acc = [_mm256_setzero_ps(); 4];
             for (t, &p) in scores.iter().enumerate() {
-                for (acc, &v) in o.iter_mut().zip(&values[t * kv + off..][..hd]) {
-                    *acc += p * v;
+                let v = &head.values[t * head.stride + c * 32..][..32];
+                let p = _mm256_set1_ps(p);
+                for (k, acc) in acc.iter_mut().enumerate() {
+                    // SAFETY: `v` holds 32 floats; an unaligned 8-float load.
+                    let v = unsafe { _mm256_loadu_ps(v.as_ptr().add(8 * k)) };
+                    *acc = _mm256_add_ps(*acc, _mm256_mul_ps(p, v));
                 }
             }
-        });
+            for (k, acc) in acc.into_iter().enumerate() {
+                // SAFETY: `o` holds 32 floats; an unaligned 8-float store.
+                unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(8 * k), acc) };
+            }
+        }
+        head.weigh_values(&scores, whole, &mut out[whole..]);
+    }
+
+    /// [`super::dot`] on AVX2: lanes 0..8 and 8..16 of its partial sums in
+    /// two registers, reduced in the same order.
+    #[target_feature(enable = "avx2")]
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let len = a.len().min(b.len());
+        let whole = len / 16 * 16;
+        let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for i in (0..whole).step_by(16) {
+            // SAFETY: `i + 16 <= whole <= len`; unaligned loads.
+            unsafe {
+                let (pa, pb) = (a.as_ptr().add(i), b.as_ptr().add(i));
+                let x = _mm256_mul_ps(_mm256_loadu_ps(pa), _mm256_loadu_ps(pb));
+                let y = _mm256_mul_ps(_mm256_loadu_ps(pa.add(8)), _mm256_loadu_ps(pb.add(8)));
+                lo = _mm256_add_ps(lo, x);
+                hi = _mm256_add_ps(hi, y);
+            }
+        }
+        let v8 = _mm256_add_ps(lo, hi);
+        let v4 = _mm_add_ps(_mm256_castps256_ps128(v8), _mm256_extractf128_ps(v8, 1));
+        let v2 = _mm_add_ps(v4, _mm_movehl_ps(v4, v4));
+        let v1 = _mm_add_ss(v2, _mm_movehdup_ps(v2));
+        _mm_cvtss_f32(v1) + dot_tail(&a[whole..len], &b[whole..len])
     }
 }
 
@@ -439,22 +555,20 @@ fn add(x: &mut [f32], y: &[f32]) {
     }
 }
 
-/// Float dot product in 16 independent partial sums, which the compiler
-/// keeps in vector registers: a single running sum would make every
-/// addition wait for the one before, and attention's scores are mostly
-/// such dot products. The order depends only on the lengths, so a row's
-/// result is the same in any batch.
+/// Float dot product in 16 independent partial sums, lane k taking the
+/// elements at k mod 16, then halved pairwise: a single running sum would
+/// make every addition wait for the one before, and attention's scores
+/// are mostly such dot products. The order depends only on the lengths,
+/// so a row's result is the same in any batch.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     const LANES: usize = 16;
+    let len = a.len().min(b.len());
+    let whole = len / LANES * LANES;
     let mut acc = [0.0f32; LANES];
-    let (a16, b16) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = a16
-        .remainder()
-        .iter()
-        .zip(b16.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (a, b) in a16.zip(b16) {
+    for (a, b) in a[..whole]
+        .chunks_exact(LANES)
+        .zip(b[..whole].chunks_exact(LANES))
+    {
         for k in 0..LANES {
             acc[k] += a[k] * b[k];
         }
@@ -466,7 +580,16 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
             acc[k] += acc[k + width];
         }
     }
-    acc[0] + tail
+    acc[0] + dot_tail(&a[whole..len], &b[whole..len])
+}
+
+/// The part of [`dot`] past its last 16 elements: one running sum.
+fn dot_tail(a: &[f32], b: &[f32]) -> f32 {
+    let mut sum = 0.0f32;
+    for (x, y) in a.iter().zip(b) {
+        sum += x * y;
+    }
+    sum
 }
 
 fn softmax(x: &mut [f32]) {
@@ -484,6 +607,35 @@ fn softmax(x: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn attention_paths_agree_bit_for_bit() {
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        for (hd, stride, len) in [(64, 192, 1), (64, 192, 103), (40, 40, 17), (8, 24, 5)] {
+            let q: Vec<f32> = (0..hd).map(|_| next()).collect();
+            let keys: Vec<f32> = (0..len * stride).map(|_| next()).collect();
+            let values: Vec<f32> = (0..len * stride).map(|_| next()).collect();
+            let head = Head {
+                q: &q,
+                keys: &keys,
+                values: &values,
+                stride,
+                len,
+                scale: 0.125,
+            };
+            let (mut plain, mut fast) = (vec![0.0; hd], vec![0.0; hd]);
+            head.attend(&mut plain);
+            head.attend_fast(&mut fast);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&plain), bits(&fast), "hd {hd} len {len}");
+        }
+    }
     use crate::sampler::{argmax, log_sum_exp, top_logprobs};
     use crate::test_support::open_model_or_skip;
     use serde_json::Value;
