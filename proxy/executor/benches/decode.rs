@@ -76,11 +76,17 @@ fn run() -> Result<(), String> {
         println!(
             "{{\"engine\":\"switchyard\",\"threads\":{threads},\"batch\":{batch},\
              \"prompt_tokens\":{},\"steps\":{steps},\"runs\":{RUNS},\
-             \"decode_tokens_per_s\":{:.1},\"prefill_ms\":{:.1},\
+             \"decode_tokens_per_s\":{:.1},\"decode_tokens_per_cpu_s\":{:.1},\
+             \"prefill_ms\":{:.1},\
              \"argmax_ms_excluded\":{:.1},\"rss_bytes\":{rss},\
              \"model_file_bytes\":{file_bytes},\"kv_cache_bytes\":{}}}",
             prompt.len(),
             run.tokens_per_s,
+            if run.tokens_per_cpu_s.is_finite() {
+                run.tokens_per_cpu_s
+            } else {
+                0.0
+            },
             run.prefill_ms,
             run.argmax_ms,
             run.kv_bytes,
@@ -94,6 +100,11 @@ struct RunResult {
     prefill_ms: f64,
     argmax_ms: f64,
     kv_bytes: usize,
+
+    /// Tokens per second of the calling thread's CPU time, 0 where the
+    /// system does not say: on a shared machine, with one thread, a
+    /// steadier figure than wall-clock time for comparing two builds.
+    tokens_per_cpu_s: f64,
 }
 
 /// Prefills `batch` sequences with `prompt`, then decodes `steps` greedy
@@ -128,6 +139,7 @@ fn decode_run(
     // Greedy decode; argmax is timed separately and left out, as the
     // llama.cpp script leaves out its own.
     let mut forward_s = 0.0;
+    let mut forward_cpu_s = 0.0;
     let mut argmax_s = 0.0;
     for _ in 0..steps {
         let rows: Vec<Row> = next
@@ -140,10 +152,12 @@ fn decode_run(
             })
             .collect();
         let t = Instant::now();
+        let cpu = thread_cpu_s();
         let logits = model
             .forward(pool, &rows, &mut caches, &mut scratch)
             .map_err(|e| e.to_string())?;
         forward_s += t.elapsed().as_secs_f64();
+        forward_cpu_s += thread_cpu_s() - cpu;
         let t = Instant::now();
         for (token, row) in next.iter_mut().zip(logits.chunks_exact(vocab)) {
             *token = argmax(row);
@@ -152,10 +166,23 @@ fn decode_run(
     }
     Ok(RunResult {
         tokens_per_s: (batch * steps) as f64 / forward_s,
+        tokens_per_cpu_s: (batch * steps) as f64 / forward_cpu_s,
         prefill_ms,
         argmax_ms: argmax_s * 1e3,
         kv_bytes: caches.iter().map(SeqCache::bytes).sum(),
     })
+}
+
+/// CPU time this thread has run, in seconds, from Linux's schedstat; 0
+/// where there is none.
+fn thread_cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+    let ns: f64 = stat
+        .split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    ns * 1e-9
 }
 
 /// Resident set size from /proc, 0 where there is none.

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use half::f16;
 use switchyard_executor::pool::ThreadPool;
-use switchyard_executor::quant::matmul;
-use switchyard_executor::tensor::{GgmlType, QMatrix, TensorBytes};
+use switchyard_executor::quant::{interleave, matmul};
+use switchyard_executor::tensor::{GgmlType, Layout, QMatrix, TensorBytes};
 
 /// SmolLM2-135M: width, FFN width, KV width, vocabulary, layers.
 const DIM: usize = 576;
@@ -153,10 +153,14 @@ fn random_matrix(seed: &mut u64, ty: GgmlType, rows: usize, cols: usize) -> QMat
             block[2..4].copy_from_slice(&m);
         }
     }
-    QMatrix {
+    let w = QMatrix {
         ty,
         rows,
         cols,
+        layout: Layout::Rows,
         bytes: TensorBytes::Owned(Arc::from(bytes)),
-    }
+    };
+
+    // As the model loader does.
+    interleave(&w).unwrap_or(w)
 }

@@ -17,7 +17,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::tensor::{ggml_type_name, GgmlType, QMatrix, TensorBytes};
+use crate::tensor::{ggml_type_name, GgmlType, Layout, QMatrix, TensorBytes};
 
 /// The four bytes every GGUF file starts with.
 const MAGIC: &[u8; 4] = b"GGUF";
@@ -495,6 +495,7 @@ impl GgufFile {
             ty: info.ty,
             rows,
             cols,
+            layout: Layout::Rows,
             bytes: TensorBytes::Mapped(self.map.clone(), info.file_range.clone()),
         })
     }

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 
 use crate::gguf::{GgufError, GgufFile};
 use crate::pool::ThreadPool;
-use crate::quant::{dequantize_row, matmul, KernelError};
+use crate::quant::{dequantize_matrix_row, interleave, matmul, KernelError};
 use crate::tensor::QMatrix;
 
 /// Shape and constants of a model, read from its GGUF metadata.
@@ -150,6 +150,15 @@ impl Model {
             None => tok_embd.clone(),
         };
         expect_shape(&output, "output.weight", shape.vocab, shape.n_embd)?;
+
+        // Every matrix is copied into the kernels' interleaved layout; tied
+        // embeddings share the output projection's copy (rows are read
+        // from either layout), so no weight is held twice.
+        let tied = file.tensor_info("output.weight").is_none();
+        let packed = interleave(&output)?;
+        output.bytes.release_pages();
+        let output = packed;
+        let tok_embd = if tied { output.clone() } else { tok_embd };
         let output_norm = norm(file, "output_norm.weight", shape.n_embd)?;
 
         let (d, kv, ff) = (shape.n_embd, shape.kv_dim(), shape.n_ff);
@@ -159,7 +168,9 @@ impl Model {
                 let full = format!("blk.{i}.{name}.weight");
                 let matrix = file.matrix(&full)?;
                 expect_shape(&matrix, &full, rows, cols)?;
-                Ok(matrix)
+                let packed = interleave(&matrix)?;
+                matrix.bytes.release_pages();
+                Ok(packed)
             };
             layers.push(Layer {
                 attn_norm: norm(file, &format!("blk.{i}.attn_norm.weight"), d)?,
@@ -222,7 +233,7 @@ impl Model {
         resize(&mut s.x, n * d);
         for (row, x) in rows.iter().zip(s.x.chunks_exact_mut(d)) {
             let token = (row.token as usize).min(sh.vocab - 1);
-            dequantize_row(self.tok_embd.ty, self.tok_embd.row(token), x)?;
+            dequantize_matrix_row(&self.tok_embd, token, x)?;
         }
 
         for (l, layer) in self.layers.iter().enumerate() {
@@ -323,21 +334,137 @@ impl Model {
             let (keys, values) = (&cache.k[layer], &cache.v[layer]);
             let qh = &q[i * sh.n_embd + h * hd..][..hd];
             let off = (h / group) * hd;
-            let len = pos[i] + 1;
-
-            let mut scores: Vec<f32> = (0..len)
-                .map(|t| dot(qh, &keys[t * kv + off..][..hd]) * scale)
-                .collect();
-            softmax(&mut scores);
-
+            let head = Head {
+                q: qh,
+                keys: &keys[off..],
+                values: &values[off..],
+                stride: kv,
+                len: pos[i] + 1,
+                scale,
+            };
             let Ok(mut o) = outs[task].lock() else { return };
-            o.fill(0.0);
+            head.attend_fast(&mut o);
+        });
+    }
+}
+
+/// One query head's attention over one sequence's cache: key and value of
+/// position t at `keys[t * stride..]` and `values[t * stride..]`, the head
+/// width long.
+struct Head<'a> {
+    q: &'a [f32],
+    keys: &'a [f32],
+    values: &'a [f32],
+    stride: usize,
+    len: usize,
+    scale: f32,
+}
+
+impl Head<'_> {
+    /// Softmax-weighted sum of the values into `out` (the head width), on
+    /// AVX2 where the CPU has it: the same arithmetic in the same order as
+    /// the plain version, so the same results.
+    fn attend_fast(&self, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2, checked just above.
+            #[allow(unsafe_code)]
+            unsafe {
+                x86::attend(self, out)
+            };
+            return;
+        }
+        self.attend(out);
+    }
+
+    /// The plain version of [`Head::attend_fast`].
+    fn attend(&self, out: &mut [f32]) {
+        let hd = self.q.len();
+        let mut scores = vec![0.0f32; self.len];
+        for (t, score) in scores.iter_mut().enumerate() {
+            *score = dot(self.q, &self.keys[t * self.stride..][..hd]) * self.scale;
+        }
+        softmax(&mut scores);
+        self.weigh_values(&scores, 0, out);
+    }
+
+    /// `out[j] = sum over t of p[t] * value_t[from + j]`, positions in
+    /// order, for each j.
+    fn weigh_values(&self, p: &[f32], from: usize, out: &mut [f32]) {
+        for (j, o) in out.iter_mut().enumerate() {
+            let mut acc = 0.0f32;
+            for (t, &p) in p.iter().enumerate() {
+                acc += p * self.values[t * self.stride + from + j];
+            }
+            *o = acc;
+        }
+    }
+}
+
+/// AVX2 versions of the attention loops.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{dot_tail, softmax, Head};
+
+    /// [`Head::attend`] on AVX2.
+    ///
+    /// # Safety
+    /// The CPU supports AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn attend(head: &Head<'_>, out: &mut [f32]) {
+        let hd = head.q.len();
+        let mut scores = vec![0.0f32; head.len];
+        for (t, score) in scores.iter_mut().enumerate() {
+            *score = dot(head.q, &head.keys[t * head.stride..][..hd]) * head.scale;
+        }
+        softmax(&mut scores);
+
+        // 32 dimensions at a time in four registers; the rest as plain.
+        let whole = hd / 32 * 32;
+        for (c, o) in out[..whole].chunks_exact_mut(32).enumerate() {
+            let mut acc = [_mm256_setzero_ps(); 4];
             for (t, &p) in scores.iter().enumerate() {
-                for (acc, &v) in o.iter_mut().zip(&values[t * kv + off..][..hd]) {
-                    *acc += p * v;
+                let v = &head.values[t * head.stride + c * 32..][..32];
+                let p = _mm256_set1_ps(p);
+                for (k, acc) in acc.iter_mut().enumerate() {
+                    // SAFETY: `v` holds 32 floats; an unaligned 8-float load.
+                    let v = unsafe { _mm256_loadu_ps(v.as_ptr().add(8 * k)) };
+                    *acc = _mm256_add_ps(*acc, _mm256_mul_ps(p, v));
                 }
             }
-        });
+            for (k, acc) in acc.into_iter().enumerate() {
+                // SAFETY: `o` holds 32 floats; an unaligned 8-float store.
+                unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(8 * k), acc) };
+            }
+        }
+        head.weigh_values(&scores, whole, &mut out[whole..]);
+    }
+
+    /// [`super::dot`] on AVX2: lanes 0..8 and 8..16 of its partial sums in
+    /// two registers, reduced in the same order.
+    #[target_feature(enable = "avx2")]
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let len = a.len().min(b.len());
+        let whole = len / 16 * 16;
+        let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for i in (0..whole).step_by(16) {
+            // SAFETY: `i + 16 <= whole <= len`; unaligned loads.
+            unsafe {
+                let (pa, pb) = (a.as_ptr().add(i), b.as_ptr().add(i));
+                let x = _mm256_mul_ps(_mm256_loadu_ps(pa), _mm256_loadu_ps(pb));
+                let y = _mm256_mul_ps(_mm256_loadu_ps(pa.add(8)), _mm256_loadu_ps(pb.add(8)));
+                lo = _mm256_add_ps(lo, x);
+                hi = _mm256_add_ps(hi, y);
+            }
+        }
+        let v8 = _mm256_add_ps(lo, hi);
+        let v4 = _mm_add_ps(_mm256_castps256_ps128(v8), _mm256_extractf128_ps(v8, 1));
+        let v2 = _mm_add_ps(v4, _mm_movehl_ps(v4, v4));
+        let v1 = _mm_add_ss(v2, _mm_movehdup_ps(v2));
+        _mm_cvtss_f32(v1) + dot_tail(&a[whole..len], &b[whole..len])
     }
 }
 
@@ -428,8 +555,41 @@ fn add(x: &mut [f32], y: &[f32]) {
     }
 }
 
+/// Float dot product in 16 independent partial sums, lane k taking the
+/// elements at k mod 16, then halved pairwise: a single running sum would
+/// make every addition wait for the one before, and attention's scores
+/// are mostly such dot products. The order depends only on the lengths,
+/// so a row's result is the same in any batch.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+    const LANES: usize = 16;
+    let len = a.len().min(b.len());
+    let whole = len / LANES * LANES;
+    let mut acc = [0.0f32; LANES];
+    for (a, b) in a[..whole]
+        .chunks_exact(LANES)
+        .zip(b[..whole].chunks_exact(LANES))
+    {
+        for k in 0..LANES {
+            acc[k] += a[k] * b[k];
+        }
+    }
+    let mut width = LANES;
+    while width > 1 {
+        width /= 2;
+        for k in 0..width {
+            acc[k] += acc[k + width];
+        }
+    }
+    acc[0] + dot_tail(&a[whole..len], &b[whole..len])
+}
+
+/// The part of [`dot`] past its last 16 elements: one running sum.
+fn dot_tail(a: &[f32], b: &[f32]) -> f32 {
+    let mut sum = 0.0f32;
+    for (x, y) in a.iter().zip(b) {
+        sum += x * y;
+    }
+    sum
 }
 
 fn softmax(x: &mut [f32]) {
@@ -447,6 +607,35 @@ fn softmax(x: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn attention_paths_agree_bit_for_bit() {
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        for (hd, stride, len) in [(64, 192, 1), (64, 192, 103), (40, 40, 17), (8, 24, 5)] {
+            let q: Vec<f32> = (0..hd).map(|_| next()).collect();
+            let keys: Vec<f32> = (0..len * stride).map(|_| next()).collect();
+            let values: Vec<f32> = (0..len * stride).map(|_| next()).collect();
+            let head = Head {
+                q: &q,
+                keys: &keys,
+                values: &values,
+                stride,
+                len,
+                scale: 0.125,
+            };
+            let (mut plain, mut fast) = (vec![0.0; hd], vec![0.0; hd]);
+            head.attend(&mut plain);
+            head.attend_fast(&mut fast);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&plain), bits(&fast), "hd {hd} len {len}");
+        }
+    }
     use crate::sampler::{argmax, log_sum_exp, top_logprobs};
     use crate::test_support::open_model_or_skip;
     use serde_json::Value;
@@ -686,8 +875,8 @@ mod tests {
     /// A tiny llama model written as a GGUF file with every weight matrix
     /// in `ty`, and the same weights dequantized for the reference.
     mod synthetic {
-        use super::super::*;
         use crate::gguf::MetaValue;
+        use crate::quant::dequantize_row;
         use crate::quant::{quantize_row_q4_0, quantize_row_q4_1, quantize_row_q8_0};
         use crate::tensor::GgmlType;
         use crate::test_support::{GgufBuilder, TempFile};

@@ -12,18 +12,37 @@
 //! would otherwise stall each job for a scheduler time slice. Workers claim
 //! task indices with a compare-and-swap on one word that also names the job,
 //! so a late worker cannot claim a task of a job that has moved on.
+//!
+//! Spinning is kept short where it competes with the threads it waits for:
+//! an idle worker spins briefly, then yields its core between looks, and a
+//! dispatcher left waiting for the last tasks parks after a few
+//! microseconds, to be woken by whichever thread finishes the last one. On
+//! a machine whose cores are all busy, a worker that is slow to finish is
+//! usually one that is not running, and parking gives it the core.
 
 use std::any::Any;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
-use std::thread::{self, JoinHandle};
+use std::thread::{self, JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
-/// How long an idle worker spins waiting for the next job before it sleeps.
-/// Long enough to cover the gaps between the matrix products of one decode
-/// step (norms, attention), short enough not to burn a core between steps.
+/// How long an idle worker waits for the next job before it sleeps: long
+/// enough to cover the gaps between the matrix products of one decode step
+/// (norms, attention), short enough not to burn a core between steps.
 const SPIN: Duration = Duration::from_micros(200);
+
+/// How much of [`SPIN`] a worker spends busy-spinning; the rest it spends
+/// yielding its core between looks, so that on a machine with more
+/// runnable threads than cores the threads it waits for (the dispatcher,
+/// a straggling worker) get to run.
+const BUSY_SPIN: Duration = Duration::from_micros(30);
+
+/// How long a dispatcher that has run out of indices spins for the rest to
+/// finish before it parks until the last one wakes it. Short: when a
+/// worker is slow it is usually because it is not running, and parking
+/// hands it this core.
+const FINISH_SPIN: Duration = Duration::from_micros(20);
 
 /// Spin iterations between two reads of the clock while spinning.
 const SPINS_PER_CLOCK_READ: u32 = 64;
@@ -64,6 +83,14 @@ struct Shared {
 
     /// Indices of the current job that have finished.
     done: AtomicUsize,
+
+    /// Task count of the current job: the thread that finishes the last
+    /// index wakes `waiter`.
+    tasks: AtomicUsize,
+
+    /// The dispatching thread, parked (or about to) when the last indices
+    /// of its job are still running elsewhere.
+    waiter: Mutex<Option<Thread>>,
 
     /// Workers asleep (or about to sleep) on `wake`.
     sleepers: AtomicUsize,
@@ -109,6 +136,8 @@ impl ThreadPool {
             ticket: AtomicU64::new(0),
             job: AtomicPtr::new(std::ptr::null_mut()),
             done: AtomicUsize::new(0),
+            tasks: AtomicUsize::new(0),
+            waiter: Mutex::new(None),
             sleepers: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
             lock: Mutex::new(()),
@@ -186,6 +215,13 @@ impl ThreadPool {
         let job_addr = &job as *const Job<'_> as *mut ();
         shared.job.store(job_addr, Ordering::Relaxed);
         shared.done.store(0, Ordering::Relaxed);
+        shared.tasks.store(tasks, Ordering::Relaxed);
+        {
+            let mut waiter = lock(&shared.waiter);
+            if waiter.as_ref().map(Thread::id) != Some(thread::current().id()) {
+                *waiter = Some(thread::current());
+            }
+        }
         let previous = Ticket::unpack(shared.ticket.load(Ordering::Relaxed));
         let ticket = Ticket {
             job: previous.job.wrapping_add(1),
@@ -302,7 +338,16 @@ fn run_indices(shared: &Shared, job: u64, f: &(dyn Fn(usize) + Sync)) {
                         *slot = Some(payload);
                     }
                 }
-                shared.done.fetch_add(1, Ordering::Release);
+                let done = shared.done.fetch_add(1, Ordering::AcqRel) + 1;
+                if done == shared.tasks.load(Ordering::Relaxed) {
+                    // The dispatcher may be parked waiting for this one. A
+                    // wake-up it does not need (it finished the job itself,
+                    // or a later job has begun) only makes one of its
+                    // parks return early, and it checks `done` again.
+                    if let Some(waiter) = lock(&shared.waiter).as_ref() {
+                        waiter.unpark();
+                    }
+                }
                 word = shared.ticket.load(Ordering::Acquire);
             }
             Err(current) => word = current,
@@ -311,7 +356,8 @@ fn run_indices(shared: &Shared, job: u64, f: &(dyn Fn(usize) + Sync)) {
 }
 
 /// Waits until the job number differs from `seen` and returns it: spins
-/// for [`SPIN`], then sleeps on the condition variable.
+/// for [`BUSY_SPIN`], yields between looks until [`SPIN`] has passed, then
+/// sleeps on the condition variable.
 fn wait_for_job(shared: &Shared, seen: u64) -> u64 {
     let current = || Ticket::unpack(shared.ticket.load(Ordering::SeqCst)).job;
     let start = Instant::now();
@@ -322,8 +368,15 @@ fn wait_for_job(shared: &Shared, seen: u64) -> u64 {
             return job;
         }
         spins = spins.wrapping_add(1);
-        if spins.is_multiple_of(SPINS_PER_CLOCK_READ) && start.elapsed() > SPIN {
-            break;
+        if spins.is_multiple_of(SPINS_PER_CLOCK_READ) {
+            let waited = start.elapsed();
+            if waited > SPIN {
+                break;
+            }
+            if waited > BUSY_SPIN {
+                thread::yield_now();
+                continue;
+            }
         }
         std::hint::spin_loop();
     }
@@ -345,18 +398,26 @@ fn wait_for_job(shared: &Shared, seen: u64) -> u64 {
     }
 }
 
-/// Waits until `tasks` indices of the current job have finished: spins,
-/// since the last ones are normally a few microseconds from done, then
-/// yields.
+/// Waits until `tasks` indices of the current job have finished: spins
+/// for [`FINISH_SPIN`], since the last ones are normally a few microseconds
+/// from done, then parks until the thread that finishes the last one
+/// wakes it (see `run_indices`).
 fn wait_for_tasks(shared: &Shared, tasks: usize) {
+    let finished = || shared.done.load(Ordering::Acquire) >= tasks;
+    let start = Instant::now();
     let mut spins = 0u32;
-    while shared.done.load(Ordering::Acquire) < tasks {
-        spins = spins.saturating_add(1);
-        if spins < 1 << 14 {
-            std::hint::spin_loop();
-        } else {
-            thread::yield_now();
+    while !finished() {
+        spins = spins.wrapping_add(1);
+        if spins.is_multiple_of(SPINS_PER_CLOCK_READ) && start.elapsed() > FINISH_SPIN {
+            break;
         }
+        std::hint::spin_loop();
+    }
+
+    // `done` is read after every park: a wake-up may be stale, and one that
+    // comes before the park makes it return at once.
+    while !finished() {
+        thread::park_timeout(Duration::from_millis(1));
     }
 }
 

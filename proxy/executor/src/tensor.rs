@@ -143,6 +143,28 @@ impl TensorBytes {
             TensorBytes::Owned(bytes) => bytes,
         }
     }
+
+    /// Lets the OS take back the resident pages of the file that lie wholly
+    /// inside a mapped tensor, for a tensor whose bytes have been copied:
+    /// later reads fault them back in from the file. Owned bytes are left
+    /// alone. Best effort: a refusal (an unusual page size, say) is
+    /// ignored, costing only memory.
+    pub fn release_pages(&self) {
+        const PAGE: usize = 4096;
+        let TensorBytes::Mapped(map, range) = self else {
+            return;
+        };
+        let (start, end) = (range.start.next_multiple_of(PAGE), range.end / PAGE * PAGE);
+        if end > start {
+            // SAFETY: the map is read-only (`Mmap`, never `MmapMut`), so
+            // dropping its pages loses nothing: the next read of them
+            // loads the file's bytes again.
+            #[allow(unsafe_code)]
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+            };
+        }
+    }
 }
 
 impl fmt::Debug for TensorBytes {
@@ -155,21 +177,41 @@ impl fmt::Debug for TensorBytes {
     }
 }
 
-/// A row-major matrix of `rows` rows of `cols` elements each, in one
-/// [`GgmlType`]. In GGUF terms `cols` is `ne[0]` and `rows` is `ne[1]`.
+/// How the blocks of a matrix are ordered in its bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Layout {
+    /// GGML's: row after row, each row's blocks in order.
+    #[default]
+    Rows,
+    /// Groups of 8 rows, the last one padded with zero rows; within a
+    /// group, block column after block column, the 8 rows' blocks of one
+    /// column interleaved so the kernels read them as one stream. Built by
+    /// [`crate::quant::interleave`], which documents the byte order.
+    Interleaved,
+}
+
+/// A matrix of `rows` rows of `cols` elements each, in one [`GgmlType`],
+/// its blocks ordered as `layout` says. In GGUF terms `cols` is `ne[0]` and
+/// `rows` is `ne[1]`.
 #[derive(Clone, Debug)]
 pub struct QMatrix {
     pub ty: GgmlType,
     pub rows: usize,
     pub cols: usize,
+    pub layout: Layout,
     pub bytes: TensorBytes,
 }
 
 impl QMatrix {
-    /// The bytes of row `r`. Panics if `r >= rows`, like slice indexing.
-    pub fn row(&self, r: usize) -> &[u8] {
+    /// The bytes of row `r` in GGML's layout, or `None` when `r >= rows`
+    /// or the rows are interleaved (see
+    /// [`crate::quant::dequantize_matrix_row`], which reads either layout).
+    pub fn row(&self, r: usize) -> Option<&[u8]> {
+        if self.layout != Layout::Rows {
+            return None;
+        }
         let stride = self.row_stride();
-        &self.bytes.as_slice()[r * stride..(r + 1) * stride]
+        self.bytes.as_slice().get(r * stride..(r + 1) * stride)
     }
 
     /// Bytes per row.

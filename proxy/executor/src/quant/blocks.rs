@@ -155,6 +155,7 @@ pub(super) fn quantize_block_act(x: &[f32]) -> BlockQ8 {
     BlockQ8 {
         d: round_f16(d),
         s: round_f16(d * sum as f32),
+        sum,
         qs,
     }
 }
@@ -188,39 +189,118 @@ pub(super) fn weight_block_ints(ty: GgmlType, block: &[u8]) -> ([i8; QK], f32, f
     }
 }
 
-/// Horizontal sum of 8 lanes in the order the SIMD kernels reduce them:
-/// adjacent pairs, pairs of those, then the two halves.
+/// Horizontal sum of 8 lanes: adjacent pairs, pairs of those, then the two
+/// halves.
 #[inline]
 pub(super) fn hsum8(v: [f32; 8]) -> f32 {
     ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]))
 }
 
-/// Dot product of one weight row of quantized `ty` with one activation row,
-/// in the exact arithmetic order of the SIMD kernels:
+/// One block's step of the dot product of a weight row of quantized `ty`
+/// with an activation row, in the arithmetic every kernel uses:
 ///
-/// - per block, 8 integer lanes, lane `k` summing elements `4k..4k + 4`;
-/// - each lane scaled by `d_w * d_x` (one f32 product) and fused-added into
-///   an 8-lane accumulator, block after block;
-/// - for Q4_1, `m * s` fused-added per block into a scalar;
-/// - the result `hsum8(acc) + offsets`.
-pub(super) fn dot_row(ty: GgmlType, w: &[u8], x: &[BlockQ8]) -> f32 {
-    let bytes = ty.block_bytes();
-    let mut acc = [0.0f32; 8];
-    let mut offsets = 0.0f32;
-    for (blk, a) in w.chunks_exact(bytes).zip(x) {
-        let (q, dw, m) = weight_block_ints(ty, blk);
-        let d = dw * a.d;
-        let groups = q.chunks_exact(4).zip(a.qs.chunks_exact(4));
-        for (acc, (wq, xq)) in acc.iter_mut().zip(groups) {
-            let lane: i32 = wq.iter().zip(xq).map(|(&w, &x)| w as i32 * x as i32).sum();
-            *acc = d.mul_add(lane as f32, *acc);
-        }
-        offsets = m.mul_add(a.s, offsets);
-    }
+/// - the exact integer sum of the block's 32 products;
+/// - that sum, as f32 (exact: it is below 2^24), times `d_w * d_x` (one
+///   f32 product), fused-added into a single f32 accumulator;
+/// - for Q4_1, then `m * s` fused-added into the same accumulator.
+///
+/// The product of a row is `acc` after its last block, starting from 0.
+#[inline]
+pub(super) fn dot_block(ty: GgmlType, block: &[u8], a: &BlockQ8, acc: f32) -> f32 {
+    let (q, dw, m) = weight_block_ints(ty, block);
+    let isum: i32 = q
+        .iter()
+        .zip(&a.qs)
+        .map(|(&w, &x)| w as i32 * x as i32)
+        .sum();
+    let acc = (dw * a.d).mul_add(isum as f32, acc);
     if ty == GgmlType::Q4_1 {
-        hsum8(acc) + offsets
+        m.mul_add(a.s, acc)
     } else {
-        hsum8(acc)
+        acc
+    }
+}
+
+/// Rows per group of the interleaved layout.
+pub const GROUP: usize = 8;
+
+/// Bytes at the start of a block before its quantized values (the f16
+/// scale, and for Q4_1 the f16 minimum), and bytes of quantized values.
+fn block_parts(ty: GgmlType) -> (usize, usize) {
+    match ty {
+        GgmlType::Q4_0 => (2, 16),
+        GgmlType::Q4_1 => (4, 16),
+        GgmlType::Q8_0 => (2, 32),
+        GgmlType::F32 | GgmlType::F16 => (0, ty.block_bytes()),
+    }
+}
+
+/// Interleaves one block column of a group: `blocks[r]` is row r's block
+/// (GGML's layout, `ty.block_bytes()` long, or `None` for a padding row),
+/// `out` the group's `GROUP * ty.block_bytes()` bytes for that column.
+///
+/// Order: each f16 header field of rows 0..8 side by side (scales, then
+/// Q4_1's minimums), then the quantized bytes in 4-byte pieces: piece j of
+/// rows 0..8, for j in order. A 32-byte load of piece j holds, for every
+/// row, elements 4j..4j + 4 (Q8_0), or 4j..4j + 4 in low nibbles and
+/// 16 + 4j.. in high ones (Q4).
+pub(super) fn interleave_column(ty: GgmlType, blocks: &[Option<&[u8]>; GROUP], out: &mut [u8]) {
+    let (head, quants) = block_parts(ty);
+    for (r, block) in blocks.iter().enumerate() {
+        let Some(block) = block else {
+            for f in 0..head / 2 {
+                out[f * 2 * GROUP + 2 * r..][..2].fill(0);
+            }
+            for j in 0..quants / 4 {
+                out[head * GROUP + j * 4 * GROUP + 4 * r..][..4].fill(0);
+            }
+            continue;
+        };
+        for f in 0..head / 2 {
+            out[f * 2 * GROUP + 2 * r..][..2].copy_from_slice(&block[2 * f..2 * f + 2]);
+        }
+        for j in 0..quants / 4 {
+            let at = head * GROUP + j * 4 * GROUP + 4 * r;
+            out[at..at + 4].copy_from_slice(&block[head + 4 * j..head + 4 * j + 4]);
+        }
+    }
+}
+
+/// Row `r`'s block (GGML's layout) from one interleaved block column
+/// `column` (see [`interleave_column`]), into `out`.
+pub(super) fn block_from_column(ty: GgmlType, column: &[u8], r: usize, out: &mut [u8]) {
+    let (head, quants) = block_parts(ty);
+    for f in 0..head / 2 {
+        out[2 * f..2 * f + 2].copy_from_slice(&column[f * 2 * GROUP + 2 * r..][..2]);
+    }
+    for j in 0..quants / 4 {
+        let at = head * GROUP + j * 4 * GROUP + 4 * r;
+        out[head + 4 * j..head + 4 * j + 4].copy_from_slice(&column[at..at + 4]);
+    }
+}
+
+/// Dot products of the 8 rows of one interleaved group (`nb` block
+/// columns in `group`) with the activation rows in `acts` (`nb` blocks
+/// each, at most `out.len()`), into `out[act][row]`; see [`dot_block`].
+pub(super) fn dot_group(
+    ty: GgmlType,
+    group: &[u8],
+    acts: &[BlockQ8],
+    nb: usize,
+    out: &mut [[f32; GROUP]],
+) {
+    let col_bytes = GROUP * ty.block_bytes();
+    let mut block = [0u8; 34];
+    let block = &mut block[..ty.block_bytes().min(34)];
+    for (out, acts) in out.iter_mut().zip(acts.chunks_exact(nb)) {
+        for (r, o) in out.iter_mut().enumerate() {
+            let mut acc = 0.0f32;
+            for (column, a) in group.chunks_exact(col_bytes).zip(acts) {
+                block_from_column(ty, column, r, block);
+                acc = dot_block(ty, block, a, acc);
+            }
+            *o = acc;
+        }
     }
 }
 

@@ -20,21 +20,23 @@ use std::cell::RefCell;
 use std::sync::OnceLock;
 
 use crate::pool::ThreadPool;
-use crate::tensor::{GgmlType, QMatrix};
+use crate::tensor::{GgmlType, Layout, QMatrix, TensorBytes};
 
-pub use blocks::QK;
+pub use blocks::{GROUP, QK};
 
 /// One block of 32 activations quantized to 8 bits, for products with
 /// quantized weights: values `qs[j] * d`, and `s = d * sum(qs)` used by Q4_1
 /// weights' offsets.
 ///
 /// `d` and `s` are f32 holding values rounded to f16, as llama.cpp's Q8_0
-/// and Q8_1 blocks store them.
+/// and Q8_1 blocks store them; `sum` is `sum(qs)` exactly, for weights
+/// that the kernels multiply offset by a constant.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 #[repr(C)]
 pub struct BlockQ8 {
     pub d: f32,
     pub s: f32,
+    pub sum: i32,
     pub qs: [i8; QK],
 }
 
@@ -88,6 +90,84 @@ pub fn dequantize_row(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(),
         blocks::dequantize_block(ty, block, out);
     }
     Ok(())
+}
+
+/// Expands row `r` of `w`, in either layout, into `out` (`w.cols` floats).
+pub fn dequantize_matrix_row(w: &QMatrix, r: usize, out: &mut [f32]) -> Result<(), KernelError> {
+    check_len("row", out.len(), w.cols)?;
+    if r >= w.rows {
+        return Err(KernelError::Length {
+            what: "row index",
+            got: r,
+            want: w.rows,
+        });
+    }
+    let stride = row_bytes(w.ty, w.cols)?;
+    check_len("weight bytes", w.bytes.as_slice().len(), stored_bytes(w)?)?;
+    let bytes = w.bytes.as_slice();
+    match w.layout {
+        Layout::Rows => dequantize_row(w.ty, &bytes[r * stride..(r + 1) * stride], out),
+        Layout::Interleaved => {
+            let column = GROUP * w.ty.block_bytes();
+            let group = &bytes[r / GROUP * GROUP * stride..][..GROUP * stride];
+            let mut block = [0u8; 34];
+            let block = &mut block[..w.ty.block_bytes().min(34)];
+            let outs = out.chunks_exact_mut(w.ty.block_len());
+            for (column, out) in group.chunks_exact(column).zip(outs) {
+                blocks::block_from_column(w.ty, column, r % GROUP, block);
+                blocks::dequantize_block(w.ty, block, out);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Bytes `w` must hold for its type, shape and layout.
+fn stored_bytes(w: &QMatrix) -> Result<usize, KernelError> {
+    let stride = row_bytes(w.ty, w.cols)?;
+    Ok(match w.layout {
+        Layout::Rows => w.rows * stride,
+        Layout::Interleaved => w.rows.next_multiple_of(GROUP) * stride,
+    })
+}
+
+/// `w` with its rows interleaved in groups of [`GROUP`] for the kernels
+/// (see [`crate::tensor::Layout::Interleaved`]): the same results from
+/// [`matmul`], read as one contiguous stream per group. The bytes are a
+/// new copy, as large as the original plus at most 7 rows of padding.
+/// Matrices of plain floats, and those already interleaved, come back as
+/// they are.
+pub fn interleave(w: &QMatrix) -> Result<QMatrix, KernelError> {
+    if w.ty.block_len() == 1 || w.layout == Layout::Interleaved {
+        return Ok(w.clone());
+    }
+    let stride = row_bytes(w.ty, w.cols)?;
+    check_len("weight bytes", w.bytes.as_slice().len(), w.rows * stride)?;
+    let mut out = vec![0u8; w.rows.next_multiple_of(GROUP) * stride];
+    if stride > 0 {
+        for (g, dst) in out.chunks_exact_mut(GROUP * stride).enumerate() {
+            interleave_group(w, g * GROUP, dst);
+        }
+    }
+    Ok(QMatrix {
+        layout: Layout::Interleaved,
+        bytes: TensorBytes::Owned(out.into()),
+        ..w.clone()
+    })
+}
+
+/// Interleaves rows `r0..r0 + GROUP` of `w` (GGML's layout, shape
+/// checked; rows past the end are zeros) into `out`.
+fn interleave_group(w: &QMatrix, r0: usize, out: &mut [u8]) {
+    let bytes = w.bytes.as_slice();
+    let (block, stride) = (w.ty.block_bytes(), w.ty.block_bytes() * (w.cols / QK));
+    for (b, column) in out.chunks_exact_mut(GROUP * block).enumerate() {
+        let blocks: [Option<&[u8]>; GROUP] = std::array::from_fn(|i| {
+            let at = (r0 + i) * stride + b * block;
+            bytes.get(at..at + block).filter(|_| r0 + i < w.rows)
+        });
+        blocks::interleave_column(w.ty, &blocks, column);
+    }
 }
 
 /// Quantizes `x` to Q4_0 bytes as GGML's reference quantizer does (for
@@ -242,8 +322,7 @@ fn matmul_on(
     n: usize,
     out: &mut [f32],
 ) -> Result<(), KernelError> {
-    let stride = row_bytes(w.ty, w.cols)?;
-    check_len("weight bytes", w.bytes.as_slice().len(), w.rows * stride)?;
+    check_len("weight bytes", w.bytes.as_slice().len(), stored_bytes(w)?)?;
     check_len("activations", x.len(), n * w.cols)?;
     check_len("output", out.len(), n * w.rows)?;
     if n == 0 || w.rows == 0 {
@@ -293,16 +372,20 @@ fn with_act_scratch(len: usize, f: impl FnOnce(&mut [BlockQ8])) {
     }
 }
 
-/// Rows of the weight matrix per pool task: about four tasks per thread, so
-/// a thread slowed by other load is covered by the rest, at least 16 rows so
-/// a task's overhead stays small, and a multiple of [`ROWS`].
-fn rows_per_task(rows: usize, threads: usize) -> usize {
-    let per = if threads <= 1 {
-        rows
+/// Groups of [`GROUP`] weight rows per pool task: about four tasks per
+/// thread, so a thread slowed by other load is covered by the rest, and at
+/// least two groups so a task's overhead stays small.
+fn groups_per_task(groups: usize, threads: usize) -> usize {
+    if threads <= 1 {
+        groups.max(1)
     } else {
-        rows.div_ceil(threads * 4).max(16)
-    };
-    per.next_multiple_of(ROWS).max(ROWS)
+        groups.div_ceil(threads * 4).max(2)
+    }
+}
+
+/// Rows of a plain-float matrix per pool task, as [`groups_per_task`].
+fn rows_per_task(rows: usize, threads: usize) -> usize {
+    groups_per_task(rows.div_ceil(GROUP), threads) * GROUP
 }
 
 /// The output matrix, written by many tasks at once at distinct indices.
@@ -339,97 +422,79 @@ impl SharedOut {
     }
 }
 
-/// Weight rows and activation rows multiplied in one kernel call, at most.
-const ROWS: usize = 4;
-const ACTS: usize = 4;
+/// Activation rows multiplied in one kernel call, at most.
+const ACTS: usize = 8;
 
-/// Results of one kernel call: `[weight row][activation row]`.
-type TileOut = [[f32; ACTS]; ROWS];
+/// Results of one kernel call: `[activation row][weight row]`.
+type GroupOut = [[f32; GROUP]; ACTS];
 
 /// The quantized case of [`matmul`]: `acts` holds the rows of quantized
 /// activations, `w.cols / 32` blocks each.
+///
+/// Weights are read one group of [`GROUP`] interleaved rows at a time,
+/// against all activation rows, [`ACTS`] at a time, while the group is in
+/// cache. A matrix in GGML's row layout is interleaved group by group as
+/// it goes (slower; [`interleave`] does it once).
 fn matmul_quant(isa: Isa, pool: &ThreadPool, w: &QMatrix, acts: &[BlockQ8], out: &mut [f32]) {
     let (rows, nb) = (w.rows, w.cols / QK);
-    let stride = w.ty.block_bytes() * nb;
+    let group_bytes = GROUP * w.ty.block_bytes() * nb;
+    let groups = rows.div_ceil(GROUP);
     let bytes = w.bytes.as_slice();
-    let chunk = rows_per_task(rows, pool.threads());
+    let chunk = groups_per_task(groups, pool.threads());
     let out = SharedOut::new(out);
 
     let task = |t: usize| {
-        let r0 = t * chunk;
-        let r1 = (r0 + chunk).min(rows);
-
-        // Up to 4 weight rows against all activation rows, 4 at a time,
-        // while the weight rows are in L1.
-        let mut res = [[0.0f32; ACTS]; ROWS];
-        for r in (r0..r1).step_by(ROWS) {
-            let nr = (r1 - r).min(ROWS);
-            let Some(wrows) = bytes.get(r * stride..(r + nr) * stride) else {
-                return;
+        let mut scratch = Vec::new();
+        let mut res = [[0.0f32; GROUP]; ACTS];
+        for g in t * chunk..((t + 1) * chunk).min(groups) {
+            let group = match w.layout {
+                Layout::Interleaved => match bytes.get(g * group_bytes..(g + 1) * group_bytes) {
+                    Some(group) => group,
+                    None => return,
+                },
+                Layout::Rows => {
+                    scratch.resize(group_bytes, 0);
+                    interleave_group(w, g * GROUP, &mut scratch);
+                    &scratch[..]
+                }
             };
-            for (t, tile) in acts.chunks(nb * ACTS).enumerate() {
+            let r = g * GROUP;
+            let nr = (rows - r).min(GROUP);
+            for (k, tile) in acts.chunks(nb * ACTS).enumerate() {
                 let nc = tile.len() / nb;
-                let first = t == 0;
-                dot_tile(isa, w.ty, wrows, stride, nr, tile, nb, first, &mut res);
-                for (i, res) in res.iter().enumerate().take(nr) {
-                    for (c, &v) in res.iter().enumerate().take(nc) {
-                        // SAFETY: this task alone owns rows `r0..r1` of
-                        // every output row, and `out` is not used until
-                        // the job ends.
+                dot_group(isa, w.ty, group, tile, nb, &mut res);
+                for (c, res) in res.iter().enumerate().take(nc) {
+                    for (i, &v) in res.iter().enumerate().take(nr) {
+                        // SAFETY: this task alone owns the rows of its
+                        // groups in every output row, and `out` is not
+                        // used until the job ends.
                         #[allow(unsafe_code)]
                         unsafe {
-                            out.write((t * ACTS + c) * rows + r + i, v);
+                            out.write((k * ACTS + c) * rows + r + i, v);
                         }
                     }
                 }
             }
         }
     };
-    pool.for_each(rows.div_ceil(chunk), &task);
+    pool.for_each(groups.div_ceil(chunk), &task);
 }
 
-/// Dot products of `nr` weight rows (`stride` bytes apart in `w`) with the
-/// activation rows of `nb` blocks each stored one after another in `acts`
-/// (at most [`ROWS`] and [`ACTS`]), into `out[row][act]`; `prefetch` asks
-/// for the following weight rows to be fetched into cache.
+/// Dot products of one interleaved group of 8 weight rows (`nb` block
+/// columns in `w`) with the activation rows of `nb` blocks each stored one
+/// after another in `acts` (at most [`ACTS`]), into `out[act][row]`.
 #[inline]
-#[allow(clippy::too_many_arguments)]
-fn dot_tile(
-    isa: Isa,
-    ty: GgmlType,
-    w: &[u8],
-    stride: usize,
-    nr: usize,
-    acts: &[BlockQ8],
-    nb: usize,
-    prefetch: bool,
-    out: &mut TileOut,
-) {
+fn dot_group(isa: Isa, ty: GgmlType, w: &[u8], acts: &[BlockQ8], nb: usize, out: &mut GroupOut) {
     match isa {
-        Isa::Scalar => {
-            for (r, out) in out.iter_mut().enumerate().take(nr) {
-                let Some(row) = w.get(r * stride..(r + 1) * stride) else {
-                    return;
-                };
-                for (o, a) in out.iter_mut().zip(acts.chunks_exact(nb)) {
-                    *o = blocks::dot_row(ty, row, a);
-                }
-            }
-        }
+        Isa::Scalar => blocks::dot_group(ty, w, acts, nb, out),
         // SAFETY: `Isa::Avx2` is only chosen after `avx2::available()`.
         #[cfg(target_arch = "x86_64")]
         #[allow(unsafe_code)]
-        Isa::Avx2 => unsafe {
-            let flavor = avx2::Flavor::Avx2;
-            avx2::dot_tile(flavor, ty, w, stride, nr, acts, nb, prefetch, out)
-        },
+        Isa::Avx2 => unsafe { avx2::dot_group(avx2::Flavor::Avx2, ty, w, acts, nb, out) },
         // SAFETY: `Isa::Vnni` is only chosen after `avx2::vnni_available()`.
         #[cfg(target_arch = "x86_64")]
         #[allow(unsafe_code)]
-        Isa::Vnni => unsafe {
-            let flavor = avx2::Flavor::Vnni;
-            avx2::dot_tile(flavor, ty, w, stride, nr, acts, nb, prefetch, out)
-        },
+        Isa::Vnni => unsafe { avx2::dot_group(avx2::Flavor::Vnni, ty, w, acts, nb, out) },
     }
 }
 

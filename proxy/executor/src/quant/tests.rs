@@ -3,7 +3,6 @@ use std::sync::Arc;
 use half::f16;
 
 use super::*;
-use crate::tensor::TensorBytes;
 
 const QUANTIZED: [GgmlType; 3] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
 const ALL: [GgmlType; 5] = [
@@ -75,6 +74,7 @@ fn random_matrix(rng: &mut Rng, ty: GgmlType, rows: usize, cols: usize) -> QMatr
         ty,
         rows,
         cols,
+        layout: Layout::Rows,
         bytes: TensorBytes::Owned(Arc::from(bytes)),
     }
 }
@@ -83,7 +83,7 @@ fn dequantized(w: &QMatrix) -> Vec<Vec<f32>> {
     (0..w.rows)
         .map(|r| {
             let mut out = vec![0.0; w.cols];
-            dequantize_row(w.ty, w.row(r), &mut out).unwrap();
+            dequantize_row(w.ty, w.row(r).unwrap(), &mut out).unwrap();
             out
         })
         .collect()
@@ -132,7 +132,7 @@ fn reference(w: &QMatrix, x: &[f32], n: usize) -> Vec<(f64, f64)> {
                 scale += (a as f64 * b as f64).abs();
             }
             if w.ty == GgmlType::Q4_1 {
-                for (blk, a) in w.row(r).chunks_exact(20).zip(&acts) {
+                for (blk, a) in w.row(r).unwrap().chunks_exact(20).zip(&acts) {
                     let m = blocks::f16_at(blk, 2) as f64;
                     let exact: f64 = a.qs.iter().map(|&q| q as f64 * a.d as f64).sum();
                     sum += m * (a.s as f64 - exact);
@@ -330,6 +330,7 @@ fn simd_activation_quantizer_equals_scalar_bit_for_bit() {
         assert_eq!(g.qs, w.qs, "block {b}");
         assert_eq!(g.d.to_bits(), w.d.to_bits(), "block {b}");
         assert_eq!(g.s.to_bits(), w.s.to_bits(), "block {b}");
+        assert_eq!(g.sum, w.sum, "block {b}");
     }
 }
 
@@ -350,22 +351,54 @@ fn simd_matmul_equals_scalar_bit_for_bit() {
                 bytes[skip..skip + 16].fill(fill);
                 w.bytes = TensorBytes::Owned(Arc::from(bytes));
             }
-            for n in [1, 2, 3, 4, 5, 9] {
+            let wi = interleave(&w).unwrap();
+            for n in [1, 2, 3, 4, 5, 8, 9, 17] {
                 let mut x = rng.row(n * cols);
                 x[..32].fill(1.0);
                 let want = run(Isa::Scalar, &pool, &w, &x, n);
+                let scalar_interleaved = run(Isa::Scalar, &pool, &wi, &x, n);
+                assert_eq!(
+                    bits(&scalar_interleaved),
+                    bits(&want),
+                    "{ty} {rows}x{cols} n={n}"
+                );
                 for &isa in &isas {
-                    let got = run(isa, &pool, &w, &x, n);
-                    for (k, (g, s)) in got.iter().zip(&want).enumerate() {
-                        assert_eq!(
-                            g.to_bits(),
-                            s.to_bits(),
-                            "{isa:?} {ty} {rows}x{cols} n={n} [{k}]: {g} vs {s}"
-                        );
+                    for m in [&w, &wi] {
+                        let got = run(isa, &pool, m, &x, n);
+                        for (k, (g, s)) in got.iter().zip(&want).enumerate() {
+                            assert_eq!(
+                                g.to_bits(),
+                                s.to_bits(),
+                                "{isa:?} {ty} {:?} {rows}x{cols} n={n} [{k}]: {g} vs {s}",
+                                m.layout
+                            );
+                        }
                     }
                 }
             }
         }
+    }
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn interleaved_rows_read_back_as_written() {
+    let mut rng = Rng(11);
+    for ty in QUANTIZED {
+        let w = random_matrix(&mut rng, ty, 13, 96);
+        let wi = interleave(&w).unwrap();
+        assert_eq!(wi.layout, Layout::Interleaved);
+        assert_eq!(wi.bytes.as_slice().len(), 16 * w.row_stride());
+        let want = dequantized(&w);
+        for (r, want) in want.iter().enumerate() {
+            let mut got = vec![0.0; 96];
+            dequantize_matrix_row(&wi, r, &mut got).unwrap();
+            assert_eq!(&got, want, "{ty} row {r}");
+        }
+        assert!(dequantize_matrix_row(&wi, 13, &mut [0.0; 96]).is_err());
     }
 }
 
@@ -374,7 +407,7 @@ fn batch_size_and_thread_count_do_not_change_results() {
     let mut rng = Rng(3);
     let pools = pools();
     for ty in ALL {
-        let w = random_matrix(&mut rng, ty, 45, 128);
+        let w = interleave(&random_matrix(&mut rng, ty, 45, 128)).unwrap();
         let n = 9;
         let x = rng.row(n * 128);
         let batched = matmul_vec(&pools[0], &w, &x, n);
@@ -413,6 +446,7 @@ fn empty_rows_give_zero_products() {
         ty: GgmlType::Q8_0,
         rows: 3,
         cols: 0,
+        layout: Layout::Rows,
         bytes: TensorBytes::Owned(Arc::from(Vec::new())),
     };
     let mut out = vec![1.0; 6];
