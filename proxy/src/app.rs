@@ -153,6 +153,7 @@ impl App {
         let Route {
             pool,
             max_tokens_cap,
+            priority,
         } = self.router.route(&api, &parts.headers)?;
         outcome.pool = Some(pool.clone());
         if let Some(cap) = max_tokens_cap {
@@ -174,7 +175,8 @@ impl App {
 
         // Every request to a coalescing pool queues; completions (streams
         // included) and embeddings merge, chat goes alone.
-        let ticket = Ticket::from_headers(&parts.headers, coalescer.settings())?;
+        let ticket = Ticket::from_headers(&parts.headers, coalescer.settings())?
+            .with_route_priority(priority);
         match api.items_field() {
             Some(_) if !api.stream => {
                 let reply = coalescer.submit(api, &parts.headers, ticket).await?;

@@ -56,8 +56,12 @@ use crate::upstream::Pool;
 /// Request header: milliseconds, from arrival, within which the request
 /// must be answered; a request that cannot make it is refused at once.
 pub const DEADLINE_HEADER: &str = "x-switchyard-deadline-ms";
-/// Request header: priority 0 (lowest) to 9 (highest). Default 5.
+/// Request header: priority 0 (lowest) to 9 (highest). Default 5. A
+/// priority set by the routing policy takes its place.
 pub const PRIORITY_HEADER: &str = "x-switchyard-priority";
+
+/// The highest priority a request may have.
+const MAX_PRIORITY: u8 = 9;
 
 /// Jobs the scheduler's inbox holds before submitters are turned away;
 /// the queue proper is bounded by `max_queue`.
@@ -197,7 +201,8 @@ impl Ticket {
                 ))),
             }
         };
-        let priority = number(PRIORITY_HEADER, 9)?.map_or(DEFAULT_PRIORITY, |p| p as u8);
+        let max = u64::from(MAX_PRIORITY);
+        let priority = number(PRIORITY_HEADER, max)?.map_or(DEFAULT_PRIORITY, |p| p as u8);
         let deadline_ms = number(DEADLINE_HEADER, 24 * 3600 * 1000)?;
         let deadline = deadline_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
         Ok(Self {
@@ -206,6 +211,20 @@ impl Ticket {
             deadline_ms: deadline_ms.unwrap_or(0),
             tenant: tenant_of(headers, settings),
         })
+    }
+}
+
+impl Ticket {
+    /// The priority the route set, where it set one, in place of the
+    /// header's; values above 9 count as 9.
+    pub fn with_route_priority(self, priority: Option<u8>) -> Self {
+        match priority {
+            Some(priority) => Self {
+                priority: priority.min(MAX_PRIORITY),
+                ..self
+            },
+            None => self,
+        }
     }
 }
 
