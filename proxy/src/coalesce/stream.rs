@@ -75,6 +75,8 @@ struct Listener {
     open: u64,
     /// Its pieces are all sent (or it left).
     done: bool,
+    /// It went away before its stream ended.
+    left: bool,
     /// Prompt size, for the usage split.
     prompt_weight: u64,
     /// Completion size seen so far, for the usage split: tokens where
@@ -202,6 +204,7 @@ impl Demux {
             own.insert("choices".to_string(), Value::Array(choices));
             if !listener.sink.send(Piece::Event(own)) {
                 listener.done = true;
+                listener.left = true;
                 continue;
             }
             if listener.open == 0 && !self.expect_usage {
@@ -249,6 +252,7 @@ impl Demux {
         for listener in self.listeners.iter_mut().filter(|l| !l.done) {
             if !listener.sink.send(Piece::Event(event.clone())) {
                 listener.done = true;
+                listener.left = true;
             }
         }
     }
@@ -269,8 +273,20 @@ impl Demux {
         }
     }
 
-    fn all_gone(&self) -> bool {
-        self.listeners.iter().all(|l| l.done || l.sink.is_closed())
+    /// Nobody waits for more and someone left early: the rest of the
+    /// upstream stream would be read for no one. When every caller
+    /// finished, the stream is read to its end instead, so that its
+    /// connection can serve again.
+    fn abandoned(&self) -> bool {
+        let over = |l: &Listener| l.done || l.sink.is_closed();
+        let left = |l: &Listener| l.left || (!l.done && l.sink.is_closed());
+        self.listeners.iter().all(over) && self.listeners.iter().any(left)
+    }
+
+    /// The sinks of callers still waiting for pieces.
+    fn waiting(&self) -> Vec<Sink> {
+        let open = self.listeners.iter().filter(|l| !l.done);
+        open.map(|l| l.sink.clone()).collect()
     }
 }
 
@@ -430,6 +446,7 @@ pub(super) async fn relay(
             sink,
             open,
             done: gone,
+            left: gone,
             prompt_weight,
             completion_weight: 0,
         });
@@ -438,14 +455,14 @@ pub(super) async fn relay(
 
     let mut body = std::pin::pin!(pool.watch_body(upstream.response.into_body()));
     let mut reader = SseReader::default();
-    let watchers: Vec<Sink> = demux.listeners.iter().map(|l| l.sink.clone()).collect();
     let mut clean = false;
     let outcome = loop {
         // Dropping the upstream body closes its connection: that is how a
         // stream whose callers have all gone is aborted.
+        let waiting = demux.waiting();
         let frame = tokio::select! {
             frame = body.frame() => frame,
-            () = all_closed(&watchers) => {
+            () = all_closed(&waiting), if !waiting.is_empty() => {
                 tracing::debug!(pool = %pool.name, "every caller left; stream aborted");
                 break Err(None);
             }
@@ -474,8 +491,12 @@ pub(super) async fn relay(
                 }
             }
         }
-        if end || demux.all_gone() {
+        if end {
             break Ok(());
+        }
+        if demux.abandoned() {
+            tracing::debug!(pool = %pool.name, "every caller left; stream aborted");
+            break Err(None);
         }
     };
 
@@ -690,6 +711,7 @@ mod tests {
                 sink: Sink::new(tx, 0),
                 open: *count as u64 * n,
                 done: false,
+                left: false,
                 prompt_weight: 1,
                 completion_weight: 0,
             });
