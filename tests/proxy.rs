@@ -31,6 +31,8 @@ mod faults;
 mod local;
 #[path = "proxy/logs.rs"]
 mod logs;
+#[path = "proxy/merged_streams.rs"]
+mod merged_streams;
 #[path = "proxy/metrics.rs"]
 mod metrics;
 #[path = "proxy/python_client.rs"]

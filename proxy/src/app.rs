@@ -18,7 +18,7 @@ use switchyard_policy::Endpoint;
 
 use crate::api::ApiRequest;
 use crate::body::{full, Body};
-use crate::coalesce::{self, BatchSettings, Coalescer, Permit, Ticket};
+use crate::coalesce::{self, BatchReply, BatchSettings, Coalescer, Permit, StreamReply, Ticket};
 use crate::config::{Config, PoolKind};
 use crate::error::{ApiError, ErrorKind};
 use crate::local::LocalPool;
@@ -153,6 +153,7 @@ impl App {
         let Route {
             pool,
             max_tokens_cap,
+            priority,
         } = self.router.route(&api, &parts.headers)?;
         outcome.pool = Some(pool.clone());
         if let Some(cap) = max_tokens_cap {
@@ -172,21 +173,33 @@ impl App {
             return forward(pool, endpoint, &parts.headers, api, None).await;
         };
 
-        // Every request to a coalescing pool queues; only non-streaming
-        // completions and embeddings merge.
-        let ticket = Ticket::from_headers(&parts.headers, coalescer.settings())?;
+        // Every request to a coalescing pool queues; completions (streams
+        // included) and embeddings merge, chat goes alone.
+        let ticket = Ticket::from_headers(&parts.headers, coalescer.settings())?
+            .with_route_priority(priority);
         match api.items_field() {
             Some(_) if !api.stream => {
                 let reply = coalescer.submit(api, &parts.headers, ticket).await?;
-                outcome.batch_size = Some(reply.batch_items);
-                let mut response = json_response(reply.body);
-                *response.status_mut() = reply.status;
-                set_header(&mut response, POOL_HEADER, &pool.name);
-                set_header(
-                    &mut response,
-                    BATCH_SIZE_HEADER,
-                    &reply.batch_items.to_string(),
+                Ok(batch_response(reply, &pool.name, outcome))
+            }
+            Some(_) if endpoint == Endpoint::Completions => {
+                let reply = coalescer.submit_stream(api, &parts.headers, ticket);
+                let (body, batch_items) = match reply.await? {
+                    StreamReply::Whole(reply) => {
+                        return Ok(batch_response(reply, &pool.name, outcome))
+                    }
+                    StreamReply::Events { body, batch_items } => (body, batch_items),
+                };
+                outcome.batch_size = Some(batch_items);
+                let mut response = Response::new(body);
+                let headers = response.headers_mut();
+                headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/event-stream"),
                 );
+                headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+                set_header(&mut response, POOL_HEADER, &pool.name);
+                set_header(&mut response, BATCH_SIZE_HEADER, &batch_items.to_string());
                 Ok(response)
             }
             _ => {
@@ -207,6 +220,20 @@ impl App {
         let body = json!({"object": "list", "data": data});
         json_response(Bytes::from(body.to_string()))
     }
+}
+
+/// The response to a coalesced request: the caller's share of a batch.
+fn batch_response(reply: BatchReply, pool: &str, outcome: &mut Outcome) -> Response<Body> {
+    outcome.batch_size = Some(reply.batch_items);
+    let mut response = json_response(reply.body);
+    *response.status_mut() = reply.status;
+    set_header(&mut response, POOL_HEADER, pool);
+    set_header(
+        &mut response,
+        BATCH_SIZE_HEADER,
+        &reply.batch_items.to_string(),
+    );
+    response
 }
 
 /// Sends one request upstream and passes its answer back as it arrives,

@@ -22,6 +22,11 @@ pub struct Route {
     pub pool: String,
     /// Upper bound the policy set on `max_tokens`.
     pub max_tokens_cap: Option<u32>,
+    /// Queue priority the policy set, 0 (lowest) to 9 (highest); `None`
+    /// leaves it to the request's `x-switchyard-priority` header.
+    // Limitation: the policy interface cannot set it yet, so it is
+    // always `None` here; coalescing pools already honour it.
+    pub priority: Option<u8>,
 }
 
 /// The pool names and the optional policy. Routing needs only names: what
@@ -70,6 +75,7 @@ impl Router {
                 Some(pool) => Ok(Route {
                     pool: pool.clone(),
                     max_tokens_cap: decision.max_tokens_cap,
+                    priority: None,
                 }),
                 // Passing the client's model through as the pool is a
                 // plugin's normal answer; no such pool is the client's
@@ -113,6 +119,7 @@ impl Router {
             (None, Some(pool)) => Ok(Route {
                 pool: pool.clone(),
                 max_tokens_cap: None,
+                priority: None,
             }),
             _ => self.default_route(model),
         }
@@ -124,6 +131,7 @@ impl Router {
             Some(pool) => Ok(Route {
                 pool: pool.clone(),
                 max_tokens_cap: None,
+                priority: None,
             }),
             None => {
                 let message = format!(

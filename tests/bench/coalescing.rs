@@ -15,12 +15,22 @@
 //! arrival (no coordinated omission). Requests still unanswered 5 s after
 //! the last arrival are dropped and counted as unfinished.
 //!
+//! Two more rows overload the adaptive window past what it can batch:
+//! pool `adapt-b4` is `adaptive` with `max_batch = 4` (at most 4 items per
+//! 24 ms, about 167 requests/s, 3.5 times the no-batching capacity),
+//! offered 300% and 600%. There admission control must turn the excess
+//! away fast while what it admits still meets its deadline.
+//!
 //! Per row it prints: requests/s answered 200, requests/s that met the
 //! deadline, p50/p99 latency of those answered, mean items per upstream
 //! request, rejections (429/503/504) and their p99 latency, and the share
-//! of accepted requests that met the deadline. It asserts nothing about
-//! timing. Without `--bench` (as `cargo test --benches` runs it) it only
-//! smoke-tests two short rows.
+//! of accepted requests that met the deadline. A summary follows: the
+//! requests/s that met their deadline at 100% load, plain against
+//! adaptive, and for every adaptive row that rejected, the rejections'
+//! p99 and the accepted requests' deadline share against their targets
+//! (under 5 ms; at least 99%). It asserts nothing about timing. Without
+//! `--bench` (as `cargo test --benches` runs it) it only smoke-tests a
+//! few short rows.
 
 #![allow(
     clippy::unwrap_used,
@@ -53,11 +63,20 @@ const PLAIN_CAPACITY: f64 = 1000.0 / 21.0;
 /// How long unanswered requests may finish after the last arrival.
 const DRAIN: Duration = Duration::from_secs(5);
 
+/// Items per upstream request of the overloaded adaptive pool.
+const SMALL_BATCH: usize = 4;
+
+/// Targets of the overload rows.
+const REJECT_P99_TARGET_MS: f64 = 5.0;
+const MET_SHARE_TARGET: f64 = 99.0;
+
 #[derive(Debug, Clone, Copy)]
 struct Settings {
     measure: Duration,
     deadline_ms: u64,
     loads: &'static [f64],
+    /// Loads offered to `adapt-b4`, past its batching capacity.
+    overloads: &'static [f64],
 }
 
 impl Settings {
@@ -68,6 +87,7 @@ impl Settings {
                 measure: Duration::from_millis(500),
                 deadline_ms,
                 loads: &[0.1, 1.0],
+                overloads: &[6.0],
             };
         }
         let seconds = env_number("BENCH_SECONDS").unwrap_or(10.0);
@@ -75,6 +95,7 @@ impl Settings {
             measure: Duration::from_secs_f64(seconds.max(0.5)),
             deadline_ms,
             loads: &[0.1, 0.5, 1.0, 3.0],
+            overloads: &[3.0, 6.0],
         }
     }
 }
@@ -119,15 +140,25 @@ fn percentile_ms(sorted: &[Duration], pct: usize) -> f64 {
 }
 
 impl Row {
-    fn print(&self) {
-        let seconds = self.measure.as_secs_f64();
-        let met = self
-            .answered
+    /// Answered requests that met their deadline.
+    fn met(&self) -> usize {
+        self.answered
             .iter()
             .filter(|l| **l <= self.deadline)
-            .count();
+            .count()
+    }
+
+    /// Percent of the accepted (not rejected) requests that met their
+    /// deadline.
+    fn met_share(&self) -> f64 {
         let accepted = self.answered.len() + self.failed + self.unfinished;
-        let met_share = 100.0 * met as f64 / accepted.max(1) as f64;
+        100.0 * self.met() as f64 / accepted.max(1) as f64
+    }
+
+    fn print(&self) {
+        let seconds = self.measure.as_secs_f64();
+        let met = self.met();
+        let met_share = self.met_share();
         let batch = self.answered.len() as f64 / self.upstream_requests.max(1) as f64;
         println!(
             "{:<9} {:>5.0}% {:>7.1} {:>8.1} {:>8.1} {:>8.1} {:>9.1} {:>6.2} {:>7} {:>8.2} {:>6.1}% {:>6} {:>6}",
@@ -165,6 +196,42 @@ fn print_header() {
         "failed",
         "unfin"
     );
+}
+
+/// Deadline-meeting throughput at 100% load, plain against adaptive, and
+/// how each adaptive row that turned requests away did against the
+/// admission-control targets.
+fn print_summary(rows: &[Row]) {
+    let met_per_s = |mode: &str| {
+        rows.iter()
+            .find(|row| row.mode == mode && row.load == 1.0)
+            .map(|row| row.met() as f64 / row.measure.as_secs_f64())
+    };
+    println!();
+    if let (Some(plain), Some(adaptive)) = (met_per_s("plain"), met_per_s("adaptive")) {
+        println!(
+            "at 100% load, requests/s that met the deadline: plain {plain:.1}, \
+             adaptive {adaptive:.1} ({:.2}x)",
+            adaptive / plain.max(f64::MIN_POSITIVE)
+        );
+    }
+    let overloaded = rows
+        .iter()
+        .filter(|row| row.mode.starts_with("adapt") && !row.rejected.is_empty());
+    for row in overloaded {
+        let p99 = percentile_ms(&row.rejected, 99);
+        let share = row.met_share();
+        let verdict = |ok: bool| if ok { "ok" } else { "MISSED" };
+        println!(
+            "{} at {:.0}%: {} rejected, p99 {p99:.2} ms (target < {REJECT_P99_TARGET_MS} ms, \
+             {}); accepted met the deadline {share:.1}% (target >= {MET_SHARE_TARGET}%, {})",
+            row.mode,
+            row.load * 100.0,
+            row.rejected.len(),
+            verdict(p99 < REJECT_P99_TARGET_MS),
+            verdict(share >= MET_SHARE_TARGET),
+        );
+    }
 }
 
 /// A small deterministic generator for inter-arrival times (xorshift).
@@ -273,11 +340,16 @@ async fn run(settings: Settings) -> bool {
     let mock = MockUpstream::start_costed(COST, false).await;
     let mut config = server_toml();
     config.push_str(&pool_toml("plain", &mock.url(), "m"));
-    for mode in ["fixed", "adaptive"] {
-        config.push_str(&pool_toml(mode, &mock.url(), "m"));
+    let batched = [
+        ("fixed", "fixed", 32),
+        ("adaptive", "adaptive", 32),
+        ("adapt-b4", "adaptive", SMALL_BATCH),
+    ];
+    for (pool, mode, max_batch) in batched {
+        config.push_str(&pool_toml(pool, &mock.url(), "m"));
         config.push_str(&format!(
-            "[pool.batch]\nmode = \"{mode}\"\nmax_batch = 32\nmax_wait_ms = 20\n\
-             max_inflight = 1\n"
+            "[pool.batch]\nmode = \"{mode}\"\nmax_batch = {max_batch}\n\
+             max_wait_ms = 20\nmax_inflight = 1\n"
         ));
     }
     let sw = Switchyard::start_forgetting_logs(&config).await;
@@ -289,14 +361,18 @@ async fn run(settings: Settings) -> bool {
         settings.measure, settings.deadline_ms
     );
     print_header();
-    let mut healthy = true;
-    for mode in ["plain", "fixed", "adaptive"] {
-        for &load in settings.loads {
-            let row = run_row(mode, load, &api, &mock, settings).await;
-            row.print();
-            healthy &= !row.answered.is_empty();
-        }
+    let mut rows = Vec::new();
+    let plan = ["plain", "fixed", "adaptive"]
+        .iter()
+        .flat_map(|mode| settings.loads.iter().map(move |load| (*mode, *load)))
+        .chain(settings.overloads.iter().map(|load| ("adapt-b4", *load)));
+    for (mode, load) in plan {
+        let row = run_row(mode, load, &api, &mock, settings).await;
+        row.print();
+        rows.push(row);
     }
+    print_summary(&rows);
+    let healthy = rows.iter().all(|row| !row.answered.is_empty());
     if !healthy {
         println!("\na row had no answered request:\n{}", sw.output());
     }

@@ -11,7 +11,7 @@ use crate::support::{
     mock_upstream::{
         embedding_of, FAULT_REJECT, FAULT_SHORT, FAULT_STALL_BODY, REJECT_CODE, REJECT_MESSAGE,
     },
-    post, server_toml, sse_data,
+    post, server_toml,
     switchyard::{log_message, log_text},
     words, MockUpstream, RecordedRequest, Reply, Switchyard,
 };
@@ -356,7 +356,7 @@ async fn concurrent_embeddings_merge_and_split_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streaming_and_chat_requests_are_never_coalesced() {
+async fn chat_requests_are_never_coalesced() {
     let (mock, sw) = batching_rig(8).await;
 
     let chats: Vec<Value> = (0..3)
@@ -369,39 +369,6 @@ async fn streaming_and_chat_requests_are_never_coalesced() {
         assert_eq!(content, &json!(format!("echo:chat {k}")));
     }
     assert_eq!(mock.requests_to("/v1/chat/completions").len(), 3);
-
-    let streams: Vec<Value> = (0..3)
-        .map(|k| json!({"model": "small", "prompt": format!("stream {k}"), "stream": true}))
-        .collect();
-    let replies = send_together(&sw, "/v1/completions", &streams).await;
-    for (k, reply) in replies.iter().enumerate() {
-        reply.assert_status(200);
-        let events = sse_data(&reply.text);
-        assert_eq!(
-            events.last().map(String::as_str),
-            Some("[DONE]"),
-            "stream {k}"
-        );
-        let text: String = events[..events.len() - 1]
-            .iter()
-            .map(|e| {
-                let chunk: Value = serde_json::from_str(e).expect("JSON chunk");
-                chunk["choices"][0]["text"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string()
-            })
-            .collect();
-        assert_eq!(
-            text,
-            format!("echo:stream {k}#0"),
-            "stream {k}: {}",
-            reply.text
-        );
-    }
-    let upstream = mock.requests_to("/v1/completions");
-    assert_eq!(upstream.len(), 3, "one upstream request per stream");
-    assert!(upstream.iter().all(|r| r.items().len() == 1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -37,7 +37,10 @@
 //! with one chunk per word of each choice's text (the first chunk of a chat
 //! choice carries only the role, the last only the finish reason), a usage
 //! chunk when `stream_options.include_usage` is true, then `data: [DONE]`.
+//! The choices of a completions stream take turns, one chunk each, as a
+//! server that decodes them side by side sends them.
 //! Header `x-mock-chunk-delay-ms: N` sleeps N ms between two events.
+//! `cut_streams()` counts streams whose client went away before the end.
 //!
 //! # Cost
 //!
@@ -70,6 +73,10 @@
 //!   server that miscounts a batch would.
 //!
 //! - `fault:server-error` makes the whole request answer 500.
+//! - `fault:break-stream` makes a completions stream send half its
+//!   events, then break the connection.
+//! - `fault:slow-stream` spaces a completions stream's events
+//!   `SLOW_STREAM_DELAY_MS` apart.
 //!
 //! `fault:reject` wins over `fault:stall-body`, which wins over
 //! `fault:short`. With `model = "single-item-only"` (`SINGLE_ITEM_MODEL`)
@@ -110,6 +117,12 @@ pub const FAULT_STALL_BODY: &str = "fault:stall-body";
 pub const FAULT_SHORT: &str = "fault:short";
 /// Prompt or input text that makes the mock answer 500.
 pub const FAULT_SERVER_ERROR: &str = "fault:server-error";
+/// Prompt text that makes a completions stream break off halfway.
+pub const FAULT_BREAK_STREAM: &str = "fault:break-stream";
+/// Prompt text that makes a completions stream slow.
+pub const FAULT_SLOW_STREAM: &str = "fault:slow-stream";
+/// Milliseconds between the events of a `fault:slow-stream` stream.
+pub const SLOW_STREAM_DELAY_MS: u64 = 100;
 /// A `model` for which the mock answers 500 to more than one prompt or
 /// input, as llama-cpp-python's server does.
 pub const SINGLE_ITEM_MODEL: &str = "single-item-only";
@@ -122,7 +135,8 @@ pub const REJECT_MESSAGE: &str = "mock upstream refused a prompt marked fault:re
 /// Bytes of a JSON answer sent before a stall.
 pub const STALL_PREFIX_BYTES: usize = 8;
 
-type MockBody = BoxBody<Bytes, Infallible>;
+type MockError = Box<dyn std::error::Error + Send + Sync>;
+type MockBody = BoxBody<Bytes, MockError>;
 
 /// One request as the mock received it.
 #[derive(Debug, Clone)]
@@ -179,6 +193,7 @@ struct State {
     requests: Mutex<Vec<RecordedRequest>>,
     request_count: AtomicUsize,
     connections: AtomicUsize,
+    cut_streams: AtomicUsize,
     next_id: AtomicU64,
 }
 
@@ -267,6 +282,11 @@ impl MockUpstream {
     /// Requests whose client went away before they were answered.
     pub fn abandoned(&self) -> usize {
         self.state.abandoned.load(Ordering::SeqCst)
+    }
+
+    /// Streams whose client went away before their end.
+    pub fn cut_streams(&self) -> usize {
+        self.state.cut_streams.load(Ordering::SeqCst)
     }
 
     /// TCP connections accepted so far.
@@ -402,13 +422,21 @@ async fn handle_inner(
     let stall = has(FAULT_STALL_BODY) || header_u64(&headers, "x-mock-stall-body") == Some(1);
     let short = has(FAULT_SHORT);
 
-    let delay = header_u64(&headers, "x-mock-chunk-delay-ms")
+    let mut delay = header_u64(&headers, "x-mock-chunk-delay-ms")
         .map(Duration::from_millis)
         .unwrap_or_default();
+    if has(FAULT_SLOW_STREAM) {
+        delay = Duration::from_millis(SLOW_STREAM_DELAY_MS);
+    }
+    let stream = Stream {
+        delay,
+        broken: has(FAULT_BREAK_STREAM),
+        state: state.clone(),
+    };
     let id = state.next_id.fetch_add(1, Ordering::SeqCst);
     let reply = match (&method, path.as_str()) {
-        (&Method::POST, "/v1/completions") => completions(&body, id, delay, short),
-        (&Method::POST, "/v1/chat/completions") => chat(&body, id, delay),
+        (&Method::POST, "/v1/completions") => completions(&body, id, stream, short),
+        (&Method::POST, "/v1/chat/completions") => chat(&body, id, stream),
         (&Method::POST, "/v1/embeddings") => embeddings(&body, short),
         (&Method::GET, "/v1/models") => json_response(StatusCode::OK, &models()),
         _ => error(
@@ -449,7 +477,16 @@ impl Drop for InProgress {
     }
 }
 
-fn completions(body: &Value, id: u64, delay: Duration, short: bool) -> Response<MockBody> {
+/// How a streamed answer is sent.
+struct Stream {
+    /// Between two events.
+    delay: Duration,
+    /// Break the connection halfway.
+    broken: bool,
+    state: Arc<State>,
+}
+
+fn completions(body: &Value, id: u64, stream: Stream, short: bool) -> Response<MockBody> {
     let Some(prompts) = text_items(&body["prompt"]) else {
         return bad_request("`prompt` must be a string or an array");
     };
@@ -468,12 +505,14 @@ fn completions(body: &Value, id: u64, delay: Duration, short: bool) -> Response<
     let usage = usage(prompt_tokens, texts.len() as u64);
 
     if body["stream"].as_bool() == Some(true) {
+        // Round k sends piece k of every choice that has one.
+        let pieces: Vec<Vec<String>> = texts.iter().map(|t| word_pieces(t)).collect();
+        let rounds = pieces.iter().map(Vec::len).max().unwrap_or(0);
         let mut events = Vec::new();
-        for (index, text) in texts.iter().enumerate() {
-            let pieces = word_pieces(text);
-            let last = pieces.len() - 1;
-            for (k, piece) in pieces.into_iter().enumerate() {
-                let finish = if k == last {
+        for k in 0..rounds {
+            for (index, choice) in pieces.iter().enumerate() {
+                let Some(piece) = choice.get(k) else { continue };
+                let finish = if k + 1 == choice.len() {
                     json!("stop")
                 } else {
                     Value::Null
@@ -494,7 +533,7 @@ fn completions(body: &Value, id: u64, delay: Duration, short: bool) -> Response<
                 "model": model, "choices": [], "usage": usage,
             }));
         }
-        return sse(events, delay);
+        return sse(events, stream);
     }
 
     // Reverse order on purpose: the proxy must sort by index.
@@ -521,7 +560,7 @@ fn completions(body: &Value, id: u64, delay: Duration, short: bool) -> Response<
     )
 }
 
-fn chat(body: &Value, id: u64, delay: Duration) -> Response<MockBody> {
+fn chat(body: &Value, id: u64, stream: Stream) -> Response<MockBody> {
     let Some(messages) = body["messages"].as_array() else {
         return bad_request("`messages` must be an array");
     };
@@ -569,7 +608,7 @@ fn chat(body: &Value, id: u64, delay: Duration) -> Response<MockBody> {
                 "model": model, "choices": [], "usage": usage,
             }));
         }
-        return sse(events, delay);
+        return sse(events, stream);
     }
 
     let choices: Vec<Value> = (0..n)
@@ -722,7 +761,8 @@ fn header_pairs(headers: &HeaderMap) -> Vec<(String, String)> {
 }
 
 fn json_response(status: StatusCode, body: &Value) -> Response<MockBody> {
-    let mut response = Response::new(Full::new(Bytes::from(body.to_string())).boxed());
+    let full = Full::new(Bytes::from(body.to_string()));
+    let mut response = Response::new(full.map_err(|never| match never {}).boxed());
     *response.status_mut() = status;
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
@@ -740,9 +780,10 @@ fn bad_request(message: &str) -> Response<MockBody> {
     error(StatusCode::BAD_REQUEST, "invalid_request_error", message)
 }
 
-/// An SSE reply that writes `events` then `[DONE]`, sleeping `delay`
-/// between two events.
-fn sse(events: Vec<Value>, delay: Duration) -> Response<MockBody> {
+/// An SSE reply that writes `events` then `[DONE]`, sleeping
+/// `stream.delay` between two events; a broken one ends in an error
+/// halfway instead.
+fn sse(events: Vec<Value>, stream: Stream) -> Response<MockBody> {
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
         let mut frames: Vec<Bytes> = events
@@ -750,15 +791,28 @@ fn sse(events: Vec<Value>, delay: Duration) -> Response<MockBody> {
             .map(|event| Bytes::from(format!("data: {event}\n\n")))
             .collect();
         frames.push(Bytes::from_static(b"data: [DONE]\n\n"));
+        let sent = if stream.broken {
+            frames.len() / 2
+        } else {
+            frames.len()
+        };
 
-        for (k, frame) in frames.into_iter().enumerate() {
-            if k > 0 && !delay.is_zero() {
-                tokio::time::sleep(delay).await;
+        for (k, frame) in frames.into_iter().take(sent).enumerate() {
+            if k > 0 && !stream.delay.is_zero() {
+                tokio::time::sleep(stream.delay).await;
             }
             // The client went away: stop producing.
-            if tx.send(frame).await.is_err() {
+            if tx.send(Ok(frame)).await.is_err() {
+                stream.state.cut_streams.fetch_add(1, Ordering::SeqCst);
                 return;
             }
+        }
+        if stream.broken {
+            // hyper drops what it has not written when a body fails: give
+            // the events before the break time to leave.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let broken = std::io::Error::other("mock upstream broke the stream");
+            let _ = tx.send(Err(broken.into())).await;
         }
     });
 
@@ -790,7 +844,7 @@ fn stall_body(reply: Response<MockBody>) -> Response<MockBody> {
         } else {
             first
         };
-        if tx.send(first).await.is_err() {
+        if tx.send(Ok(first)).await.is_err() {
             return;
         }
         // Hold the body open, sending nothing, until hyper drops it.
@@ -799,22 +853,23 @@ fn stall_body(reply: Response<MockBody>) -> Response<MockBody> {
     Response::from_parts(parts, ChannelBody { rx }.boxed())
 }
 
-/// A response body fed by a channel, one data frame per message.
+/// A response body fed by a channel, one data frame per message; an
+/// error message ends it in that error.
 struct ChannelBody {
-    rx: mpsc::Receiver<Bytes>,
+    rx: mpsc::Receiver<Result<Bytes, MockError>>,
 }
 
 impl Body for ChannelBody {
     type Data = Bytes;
-    type Error = Infallible;
+    type Error = MockError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, MockError>>> {
         self.rx
             .poll_recv(cx)
-            .map(|bytes| bytes.map(|b| Ok(Frame::data(b))))
+            .map(|message| message.map(|m| m.map(Frame::data)))
     }
 }
 

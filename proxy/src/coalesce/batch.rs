@@ -18,6 +18,7 @@ use switchyard_policy::Endpoint;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use super::stream::{self, Merged, Sink};
 use super::Permit;
 use crate::api::{ApiRequest, ItemForm};
 use crate::body::BodyStalled;
@@ -122,6 +123,9 @@ pub struct Part {
     pub n: u64,
     /// Identical items of the batch go upstream once.
     collapse: bool,
+    /// Where the events of a streaming caller go; `None` for callers
+    /// that get their answer whole.
+    pub sink: Option<Sink>,
 }
 
 impl Part {
@@ -154,11 +158,20 @@ impl Part {
             items: request.items,
             n: request.n,
             collapse: false,
+            sink: None,
         })
     }
 
     pub fn with_collapse(self, collapse: bool) -> Self {
         Self { collapse, ..self }
+    }
+
+    /// Makes this a streaming caller's part, its events sent to `sink`.
+    pub fn with_sink(self, sink: Sink) -> Self {
+        Self {
+            sink: Some(sink),
+            ..self
+        }
     }
 }
 
@@ -235,9 +248,22 @@ async fn send_batch(
     let body = Bytes::from(Value::Object(body).to_string());
     metrics::record_batch(&pool.name, endpoint, batch_items);
 
+    // Streaming callers share one upstream stream, split as it comes.
+    let (headers, path) = (first.part.headers.clone(), first.part.path.clone());
+    if first.part.sink.is_some() {
+        let merged = Merged {
+            path,
+            headers,
+            body,
+            map,
+            batch_items,
+        };
+        stream::relay(pool, endpoint, members, merged, permit).await;
+        return;
+    }
+
     // When every caller has gone, the upstream request is dropped, which
     // closes its connection rather than wait for an answer nobody reads.
-    let (headers, path) = (first.part.headers.clone(), first.part.path.clone());
     let started = Instant::now();
     let answer = tokio::select! {
         answer = fetch(&pool, endpoint, &path, &headers, body) => answer,
@@ -266,22 +292,7 @@ async fn send_batch(
     // are not retried: that would only add load to a pushing-back upstream.
     if let Ok((status, _)) = &answer {
         if refuses_input(*status) && members.len() > 1 {
-            tracing::info!(
-                pool = %pool.name,
-                status = status.as_u16(),
-                callers = members.len(),
-                "merged request refused; retrying its callers one by one"
-            );
-            // Limitation: the retries share the batch's one in-flight
-            // slot, so a refused batch of k callers briefly has k
-            // requests upstream.
-            let retries: Vec<_> = members
-                .into_iter()
-                .map(|member| tokio::spawn(send_boxed(Arc::clone(&pool), endpoint, vec![member])))
-                .collect();
-            for retry in retries {
-                let _ = retry.await;
-            }
+            retry_alone(pool, endpoint, members, *status).await;
             return;
         }
     }
@@ -321,7 +332,32 @@ async fn send_batch(
     }
 }
 
-fn first_n(members: &[Member]) -> u64 {
+/// Sends each of `members` upstream alone, after the upstream refused
+/// their merged request with `status`.
+pub(super) async fn retry_alone(
+    pool: Arc<Pool>,
+    endpoint: Endpoint,
+    members: Vec<Member>,
+    status: StatusCode,
+) {
+    tracing::info!(
+        pool = %pool.name,
+        status = status.as_u16(),
+        callers = members.len(),
+        "merged request refused; retrying its callers one by one"
+    );
+    // Limitation: the retries share the batch's one in-flight slot, so a
+    // refused batch of k callers briefly has k requests upstream.
+    let retries: Vec<_> = members
+        .into_iter()
+        .map(|member| tokio::spawn(send_boxed(Arc::clone(&pool), endpoint, vec![member])))
+        .collect();
+    for retry in retries {
+        let _ = retry.await;
+    }
+}
+
+pub(super) fn first_n(members: &[Member]) -> u64 {
     members.first().map_or(1, |m| m.part.n)
 }
 
@@ -398,12 +434,12 @@ fn expand(
 
 /// Whether an upstream status says the request's content was refused:
 /// 400 Bad Request, 413 Content Too Large, 422 Unprocessable Content.
-fn refuses_input(status: StatusCode) -> bool {
+pub(super) fn refuses_input(status: StatusCode) -> bool {
     matches!(status.as_u16(), 400 | 413 | 422)
 }
 
 /// Resolves once every caller has stopped waiting.
-async fn all_gone(members: &mut [Member]) {
+pub(super) async fn all_gone(members: &mut [Member]) {
     for member in members.iter_mut() {
         member.reply.closed().await;
     }
@@ -596,7 +632,7 @@ fn choice_weight(choice: &Value) -> u64 {
     text.map_or(0, |t| t.chars().count() as u64) + 1
 }
 
-fn item_weight(item: &Value) -> u64 {
+pub(super) fn item_weight(item: &Value) -> u64 {
     match item {
         Value::String(text) => text.chars().count() as u64,
         Value::Array(ids) => ids.len() as u64,
@@ -626,7 +662,7 @@ fn split_usage(usage: &Map<String, Value>, weights: &WeightSet) -> Vec<Value> {
 
 /// Splits `total` into parts proportional to `weights` that add up to
 /// `total` exactly (largest remainder). Zero weights share equally.
-fn apportion(total: u64, weights: &[u64]) -> Vec<u64> {
+pub(super) fn apportion(total: u64, weights: &[u64]) -> Vec<u64> {
     if weights.is_empty() {
         return Vec::new();
     }
@@ -671,6 +707,7 @@ mod tests {
             items,
             n,
             collapse: false,
+            sink: None,
         }
     }
 

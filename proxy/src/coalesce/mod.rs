@@ -13,13 +13,16 @@
 //! - `schedule`: the per-pool task that owns the queue and decides when a
 //!   batch goes (adaptive: by the fitted cost; or a fixed window);
 //! - `model`: the fitted cost `a + b × items` and the arrival rate;
-//! - `batch`: one upstream request for a batch, and splitting its answer.
+//! - `batch`: one upstream request for a batch, and splitting its answer;
+//! - `stream`: one upstream stream for a batch of streaming completions,
+//!   and splitting its events among the callers as they come.
 //!
 //! This module does not route, and it leaves `local` pools alone.
 
 mod batch;
 mod model;
 mod schedule;
+mod stream;
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -41,6 +44,8 @@ use tokio::time::Instant;
 pub use batch::BatchReply;
 use batch::Part;
 use schedule::{Event, Job, Scheduler, Work};
+pub use stream::StreamReply;
+use stream::{CallerStream, Sink};
 
 use crate::api::ApiRequest;
 use crate::body::{Body, BoxError};
@@ -51,8 +56,12 @@ use crate::upstream::Pool;
 /// Request header: milliseconds, from arrival, within which the request
 /// must be answered; a request that cannot make it is refused at once.
 pub const DEADLINE_HEADER: &str = "x-switchyard-deadline-ms";
-/// Request header: priority 0 (lowest) to 9 (highest). Default 5.
+/// Request header: priority 0 (lowest) to 9 (highest). Default 5. A
+/// priority set by the routing policy takes its place.
 pub const PRIORITY_HEADER: &str = "x-switchyard-priority";
+
+/// The highest priority a request may have.
+const MAX_PRIORITY: u8 = 9;
 
 /// Jobs the scheduler's inbox holds before submitters are turned away;
 /// the queue proper is bounded by `max_queue`.
@@ -192,7 +201,8 @@ impl Ticket {
                 ))),
             }
         };
-        let priority = number(PRIORITY_HEADER, 9)?.map_or(DEFAULT_PRIORITY, |p| p as u8);
+        let max = u64::from(MAX_PRIORITY);
+        let priority = number(PRIORITY_HEADER, max)?.map_or(DEFAULT_PRIORITY, |p| p as u8);
         let deadline_ms = number(DEADLINE_HEADER, 24 * 3600 * 1000)?;
         let deadline = deadline_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
         Ok(Self {
@@ -201,6 +211,20 @@ impl Ticket {
             deadline_ms: deadline_ms.unwrap_or(0),
             tenant: tenant_of(headers, settings),
         })
+    }
+}
+
+impl Ticket {
+    /// The priority the route set, where it set one, in place of the
+    /// header's; values above 9 count as 9.
+    pub fn with_route_priority(self, priority: Option<u8>) -> Self {
+        match priority {
+            Some(priority) => Self {
+                priority: priority.min(MAX_PRIORITY),
+                ..self
+            },
+            None => self,
+        }
     }
 }
 
@@ -412,6 +436,60 @@ impl Coalescer {
         }
         left.armed = false;
         batch::stitch(endpoint, replies)
+    }
+
+    /// Queues a streaming completions request (`stream: true`) to share
+    /// one upstream stream with compatible ones, and waits until that
+    /// stream has started: then the caller's own events follow in the
+    /// body. A prompt array cut into chunks (see `submit`) reads as one
+    /// stream, its choices numbered across all its prompts.
+    pub async fn submit_stream(
+        &self,
+        request: ApiRequest,
+        headers: &HeaderMap,
+        ticket: Ticket,
+    ) -> Result<StreamReply, ApiError> {
+        let mut left = LeftNotice {
+            events: self.events.clone(),
+            armed: true,
+        };
+        let chunks = self.chunks(&request);
+
+        // Every chunk's relay sends into one channel, tagged with the
+        // chunk, so the caller's body can number choices across chunks.
+        let (pieces, events) = mpsc::unbounded_channel();
+        let mut offsets = Vec::with_capacity(chunks.len());
+        let mut offset = 0;
+        let mut heads = Vec::with_capacity(chunks.len());
+        for (k, items) in chunks.into_iter().enumerate() {
+            offsets.push(offset);
+            offset += items.len() as u64 * request.n;
+            let chunk = ApiRequest {
+                items,
+                ..request.clone()
+            };
+            let (reply, head) = oneshot::channel();
+            let part = Part::new(chunk, headers)?.with_sink(Sink::new(pieces.clone(), k));
+            let job = self.job(part, &ticket, reply);
+            self.enqueue(job)?;
+            heads.push(head);
+        }
+        drop(pieces);
+
+        // The response starts once every chunk's stream has; a chunk the
+        // upstream refused is the answer, as in `submit`.
+        let mut batch_items = 0;
+        for head in heads {
+            let reply = head.await.unwrap_or_else(|_| Err(lost()))?;
+            if !reply.status.is_success() {
+                left.armed = false;
+                return Ok(StreamReply::Whole(reply));
+            }
+            batch_items = batch_items.max(reply.batch_items);
+        }
+        left.armed = false;
+        let body = CallerStream::new(events, offsets).into_body();
+        Ok(StreamReply::Events { body, batch_items })
     }
 
     /// Waits for an in-flight slot of `endpoint` for a request that goes

@@ -255,8 +255,8 @@ impl Scheduler {
                 self.reject(job, ErrorKind::DeadlineExceeded, message, None, "deadline");
                 return;
             }
-            let start = self.predict_start(job.endpoint, ahead, now);
-            if now + start + alone > deadline {
+            let (start, ride) = self.predict_ride(&job, ahead, now);
+            if now + start + ride + DEADLINE_MARGIN > deadline {
                 let message = format!(
                     "pool {:?} cannot meet the deadline ({} ms, {}): \
                      about {} ms of queued work is ahead",
@@ -670,6 +670,22 @@ impl Scheduler {
             .sum()
     }
 
+    /// When the batch that would carry `job` starts, and how long it
+    /// takes. The full batches of the `ahead` queued items go first; the
+    /// rest share the job's batch, with what arrives while it waits, so
+    /// that under load it is a full batch, not the job alone.
+    fn predict_ride(&self, job: &Job, ahead: usize, now: Instant) -> (Duration, Duration) {
+        let cap = self.item_cap(job.endpoint).max(1);
+        let partial = ahead % cap;
+        let start = self.predict_start(job.endpoint, ahead - partial, now);
+        let Some(lane) = self.lanes.get(&job.endpoint) else {
+            return (start, Duration::ZERO);
+        };
+        let joining = lane.rate.per_second(now) * start.as_secs_f64();
+        let fill = (partial + job.items).saturating_add(joining.ceil() as usize);
+        (start, lane.model.predict(fill.min(cap)))
+    }
+
     /// Predicted time until a request behind `ahead` queued items of
     /// `endpoint` could start: the in-flight requests finish as the model
     /// predicts and the queue leaves in full batches over every slot.
@@ -859,6 +875,38 @@ mod tests {
         assert_eq!(err.kind, ErrorKind::Overloaded);
         assert_eq!(err.retry_after, Some(Duration::from_millis(21)));
         assert_eq!(s.queued, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn admission_counts_the_full_batch_a_request_will_ride_in() {
+        let mut s = scheduler("max_batch = 4\nmax_inflight = 1\nmax_wait_ms = 50");
+        busy(&mut s, 1);
+        let now = Instant::now();
+        let lane = s.lanes.entry(Endpoint::Embeddings).or_default();
+        for k in 0..100 {
+            lane.rate
+                .record(now - Duration::from_millis(5 * (100 - k)), 1);
+        }
+        let mut kept = Vec::new();
+        for k in 0..4 {
+            let (queued, answer) = job(&format!("x{k}"), ticket(5, "", None));
+            s.admit(queued);
+            kept.push(answer);
+        }
+
+        // 21 ms in flight, then the 4 queued (24 ms): the next starts at
+        // 45 ms in a batch that fills to 4 (24 ms), plus the margin. Alone
+        // it would take 21 ms and seem to fit 70 ms.
+        let (tight, mut answer) = job("t", ticket(5, "", Some(now + Duration::from_millis(70))));
+        s.admit(tight);
+        let err = answer.try_recv().unwrap().unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Overloaded);
+        assert_eq!(err.retry_after, Some(Duration::from_millis(45)));
+
+        let (fits, mut answer) = job("f", ticket(5, "", Some(now + Duration::from_millis(75))));
+        s.admit(fits);
+        assert!(answer.try_recv().is_err(), "admitted, so not answered yet");
+        assert_eq!(s.queued, 5);
     }
 
     #[tokio::test(start_paused = true)]

@@ -97,6 +97,24 @@ fn tickets_read_priority_deadline_and_tenant() {
     assert!(err.message.contains(PRIORITY_HEADER), "{err}");
 }
 
+#[test]
+fn a_route_priority_takes_the_place_of_the_header() {
+    let mut headers = HeaderMap::new();
+    headers.insert(PRIORITY_HEADER, "2".parse().unwrap());
+    let from_header = Ticket::from_headers(&headers, &settings()).unwrap();
+
+    let routed = from_header.clone().with_route_priority(Some(8));
+    assert_eq!(routed.priority, 8);
+    let unrouted = from_header.clone().with_route_priority(None);
+    assert_eq!(unrouted.priority, 2);
+    let too_high = from_header.with_route_priority(Some(200));
+    assert_eq!(too_high.priority, 9);
+
+    // Without the header, the route's priority still applies.
+    let plain = Ticket::from_headers(&HeaderMap::new(), &settings()).unwrap();
+    assert_eq!(plain.with_route_priority(Some(0)).priority, 0);
+}
+
 #[tokio::test]
 async fn arrays_are_cut_by_items_and_tokens() {
     let pool = crate::upstream::Pool::new(
