@@ -17,6 +17,8 @@
 #[path = "support/mod.rs"]
 mod support;
 
+#[path = "proxy/cascade.rs"]
+mod cascade;
 #[path = "proxy/coalescing.rs"]
 mod coalescing;
 #[path = "proxy/config_check.rs"]

@@ -18,12 +18,13 @@ use switchyard_policy::Endpoint;
 
 use crate::api::ApiRequest;
 use crate::body::{full, Body};
+use crate::cascade;
 use crate::coalesce::{BatchLimits, Coalescer};
-use crate::config::{Config, PoolKind};
+use crate::config::{CascadeConfig, Config, PoolKind};
 use crate::error::{ApiError, ErrorKind};
 use crate::local::LocalPool;
 use crate::metrics;
-use crate::routing::{Route, Router};
+use crate::routing::Router;
 use crate::upstream::{copy_response_headers, Pool};
 
 /// Names the pool that served a response.
@@ -38,16 +39,27 @@ pub struct App {
     upstreams: HashMap<String, Arc<Pool>>,
     locals: HashMap<String, Arc<LocalPool>>,
     coalescers: HashMap<String, Coalescer>,
+    cascade: CascadeConfig,
     max_body_bytes: u64,
     body_read_timeout: Duration,
 }
 
 /// What the log line and metrics say about one request.
 #[derive(Debug, Default)]
-struct Outcome {
-    pool: Option<String>,
-    batch_size: Option<usize>,
-    error: Option<String>,
+pub(crate) struct Outcome {
+    /// The pool that answered (the escalation pool after an escalation).
+    pub(crate) pool: Option<String>,
+    pub(crate) batch_size: Option<usize>,
+    pub(crate) error: Option<String>,
+    /// Cascaded requests: whether the escalation pool answered.
+    pub(crate) escalated: Option<bool>,
+    /// Cascaded requests: the review's verdict and reason, as
+    /// `accept` or `escalate:<reason>`.
+    pub(crate) review: Option<String>,
+    /// The route's `switchyard.priority` hint.
+    pub(crate) priority: Option<String>,
+    /// The route's `switchyard.label.*` hints, as `name=value,...`.
+    pub(crate) labels: Option<String>,
 }
 
 impl App {
@@ -79,11 +91,17 @@ impl App {
             upstreams.insert(pool.name.clone(), pool);
         }
         let fallback_pool = config.policy.as_ref().and_then(|p| p.fallback_pool.clone());
+        let cascade = config
+            .policy
+            .as_ref()
+            .map(|p| p.cascade.clone())
+            .unwrap_or_default();
         Ok(Self {
             router: Router::new(names, policy, fallback_pool),
             upstreams,
             locals,
             coalescers,
+            cascade,
             max_body_bytes: config.server.max_body_bytes,
             body_read_timeout: Duration::from_millis(config.server.body_read_timeout_ms),
         })
@@ -153,18 +171,41 @@ impl App {
         let mut api = ApiRequest::parse(endpoint, &bytes)?;
         api.query = parts.uri.query().map(str::to_string);
 
-        let Route {
-            pool,
-            max_tokens_cap,
-        } = self.router.route(&api, &parts.headers)?;
-        outcome.pool = Some(pool.clone());
-        if let Some(cap) = max_tokens_cap {
+        let route = self.router.route(&api, &parts.headers)?;
+        outcome.pool = Some(route.pool.clone());
+        if let Some(cap) = route.max_tokens_cap {
             api.cap_max_tokens(cap);
         }
-        if let Some(local) = self.locals.get(&pool) {
-            return local.handle(api).await;
+        apply_hints(&mut api, &route.attributes, outcome);
+        if cascade::applies(&route, &api) {
+            let settings = &self.cascade;
+            return cascade::serve(self, settings, &parts.headers, api, route, outcome).await;
         }
-        let Some(pool) = self.upstreams.get(&pool) else {
+        self.dispatch(&route.pool, &parts.headers, api, outcome)
+            .await
+    }
+
+    /// Whether `pool` names a configured pool.
+    pub(crate) fn has_pool(&self, pool: &str) -> bool {
+        self.router.has_pool(pool)
+    }
+
+    /// Sends `api` to `pool`: the in-process executor, the pool's
+    /// coalescer, or straight upstream.
+    pub(crate) async fn dispatch(
+        &self,
+        pool: &str,
+        headers: &HeaderMap,
+        mut api: ApiRequest,
+        outcome: &mut Outcome,
+    ) -> Result<Response<Body>, ApiError> {
+        let endpoint = api.endpoint;
+        if let Some(local) = self.locals.get(pool) {
+            let mut response = local.handle(api).await?;
+            set_header(&mut response, POOL_HEADER, pool);
+            return Ok(response);
+        }
+        let Some(pool) = self.upstreams.get(pool) else {
             let message = format!("pool {pool:?} was routed to but is not configured");
             return Err(ApiError::new(ErrorKind::Internal, message));
         };
@@ -174,7 +215,7 @@ impl App {
         let coalescer = self.coalescers.get(&pool.name);
         match coalescer {
             Some(coalescer) if api.items_field().is_some() && !api.stream => {
-                let reply = coalescer.submit(api, &parts.headers).await?;
+                let reply = coalescer.submit(api, headers).await?;
                 outcome.batch_size = Some(reply.batch_items);
                 let mut response = json_response(reply.body);
                 *response.status_mut() = reply.status;
@@ -186,7 +227,7 @@ impl App {
                 );
                 Ok(response)
             }
-            _ => forward(pool, endpoint, &parts.headers, api).await,
+            _ => forward(pool, endpoint, headers, api).await,
         }
     }
 
@@ -201,6 +242,50 @@ impl App {
         let body = json!({"object": "list", "data": data});
         json_response(Bytes::from(body.to_string()))
     }
+}
+
+/// Attribute keys of a route that the host reads (`sdk/wit/policy.wit`).
+const SYSTEM_INSTRUCTION_KEY: &str = "switchyard.system-instruction";
+const KEEP_TURNS_KEY: &str = "switchyard.keep-turns";
+const PRIORITY_KEY: &str = "switchyard.priority";
+const LABEL_PREFIX: &str = "switchyard.label.";
+/// Most labels kept per request, and longest label text, in bytes.
+const MAX_LABELS: usize = 8;
+const MAX_LABEL_BYTES: usize = 64;
+
+/// Applies a route's hints: the extra system instruction and trimmed
+/// history change the request; priority and labels go to the log line.
+// Limitation: priority is only logged; nothing schedules by it yet.
+fn apply_hints(api: &mut ApiRequest, attributes: &[(String, String)], outcome: &mut Outcome) {
+    let mut labels = Vec::new();
+    for (key, value) in attributes {
+        match key.as_str() {
+            SYSTEM_INSTRUCTION_KEY => api.add_system_instruction(value),
+            KEEP_TURNS_KEY => match value.trim().parse::<usize>() {
+                Ok(turns) => api.keep_last_turns(turns),
+                Err(_) => tracing::debug!(value = %value, "ignoring a bad keep-turns hint"),
+            },
+            PRIORITY_KEY => outcome.priority = Some(truncated(value)),
+            _ => {
+                if let Some(name) = key.strip_prefix(LABEL_PREFIX) {
+                    if labels.len() < MAX_LABELS {
+                        labels.push(format!("{}={}", truncated(name), truncated(value)));
+                    }
+                }
+            }
+        }
+    }
+    if !labels.is_empty() {
+        outcome.labels = Some(labels.join(","));
+    }
+}
+
+fn truncated(text: &str) -> String {
+    let mut end = text.len().min(MAX_LABEL_BYTES);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
 }
 
 /// Sends one request upstream and passes its answer back as it arrives,
@@ -265,7 +350,7 @@ fn json_response(body: Bytes) -> Response<Body> {
     response
 }
 
-fn set_header(response: &mut Response<Body>, name: &'static str, value: &str) {
+pub(crate) fn set_header(response: &mut Response<Body>, name: &'static str, value: &str) {
     if let Ok(value) = HeaderValue::from_str(value) {
         response.headers_mut().insert(name, value);
     }
@@ -331,6 +416,10 @@ fn log_request(method: &Method, path: &str, outcome: &Outcome, status: u16, elap
     let latency_ms = elapsed.as_secs_f64() * 1000.0;
     let pool = outcome.pool.as_deref().unwrap_or("none");
     let batch_size = outcome.batch_size;
+    let escalated = outcome.escalated;
+    let review = outcome.review.as_deref();
+    let priority = outcome.priority.as_deref();
+    let labels = outcome.labels.as_deref();
     match &outcome.error {
         Some(error) if status >= 500 => tracing::warn!(
             %method, path, pool, status, latency_ms, error = %error,
@@ -346,8 +435,8 @@ fn log_request(method: &Method, path: &str, outcome: &Outcome, status: u16, elap
             "upstream failed"
         ),
         None => tracing::info!(
-            %method, path, pool, status, latency_ms, batch_size,
-            "request"
+            %method, path, pool, status, latency_ms, batch_size, escalated,
+            review, priority, labels, "request"
         ),
     }
 }

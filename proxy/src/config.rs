@@ -233,6 +233,67 @@ pub struct PolicyConfig {
     /// Largest memory of one plugin instance, in bytes. Default 64 MiB.
     #[serde(default = "default_policy_max_memory_bytes")]
     pub max_memory_bytes: u64,
+    /// How small-first requests (a route with `escalate-to`) are served.
+    #[serde(default)]
+    pub cascade: CascadeConfig,
+}
+
+/// How a streamed small-first request is reviewed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamMode {
+    /// Hold the whole small answer until `review` accepts it. The default.
+    #[default]
+    Buffer,
+    /// Review after the first `probe_tokens` tokens: keep streaming the
+    /// small answer, or drop it and stream the escalation pool's.
+    Probe,
+}
+
+/// `[policy.cascade]`: the small-first cascade.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CascadeConfig {
+    /// `"buffer"` (default) or `"probe"`, for streamed requests.
+    #[serde(default)]
+    pub stream_mode: StreamMode,
+    /// Tokens a `probe` review waits for. Default 16.
+    #[serde(default = "default_probe_tokens")]
+    pub probe_tokens: usize,
+    /// Log-probability (natural log) under which a token counts as low in
+    /// the summary's `share-below`. Default -2.3 (ln 0.1).
+    #[serde(default = "default_low_logprob")]
+    pub low_logprob: f32,
+    /// Shadow mode: `review` runs and its verdict is logged and counted,
+    /// but the small answer is always served. Default false.
+    #[serde(default)]
+    pub shadow: bool,
+}
+
+impl Default for CascadeConfig {
+    fn default() -> Self {
+        Self {
+            stream_mode: StreamMode::Buffer,
+            probe_tokens: DEFAULT_PROBE_TOKENS,
+            low_logprob: DEFAULT_LOW_LOGPROB,
+            shadow: false,
+        }
+    }
+}
+
+/// Default of `policy.cascade.probe_tokens`.
+pub const DEFAULT_PROBE_TOKENS: usize = 16;
+/// Default of `policy.cascade.low_logprob`: ln(0.1).
+pub const DEFAULT_LOW_LOGPROB: f32 = -2.3;
+/// Largest accepted `policy.cascade.probe_tokens`.
+const MAX_PROBE_TOKENS: usize = 4096;
+
+fn default_probe_tokens() -> usize {
+    DEFAULT_PROBE_TOKENS
+}
+
+fn default_low_logprob() -> f32 {
+    DEFAULT_LOW_LOGPROB
 }
 
 impl PolicyConfig {
@@ -446,6 +507,17 @@ fn validate_policy(policy: &PolicyConfig) -> Result<(), ConfigError> {
     if policy.max_memory_bytes < 1024 * 1024 {
         return Err(invalid("policy.max_memory_bytes", "must be >= 1 MiB"));
     }
+    let cascade = &policy.cascade;
+    if cascade.probe_tokens == 0 || cascade.probe_tokens > MAX_PROBE_TOKENS {
+        let message = format!("must be between 1 and {MAX_PROBE_TOKENS}");
+        return Err(invalid("policy.cascade.probe_tokens", &message));
+    }
+    if cascade.low_logprob.is_nan() || cascade.low_logprob > 0.0 {
+        return Err(invalid(
+            "policy.cascade.low_logprob",
+            "must be <= 0 (a natural-log probability, e.g. -2.3 for 0.1)",
+        ));
+    }
     Ok(())
 }
 
@@ -657,6 +729,24 @@ model = "big"
         let err = Config::parse(&text).unwrap_err();
         assert_eq!(err.key, "policy.plugin");
         assert!(err.message.contains("make plugins"));
+    }
+
+    #[test]
+    fn cascade_defaults_and_bad_probe_tokens_name_the_key() {
+        let plugin = std::env::current_exe().unwrap();
+        let policy = format!("\n[policy]\nplugin = {:?}\n", plugin.display().to_string());
+        let config = Config::parse(&format!("{EXAMPLE}{policy}")).unwrap();
+        let cascade = &config.policy.unwrap().cascade;
+        assert_eq!(cascade.stream_mode, StreamMode::Buffer);
+        assert_eq!(cascade.probe_tokens, 16);
+        assert!(!cascade.shadow);
+
+        let text = format!("{EXAMPLE}{policy}[policy.cascade]\nprobe_tokens = 0\n");
+        let err = Config::parse(&text).unwrap_err();
+        assert_eq!(err.key, "policy.cascade.probe_tokens", "{err}");
+        let text = format!("{EXAMPLE}{policy}[policy.cascade]\nmode = \"probe\"\n");
+        let err = Config::parse(&text).unwrap_err();
+        assert!(err.key.starts_with("policy.cascade"), "{err}");
     }
 
     #[test]

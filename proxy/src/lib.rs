@@ -9,6 +9,8 @@
 //! - [`app`]: the request path from body to answer;
 //! - [`api`]: the OpenAI request shapes Switchyard interprets;
 //! - [`routing`]: which pool serves a request (policy or model name);
+//! - [`cascade`]: small-first answers, their review by the policy, and
+//!   escalation;
 //! - [`coalesce`]: merging requests into upstream batches and splitting
 //!   the answers;
 //! - [`upstream`]: pools of model servers and pooled connections to them;
@@ -21,6 +23,7 @@
 pub mod api;
 pub mod app;
 pub mod body;
+pub mod cascade;
 pub mod coalesce;
 pub mod config;
 pub mod error;

@@ -6,22 +6,41 @@
 //! counted, and the request takes the default route.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Instant;
 
 use http::HeaderMap;
-use switchyard_policy::{Policy, RouteOutcome};
+use switchyard_policy::{Policy, RouteOutcome, RouteRequest};
 
 use crate::api::ApiRequest;
 use crate::error::{ApiError, ErrorKind};
 use crate::metrics;
 
 /// Where a request goes.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Route {
     /// Name of the pool, one of those the router was built with.
     pub pool: String,
     /// Upper bound the policy set on `max_tokens`.
     pub max_tokens_cap: Option<u32>,
+    /// Small-first: a configured pool to escalate to; `pool` answers first
+    /// and the policy reviews its answer.
+    pub escalate_to: Option<String>,
+    /// The policy's hints (`switchyard.*` attribute keys).
+    pub attributes: Vec<(String, String)>,
+    /// The policy version that routed this request and must review it.
+    pub policy: Option<Arc<Policy>>,
+    /// What that policy was told about the request, for its review.
+    pub summary: Option<RouteRequest>,
+}
+
+impl Route {
+    fn to(pool: &str) -> Self {
+        Route {
+            pool: pool.to_string(),
+            ..Route::default()
+        }
+    }
 }
 
 /// The pool names and the optional policy. Routing needs only names: what
@@ -32,7 +51,7 @@ pub struct Router {
     pools: HashSet<String>,
     /// Pool names in configuration order, for listings and messages.
     names: Vec<String>,
-    policy: Option<Policy>,
+    policy: Option<Arc<Policy>>,
     /// Where a request goes when the policy fails and its `model` names no
     /// pool.
     fallback_pool: Option<String>,
@@ -44,7 +63,7 @@ impl Router {
         Self {
             pools,
             names,
-            policy,
+            policy: policy.map(Arc::new),
             fallback_pool,
         }
     }
@@ -60,6 +79,9 @@ impl Router {
             return self.default_route(&request.model);
         };
 
+        // The request keeps this `Arc` to its end, so its review runs on
+        // the same plugin version as its route.
+        let policy = Arc::clone(policy);
         let summary = request.route_request(headers);
         let started = Instant::now();
         let outcome = call_blocking(|| policy.route(&summary));
@@ -67,10 +89,17 @@ impl Router {
 
         match outcome {
             Ok(RouteOutcome::Route(decision)) => match self.pools.get(&decision.pool) {
-                Some(pool) => Ok(Route {
-                    pool: pool.clone(),
-                    max_tokens_cap: decision.max_tokens_cap,
-                }),
+                Some(pool) => {
+                    let escalate_to = self.escalation_pool(&policy, decision.escalate_to);
+                    Ok(Route {
+                        pool: pool.clone(),
+                        max_tokens_cap: decision.max_tokens_cap,
+                        escalate_to,
+                        attributes: decision.attributes,
+                        policy: Some(policy),
+                        summary: Some(summary),
+                    })
+                }
                 // Passing the client's model through as the pool is a
                 // plugin's normal answer; no such pool is the client's
                 // mistake, not the plugin's.
@@ -102,6 +131,29 @@ impl Router {
         }
     }
 
+    /// Whether `pool` names a configured pool.
+    pub fn has_pool(&self, pool: &str) -> bool {
+        self.pools.contains(pool)
+    }
+
+    /// The escalation pool of a decision, if it names a configured pool; a
+    /// bad name is the plugin's mistake, so the request is served without
+    /// a cascade rather than failed.
+    fn escalation_pool(&self, policy: &Policy, pool: Option<String>) -> Option<String> {
+        let pool = pool?;
+        if self.pools.contains(&pool) {
+            return Some(pool);
+        }
+        tracing::warn!(
+            plugin = policy.name(),
+            pool = %pool,
+            "policy chose an escalation pool that does not exist; \
+             serving without the cascade"
+        );
+        metrics::record_policy_error(policy.name(), "unknown_pool");
+        None
+    }
+
     /// Where a request goes when the policy failed: the pool its `model`
     /// names, else `policy.fallback_pool` when one is set.
     fn failure_route(&self, model: &str) -> Result<Route, ApiError> {
@@ -110,10 +162,7 @@ impl Router {
             .as_ref()
             .and_then(|name| self.pools.get(name));
         match (self.pools.get(model), fallback) {
-            (None, Some(pool)) => Ok(Route {
-                pool: pool.clone(),
-                max_tokens_cap: None,
-            }),
+            (None, Some(pool)) => Ok(Route::to(pool)),
             _ => self.default_route(model),
         }
     }
@@ -121,10 +170,7 @@ impl Router {
     /// The pool named by the request's `model`.
     fn default_route(&self, model: &str) -> Result<Route, ApiError> {
         match self.pools.get(model) {
-            Some(pool) => Ok(Route {
-                pool: pool.clone(),
-                max_tokens_cap: None,
-            }),
+            Some(pool) => Ok(Route::to(pool)),
             None => {
                 let message = format!(
                     "no pool serves model {model:?}; pools: {}",
