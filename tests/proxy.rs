@@ -23,6 +23,8 @@ mod cascade;
 mod coalescing;
 #[path = "proxy/config_check.rs"]
 mod config_check;
+#[path = "proxy/costs.rs"]
+mod costs;
 #[path = "proxy/errors.rs"]
 mod errors;
 #[path = "proxy/faults.rs"]

@@ -21,6 +21,7 @@ use crate::body::{full, Body};
 use crate::cascade;
 use crate::coalesce::{BatchLimits, Coalescer};
 use crate::config::{CascadeConfig, Config, PoolKind};
+use crate::costs::{Ledger, MeteredBody};
 use crate::error::{ApiError, ErrorKind};
 use crate::local::LocalPool;
 use crate::metrics;
@@ -40,6 +41,7 @@ pub struct App {
     locals: HashMap<String, Arc<LocalPool>>,
     coalescers: HashMap<String, Coalescer>,
     cascade: CascadeConfig,
+    ledger: Arc<Ledger>,
     max_body_bytes: u64,
     body_read_timeout: Duration,
 }
@@ -102,6 +104,7 @@ impl App {
             locals,
             coalescers,
             cascade,
+            ledger: Arc::new(Ledger::new(config)),
             max_body_bytes: config.server.max_body_bytes,
             body_read_timeout: Duration::from_millis(config.server.body_read_timeout_ms),
         })
@@ -181,8 +184,13 @@ impl App {
             let settings = &self.cascade;
             return cascade::serve(self, settings, &parts.headers, api, route, outcome).await;
         }
-        self.dispatch(&route.pool, &parts.headers, api, outcome)
+        self.dispatch(&route.pool, &parts.headers, api, outcome, true)
             .await
+    }
+
+    /// The cost ledger, for the admin port.
+    pub fn ledger(&self) -> Arc<Ledger> {
+        Arc::clone(&self.ledger)
     }
 
     /// Whether `pool` names a configured pool.
@@ -190,9 +198,31 @@ impl App {
         self.router.has_pool(pool)
     }
 
+    /// Sends `api` to `pool` and charges a successful answer to the
+    /// ledger as it passes; `served` says the client gets this answer (a
+    /// cascade's small answer is charged, but served only if accepted).
+    pub(crate) async fn dispatch(
+        &self,
+        pool: &str,
+        headers: &HeaderMap,
+        api: ApiRequest,
+        outcome: &mut Outcome,
+        served: bool,
+    ) -> Result<Response<Body>, ApiError> {
+        let stream = api.stream;
+        let in_flight = self.ledger.begin(pool);
+        let response = self.send_to_pool(pool, headers, api, outcome).await?;
+        if !response.status().is_success() {
+            return Ok(response);
+        }
+        let (parts, body) = response.into_parts();
+        let body = MeteredBody::new(body, stream, served, in_flight).boxed();
+        Ok(Response::from_parts(parts, body))
+    }
+
     /// Sends `api` to `pool`: the in-process executor, the pool's
     /// coalescer, or straight upstream.
-    pub(crate) async fn dispatch(
+    async fn send_to_pool(
         &self,
         pool: &str,
         headers: &HeaderMap,

@@ -23,6 +23,7 @@ use crate::api::ApiRequest;
 use crate::app::{set_header, App, Outcome, POOL_HEADER};
 use crate::body::{full, Body, ChannelBody};
 use crate::config::{CascadeConfig, StreamMode};
+use crate::costs::{usage_of, Usage};
 use crate::error::ApiError;
 use crate::metrics;
 use crate::routing::{call_blocking, Route};
@@ -61,7 +62,7 @@ pub(crate) async fn serve(
     let (Some(policy), Some(summary), Some(large)) =
         (route.policy, route.summary, route.escalate_to)
     else {
-        return app.dispatch(&route.pool, headers, api, outcome).await;
+        return app.dispatch(&route.pool, headers, api, outcome, true).await;
     };
     let reviewer = Reviewer {
         policy,
@@ -76,7 +77,7 @@ pub(crate) async fn serve(
     let mut small_api = api.clone();
     ask_logprobs(&mut small_api);
     let small = app
-        .dispatch(&reviewer.small, headers, small_api, outcome)
+        .dispatch(&reviewer.small, headers, small_api, outcome, false)
         .await;
     let small = match small {
         Ok(response) if response.status().is_success() => response,
@@ -124,16 +125,12 @@ async fn whole(
     if let Some(choice) = first_choice(&value) {
         evidence.absorb(choice);
     }
-    if let Some(tokens) = value
-        .pointer("/usage/completion_tokens")
-        .and_then(Value::as_u64)
-    {
-        evidence.usage_tokens = Some(tokens);
-    }
+    evidence.usage = usage_of(&value);
     if let Some(pool) = reviewer.decide(app, &evidence, false, outcome) {
         return escalate(app, headers, api, &pool, outcome).await;
     }
 
+    app.ledger().serve(&reviewer.small, evidence.usage());
     if !wanted {
         strip_logprobs(&mut value);
     }
@@ -176,6 +173,7 @@ async fn buffered(
         return escalate(app, headers, api, &pool, outcome).await;
     }
 
+    app.ledger().serve(&reviewer.small, evidence.usage());
     let mut replay = Vec::new();
     for event in &events {
         replay.extend_from_slice(&rewrite_event(event, !wanted));
@@ -237,13 +235,20 @@ async fn probed(
     let strip = !wanted;
     let (tx, client_body) = ChannelBody::channel(STREAM_DEPTH);
     let pool = reviewer.small.clone();
+    let ledger = app.ledger();
     tokio::spawn(async move {
+        // Whatever happens to the stream, what the client got is counted.
+        let mut evidence = Served {
+            evidence,
+            ledger,
+            pool: pool.clone(),
+        };
         for event in &held {
             if tx.send(rewrite_event(event, strip)).await.is_err() {
                 return;
             }
         }
-        if evidence.done {
+        if evidence.evidence.done {
             return;
         }
         while let Some(frame) = body.frame().await {
@@ -258,16 +263,32 @@ async fn probed(
                 }
             };
             for event in splitter.push(&data) {
+                evidence.evidence.absorb_event(&event);
                 if tx.send(rewrite_event(&event, strip)).await.is_err() {
                     return;
                 }
             }
         }
         if let Some(event) = splitter.finish() {
+            evidence.evidence.absorb_event(&event);
             let _ = tx.send(rewrite_event(&event, strip)).await;
         }
     });
     Ok(stream_response(parts.headers, client_body, reviewer))
+}
+
+/// A probed answer on its way to the client; dropping it counts it as
+/// served with the usage seen.
+struct Served {
+    evidence: Evidence,
+    ledger: std::sync::Arc<crate::costs::Ledger>,
+    pool: String,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.ledger.serve(&self.pool, self.evidence.usage());
+    }
 }
 
 /// Sends the client's own request to the escalation `pool`.
@@ -279,7 +300,7 @@ async fn escalate(
     outcome: &mut Outcome,
 ) -> Result<Response<Body>, ApiError> {
     outcome.pool = Some(pool.to_string());
-    let mut response = app.dispatch(pool, headers, api, outcome).await?;
+    let mut response = app.dispatch(pool, headers, api, outcome, true).await?;
     set_header(&mut response, ESCALATED_HEADER, "true");
     Ok(response)
 }
@@ -370,11 +391,9 @@ impl Reviewer {
             "{verdict}{}",
             reason.map(|r| format!(":{r}")).unwrap_or_default()
         ));
-        if shadow {
-            outcome.escalated = Some(false);
-            return None;
-        }
+        let pool = if shadow { None } else { pool };
         outcome.escalated = Some(pool.is_some());
+        app.ledger().cascade(pool.is_some());
         pool
     }
 
@@ -415,6 +434,7 @@ impl Reviewer {
         metrics::record_review(&self.small, "escalate", SMALL_FAILED, false);
         outcome.review = Some(format!("escalate:{SMALL_FAILED}"));
         outcome.escalated = Some(true);
+        app.ledger().cascade(true);
         escalate(app, headers, api, &self.large, outcome).await
     }
 
@@ -493,8 +513,8 @@ struct Evidence {
     text: String,
     logprobs: Vec<f32>,
     finish_reason: Option<String>,
-    /// `usage.completion_tokens`, when the answer had it.
-    usage_tokens: Option<u64>,
+    /// The answer's `usage`, when it had one.
+    usage: Option<Usage>,
     /// A stream's `[DONE]` (or its end) was seen.
     done: bool,
 }
@@ -539,6 +559,9 @@ impl Evidence {
             if let Some(choice) = first_choice(&chunk) {
                 self.absorb(choice);
             }
+            if let Some(usage) = usage_of(&chunk) {
+                self.usage = Some(usage);
+            }
         }
     }
 
@@ -546,8 +569,16 @@ impl Evidence {
         self.logprobs.len()
     }
 
+    /// The answer's usage, or its logprob count as completion tokens.
+    fn usage(&self) -> Usage {
+        self.usage.unwrap_or(Usage {
+            prompt: 0,
+            completion: self.logprobs.len() as u64,
+        })
+    }
+
     fn answer(&self, pool: &str, low: f32, elapsed: Duration, partial: bool) -> ReviewAnswer {
-        let counted = self.usage_tokens.unwrap_or(self.logprobs.len() as u64);
+        let counted = self.usage().completion;
         ReviewAnswer {
             pool: pool.to_string(),
             text: self.text.clone(),

@@ -74,6 +74,32 @@ pub struct Config {
     pub pool: Vec<PoolConfig>,
     /// The routing plugin. Without it, a request's `model` names its pool.
     pub policy: Option<PolicyConfig>,
+    /// The cost ledger's baseline.
+    #[serde(default)]
+    pub costs: CostsConfig,
+}
+
+/// `[costs]`: what the ledger compares the answers' cost with.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CostsConfig {
+    /// A priced pool: every answer is also costed at its price, as if it
+    /// had served everything. Default: none (no baseline, no savings).
+    pub baseline: Option<String>,
+}
+
+/// `pool.price`: per million tokens, or per hour of hardware.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceConfig {
+    /// Dollars per million prompt tokens. Default 0.
+    pub input_per_mtok: Option<f64>,
+    /// Dollars per million completion tokens. Default 0.
+    pub output_per_mtok: Option<f64>,
+    /// Dollars per hour of the pool's hardware, turned into a price per
+    /// completion token with the pool's measured throughput. Not with the
+    /// per-token keys.
+    pub gpu_hour: Option<f64>,
 }
 
 /// `[server]`: listeners and request limits.
@@ -170,6 +196,9 @@ pub struct PoolConfig {
     /// `local` pools: most requests waiting beyond the running batch; past
     /// it requests get 429 with `Retry-After`. Default 64.
     pub max_queue: Option<usize>,
+    /// The pool's price, for the cost ledger. Default: none (its answers
+    /// cost nothing).
+    pub price: Option<PriceConfig>,
 }
 
 impl PoolConfig {
@@ -379,6 +408,22 @@ impl Config {
             }
         }
 
+        for (i, pool) in self.pool.iter().enumerate() {
+            if let Some(price) = &pool.price {
+                validate_price(&format!("pool[{i}].price"), price)?;
+            }
+        }
+        if let Some(baseline) = &self.costs.baseline {
+            let priced = self
+                .pool
+                .iter()
+                .any(|p| &p.name == baseline && p.price.is_some());
+            if !priced {
+                let message = format!("must name a pool with a price, got {baseline:?}");
+                return Err(invalid("costs.baseline", &message));
+            }
+        }
+
         if let Some(policy) = &self.policy {
             validate_policy(policy)?;
             if let Some(fallback) = &policy.fallback_pool {
@@ -481,6 +526,34 @@ fn validate_local_pool(i: usize, pool: &PoolConfig) -> Result<(), ConfigError> {
             path.display()
         );
         return Err(invalid(&key("model_path"), &message));
+    }
+    Ok(())
+}
+
+fn validate_price(key: &str, price: &PriceConfig) -> Result<(), ConfigError> {
+    let fields = [
+        ("input_per_mtok", price.input_per_mtok),
+        ("output_per_mtok", price.output_per_mtok),
+        ("gpu_hour", price.gpu_hour),
+    ];
+    for (field, value) in fields {
+        if value.is_some_and(|v| !v.is_finite() || v < 0.0) {
+            let key = format!("{key}.{field}");
+            return Err(invalid(&key, "must be a non-negative number of dollars"));
+        }
+    }
+    let per_token = price.input_per_mtok.is_some() || price.output_per_mtok.is_some();
+    if per_token && price.gpu_hour.is_some() {
+        return Err(invalid(
+            &format!("{key}.gpu_hour"),
+            "cannot be combined with input_per_mtok or output_per_mtok",
+        ));
+    }
+    if !per_token && price.gpu_hour.is_none() {
+        return Err(invalid(
+            key,
+            "needs input_per_mtok and output_per_mtok, or gpu_hour",
+        ));
     }
     Ok(())
 }
@@ -747,6 +820,32 @@ model = "big"
         let text = format!("{EXAMPLE}{policy}[policy.cascade]\nmode = \"probe\"\n");
         let err = Config::parse(&text).unwrap_err();
         assert!(err.key.starts_with("policy.cascade"), "{err}");
+    }
+
+    #[test]
+    fn prices_and_baseline_are_checked_with_their_keys() {
+        let priced = EXAMPLE.replace(
+            "name = \"large\"",
+            "name = \"large\"\nprice = { input_per_mtok = 1.0, output_per_mtok = 2.0 }",
+        );
+        let config = Config::parse(&format!("{priced}\n[costs]\nbaseline = \"large\"\n")).unwrap();
+        assert_eq!(config.costs.baseline.as_deref(), Some("large"));
+
+        let err =
+            Config::parse(&format!("{EXAMPLE}\n[costs]\nbaseline = \"large\"\n")).unwrap_err();
+        assert_eq!(err.key, "costs.baseline", "{err}");
+        let both = EXAMPLE.replace(
+            "name = \"large\"",
+            "name = \"large\"\nprice = { output_per_mtok = 1.0, gpu_hour = 2.0 }",
+        );
+        let err = Config::parse(&both).unwrap_err();
+        assert_eq!(err.key, "pool[1].price.gpu_hour", "{err}");
+        let negative = EXAMPLE.replace(
+            "name = \"large\"",
+            "name = \"large\"\nprice = { gpu_hour = -1.0 }",
+        );
+        let err = Config::parse(&negative).unwrap_err();
+        assert_eq!(err.key, "pool[1].price.gpu_hour", "{err}");
     }
 
     #[test]

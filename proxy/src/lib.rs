@@ -11,6 +11,7 @@
 //! - [`routing`]: which pool serves a request (policy or model name);
 //! - [`cascade`]: small-first answers, their review by the policy, and
 //!   escalation;
+//! - [`costs`]: the cost ledger (prices, totals, `/admin/costs`);
 //! - [`coalesce`]: merging requests into upstream batches and splitting
 //!   the answers;
 //! - [`upstream`]: pools of model servers and pooled connections to them;
@@ -26,6 +27,7 @@ pub mod body;
 pub mod cascade;
 pub mod coalesce;
 pub mod config;
+pub mod costs;
 pub mod error;
 pub mod local;
 pub mod metrics;

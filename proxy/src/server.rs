@@ -78,6 +78,7 @@ pub async fn run(
     let graceful = GracefulShutdown::new();
     let admin_state = Arc::new(AdminState {
         metrics,
+        ledger: app.ledger(),
         ready: Arc::clone(&ready),
     });
 
@@ -237,6 +238,7 @@ impl AcceptErrors {
 #[derive(Debug)]
 struct AdminState {
     metrics: PrometheusHandle,
+    ledger: Arc<crate::costs::Ledger>,
     ready: Arc<AtomicBool>,
 }
 
@@ -255,6 +257,14 @@ impl AdminState {
                 response
             }
             "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/admin/costs" => {
+                let mut response = text(StatusCode::OK, self.ledger.report().to_string());
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                response
+            }
             "/readyz" if self.ready.load(Ordering::SeqCst) => text(StatusCode::OK, "ready\n"),
             "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
