@@ -29,6 +29,8 @@ mod costs;
 mod errors;
 #[path = "proxy/faults.rs"]
 mod faults;
+#[path = "proxy/hot_swap.rs"]
+mod hot_swap;
 #[path = "proxy/local.rs"]
 mod local;
 #[path = "proxy/logs.rs"]

@@ -193,6 +193,11 @@ impl App {
         Arc::clone(&self.ledger)
     }
 
+    /// The router, whose policy the admin port may swap.
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
     /// Whether `pool` names a configured pool.
     pub(crate) fn has_pool(&self, pool: &str) -> bool {
         self.router.has_pool(pool)

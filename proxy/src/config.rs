@@ -265,6 +265,28 @@ pub struct PolicyConfig {
     /// How small-first requests (a route with `escalate-to`) are served.
     #[serde(default)]
     pub cascade: CascadeConfig,
+    /// How often the plugin file is checked for a new version, in
+    /// milliseconds; 0 turns the check off. Default 2000.
+    #[serde(default = "default_watch_interval_ms")]
+    pub watch_interval_ms: u64,
+    /// Environment variable holding the bearer token of `PUT
+    /// /admin/policy` and `POST /admin/policy/rollback`; unset or empty
+    /// turns those calls off. Default `SWITCHYARD_ADMIN_TOKEN`.
+    #[serde(default = "default_admin_token_env")]
+    pub admin_token_env: String,
+}
+
+/// Default of `policy.watch_interval_ms`.
+pub const DEFAULT_WATCH_INTERVAL_MS: u64 = 2000;
+/// Default of `policy.admin_token_env`.
+pub const DEFAULT_ADMIN_TOKEN_ENV: &str = "SWITCHYARD_ADMIN_TOKEN";
+
+fn default_watch_interval_ms() -> u64 {
+    DEFAULT_WATCH_INTERVAL_MS
+}
+
+fn default_admin_token_env() -> String {
+    DEFAULT_ADMIN_TOKEN_ENV.to_string()
 }
 
 /// How a streamed small-first request is reviewed.

@@ -17,6 +17,7 @@
 //! - [`upstream`]: pools of model servers and pooled connections to them;
 //! - [`local`]: pools served by the in-process executor
 //!   (`switchyard-executor`);
+//! - [`reload`]: swapping the policy plugin while traffic flows;
 //! - [`metrics`]: metric names and the Prometheus recorder;
 //! - [`error`]: the errors clients see, and their statuses;
 //! - [`telemetry`]: log output.
@@ -31,6 +32,7 @@ pub mod costs;
 pub mod error;
 pub mod local;
 pub mod metrics;
+pub mod reload;
 pub mod routing;
 pub mod server;
 pub mod telemetry;

@@ -6,7 +6,7 @@
 //! counted, and the request takes the default route.
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Instant;
 
 use http::HeaderMap;
@@ -51,7 +51,10 @@ pub struct Router {
     pools: HashSet<String>,
     /// Pool names in configuration order, for listings and messages.
     names: Vec<String>,
-    policy: Option<Arc<Policy>>,
+    /// The policy new requests are routed by; swapped whole by a reload.
+    policy: RwLock<Option<Arc<Policy>>>,
+    /// The one it replaced, for a rollback.
+    previous: Mutex<Option<Arc<Policy>>>,
     /// Where a request goes when the policy fails and its `model` names no
     /// pool.
     fallback_pool: Option<String>,
@@ -63,7 +66,8 @@ impl Router {
         Self {
             pools,
             names,
-            policy: policy.map(Arc::new),
+            policy: RwLock::new(policy.map(Arc::new)),
+            previous: Mutex::new(None),
             fallback_pool,
         }
     }
@@ -73,15 +77,51 @@ impl Router {
         &self.names
     }
 
+    /// The policy new requests are routed by.
+    pub fn policy(&self) -> Option<Arc<Policy>> {
+        self.policy
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The policy a rollback would return to.
+    pub fn previous_policy(&self) -> Option<Arc<Policy>> {
+        self.previous
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Routes new requests by `policy`; requests already routed finish on
+    /// the version they hold. The replaced one is kept for a rollback.
+    pub fn swap_policy(&self, policy: Arc<Policy>) {
+        let mut current = self.policy.write().unwrap_or_else(PoisonError::into_inner);
+        let old = current.replace(policy);
+        drop(current);
+        if let Some(old) = old {
+            *self.previous.lock().unwrap_or_else(PoisonError::into_inner) = Some(old);
+        }
+    }
+
+    /// Swaps back to the previous policy; `None` when there is none.
+    pub fn rollback_policy(&self) -> Option<Arc<Policy>> {
+        let previous = self
+            .previous
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()?;
+        self.swap_policy(Arc::clone(&previous));
+        Some(previous)
+    }
+
     /// Chooses the pool for `request`.
     pub fn route(&self, request: &ApiRequest, headers: &HeaderMap) -> Result<Route, ApiError> {
-        let Some(policy) = &self.policy else {
+        // The request keeps this `Arc` to its end, so its review runs on
+        // the same plugin version as its route, whatever a reload does.
+        let Some(policy) = self.policy() else {
             return self.default_route(&request.model);
         };
-
-        // The request keeps this `Arc` to its end, so its review runs on
-        // the same plugin version as its route.
-        let policy = Arc::clone(policy);
         let summary = request.route_request(headers);
         let started = Instant::now();
         let outcome = call_blocking(|| policy.route(&summary));

@@ -97,7 +97,16 @@ impl Policy {
                 }
             }
         })?;
-        let version = version_of(&bytes);
+        Policy::load_bytes(settings, &bytes)
+    }
+
+    /// Like [`Policy::load`], with the component's bytes given rather than
+    /// read from `settings.plugin` (which still names it in logs and
+    /// errors): for a plugin uploaded to a running Switchyard.
+    pub fn load_bytes(settings: &PolicySettings, bytes: &[u8]) -> Result<Policy, LoadError> {
+        validate(settings)?;
+        let path = settings.plugin.clone();
+        let version = version_of(bytes);
         let name = name_of(&path);
 
         // Epoch interruption lets a deadline stop a plugin stuck in a loop
@@ -110,7 +119,7 @@ impl Policy {
         };
         let engine = Engine::new(&config).map_err(|e| engine_error(error_chain(&e)))?;
 
-        let component = Component::new(&engine, &bytes).map_err(|e| LoadError::Compile {
+        let component = Component::new(&engine, bytes).map_err(|e| LoadError::Compile {
             path: path.clone(),
             detail: error_chain(&e),
         })?;
