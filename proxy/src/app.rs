@@ -93,13 +93,21 @@ impl App {
             upstreams.insert(pool.name.clone(), pool);
         }
         let fallback_pool = config.policy.as_ref().and_then(|p| p.fallback_pool.clone());
+        let mut router = Router::new(names, policy, fallback_pool);
+        if let Some(p) = &config.policy {
+            router = router.with_failure_handling(
+                p.on_error,
+                p.rollback_error_rate,
+                p.rollback_min_calls,
+            );
+        }
         let cascade = config
             .policy
             .as_ref()
             .map(|p| p.cascade.clone())
             .unwrap_or_default();
         Ok(Self {
-            router: Router::new(names, policy, fallback_pool),
+            router,
             upstreams,
             locals,
             coalescers,

@@ -274,6 +274,53 @@ pub struct PolicyConfig {
     /// turns those calls off. Default `SWITCHYARD_ADMIN_TOKEN`.
     #[serde(default = "default_admin_token_env")]
     pub admin_token_env: String,
+    /// What a failed plugin call (trap, timeout, memory) leads to:
+    /// `"default-route"` (the default: the pool the `model` names, else
+    /// `fallback_pool`), `"reject"` (503, code `policy_failed`) or
+    /// `"previous"` (the previous plugin version decides, when there is
+    /// one).
+    #[serde(default)]
+    pub on_error: OnError,
+    /// Share of failed calls (0 to 1) past which a plugin version that
+    /// was swapped in is rolled back automatically; 0 never. Default 0.5.
+    #[serde(default = "default_rollback_error_rate")]
+    pub rollback_error_rate: f64,
+    /// Calls a swapped-in version makes before its error rate counts.
+    /// Default 20.
+    #[serde(default = "default_rollback_min_calls")]
+    pub rollback_min_calls: u64,
+}
+
+/// What a failed plugin call leads to (`policy.on_error`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnError {
+    /// The pool the `model` names, else `policy.fallback_pool`.
+    #[default]
+    DefaultRoute,
+    /// 503 with code `policy_failed`.
+    Reject,
+    /// The previous plugin version decides; without one, the default
+    /// route.
+    Previous,
+}
+
+impl OnError {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnError::DefaultRoute => "default-route",
+            OnError::Reject => "reject",
+            OnError::Previous => "previous",
+        }
+    }
+}
+
+fn default_rollback_error_rate() -> f64 {
+    0.5
+}
+
+fn default_rollback_min_calls() -> u64 {
+    20
 }
 
 /// Default of `policy.watch_interval_ms`.
@@ -601,6 +648,12 @@ fn validate_policy(policy: &PolicyConfig) -> Result<(), ConfigError> {
     }
     if policy.max_memory_bytes < 1024 * 1024 {
         return Err(invalid("policy.max_memory_bytes", "must be >= 1 MiB"));
+    }
+    if !(0.0..=1.0).contains(&policy.rollback_error_rate) {
+        return Err(invalid(
+            "policy.rollback_error_rate",
+            "must be between 0 and 1 (0 turns automatic rollback off)",
+        ));
     }
     let cascade = &policy.cascade;
     if cascade.probe_tokens == 0 || cascade.probe_tokens > MAX_PROBE_TOKENS {

@@ -6,6 +6,7 @@
 //! counted, and the request takes the default route.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Instant;
 
@@ -13,6 +14,7 @@ use http::HeaderMap;
 use switchyard_policy::{Policy, RouteOutcome, RouteRequest};
 
 use crate::api::ApiRequest;
+use crate::config::OnError;
 use crate::error::{ApiError, ErrorKind};
 use crate::metrics;
 
@@ -55,6 +57,15 @@ pub struct Router {
     policy: RwLock<Option<Arc<Policy>>>,
     /// The one it replaced, for a rollback.
     previous: Mutex<Option<Arc<Policy>>>,
+    /// What a failed plugin call leads to.
+    on_error: OnError,
+    /// Share of failed calls past which a swapped-in version is rolled
+    /// back, once it has made `rollback_min_calls` calls; 0 never.
+    rollback_error_rate: f64,
+    rollback_min_calls: u64,
+    /// Calls and failed calls of the active version since it took over.
+    calls: AtomicU64,
+    errors: AtomicU64,
     /// Where a request goes when the policy fails and its `model` names no
     /// pool.
     fallback_pool: Option<String>,
@@ -68,8 +79,22 @@ impl Router {
             names,
             policy: RwLock::new(policy.map(Arc::new)),
             previous: Mutex::new(None),
+            on_error: OnError::DefaultRoute,
+            rollback_error_rate: 0.0,
+            rollback_min_calls: 0,
+            calls: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
             fallback_pool,
         }
+    }
+
+    /// Sets what a failed plugin call leads to, and when a swapped-in
+    /// version that keeps failing is rolled back.
+    pub fn with_failure_handling(mut self, on_error: OnError, rate: f64, min_calls: u64) -> Self {
+        self.on_error = on_error;
+        self.rollback_error_rate = rate;
+        self.rollback_min_calls = min_calls;
+        self
     }
 
     /// Pool names in configuration order.
@@ -98,6 +123,8 @@ impl Router {
     pub fn swap_policy(&self, policy: Arc<Policy>) {
         let mut current = self.policy.write().unwrap_or_else(PoisonError::into_inner);
         let old = current.replace(policy);
+        self.calls.store(0, Ordering::SeqCst);
+        self.errors.store(0, Ordering::SeqCst);
         drop(current);
         if let Some(old) = old {
             *self.previous.lock().unwrap_or_else(PoisonError::into_inner) = Some(old);
@@ -126,9 +153,92 @@ impl Router {
         let started = Instant::now();
         let outcome = call_blocking(|| policy.route(&summary));
         metrics::record_policy_call(policy.name(), started.elapsed());
+        self.count_call(&policy, outcome.is_err());
 
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(e) => return self.call_failed(&policy, &e, request, summary),
+        };
+        self.apply(policy, outcome, request, summary)
+    }
+
+    /// A failed call, handled as `policy.on_error` says.
+    fn call_failed(
+        &self,
+        policy: &Policy,
+        e: &switchyard_policy::CallError,
+        request: &ApiRequest,
+        summary: RouteRequest,
+    ) -> Result<Route, ApiError> {
+        tracing::warn!(
+            plugin = policy.name(),
+            version = policy.version(),
+            kind = e.kind(),
+            error = %e,
+            on_error = self.on_error.as_str(),
+            "policy call failed"
+        );
+        metrics::record_policy_error(policy.name(), e.kind());
+        match self.on_error {
+            OnError::DefaultRoute => self.failure_route(&request.model),
+            OnError::Reject => {
+                let message = format!("the routing policy failed: {e}");
+                Err(ApiError::new(ErrorKind::PolicyFailed, message))
+            }
+            OnError::Previous => {
+                let Some(previous) = self.previous_policy() else {
+                    return self.failure_route(&request.model);
+                };
+                match call_blocking(|| previous.route(&summary)) {
+                    Ok(outcome) => self.apply(previous, outcome, request, summary),
+                    Err(_) => self.failure_route(&request.model),
+                }
+            }
+        }
+    }
+
+    /// Counts a call of `policy` and rolls a swapped-in version back when
+    /// its share of failures passes `policy.rollback_error_rate`.
+    fn count_call(&self, policy: &Arc<Policy>, failed: bool) {
+        let active = self.policy().is_some_and(|p| Arc::ptr_eq(&p, policy));
+        if !active {
+            return;
+        }
+        let calls = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        let errors = if failed {
+            self.errors.fetch_add(1, Ordering::SeqCst) + 1
+        } else {
+            self.errors.load(Ordering::SeqCst)
+        };
+        let rate = errors as f64 / calls as f64;
+        let over = self.rollback_error_rate > 0.0
+            && calls >= self.rollback_min_calls
+            && rate > self.rollback_error_rate;
+        if !over || self.previous_policy().is_none() {
+            return;
+        }
+        if let Some(restored) = self.rollback_policy() {
+            tracing::warn!(
+                plugin = policy.name(),
+                version = policy.version(),
+                restored = restored.version(),
+                calls,
+                errors,
+                "policy plugin failed too often; rolled back automatically"
+            );
+        }
+    }
+
+    /// Turns a plugin's answer into a route.
+    fn apply(
+        &self,
+        policy: Arc<Policy>,
+        outcome: RouteOutcome,
+        request: &ApiRequest,
+        summary: RouteRequest,
+    ) -> Result<Route, ApiError> {
         match outcome {
-            Ok(RouteOutcome::Route(decision)) => match self.pools.get(&decision.pool) {
+            RouteOutcome::Route(decision) => match self.pools.get(&decision.pool) {
                 Some(pool) => {
                     let escalate_to = self.escalation_pool(&policy, decision.escalate_to);
                     Ok(Route {
@@ -155,18 +265,8 @@ impl Router {
                     self.failure_route(&request.model)
                 }
             },
-            Ok(RouteOutcome::Reject { status, message }) => {
+            RouteOutcome::Reject { status, message } => {
                 Err(ApiError::new(ErrorKind::PolicyRejected(status), message))
-            }
-            Err(e) => {
-                tracing::warn!(
-                    plugin = policy.name(),
-                    kind = e.kind(),
-                    error = %e,
-                    "policy call failed; taking the default route"
-                );
-                metrics::record_policy_error(policy.name(), e.kind());
-                self.failure_route(&request.model)
             }
         }
     }

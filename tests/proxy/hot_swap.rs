@@ -15,13 +15,23 @@ const TOKEN_ENV: &str = "SWITCHYARD_TEST_ADMIN_TOKEN";
 
 /// Pools small and large on one mock, `[policy]` on `plugin_file`.
 async fn start(mock: &MockUpstream, plugin_file: &str, watch_ms: u64) -> Switchyard {
+    start_with(mock, plugin_file, watch_ms, "").await
+}
+
+/// Like `start`, with `extra` lines in the `[policy]` table.
+async fn start_with(
+    mock: &MockUpstream,
+    plugin_file: &str,
+    watch_ms: u64,
+    extra: &str,
+) -> Switchyard {
     let mut config = pools_config(&[
         ("small", &mock.url(), "smollm2"),
         ("large", &mock.url(), "big"),
     ]);
     config.push_str(&format!(
         "\n[policy]\nplugin = \"{plugin_file}\"\ntimeout_ms = 1000\n\
-         watch_interval_ms = {watch_ms}\nadmin_token_env = \"{TOKEN_ENV}\"\n"
+         watch_interval_ms = {watch_ms}\nadmin_token_env = \"{TOKEN_ENV}\"\n{extra}"
     ));
     Switchyard::start_with_env(&config, &[(TOKEN_ENV, TOKEN)]).await
 }
@@ -42,7 +52,11 @@ fn active_name(reply: &Reply) -> String {
 }
 
 async fn auto_status(sw: &Switchyard) -> u16 {
-    let body = chat_body("auto", "route me");
+    model_status(sw, "auto").await
+}
+
+async fn model_status(sw: &Switchyard, model: &str) -> u16 {
+    let body = chat_body(model, "route me");
     post(
         &http1_client(),
         &sw.api_url(),
@@ -163,4 +177,48 @@ async fn a_request_in_flight_is_reviewed_by_the_version_that_routed_it() {
     assert_eq!(log_text(&review, "version"), old_version);
     let status = send(http1_client().get(format!("{}/admin/policy", sw.admin_url()))).await;
     assert_ne!(log_text(&status.json["active"], "version"), old_version);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swapped_in_version_that_keeps_failing_is_rolled_back() {
+    let mock = MockUpstream::start().await;
+    let extra = "rollback_error_rate = 0.5\nrollback_min_calls = 4\n";
+    let sw = start_with(&mock, &plugin("cost_router"), 0, extra).await;
+    let status = send(http1_client().get(format!("{}/admin/policy", sw.admin_url()))).await;
+    let good = log_text(&status.json["active"], "version");
+
+    let faults = std::fs::read(plugin_path("test_faults")).unwrap();
+    admin(&sw, reqwest::Method::PUT, "/admin/policy", faults)
+        .await
+        .assert_status(200);
+    // test_faults traps on model `trap`: four failures in four calls.
+    for _ in 0..4 {
+        model_status(&sw, "trap").await;
+    }
+    sw.wait_for_log("automatic rollback", |l| {
+        log_text(l, "message").as_deref()
+            == Some("policy plugin failed too often; rolled back automatically")
+    })
+    .await;
+    let status = send(http1_client().get(format!("{}/admin/policy", sw.admin_url()))).await;
+    assert_eq!(log_text(&status.json["active"], "version"), good);
+    assert_eq!(auto_status(&sw).await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_error_reject_answers_503_policy_failed() {
+    let mock = MockUpstream::start().await;
+    let extra = "on_error = \"reject\"\n";
+    let sw = start_with(&mock, &plugin("test_faults"), 0, extra).await;
+    let body = chat_body("trap", "boom");
+    let reply = post(
+        &http1_client(),
+        &sw.api_url(),
+        "/v1/chat/completions",
+        &body,
+    )
+    .await;
+    reply.assert_openai_error(503);
+    assert_eq!(reply.json["error"]["code"], "policy_failed");
+    assert_eq!(model_status(&sw, "small").await, 200);
 }
