@@ -37,6 +37,8 @@ mod local;
 mod logs;
 #[path = "proxy/metrics.rs"]
 mod metrics;
+#[path = "proxy/plugin_cli.rs"]
+mod plugin_cli;
 #[path = "proxy/python_client.rs"]
 mod python_client;
 #[path = "proxy/routing.rs"]

@@ -443,6 +443,17 @@ impl Reviewer {
     }
 }
 
+/// The review answer for a whole OpenAI answer (`choices[0]`), as the
+/// cascade builds it, for `switchyard plugin test`.
+pub(crate) fn review_answer_of(value: &Value, pool: &str, low_logprob: f32) -> ReviewAnswer {
+    let mut evidence = Evidence::default();
+    if let Some(choice) = first_choice(value) {
+        evidence.absorb(choice);
+    }
+    evidence.usage = usage_of(value);
+    evidence.answer(pool, low_logprob, Duration::ZERO, false)
+}
+
 /// Whether the client asked for log-probabilities itself.
 fn wants_logprobs(api: &ApiRequest) -> bool {
     match (api.endpoint, api.body.get("logprobs")) {

@@ -17,6 +17,7 @@
 //! - [`upstream`]: pools of model servers and pooled connections to them;
 //! - [`local`]: pools served by the in-process executor
 //!   (`switchyard-executor`);
+//! - [`plugin_test`]: `switchyard plugin test`, for plugin authors;
 //! - [`reload`]: swapping the policy plugin while traffic flows;
 //! - [`metrics`]: metric names and the Prometheus recorder;
 //! - [`error`]: the errors clients see, and their statuses;
@@ -32,6 +33,7 @@ pub mod costs;
 pub mod error;
 pub mod local;
 pub mod metrics;
+pub mod plugin_test;
 pub mod reload;
 pub mod routing;
 pub mod server;
