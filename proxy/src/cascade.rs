@@ -465,7 +465,7 @@ fn wants_logprobs(api: &ApiRequest) -> bool {
 
 /// Asks for the sampled tokens' log-probabilities, leaving any larger
 /// request of the client's alone.
-fn ask_logprobs(api: &mut ApiRequest) {
+pub(crate) fn ask_logprobs(api: &mut ApiRequest) {
     if wants_logprobs(api) {
         return;
     }
@@ -501,7 +501,7 @@ fn first_choice(value: &Value) -> Option<&Value> {
 // A loop rather than `http_body_util::Limited`: its error conversion from
 // our boxed error type defeats the compiler's proof that the request
 // future is `Send`.
-async fn read_limited(mut body: Body) -> Result<Bytes, String> {
+pub(crate) async fn read_limited(mut body: Body) -> Result<Bytes, String> {
     let mut bytes = Vec::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| format!("could not read the small answer: {e}"))?;

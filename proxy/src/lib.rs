@@ -17,6 +17,7 @@
 //! - [`upstream`]: pools of model servers and pooled connections to them;
 //! - [`local`]: pools served by the in-process executor
 //!   (`switchyard-executor`);
+//! - [`calibrate`]: `switchyard calibrate`, thresholds against a request set;
 //! - [`plugin_test`]: `switchyard plugin test`, for plugin authors;
 //! - [`reload`]: swapping the policy plugin while traffic flows;
 //! - [`metrics`]: metric names and the Prometheus recorder;
@@ -26,6 +27,7 @@
 pub mod api;
 pub mod app;
 pub mod body;
+pub mod calibrate;
 pub mod cascade;
 pub mod coalesce;
 pub mod config;

@@ -33,6 +33,28 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Send a request set through the small pool and show, for a range
+    /// of mean-logprob thresholds, the escalation rate, the share of
+    /// hard requests caught and the cost.
+    Calibrate {
+        /// Configuration file (TOML) with the pools and their prices.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// JSON lines: {"request": {..}, "label": "easy"|"hard",
+        /// "headers": {..}}.
+        #[arg(long)]
+        requests: PathBuf,
+        /// The small pool.
+        #[arg(long, default_value = "small")]
+        small: String,
+        /// The pool escalations go to.
+        #[arg(long, default_value = "large")]
+        large: String,
+        /// Thresholds to try, comma-separated. Default
+        /// -0.1,-0.25,-0.5,-0.75,-1,-1.5,-2.
+        #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+        thresholds: Vec<f32>,
+    },
     /// Tools for plugin authors.
     Plugin {
         #[command(subcommand)]
@@ -68,6 +90,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => check(&config),
+        Command::Calibrate {
+            config,
+            requests,
+            small,
+            large,
+            thresholds,
+        } => calibrate(&config, &requests, small, large, thresholds),
         Command::Plugin {
             command:
                 PluginCommand::Test {
@@ -131,6 +160,49 @@ fn check(path: &std::path::Path) -> ExitCode {
             .map_or("none".to_string(), |p| p.plugin.display().to_string())
     );
     ExitCode::SUCCESS
+}
+
+fn calibrate(
+    config: &std::path::Path,
+    requests: &std::path::Path,
+    small: String,
+    large: String,
+    thresholds: Vec<f32>,
+) -> ExitCode {
+    let result = (|| {
+        let config = Config::load(config).map_err(|e| format!("{}: {e}", config.display()))?;
+        let requests = std::fs::read_to_string(requests)
+            .map_err(|e| format!("--requests {}: {e}", requests.display()))?;
+        let thresholds = if thresholds.is_empty() {
+            switchyard::calibrate::DEFAULT_THRESHOLDS.to_vec()
+        } else {
+            thresholds
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+        runtime.block_on(switchyard::calibrate::run(
+            switchyard::calibrate::Calibration {
+                config,
+                requests,
+                small,
+                large,
+                thresholds,
+            },
+        ))
+    })();
+    match result {
+        Ok(table) => {
+            use std::io::Write;
+            let _ = write!(std::io::stdout().lock(), "{table}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("switchyard calibrate: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn plugin_test(
