@@ -7,7 +7,7 @@ CARGO ?= cargo
 CONFIG ?=
 VENV := .venv
 WASM_TARGET := wasm32-wasip2
-PLUGINS := cost-router test-faults
+PLUGINS := cost-router test-faults confidence-cascade concise tiered
 MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 LLAMA_VENV := .venv-llama
 # llama.cpp's native build enables CPU features these machines do not allow

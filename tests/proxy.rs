@@ -19,14 +19,20 @@ mod support;
 
 #[path = "proxy/adaptive.rs"]
 mod adaptive;
+#[path = "proxy/cascade.rs"]
+mod cascade;
 #[path = "proxy/coalescing.rs"]
 mod coalescing;
 #[path = "proxy/config_check.rs"]
 mod config_check;
+#[path = "proxy/costs.rs"]
+mod costs;
 #[path = "proxy/errors.rs"]
 mod errors;
 #[path = "proxy/faults.rs"]
 mod faults;
+#[path = "proxy/hot_swap.rs"]
+mod hot_swap;
 #[path = "proxy/local.rs"]
 mod local;
 #[path = "proxy/logs.rs"]
@@ -35,6 +41,8 @@ mod logs;
 mod merged_streams;
 #[path = "proxy/metrics.rs"]
 mod metrics;
+#[path = "proxy/plugin_cli.rs"]
+mod plugin_cli;
 #[path = "proxy/python_client.rs"]
 mod python_client;
 #[path = "proxy/routing.rs"]

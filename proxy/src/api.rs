@@ -141,6 +141,34 @@ impl ApiRequest {
         }
     }
 
+    /// Adds `text` as a leading system message (chat only; other
+    /// endpoints are left alone).
+    pub fn add_system_instruction(&mut self, text: &str) {
+        if let Some(Value::Array(messages)) = self.body.get_mut("messages") {
+            let message = serde_json::json!({"role": "system", "content": text});
+            messages.insert(0, message);
+        }
+    }
+
+    /// Keeps the system messages and the last `turns` other messages of a
+    /// chat request, in order (other endpoints are left alone). At least
+    /// one non-system message is always kept.
+    pub fn keep_last_turns(&mut self, turns: usize) {
+        let Some(Value::Array(messages)) = self.body.get_mut("messages") else {
+            return;
+        };
+        let is_system = |m: &Value| m.get("role").and_then(Value::as_str) == Some("system");
+        let others = messages.iter().filter(|m| !is_system(m)).count();
+        let mut drop = others.saturating_sub(turns.max(1));
+        messages.retain(|m| {
+            if drop > 0 && !is_system(m) {
+                drop -= 1;
+                return false;
+            }
+            true
+        });
+    }
+
     /// What the routing policy is told about this request.
     pub fn route_request(&self, headers: &http::HeaderMap) -> RouteRequest {
         let messages = match self.body.get("messages") {
@@ -338,6 +366,26 @@ mod tests {
         let mut request = parse(Endpoint::Completions, body).unwrap();
         request.cap_max_tokens(5);
         assert_eq!(request.body["max_tokens"], 5);
+    }
+
+    #[test]
+    fn history_trim_keeps_system_messages_and_the_last_turns() {
+        let body = r#"{"model": "m", "messages": [
+            {"role": "system", "content": "s"},
+            {"role": "user", "content": "u1"},
+            {"role": "assistant", "content": "a1"},
+            {"role": "user", "content": "u2"}
+        ]}"#;
+        let mut request = parse(Endpoint::ChatCompletions, body).unwrap();
+        request.keep_last_turns(1);
+        request.add_system_instruction("be brief");
+        let contents: Vec<&str> = request.body["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["content"].as_str().unwrap())
+            .collect();
+        assert_eq!(contents, vec!["be brief", "s", "u2"]);
     }
 
     #[test]

@@ -18,12 +18,14 @@ use switchyard_policy::Endpoint;
 
 use crate::api::ApiRequest;
 use crate::body::{full, Body};
+use crate::cascade;
 use crate::coalesce::{self, BatchReply, BatchSettings, Coalescer, Permit, StreamReply, Ticket};
-use crate::config::{Config, PoolKind};
+use crate::config::{CascadeConfig, Config, PoolKind};
+use crate::costs::{Ledger, MeteredBody};
 use crate::error::{ApiError, ErrorKind};
 use crate::local::LocalPool;
 use crate::metrics;
-use crate::routing::{Route, Router};
+use crate::routing::Router;
 use crate::upstream::{copy_response_headers, Pool};
 
 /// Names the pool that served a response.
@@ -38,16 +40,30 @@ pub struct App {
     upstreams: HashMap<String, Arc<Pool>>,
     locals: HashMap<String, Arc<LocalPool>>,
     coalescers: HashMap<String, Coalescer>,
+    cascade: CascadeConfig,
+    ledger: Arc<Ledger>,
     max_body_bytes: u64,
     body_read_timeout: Duration,
 }
 
 /// What the log line and metrics say about one request.
 #[derive(Debug, Default)]
-struct Outcome {
-    pool: Option<String>,
-    batch_size: Option<usize>,
-    error: Option<String>,
+pub(crate) struct Outcome {
+    /// The pool that answered (the escalation pool after an escalation).
+    pub(crate) pool: Option<String>,
+    pub(crate) batch_size: Option<usize>,
+    pub(crate) error: Option<String>,
+    /// Cascaded requests: whether the escalation pool answered.
+    pub(crate) escalated: Option<bool>,
+    /// Cascaded requests: the review's verdict and reason, as
+    /// `accept` or `escalate:<reason>`.
+    pub(crate) review: Option<String>,
+    /// The route's `switchyard.priority` hint.
+    pub(crate) priority: Option<String>,
+    /// The route's `switchyard.label.*` hints, as `name=value,...`.
+    pub(crate) labels: Option<String>,
+    /// The queue priority the route set, for coalescing pools.
+    pub(crate) route_priority: Option<u8>,
 }
 
 impl App {
@@ -76,11 +92,26 @@ impl App {
             upstreams.insert(pool.name.clone(), pool);
         }
         let fallback_pool = config.policy.as_ref().and_then(|p| p.fallback_pool.clone());
+        let mut router = Router::new(names, policy, fallback_pool);
+        if let Some(p) = &config.policy {
+            router = router.with_failure_handling(
+                p.on_error,
+                p.rollback_error_rate,
+                p.rollback_min_calls,
+            );
+        }
+        let cascade = config
+            .policy
+            .as_ref()
+            .map(|p| p.cascade.clone())
+            .unwrap_or_default();
         Ok(Self {
-            router: Router::new(names, policy, fallback_pool),
+            router,
             upstreams,
             locals,
             coalescers,
+            cascade,
+            ledger: Arc::new(Ledger::new(config)),
             max_body_bytes: config.server.max_body_bytes,
             body_read_timeout: Duration::from_millis(config.server.body_read_timeout_ms),
         })
@@ -150,19 +181,74 @@ impl App {
         let mut api = ApiRequest::parse(endpoint, &bytes)?;
         api.query = parts.uri.query().map(str::to_string);
 
-        let Route {
-            pool,
-            max_tokens_cap,
-            priority,
-        } = self.router.route(&api, &parts.headers)?;
-        outcome.pool = Some(pool.clone());
-        if let Some(cap) = max_tokens_cap {
+        let route = self.router.route(&api, &parts.headers)?;
+        outcome.pool = Some(route.pool.clone());
+        if let Some(cap) = route.max_tokens_cap {
+            outcome.route_priority = route.priority;
             api.cap_max_tokens(cap);
         }
-        if let Some(local) = self.locals.get(&pool) {
-            return local.handle(api).await;
+        apply_hints(&mut api, &route.attributes, outcome);
+        if cascade::applies(&route, &api) {
+            let settings = &self.cascade;
+            return cascade::serve(self, settings, &parts.headers, api, route, outcome).await;
         }
-        let Some(pool) = self.upstreams.get(&pool) else {
+        self.dispatch(&route.pool, &parts.headers, api, outcome, true)
+            .await
+    }
+
+    /// The cost ledger, for the admin port.
+    pub fn ledger(&self) -> Arc<Ledger> {
+        Arc::clone(&self.ledger)
+    }
+
+    /// The router, whose policy the admin port may swap.
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// Whether `pool` names a configured pool.
+    pub(crate) fn has_pool(&self, pool: &str) -> bool {
+        self.router.has_pool(pool)
+    }
+
+    /// Sends `api` to `pool` and charges a successful answer to the
+    /// ledger as it passes; `served` says the client gets this answer (a
+    /// cascade's small answer is charged, but served only if accepted).
+    pub(crate) async fn dispatch(
+        &self,
+        pool: &str,
+        headers: &HeaderMap,
+        api: ApiRequest,
+        outcome: &mut Outcome,
+        served: bool,
+    ) -> Result<Response<Body>, ApiError> {
+        let stream = api.stream;
+        let in_flight = self.ledger.begin(pool);
+        let response = self.send_to_pool(pool, headers, api, outcome).await?;
+        if !response.status().is_success() {
+            return Ok(response);
+        }
+        let (parts, body) = response.into_parts();
+        let body = MeteredBody::new(body, stream, served, in_flight).boxed();
+        Ok(Response::from_parts(parts, body))
+    }
+
+    /// Sends `api` to `pool`: the in-process executor, the pool's
+    /// coalescer, or straight upstream.
+    async fn send_to_pool(
+        &self,
+        pool: &str,
+        headers: &HeaderMap,
+        mut api: ApiRequest,
+        outcome: &mut Outcome,
+    ) -> Result<Response<Body>, ApiError> {
+        let endpoint = api.endpoint;
+        if let Some(local) = self.locals.get(pool) {
+            let mut response = local.handle(api).await?;
+            set_header(&mut response, POOL_HEADER, pool);
+            return Ok(response);
+        }
+        let Some(pool) = self.upstreams.get(pool) else {
             let message = format!("pool {pool:?} was routed to but is not configured");
             return Err(ApiError::new(ErrorKind::Internal, message));
         };
@@ -170,20 +256,20 @@ impl App {
             .insert("model".to_string(), Value::from(pool.model.clone()));
 
         let Some(coalescer) = self.coalescers.get(&pool.name) else {
-            return forward(pool, endpoint, &parts.headers, api, None).await;
+            return forward(pool, endpoint, headers, api, None).await;
         };
 
         // Every request to a coalescing pool queues; completions (streams
         // included) and embeddings merge, chat goes alone.
-        let ticket = Ticket::from_headers(&parts.headers, coalescer.settings())?
-            .with_route_priority(priority);
+        let ticket = Ticket::from_headers(headers, coalescer.settings())?
+            .with_route_priority(outcome.route_priority);
         match api.items_field() {
             Some(_) if !api.stream => {
-                let reply = coalescer.submit(api, &parts.headers, ticket).await?;
+                let reply = coalescer.submit(api, headers, ticket).await?;
                 Ok(batch_response(reply, &pool.name, outcome))
             }
             Some(_) if endpoint == Endpoint::Completions => {
-                let reply = coalescer.submit_stream(api, &parts.headers, ticket);
+                let reply = coalescer.submit_stream(api, headers, ticket);
                 let (body, batch_items) = match reply.await? {
                     StreamReply::Whole(reply) => {
                         return Ok(batch_response(reply, &pool.name, outcome))
@@ -204,7 +290,7 @@ impl App {
             }
             _ => {
                 let permit = coalescer.acquire(endpoint, ticket).await?;
-                forward(pool, endpoint, &parts.headers, api, Some(permit)).await
+                forward(pool, endpoint, headers, api, Some(permit)).await
             }
         }
     }
@@ -234,6 +320,50 @@ fn batch_response(reply: BatchReply, pool: &str, outcome: &mut Outcome) -> Respo
         &reply.batch_items.to_string(),
     );
     response
+}
+
+/// Attribute keys of a route that the host reads (`sdk/wit/policy.wit`).
+const SYSTEM_INSTRUCTION_KEY: &str = "switchyard.system-instruction";
+const KEEP_TURNS_KEY: &str = "switchyard.keep-turns";
+const PRIORITY_KEY: &str = "switchyard.priority";
+const LABEL_PREFIX: &str = "switchyard.label.";
+/// Most labels kept per request, and longest label text, in bytes.
+const MAX_LABELS: usize = 8;
+const MAX_LABEL_BYTES: usize = 64;
+
+/// Applies a route's hints: the extra system instruction and trimmed
+/// history change the request; priority and labels go to the log line
+/// (the router also hands the priority to coalescing pools' queues).
+fn apply_hints(api: &mut ApiRequest, attributes: &[(String, String)], outcome: &mut Outcome) {
+    let mut labels = Vec::new();
+    for (key, value) in attributes {
+        match key.as_str() {
+            SYSTEM_INSTRUCTION_KEY => api.add_system_instruction(value),
+            KEEP_TURNS_KEY => match value.trim().parse::<usize>() {
+                Ok(turns) => api.keep_last_turns(turns),
+                Err(_) => tracing::debug!(value = %value, "ignoring a bad keep-turns hint"),
+            },
+            PRIORITY_KEY => outcome.priority = Some(truncated(value)),
+            _ => {
+                if let Some(name) = key.strip_prefix(LABEL_PREFIX) {
+                    if labels.len() < MAX_LABELS {
+                        labels.push(format!("{}={}", truncated(name), truncated(value)));
+                    }
+                }
+            }
+        }
+    }
+    if !labels.is_empty() {
+        outcome.labels = Some(labels.join(","));
+    }
+}
+
+fn truncated(text: &str) -> String {
+    let mut end = text.len().min(MAX_LABEL_BYTES);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
 }
 
 /// Sends one request upstream and passes its answer back as it arrives,
@@ -311,7 +441,7 @@ fn json_response(body: Bytes) -> Response<Body> {
     response
 }
 
-fn set_header(response: &mut Response<Body>, name: &'static str, value: &str) {
+pub(crate) fn set_header(response: &mut Response<Body>, name: &'static str, value: &str) {
     if let Ok(value) = HeaderValue::from_str(value) {
         response.headers_mut().insert(name, value);
     }
@@ -377,6 +507,10 @@ fn log_request(method: &Method, path: &str, outcome: &Outcome, status: u16, elap
     let latency_ms = elapsed.as_secs_f64() * 1000.0;
     let pool = outcome.pool.as_deref().unwrap_or("none");
     let batch_size = outcome.batch_size;
+    let escalated = outcome.escalated;
+    let review = outcome.review.as_deref();
+    let priority = outcome.priority.as_deref();
+    let labels = outcome.labels.as_deref();
     match &outcome.error {
         Some(error) if status >= 500 => tracing::warn!(
             %method, path, pool, status, latency_ms, error = %error,
@@ -392,8 +526,8 @@ fn log_request(method: &Method, path: &str, outcome: &Outcome, status: u16, elap
             "upstream failed"
         ),
         None => tracing::info!(
-            %method, path, pool, status, latency_ms, batch_size,
-            "request"
+            %method, path, pool, status, latency_ms, batch_size, escalated,
+            review, priority, labels, "request"
         ),
     }
 }

@@ -86,6 +86,32 @@ pub struct Config {
     pub pool: Vec<PoolConfig>,
     /// The routing plugin. Without it, a request's `model` names its pool.
     pub policy: Option<PolicyConfig>,
+    /// The cost ledger's baseline.
+    #[serde(default)]
+    pub costs: CostsConfig,
+}
+
+/// `[costs]`: what the ledger compares the answers' cost with.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CostsConfig {
+    /// A priced pool: every answer is also costed at its price, as if it
+    /// had served everything. Default: none (no baseline, no savings).
+    pub baseline: Option<String>,
+}
+
+/// `pool.price`: per million tokens, or per hour of hardware.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceConfig {
+    /// Dollars per million prompt tokens. Default 0.
+    pub input_per_mtok: Option<f64>,
+    /// Dollars per million completion tokens. Default 0.
+    pub output_per_mtok: Option<f64>,
+    /// Dollars per hour of the pool's hardware, turned into a price per
+    /// completion token with the pool's measured throughput. Not with the
+    /// per-token keys.
+    pub gpu_hour: Option<f64>,
 }
 
 /// `[server]`: listeners and request limits.
@@ -182,6 +208,9 @@ pub struct PoolConfig {
     /// `local` pools: most requests waiting beyond the running batch; past
     /// it requests get 429 with `Retry-After`. Default 64.
     pub max_queue: Option<usize>,
+    /// The pool's price, for the cost ledger. Default: none (its answers
+    /// cost nothing).
+    pub price: Option<PriceConfig>,
 }
 
 impl PoolConfig {
@@ -302,6 +331,136 @@ pub struct PolicyConfig {
     /// Largest memory of one plugin instance, in bytes. Default 64 MiB.
     #[serde(default = "default_policy_max_memory_bytes")]
     pub max_memory_bytes: u64,
+    /// How small-first requests (a route with `escalate-to`) are served.
+    #[serde(default)]
+    pub cascade: CascadeConfig,
+    /// How often the plugin file is checked for a new version, in
+    /// milliseconds; 0 turns the check off. Default 2000.
+    #[serde(default = "default_watch_interval_ms")]
+    pub watch_interval_ms: u64,
+    /// Environment variable holding the bearer token of `PUT
+    /// /admin/policy` and `POST /admin/policy/rollback`; unset or empty
+    /// turns those calls off. Default `SWITCHYARD_ADMIN_TOKEN`.
+    #[serde(default = "default_admin_token_env")]
+    pub admin_token_env: String,
+    /// What a failed plugin call (trap, timeout, memory) leads to:
+    /// `"default-route"` (the default: the pool the `model` names, else
+    /// `fallback_pool`), `"reject"` (503, code `policy_failed`) or
+    /// `"previous"` (the previous plugin version decides, when there is
+    /// one).
+    #[serde(default)]
+    pub on_error: OnError,
+    /// Share of failed calls (0 to 1) past which a plugin version that
+    /// was swapped in is rolled back automatically; 0 never. Default 0.5.
+    #[serde(default = "default_rollback_error_rate")]
+    pub rollback_error_rate: f64,
+    /// Calls a swapped-in version makes before its error rate counts.
+    /// Default 20.
+    #[serde(default = "default_rollback_min_calls")]
+    pub rollback_min_calls: u64,
+}
+
+/// What a failed plugin call leads to (`policy.on_error`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnError {
+    /// The pool the `model` names, else `policy.fallback_pool`.
+    #[default]
+    DefaultRoute,
+    /// 503 with code `policy_failed`.
+    Reject,
+    /// The previous plugin version decides; without one, the default
+    /// route.
+    Previous,
+}
+
+impl OnError {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnError::DefaultRoute => "default-route",
+            OnError::Reject => "reject",
+            OnError::Previous => "previous",
+        }
+    }
+}
+
+fn default_rollback_error_rate() -> f64 {
+    0.5
+}
+
+fn default_rollback_min_calls() -> u64 {
+    20
+}
+
+/// Default of `policy.watch_interval_ms`.
+pub const DEFAULT_WATCH_INTERVAL_MS: u64 = 2000;
+/// Default of `policy.admin_token_env`.
+pub const DEFAULT_ADMIN_TOKEN_ENV: &str = "SWITCHYARD_ADMIN_TOKEN";
+
+fn default_watch_interval_ms() -> u64 {
+    DEFAULT_WATCH_INTERVAL_MS
+}
+
+fn default_admin_token_env() -> String {
+    DEFAULT_ADMIN_TOKEN_ENV.to_string()
+}
+
+/// How a streamed small-first request is reviewed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamMode {
+    /// Hold the whole small answer until `review` accepts it. The default.
+    #[default]
+    Buffer,
+    /// Review after the first `probe_tokens` tokens: keep streaming the
+    /// small answer, or drop it and stream the escalation pool's.
+    Probe,
+}
+
+/// `[policy.cascade]`: the small-first cascade.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CascadeConfig {
+    /// `"buffer"` (default) or `"probe"`, for streamed requests.
+    #[serde(default)]
+    pub stream_mode: StreamMode,
+    /// Tokens a `probe` review waits for. Default 16.
+    #[serde(default = "default_probe_tokens")]
+    pub probe_tokens: usize,
+    /// Log-probability (natural log) under which a token counts as low in
+    /// the summary's `share-below`. Default -2.3 (ln 0.1).
+    #[serde(default = "default_low_logprob")]
+    pub low_logprob: f32,
+    /// Shadow mode: `review` runs and its verdict is logged and counted,
+    /// but the small answer is always served. Default false.
+    #[serde(default)]
+    pub shadow: bool,
+}
+
+impl Default for CascadeConfig {
+    fn default() -> Self {
+        Self {
+            stream_mode: StreamMode::Buffer,
+            probe_tokens: DEFAULT_PROBE_TOKENS,
+            low_logprob: DEFAULT_LOW_LOGPROB,
+            shadow: false,
+        }
+    }
+}
+
+/// Default of `policy.cascade.probe_tokens`.
+pub const DEFAULT_PROBE_TOKENS: usize = 16;
+/// Default of `policy.cascade.low_logprob`: ln(0.1).
+pub const DEFAULT_LOW_LOGPROB: f32 = -2.3;
+/// Largest accepted `policy.cascade.probe_tokens`.
+const MAX_PROBE_TOKENS: usize = 4096;
+
+fn default_probe_tokens() -> usize {
+    DEFAULT_PROBE_TOKENS
+}
+
+fn default_low_logprob() -> f32 {
+    DEFAULT_LOW_LOGPROB
 }
 
 impl PolicyConfig {
@@ -384,6 +543,22 @@ impl Config {
             if !names.insert(pool.name.as_str()) {
                 let message = format!("pool name {:?} is used twice", pool.name);
                 return Err(invalid(&format!("pool[{i}].name"), &message));
+            }
+        }
+
+        for (i, pool) in self.pool.iter().enumerate() {
+            if let Some(price) = &pool.price {
+                validate_price(&format!("pool[{i}].price"), price)?;
+            }
+        }
+        if let Some(baseline) = &self.costs.baseline {
+            let priced = self
+                .pool
+                .iter()
+                .any(|p| &p.name == baseline && p.price.is_some());
+            if !priced {
+                let message = format!("must name a pool with a price, got {baseline:?}");
+                return Err(invalid("costs.baseline", &message));
             }
         }
 
@@ -533,6 +708,34 @@ fn validate_local_pool(i: usize, pool: &PoolConfig) -> Result<(), ConfigError> {
     Ok(())
 }
 
+fn validate_price(key: &str, price: &PriceConfig) -> Result<(), ConfigError> {
+    let fields = [
+        ("input_per_mtok", price.input_per_mtok),
+        ("output_per_mtok", price.output_per_mtok),
+        ("gpu_hour", price.gpu_hour),
+    ];
+    for (field, value) in fields {
+        if value.is_some_and(|v| !v.is_finite() || v < 0.0) {
+            let key = format!("{key}.{field}");
+            return Err(invalid(&key, "must be a non-negative number of dollars"));
+        }
+    }
+    let per_token = price.input_per_mtok.is_some() || price.output_per_mtok.is_some();
+    if per_token && price.gpu_hour.is_some() {
+        return Err(invalid(
+            &format!("{key}.gpu_hour"),
+            "cannot be combined with input_per_mtok or output_per_mtok",
+        ));
+    }
+    if !per_token && price.gpu_hour.is_none() {
+        return Err(invalid(
+            key,
+            "needs input_per_mtok and output_per_mtok, or gpu_hour",
+        ));
+    }
+    Ok(())
+}
+
 fn validate_policy(policy: &PolicyConfig) -> Result<(), ConfigError> {
     if !policy.plugin.is_file() {
         // Relative paths resolve against the working directory, which is
@@ -554,6 +757,23 @@ fn validate_policy(policy: &PolicyConfig) -> Result<(), ConfigError> {
     }
     if policy.max_memory_bytes < 1024 * 1024 {
         return Err(invalid("policy.max_memory_bytes", "must be >= 1 MiB"));
+    }
+    if !(0.0..=1.0).contains(&policy.rollback_error_rate) {
+        return Err(invalid(
+            "policy.rollback_error_rate",
+            "must be between 0 and 1 (0 turns automatic rollback off)",
+        ));
+    }
+    let cascade = &policy.cascade;
+    if cascade.probe_tokens == 0 || cascade.probe_tokens > MAX_PROBE_TOKENS {
+        let message = format!("must be between 1 and {MAX_PROBE_TOKENS}");
+        return Err(invalid("policy.cascade.probe_tokens", &message));
+    }
+    if cascade.low_logprob.is_nan() || cascade.low_logprob > 0.0 {
+        return Err(invalid(
+            "policy.cascade.low_logprob",
+            "must be <= 0 (a natural-log probability, e.g. -2.3 for 0.1)",
+        ));
     }
     Ok(())
 }
@@ -809,6 +1029,50 @@ model = "big"
         );
         let err = Config::parse(&text).unwrap_err();
         assert_eq!(err.key, "pool[0].batch.array_endpoints[0]", "{err}");
+    }
+
+    #[test]
+    fn cascade_defaults_and_bad_probe_tokens_name_the_key() {
+        let plugin = std::env::current_exe().unwrap();
+        let policy = format!("\n[policy]\nplugin = {:?}\n", plugin.display().to_string());
+        let config = Config::parse(&format!("{EXAMPLE}{policy}")).unwrap();
+        let cascade = &config.policy.unwrap().cascade;
+        assert_eq!(cascade.stream_mode, StreamMode::Buffer);
+        assert_eq!(cascade.probe_tokens, 16);
+        assert!(!cascade.shadow);
+
+        let text = format!("{EXAMPLE}{policy}[policy.cascade]\nprobe_tokens = 0\n");
+        let err = Config::parse(&text).unwrap_err();
+        assert_eq!(err.key, "policy.cascade.probe_tokens", "{err}");
+        let text = format!("{EXAMPLE}{policy}[policy.cascade]\nmode = \"probe\"\n");
+        let err = Config::parse(&text).unwrap_err();
+        assert!(err.key.starts_with("policy.cascade"), "{err}");
+    }
+
+    #[test]
+    fn prices_and_baseline_are_checked_with_their_keys() {
+        let priced = EXAMPLE.replace(
+            "name = \"large\"",
+            "name = \"large\"\nprice = { input_per_mtok = 1.0, output_per_mtok = 2.0 }",
+        );
+        let config = Config::parse(&format!("{priced}\n[costs]\nbaseline = \"large\"\n")).unwrap();
+        assert_eq!(config.costs.baseline.as_deref(), Some("large"));
+
+        let err =
+            Config::parse(&format!("{EXAMPLE}\n[costs]\nbaseline = \"large\"\n")).unwrap_err();
+        assert_eq!(err.key, "costs.baseline", "{err}");
+        let both = EXAMPLE.replace(
+            "name = \"large\"",
+            "name = \"large\"\nprice = { output_per_mtok = 1.0, gpu_hour = 2.0 }",
+        );
+        let err = Config::parse(&both).unwrap_err();
+        assert_eq!(err.key, "pool[1].price.gpu_hour", "{err}");
+        let negative = EXAMPLE.replace(
+            "name = \"large\"",
+            "name = \"large\"\nprice = { gpu_hour = -1.0 }",
+        );
+        let err = Config::parse(&negative).unwrap_err();
+        assert_eq!(err.key, "pool[1].price.gpu_hour", "{err}");
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub enum ErrorKind {
     MethodNotAllowed,
     /// The routing policy refused the request with this status.
     PolicyRejected(u16),
+    /// The routing policy failed and `policy.on_error` is `reject`.
+    PolicyFailed,
     /// The prompt and answer cannot fit the model's context.
     ContextLengthExceeded,
     /// The pool's queue is full; the response says when to retry.
@@ -62,6 +64,7 @@ impl ErrorKind {
                 StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN)
             }
             Self::PolicyRejected(_) => StatusCode::FORBIDDEN,
+            Self::PolicyFailed => StatusCode::SERVICE_UNAVAILABLE,
             Self::ContextLengthExceeded => StatusCode::BAD_REQUEST,
             Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             Self::PoolUnavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -85,8 +88,11 @@ impl ErrorKind {
             | Self::ContextLengthExceeded => "invalid_request_error",
             Self::Overloaded => "rate_limit_error",
             Self::PolicyRejected(status) if status < 500 => "invalid_request_error",
-            Self::PolicyRejected(_) | Self::ShuttingDown | Self::Internal => "server_error",
-            Self::PoolUnavailable => "server_error",
+            Self::PolicyRejected(_)
+            | Self::PolicyFailed
+            | Self::ShuttingDown
+            | Self::Internal
+            | Self::PoolUnavailable => "server_error",
             Self::DeadlineExceeded => "timeout_error",
             Self::UpstreamUnavailable | Self::UpstreamTimeout | Self::UpstreamInvalid => {
                 "upstream_error"
@@ -104,6 +110,7 @@ impl ErrorKind {
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::PolicyRejected(_) => "policy_rejected",
+            Self::PolicyFailed => "policy_failed",
             Self::ContextLengthExceeded => "context_length_exceeded",
             Self::Overloaded => "overloaded",
             Self::PoolUnavailable => "pool_unavailable",

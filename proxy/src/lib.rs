@@ -9,11 +9,17 @@
 //! - [`app`]: the request path from body to answer;
 //! - [`api`]: the OpenAI request shapes Switchyard interprets;
 //! - [`routing`]: which pool serves a request (policy or model name);
+//! - [`cascade`]: small-first answers, their review by the policy, and
+//!   escalation;
+//! - [`costs`]: the cost ledger (prices, totals, `/admin/costs`);
 //! - [`coalesce`]: merging requests into upstream batches and splitting
 //!   the answers;
 //! - [`upstream`]: pools of model servers and pooled connections to them;
 //! - [`local`]: pools served by the in-process executor
 //!   (`switchyard-executor`);
+//! - [`calibrate`]: `switchyard calibrate`, thresholds against a request set;
+//! - [`plugin_test`]: `switchyard plugin test`, for plugin authors;
+//! - [`reload`]: swapping the policy plugin while traffic flows;
 //! - [`metrics`]: metric names and the Prometheus recorder;
 //! - [`error`]: the errors clients see, and their statuses;
 //! - [`telemetry`]: log output.
@@ -21,11 +27,16 @@
 pub mod api;
 pub mod app;
 pub mod body;
+pub mod calibrate;
+pub mod cascade;
 pub mod coalesce;
 pub mod config;
+pub mod costs;
 pub mod error;
 pub mod local;
 pub mod metrics;
+pub mod plugin_test;
+pub mod reload;
 pub mod routing;
 pub mod server;
 pub mod telemetry;

@@ -1,5 +1,5 @@
 //! The `switchyard` command: `run` serves, `check` validates a
-//! configuration.
+//! configuration, `plugin test` shows a plugin's decision.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,12 +33,80 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Send a request set through the small pool and show, for a range
+    /// of mean-logprob thresholds, the escalation rate, the share of
+    /// hard requests caught and the cost.
+    Calibrate {
+        /// Configuration file (TOML) with the pools and their prices.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// JSON lines: {"request": {..}, "label": "easy"|"hard",
+        /// "headers": {..}}.
+        #[arg(long)]
+        requests: PathBuf,
+        /// The small pool.
+        #[arg(long, default_value = "small")]
+        small: String,
+        /// The pool escalations go to.
+        #[arg(long, default_value = "large")]
+        large: String,
+        /// Thresholds to try, comma-separated. Default
+        /// -0.1,-0.25,-0.5,-0.75,-1,-1.5,-2.
+        #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+        thresholds: Vec<f32>,
+    },
+    /// Tools for plugin authors.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PluginCommand {
+    /// Load a plugin, give it one request and print its decision (and,
+    /// with --answer, its review) as JSON. Nothing is sent upstream.
+    Test {
+        /// The plugin (`.wasm` component).
+        plugin: PathBuf,
+        /// The plugin's configuration, as JSON. Default `{}`.
+        #[arg(long, default_value = "{}")]
+        config: String,
+        /// A JSON file with an OpenAI request body; `messages`, `prompt`
+        /// or `input` says which endpoint.
+        #[arg(long)]
+        request: PathBuf,
+        /// A request header, `name: value`; repeat for more.
+        #[arg(long)]
+        header: Vec<String>,
+        /// A JSON file with an OpenAI answer to review as the small
+        /// pool's.
+        #[arg(long)]
+        answer: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => check(&config),
+        Command::Calibrate {
+            config,
+            requests,
+            small,
+            large,
+            thresholds,
+        } => calibrate(&config, &requests, small, large, thresholds),
+        Command::Plugin {
+            command:
+                PluginCommand::Test {
+                    plugin,
+                    config,
+                    request,
+                    header,
+                    answer,
+                },
+        } => plugin_test(plugin, &config, &request, header, answer.as_deref()),
         Command::Run { config, log_format } => {
             telemetry::init(log_format);
             match run(config.as_deref()) {
@@ -92,6 +160,85 @@ fn check(path: &std::path::Path) -> ExitCode {
             .map_or("none".to_string(), |p| p.plugin.display().to_string())
     );
     ExitCode::SUCCESS
+}
+
+fn calibrate(
+    config: &std::path::Path,
+    requests: &std::path::Path,
+    small: String,
+    large: String,
+    thresholds: Vec<f32>,
+) -> ExitCode {
+    let result = (|| {
+        let config = Config::load(config).map_err(|e| format!("{}: {e}", config.display()))?;
+        let requests = std::fs::read_to_string(requests)
+            .map_err(|e| format!("--requests {}: {e}", requests.display()))?;
+        let thresholds = if thresholds.is_empty() {
+            switchyard::calibrate::DEFAULT_THRESHOLDS.to_vec()
+        } else {
+            thresholds
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+        runtime.block_on(switchyard::calibrate::run(
+            switchyard::calibrate::Calibration {
+                config,
+                requests,
+                small,
+                large,
+                thresholds,
+            },
+        ))
+    })();
+    match result {
+        Ok(table) => {
+            use std::io::Write;
+            let _ = write!(std::io::stdout().lock(), "{table}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("switchyard calibrate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn plugin_test(
+    plugin: PathBuf,
+    config: &str,
+    request: &std::path::Path,
+    headers: Vec<String>,
+    answer: Option<&std::path::Path>,
+) -> ExitCode {
+    let read_json = |what: &str, path: &std::path::Path| -> Result<serde_json::Value, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("--{what} {}: {e}", path.display()))?;
+        serde_json::from_str(&text).map_err(|e| format!("--{what} {}: {e}", path.display()))
+    };
+    let result = (|| {
+        let test = switchyard::plugin_test::PluginTest {
+            plugin,
+            config: serde_json::from_str(config).map_err(|e| format!("--config: {e}"))?,
+            request: read_json("request", request)?,
+            headers,
+            answer: answer.map(|a| read_json("answer", a)).transpose()?,
+        };
+        switchyard::plugin_test::run(&test)
+    })();
+    match result {
+        Ok(report) => {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{report:#}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("switchyard plugin test: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn run(path: Option<&std::path::Path>) -> Result<(), String> {

@@ -6,27 +6,47 @@
 //! counted, and the request takes the default route.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Instant;
 
 use http::HeaderMap;
-use switchyard_policy::{Policy, RouteOutcome};
+use switchyard_policy::{Policy, RouteOutcome, RouteRequest};
 
 use crate::api::ApiRequest;
+use crate::config::OnError;
 use crate::error::{ApiError, ErrorKind};
 use crate::metrics;
 
 /// Where a request goes.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Route {
     /// Name of the pool, one of those the router was built with.
     pub pool: String,
     /// Upper bound the policy set on `max_tokens`.
     pub max_tokens_cap: Option<u32>,
-    /// Queue priority the policy set, 0 (lowest) to 9 (highest); `None`
-    /// leaves it to the request's `x-switchyard-priority` header.
-    // Limitation: the policy interface cannot set it yet, so it is
-    // always `None` here; coalescing pools already honour it.
+    /// Queue priority the policy set (attribute `switchyard.priority`),
+    /// 0 (lowest) to 9 (highest); `None` leaves it to the request's
+    /// `x-switchyard-priority` header.
     pub priority: Option<u8>,
+    /// Small-first: a configured pool to escalate to; `pool` answers first
+    /// and the policy reviews its answer.
+    pub escalate_to: Option<String>,
+    /// The policy's hints (`switchyard.*` attribute keys).
+    pub attributes: Vec<(String, String)>,
+    /// The policy version that routed this request and must review it.
+    pub policy: Option<Arc<Policy>>,
+    /// What that policy was told about the request, for its review.
+    pub summary: Option<RouteRequest>,
+}
+
+impl Route {
+    fn to(pool: &str) -> Self {
+        Route {
+            pool: pool.to_string(),
+            ..Route::default()
+        }
+    }
 }
 
 /// The pool names and the optional policy. Routing needs only names: what
@@ -37,7 +57,19 @@ pub struct Router {
     pools: HashSet<String>,
     /// Pool names in configuration order, for listings and messages.
     names: Vec<String>,
-    policy: Option<Policy>,
+    /// The policy new requests are routed by; swapped whole by a reload.
+    policy: RwLock<Option<Arc<Policy>>>,
+    /// The one it replaced, for a rollback.
+    previous: Mutex<Option<Arc<Policy>>>,
+    /// What a failed plugin call leads to.
+    on_error: OnError,
+    /// Share of failed calls past which a swapped-in version is rolled
+    /// back, once it has made `rollback_min_calls` calls; 0 never.
+    rollback_error_rate: f64,
+    rollback_min_calls: u64,
+    /// Calls and failed calls of the active version since it took over.
+    calls: AtomicU64,
+    errors: AtomicU64,
     /// Where a request goes when the policy fails and its `model` names no
     /// pool.
     fallback_pool: Option<String>,
@@ -49,9 +81,24 @@ impl Router {
         Self {
             pools,
             names,
-            policy,
+            policy: RwLock::new(policy.map(Arc::new)),
+            previous: Mutex::new(None),
+            on_error: OnError::DefaultRoute,
+            rollback_error_rate: 0.0,
+            rollback_min_calls: 0,
+            calls: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
             fallback_pool,
         }
+    }
+
+    /// Sets what a failed plugin call leads to, and when a swapped-in
+    /// version that keeps failing is rolled back.
+    pub fn with_failure_handling(mut self, on_error: OnError, rate: f64, min_calls: u64) -> Self {
+        self.on_error = on_error;
+        self.rollback_error_rate = rate;
+        self.rollback_min_calls = min_calls;
+        self
     }
 
     /// Pool names in configuration order.
@@ -59,24 +106,155 @@ impl Router {
         &self.names
     }
 
+    /// The policy new requests are routed by.
+    pub fn policy(&self) -> Option<Arc<Policy>> {
+        self.policy
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The policy a rollback would return to.
+    pub fn previous_policy(&self) -> Option<Arc<Policy>> {
+        self.previous
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Routes new requests by `policy`; requests already routed finish on
+    /// the version they hold. The replaced one is kept for a rollback.
+    pub fn swap_policy(&self, policy: Arc<Policy>) {
+        let mut current = self.policy.write().unwrap_or_else(PoisonError::into_inner);
+        let old = current.replace(policy);
+        self.calls.store(0, Ordering::SeqCst);
+        self.errors.store(0, Ordering::SeqCst);
+        drop(current);
+        if let Some(old) = old {
+            *self.previous.lock().unwrap_or_else(PoisonError::into_inner) = Some(old);
+        }
+    }
+
+    /// Swaps back to the previous policy; `None` when there is none.
+    pub fn rollback_policy(&self) -> Option<Arc<Policy>> {
+        let previous = self
+            .previous
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()?;
+        self.swap_policy(Arc::clone(&previous));
+        Some(previous)
+    }
+
     /// Chooses the pool for `request`.
     pub fn route(&self, request: &ApiRequest, headers: &HeaderMap) -> Result<Route, ApiError> {
-        let Some(policy) = &self.policy else {
+        // The request keeps this `Arc` to its end, so its review runs on
+        // the same plugin version as its route, whatever a reload does.
+        let Some(policy) = self.policy() else {
             return self.default_route(&request.model);
         };
-
         let summary = request.route_request(headers);
         let started = Instant::now();
         let outcome = call_blocking(|| policy.route(&summary));
         metrics::record_policy_call(policy.name(), started.elapsed());
+        self.count_call(&policy, outcome.is_err());
 
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(e) => return self.call_failed(&policy, &e, request, summary),
+        };
+        self.apply(policy, outcome, request, summary)
+    }
+
+    /// A failed call, handled as `policy.on_error` says.
+    fn call_failed(
+        &self,
+        policy: &Policy,
+        e: &switchyard_policy::CallError,
+        request: &ApiRequest,
+        summary: RouteRequest,
+    ) -> Result<Route, ApiError> {
+        tracing::warn!(
+            plugin = policy.name(),
+            version = policy.version(),
+            kind = e.kind(),
+            error = %e,
+            on_error = self.on_error.as_str(),
+            "policy call failed"
+        );
+        metrics::record_policy_error(policy.name(), e.kind());
+        match self.on_error {
+            OnError::DefaultRoute => self.failure_route(&request.model),
+            OnError::Reject => {
+                let message = format!("the routing policy failed: {e}");
+                Err(ApiError::new(ErrorKind::PolicyFailed, message))
+            }
+            OnError::Previous => {
+                let Some(previous) = self.previous_policy() else {
+                    return self.failure_route(&request.model);
+                };
+                match call_blocking(|| previous.route(&summary)) {
+                    Ok(outcome) => self.apply(previous, outcome, request, summary),
+                    Err(_) => self.failure_route(&request.model),
+                }
+            }
+        }
+    }
+
+    /// Counts a call of `policy` and rolls a swapped-in version back when
+    /// its share of failures passes `policy.rollback_error_rate`.
+    fn count_call(&self, policy: &Arc<Policy>, failed: bool) {
+        let active = self.policy().is_some_and(|p| Arc::ptr_eq(&p, policy));
+        if !active {
+            return;
+        }
+        let calls = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        let errors = if failed {
+            self.errors.fetch_add(1, Ordering::SeqCst) + 1
+        } else {
+            self.errors.load(Ordering::SeqCst)
+        };
+        let rate = errors as f64 / calls as f64;
+        let over = self.rollback_error_rate > 0.0
+            && calls >= self.rollback_min_calls
+            && rate > self.rollback_error_rate;
+        if !over || self.previous_policy().is_none() {
+            return;
+        }
+        if let Some(restored) = self.rollback_policy() {
+            tracing::warn!(
+                plugin = policy.name(),
+                version = policy.version(),
+                restored = restored.version(),
+                calls,
+                errors,
+                "policy plugin failed too often; rolled back automatically"
+            );
+        }
+    }
+
+    /// Turns a plugin's answer into a route.
+    fn apply(
+        &self,
+        policy: Arc<Policy>,
+        outcome: RouteOutcome,
+        request: &ApiRequest,
+        summary: RouteRequest,
+    ) -> Result<Route, ApiError> {
         match outcome {
-            Ok(RouteOutcome::Route(decision)) => match self.pools.get(&decision.pool) {
-                Some(pool) => Ok(Route {
-                    pool: pool.clone(),
-                    max_tokens_cap: decision.max_tokens_cap,
-                    priority: None,
-                }),
+            RouteOutcome::Route(decision) => match self.pools.get(&decision.pool) {
+                Some(pool) => {
+                    let escalate_to = self.escalation_pool(&policy, decision.escalate_to);
+                    Ok(Route {
+                        pool: pool.clone(),
+                        max_tokens_cap: decision.max_tokens_cap,
+                        escalate_to,
+                        priority: priority_hint(&decision.attributes),
+                        attributes: decision.attributes,
+                        policy: Some(policy),
+                        summary: Some(summary),
+                    })
+                }
                 // Passing the client's model through as the pool is a
                 // plugin's normal answer; no such pool is the client's
                 // mistake, not the plugin's.
@@ -92,20 +270,33 @@ impl Router {
                     self.failure_route(&request.model)
                 }
             },
-            Ok(RouteOutcome::Reject { status, message }) => {
+            RouteOutcome::Reject { status, message } => {
                 Err(ApiError::new(ErrorKind::PolicyRejected(status), message))
             }
-            Err(e) => {
-                tracing::warn!(
-                    plugin = policy.name(),
-                    kind = e.kind(),
-                    error = %e,
-                    "policy call failed; taking the default route"
-                );
-                metrics::record_policy_error(policy.name(), e.kind());
-                self.failure_route(&request.model)
-            }
         }
+    }
+
+    /// Whether `pool` names a configured pool.
+    pub fn has_pool(&self, pool: &str) -> bool {
+        self.pools.contains(pool)
+    }
+
+    /// The escalation pool of a decision, if it names a configured pool; a
+    /// bad name is the plugin's mistake, so the request is served without
+    /// a cascade rather than failed.
+    fn escalation_pool(&self, policy: &Policy, pool: Option<String>) -> Option<String> {
+        let pool = pool?;
+        if self.pools.contains(&pool) {
+            return Some(pool);
+        }
+        tracing::warn!(
+            plugin = policy.name(),
+            pool = %pool,
+            "policy chose an escalation pool that does not exist; \
+             serving without the cascade"
+        );
+        metrics::record_policy_error(policy.name(), "unknown_pool");
+        None
     }
 
     /// Where a request goes when the policy failed: the pool its `model`
@@ -116,11 +307,7 @@ impl Router {
             .as_ref()
             .and_then(|name| self.pools.get(name));
         match (self.pools.get(model), fallback) {
-            (None, Some(pool)) => Ok(Route {
-                pool: pool.clone(),
-                max_tokens_cap: None,
-                priority: None,
-            }),
+            (None, Some(pool)) => Ok(Route::to(pool)),
             _ => self.default_route(model),
         }
     }
@@ -128,11 +315,7 @@ impl Router {
     /// The pool named by the request's `model`.
     fn default_route(&self, model: &str) -> Result<Route, ApiError> {
         match self.pools.get(model) {
-            Some(pool) => Ok(Route {
-                pool: pool.clone(),
-                max_tokens_cap: None,
-                priority: None,
-            }),
+            Some(pool) => Ok(Route::to(pool)),
             None => {
                 let message = format!(
                     "no pool serves model {model:?}; pools: {}",
@@ -159,4 +342,13 @@ pub(crate) fn call_blocking<T>(call: impl FnOnce() -> T) -> T {
     } else {
         call()
     }
+}
+
+/// The priority a policy set in its route's attributes, clamped to 0..=9.
+fn priority_hint(attributes: &[(String, String)]) -> Option<u8> {
+    attributes
+        .iter()
+        .find(|(key, _)| key == "switchyard.priority")
+        .and_then(|(_, value)| value.trim().parse::<u8>().ok())
+        .map(|p| p.min(9))
 }

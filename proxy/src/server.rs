@@ -20,9 +20,13 @@ use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::{TcpListener, TcpStream};
 
+use http_body_util::{BodyExt, Limited};
+use serde_json::{json, Value};
+
 use crate::app::App;
 use crate::body::{full, Body};
 use crate::config::{BatchConfig, BatchMode, Config, PoolKind};
+use crate::reload::{PolicyControl, Refusal, MAX_PLUGIN_BYTES};
 
 /// How a coalescing pool batches, for the start-up line: mode, limits
 /// and the endpoints where the upstream takes no arrays.
@@ -96,8 +100,12 @@ pub async fn run(
     }
 
     let graceful = GracefulShutdown::new();
+    let control = Arc::new(PolicyControl::new(Arc::clone(&app), &config));
+    control.watch();
     let admin_state = Arc::new(AdminState {
         metrics,
+        control,
+        ledger: app.ledger(),
         ready: Arc::clone(&ready),
     });
 
@@ -108,7 +116,7 @@ pub async fn run(
     };
     let admin_service = move |request: Request<Incoming>| {
         let state = Arc::clone(&admin_state);
-        async move { Ok::<_, std::convert::Infallible>(state.handle(&request)) }
+        async move { Ok::<_, std::convert::Infallible>(state.handle(request).await) }
     };
 
     tokio::pin!(shutdown);
@@ -257,11 +265,16 @@ impl AcceptErrors {
 #[derive(Debug)]
 struct AdminState {
     metrics: PrometheusHandle,
+    control: Arc<PolicyControl>,
+    ledger: Arc<crate::costs::Ledger>,
     ready: Arc<AtomicBool>,
 }
 
 impl AdminState {
-    fn handle(&self, request: &Request<Incoming>) -> Response<Body> {
+    async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+        if request.uri().path().starts_with("/admin/policy") {
+            return self.policy(request).await;
+        }
         if request.method() != Method::GET {
             return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
         }
@@ -275,11 +288,76 @@ impl AdminState {
                 response
             }
             "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/admin/costs" => {
+                let mut response = text(StatusCode::OK, self.ledger.report().to_string());
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                response
+            }
             "/readyz" if self.ready.load(Ordering::SeqCst) => text(StatusCode::OK, "ready\n"),
             "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
         }
     }
+}
+
+impl AdminState {
+    /// `GET /admin/policy`, `PUT /admin/policy` (the plugin's bytes as the
+    /// body) and `POST /admin/policy/rollback`; the last two need the
+    /// bearer token.
+    async fn policy(&self, request: Request<Incoming>) -> Response<Body> {
+        let method = request.method().clone();
+        let path = request.uri().path().to_string();
+        if method == Method::GET && path == "/admin/policy" {
+            return json_reply(StatusCode::OK, &self.control.status());
+        }
+        let authorization = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if let Err(refusal) = self.control.authorize(authorization) {
+            return refused(refusal);
+        }
+        let result = match (method, path.as_str()) {
+            (Method::PUT, "/admin/policy") => {
+                let limited = Limited::new(request.into_body(), MAX_PLUGIN_BYTES);
+                match limited.collect().await {
+                    Ok(body) => self.control.install(body.to_bytes(), "admin").await,
+                    Err(e) => Err(Refusal {
+                        status: StatusCode::PAYLOAD_TOO_LARGE,
+                        message: format!("could not read the plugin: {e}"),
+                    }),
+                }
+            }
+            (Method::POST, "/admin/policy/rollback") => self.control.rollback(),
+            _ => {
+                return text(StatusCode::NOT_FOUND, "not found\n");
+            }
+        };
+        match result {
+            Ok(version) => {
+                let mut status = self.control.status();
+                status["version"] = Value::from(version);
+                json_reply(StatusCode::OK, &status)
+            }
+            Err(refusal) => refused(refusal),
+        }
+    }
+}
+
+fn refused(refusal: Refusal) -> Response<Body> {
+    json_reply(refusal.status, &json!({"error": refusal.message}))
+}
+
+fn json_reply(status: StatusCode, value: &Value) -> Response<Body> {
+    let mut response = text(status, value.to_string());
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {

@@ -6,7 +6,7 @@
 
 use std::cell::RefCell;
 
-use crate::types::{Decision, Endpoint, Message, Request};
+use crate::types::{Answer, Decision, Endpoint, LogprobSummary, Message, Request, Verdict};
 use crate::Policy;
 
 /// Bindings generated from `sdk/wit/policy.wit`.
@@ -27,7 +27,9 @@ pub mod bindings {
 use self::bindings::switchyard::policy::types as wit;
 
 pub use self::bindings::Guest;
-pub use self::wit::{Decision as WitDecision, Request as WitRequest};
+pub use self::wit::{
+    Answer as WitAnswer, Decision as WitDecision, Request as WitRequest, Verdict as WitVerdict,
+};
 
 thread_local! {
     /// The policy value of this instance, set by `init`. A component
@@ -81,6 +83,46 @@ pub fn route(req: WitRequest) -> WitDecision {
     decision_to_wit(decision)
 }
 
+/// The exported `review`: converts the request and answer, asks the
+/// policy and converts its verdict back. Before `init` it accepts, which
+/// a correct host never relies on.
+pub fn review(req: WitRequest, answer: WitAnswer) -> WitVerdict {
+    let req = request_from_wit(req);
+    let answer = answer_from_wit(answer);
+    let verdict = POLICY.with(|slot| match slot.borrow().as_deref() {
+        Some(policy) => policy.review(&req, &answer),
+        None => Verdict::Accept,
+    });
+    match verdict {
+        Verdict::Accept => WitVerdict::Accept,
+        Verdict::Escalate(e) => WitVerdict::Escalate(wit::Escalation {
+            pool: e.pool,
+            reason: e.reason,
+            attributes: attributes(e.attributes),
+        }),
+    }
+}
+
+fn answer_from_wit(answer: WitAnswer) -> Answer {
+    let s = answer.summary;
+    Answer {
+        pool: answer.pool,
+        text: answer.text,
+        finish_reason: answer.finish_reason,
+        completion_tokens: answer.completion_tokens,
+        token_logprobs: answer.token_logprobs,
+        summary: LogprobSummary {
+            mean: s.mean,
+            min: s.min,
+            share_below: s.share_below,
+            threshold: s.threshold,
+        },
+        latency_ms: answer.latency_ms,
+        partial: answer.partial,
+        attributes: pairs(answer.attributes),
+    }
+}
+
 fn request_from_wit(req: WitRequest) -> Request {
     let endpoint = match req.endpoint {
         wit::Endpoint::ChatCompletions => Endpoint::ChatCompletions,
@@ -114,6 +156,7 @@ fn decision_to_wit(decision: Decision) -> WitDecision {
         Decision::Route(route) => WitDecision::Route(wit::Route {
             pool: route.pool,
             max_tokens_cap: route.max_tokens_cap,
+            escalate_to: route.escalate_to,
             attributes: attributes(route.attributes),
         }),
         Decision::Reject(rejection) => WitDecision::Reject(wit::Rejection {
@@ -178,6 +221,14 @@ mod tests {
         assert_eq!(route.pool, "small");
         assert_eq!(route.max_tokens_cap, Some(5));
         assert_eq!(route.attributes[0].key, "k");
+    }
+
+    #[test]
+    fn cascade_route_keeps_its_escalation_pool_in_wit() {
+        let WitDecision::Route(route) = decision_to_wit(Route::cascade("s", "l").into()) else {
+            unreachable!("a route must stay a route");
+        };
+        assert_eq!(route.escalate_to.as_deref(), Some("l"));
     }
 
     #[test]

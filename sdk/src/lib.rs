@@ -1,6 +1,6 @@
 //! Write Switchyard routing policies in Rust.
 //!
-//! Owns the plugin side of the `switchyard:policy@0.1.0` WIT interface
+//! Owns the plugin side of the `switchyard:policy@0.2.0` WIT interface
 //! (`sdk/wit/policy.wit`): plain Rust types for requests and decisions, the
 //! [`Policy`] trait, logging and metrics helpers, and the
 //! [`export_policy!`] macro that wires a type to the component exports. It
@@ -75,11 +75,14 @@
 //!   twice dominates). A fresh pooled instance plus its first call took
 //!   15 to 19 us, cheap enough to replace an instance after every fault.
 //! - **Evolvability.** The package is versioned
-//!   (`switchyard:policy@0.1.0`), so a later 0.2.0 world with new hooks can
-//!   be served side by side with this one. Within a version, adding a field
+//!   (`switchyard:policy@0.2.0`), so a later world with new hooks can be
+//!   served side by side with this one. Within a version, adding a field
 //!   to a WIT record is a breaking change; every record therefore carries
-//!   an `attributes` key/value list, through which new facts (priorities,
-//!   deadlines, labels) can flow without breaking built plugins.
+//!   an `attributes` key/value list, through which new facts flow without
+//!   breaking built plugins: the route's system instruction, trimmed
+//!   history, priority and labels travel that way
+//!   ([`Route::with_system_instruction`] and its siblings). 0.2.0 was
+//!   needed for the `review` hook, which a list cannot express.
 //! - **Author experience.** Plugin authors write against plain Rust types
 //!   and one trait, with no `unsafe`, no serialisation code and no
 //!   knowledge of the ABI; any language with a WIT binding generator can
@@ -91,7 +94,10 @@ mod host;
 mod types;
 
 pub use crate::host::{counter_add, now_unix_ms};
-pub use crate::types::{Decision, Endpoint, Message, Rejection, Request, Route};
+pub use crate::types::{
+    Answer, Decision, Endpoint, Escalation, LogprobSummary, Message, Priority, Rejection, Request,
+    Route, Verdict, KEEP_TURNS_KEY, LABEL_PREFIX, PRIORITY_KEY, SYSTEM_INSTRUCTION_KEY,
+};
 
 /// A routing policy: parses its configuration once, then decides where each
 /// request goes.
@@ -112,9 +118,22 @@ pub trait Policy: 'static {
     /// Decides where one request goes. Runs under the host's deadline and
     /// must not block.
     fn route(&self, req: &Request) -> Decision;
+
+    /// Judges the small pool's answer to a request that [`Policy::route`]
+    /// sent small-first ([`Route::cascade`]): accept it, or escalate to a
+    /// larger pool. Runs under the same deadline as `route`. The default
+    /// accepts every answer.
+    ///
+    /// In `probe` streaming mode `answer.partial` is true and the answer
+    /// holds only the first tokens; its `finish_reason` is empty.
+    fn review(&self, req: &Request, answer: &Answer) -> Verdict {
+        let _ = (req, answer);
+        Verdict::Accept
+    }
 }
 
-/// Exports a [`Policy`] implementation as the plugin's `init` and `route`.
+/// Exports a [`Policy`] implementation as the plugin's `init`, `route` and
+/// `review`.
 ///
 /// Invoke it once, at the top level of the plugin crate:
 ///
@@ -140,6 +159,13 @@ macro_rules! export_policy {
 
                 fn route(req: $crate::__private::WitRequest) -> $crate::__private::WitDecision {
                     $crate::__private::route(req)
+                }
+
+                fn review(
+                    req: $crate::__private::WitRequest,
+                    answer: $crate::__private::WitAnswer,
+                ) -> $crate::__private::WitVerdict {
+                    $crate::__private::review(req, answer)
                 }
             }
 

@@ -14,6 +14,11 @@
 //!   coalesces them (`max_batch = 8`, `max_wait_ms = 5`), counting the
 //!   requests the upstream received.
 //!
+//! Then it times calls into warm plugin instances in this process:
+//! `route` on `cost_router.wasm`, and `route` and `review` on
+//! `confidence_cascade.wasm`, printing their p50 and p99 (target: p99
+//! under 20 us), next to the throughput ratio with and without a policy.
+//!
 //! It prints a table and through/direct ratios and asserts nothing about
 //! timing. The load generator, the mock and the proxy share the machine's
 //! cores, so on a small machine the ratios overstate the proxy's cost. Run without `--bench` (as `cargo test --benches` does) it only
@@ -42,6 +47,12 @@ use serde_json::json;
 use tokio::net::TcpStream;
 
 use support::{plugin_path, pool_toml, server_toml, MockUpstream, Switchyard};
+use switchyard_policy::{
+    Endpoint, LogprobSummary, Message, Policy, PolicySettings, ReviewAnswer, RouteRequest,
+};
+
+/// Calls timed per plugin and hook in a full run (a smoke run makes 200).
+const POLICY_CALLS: usize = 20_000;
 
 /// Measurement settings, from the environment.
 #[derive(Debug, Clone, Copy)]
@@ -332,6 +343,19 @@ async fn run(settings: Settings) -> bool {
         );
     }
 
+    if let (Some(plain), Some(routed)) = (
+        by_name("chat via switchyard"),
+        by_name("chat via switchyard + cost_router"),
+    ) {
+        print_ratio("chat: with policy / without", routed, plain);
+    }
+    let calls = if settings.measure >= Duration::from_secs(1) {
+        POLICY_CALLS
+    } else {
+        200
+    };
+    policy_call_latency(calls);
+
     // A scenario where nothing succeeded means a broken set-up, not a slow one.
     let broken: Vec<&str> = outcomes
         .iter()
@@ -342,6 +366,76 @@ async fn run(settings: Settings) -> bool {
         println!("\nno request succeeded in: {broken:?}\n{}", plain.output());
     }
     broken.is_empty()
+}
+
+/// Times `calls` calls of each hook into a warm instance and prints the
+/// p50 and p99 in microseconds.
+fn policy_call_latency(calls: usize) {
+    let mut request = RouteRequest::new(Endpoint::ChatCompletions, "auto");
+    request.messages.push(Message {
+        role: "user".into(),
+        content: "how fast is this proxy".into(),
+    });
+    request.prompt_chars = 22;
+    let logprobs = vec![-0.1_f32; 16];
+    let answer = ReviewAnswer {
+        pool: "small".into(),
+        text: "It is fast enough for a sidecar.".into(),
+        finish_reason: "stop".into(),
+        completion_tokens: 16,
+        summary: LogprobSummary::of(&logprobs, -2.3),
+        token_logprobs: logprobs,
+        latency_ms: 40,
+        partial: false,
+    };
+
+    println!("\npolicy calls into a warm instance, {calls} each:");
+    for (file, review) in [("cost_router", false), ("confidence_cascade", true)] {
+        let path = plugin_path(file);
+        if !path.is_file() {
+            println!("skipping {file}: not built; run `make plugins`");
+            continue;
+        }
+        let policy = Policy::load(&PolicySettings::new(&path)).expect("load plugin");
+        let route = time_calls(calls, || {
+            policy.route(&request).expect("route call");
+        });
+        print_latency(&format!("{file} route"), &route);
+        if review {
+            let reviewed = time_calls(calls, || {
+                policy.review(&request, &answer).expect("review call");
+            });
+            print_latency(&format!("{file} review"), &reviewed);
+        }
+    }
+}
+
+fn time_calls(calls: usize, mut call: impl FnMut()) -> Vec<Duration> {
+    // Warm the instance and caches first.
+    for _ in 0..calls.min(100) {
+        call();
+    }
+    let mut samples: Vec<Duration> = (0..calls)
+        .map(|_| {
+            let started = Instant::now();
+            call();
+            started.elapsed()
+        })
+        .collect();
+    samples.sort_unstable();
+    samples
+}
+
+fn print_latency(label: &str, sorted: &[Duration]) {
+    let at = |pct: usize| {
+        let i = (sorted.len() * pct / 100).min(sorted.len().saturating_sub(1));
+        sorted.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e6)
+    };
+    println!(
+        "{label:<34} p50 {:>7.2} us   p99 {:>7.2} us",
+        at(50),
+        at(99)
+    );
 }
 
 fn main() -> std::process::ExitCode {

@@ -566,3 +566,38 @@ async fn query_string_goes_upstream_and_hop_headers_do_not() {
     );
     assert_eq!(upstream[0].header("x-kept"), Some("yes"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_hints_add_an_instruction_cap_tokens_and_label_the_log_line() {
+    let config = format!(
+        "\n[policy]\nplugin = \"{}\"\ntimeout_ms = 1000\nconfig = {{ max_tokens_cap = 32 }}\n",
+        plugin("concise")
+    );
+    let (small, _large, sw) = two_pools(&config).await;
+    let body = json!({
+        "model": "auto", "max_tokens": 500,
+        "messages": [{"role": "user", "content": "Please summarize this report"}],
+    });
+    let reply = post(
+        &http1_client(),
+        &sw.api_url(),
+        "/v1/chat/completions",
+        &body,
+    )
+    .await;
+    reply.assert_status(200);
+
+    let seen = &small.requests_to("/v1/chat/completions")[0].body;
+    assert_eq!(seen["max_tokens"], 32);
+    assert_eq!(seen["messages"][0]["role"], "system");
+    let instruction = seen["messages"][0]["content"].as_str().unwrap_or_default();
+    assert!(instruction.contains("concisely"), "{seen}");
+    assert_eq!(
+        seen["messages"][1]["content"],
+        "Please summarize this report"
+    );
+    sw.wait_for_log("labelled request line", |l| {
+        log_text(l, "labels").as_deref() == Some("shape=summary")
+    })
+    .await;
+}

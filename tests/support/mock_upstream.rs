@@ -52,6 +52,17 @@
 //! most requests it held at once, `abandoned()` how many the client
 //! dropped before the answer.
 //!
+//! # Log-probabilities
+//!
+//! A chat request with `logprobs: true`, or a completions request with
+//! `logprobs: k`, gets OpenAI-shaped log-probabilities: one token per
+//! word piece of the answer (the pieces streaming sends), chat as
+//! `logprobs.content[].logprob`, completions as `logprobs.tokens` and
+//! `logprobs.token_logprobs`. Header `x-mock-logprobs: -0.1,-3` sets the
+//! values, used in turn and repeated (default `-0.1` for every token), so
+//! a test controls how confident the answer looks. Header
+//! `x-mock-finish-reason: length` replaces the finish reason `stop`.
+//!
 //! # Faults
 //!
 //! - `x-mock-delay-ms: N`: sleep N ms before answering.
@@ -434,9 +445,10 @@ async fn handle_inner(
         state: state.clone(),
     };
     let id = state.next_id.fetch_add(1, Ordering::SeqCst);
+    let shape = Shape::from_headers(&headers);
     let reply = match (&method, path.as_str()) {
-        (&Method::POST, "/v1/completions") => completions(&body, id, stream, short),
-        (&Method::POST, "/v1/chat/completions") => chat(&body, id, stream),
+        (&Method::POST, "/v1/completions") => completions(&body, id, stream, short, &shape),
+        (&Method::POST, "/v1/chat/completions") => chat(&body, id, stream, &shape),
         (&Method::POST, "/v1/embeddings") => embeddings(&body, short),
         (&Method::GET, "/v1/models") => json_response(StatusCode::OK, &models()),
         _ => error(
@@ -486,7 +498,71 @@ struct Stream {
     state: Arc<State>,
 }
 
-fn completions(body: &Value, id: u64, stream: Stream, short: bool) -> Response<MockBody> {
+/// Default log-probability of every token when none is asked for.
+pub const DEFAULT_LOGPROB: f64 = -0.1;
+
+/// How answers look, from the `x-mock-logprobs` and
+/// `x-mock-finish-reason` headers.
+struct Shape {
+    logprobs: Vec<f64>,
+    finish: String,
+}
+
+impl Shape {
+    fn from_headers(headers: &HeaderMap) -> Self {
+        let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let logprobs: Vec<f64> = text("x-mock-logprobs")
+            .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+            .unwrap_or_default();
+        Self {
+            logprobs: if logprobs.is_empty() {
+                vec![DEFAULT_LOGPROB]
+            } else {
+                logprobs
+            },
+            finish: text("x-mock-finish-reason").unwrap_or("stop").to_string(),
+        }
+    }
+
+    /// Log-probability of token `k` of an answer.
+    fn logprob(&self, k: usize) -> f64 {
+        self.logprobs[k % self.logprobs.len()]
+    }
+
+    /// Chat `logprobs` for `pieces`, the first being token `first`.
+    fn chat_logprobs(&self, pieces: &[String], first: usize) -> Value {
+        let content: Vec<Value> = pieces
+            .iter()
+            .enumerate()
+            .map(|(k, piece)| {
+                json!({
+                    "token": piece, "logprob": self.logprob(first + k),
+                    "bytes": piece.as_bytes(), "top_logprobs": [],
+                })
+            })
+            .collect();
+        json!({"content": content})
+    }
+
+    /// Completions `logprobs` for `pieces`, the first being token `first`.
+    fn completion_logprobs(&self, pieces: &[String], first: usize) -> Value {
+        let values: Vec<f64> = (0..pieces.len()).map(|k| self.logprob(first + k)).collect();
+        let tops: Vec<Value> = pieces.iter().map(|_| json!({})).collect();
+        json!({
+            "tokens": pieces, "token_logprobs": values,
+            "top_logprobs": tops, "text_offset": [],
+        })
+    }
+}
+
+fn completions(
+    body: &Value,
+    id: u64,
+    stream: Stream,
+    short: bool,
+    shape: &Shape,
+) -> Response<MockBody> {
+    let with_logprobs = body["logprobs"].is_u64();
     let Some(prompts) = text_items(&body["prompt"]) else {
         return bad_request("`prompt` must be a string or an array");
     };
@@ -513,7 +589,12 @@ fn completions(body: &Value, id: u64, stream: Stream, short: bool) -> Response<M
             for (index, choice) in pieces.iter().enumerate() {
                 let Some(piece) = choice.get(k) else { continue };
                 let finish = if k + 1 == choice.len() {
-                    json!("stop")
+                    json!(shape.finish)
+                } else {
+                    Value::Null
+                };
+                let logprobs = if with_logprobs {
+                    shape.completion_logprobs(std::slice::from_ref(piece), k)
                 } else {
                     Value::Null
                 };
@@ -522,7 +603,7 @@ fn completions(body: &Value, id: u64, stream: Stream, short: bool) -> Response<M
                     "model": model,
                     "choices": [{
                         "index": index, "text": piece,
-                        "finish_reason": finish, "logprobs": null,
+                        "finish_reason": finish, "logprobs": logprobs,
                     }],
                 }));
             }
@@ -542,9 +623,14 @@ fn completions(body: &Value, id: u64, stream: Stream, short: bool) -> Response<M
         .enumerate()
         .rev()
         .map(|(index, text)| {
+            let logprobs = if with_logprobs {
+                shape.completion_logprobs(&word_pieces(text), 0)
+            } else {
+                Value::Null
+            };
             json!({
                 "index": index, "text": text,
-                "finish_reason": "stop", "logprobs": null,
+                "finish_reason": shape.finish, "logprobs": logprobs,
             })
         })
         .collect();
@@ -560,7 +646,8 @@ fn completions(body: &Value, id: u64, stream: Stream, short: bool) -> Response<M
     )
 }
 
-fn chat(body: &Value, id: u64, stream: Stream) -> Response<MockBody> {
+fn chat(body: &Value, id: u64, stream: Stream, shape: &Shape) -> Response<MockBody> {
+    let with_logprobs = body["logprobs"] == true;
     let Some(messages) = body["messages"].as_array() else {
         return bad_request("`messages` must be an array");
     };
@@ -583,24 +670,34 @@ fn chat(body: &Value, id: u64, stream: Stream) -> Response<MockBody> {
     let usage = usage(prompt_tokens, n);
 
     if body["stream"].as_bool() == Some(true) {
-        let chunk = |index: u64, delta: Value, finish: Value| {
+        let chunk = |index: u64, delta: Value, finish: Value, logprobs: Value| {
             json!({
                 "id": id, "object": "chat.completion.chunk", "created": CREATED,
                 "model": model,
                 "choices": [{
                     "index": index, "delta": delta,
-                    "finish_reason": finish, "logprobs": null,
+                    "finish_reason": finish, "logprobs": logprobs,
                 }],
             })
         };
         let mut events = Vec::new();
         for index in 0..n {
             let role = json!({"role": "assistant", "content": ""});
-            events.push(chunk(index, role, Value::Null));
-            for piece in word_pieces(&answer) {
-                events.push(chunk(index, json!({"content": piece}), Value::Null));
+            events.push(chunk(index, role, Value::Null, Value::Null));
+            for (k, piece) in word_pieces(&answer).into_iter().enumerate() {
+                let logprobs = if with_logprobs {
+                    shape.chat_logprobs(std::slice::from_ref(&piece), k)
+                } else {
+                    Value::Null
+                };
+                events.push(chunk(
+                    index,
+                    json!({"content": piece}),
+                    Value::Null,
+                    logprobs,
+                ));
             }
-            events.push(chunk(index, json!({}), json!("stop")));
+            events.push(chunk(index, json!({}), json!(shape.finish), Value::Null));
         }
         if include_usage(body) {
             events.push(json!({
@@ -614,10 +711,15 @@ fn chat(body: &Value, id: u64, stream: Stream) -> Response<MockBody> {
     let choices: Vec<Value> = (0..n)
         .rev()
         .map(|index| {
+            let logprobs = if with_logprobs {
+                shape.chat_logprobs(&word_pieces(&answer), 0)
+            } else {
+                Value::Null
+            };
             json!({
                 "index": index,
                 "message": {"role": "assistant", "content": answer},
-                "finish_reason": "stop", "logprobs": null,
+                "finish_reason": shape.finish, "logprobs": logprobs,
             })
         })
         .collect();

@@ -46,17 +46,22 @@ impl Switchyard {
     /// waits until it is listening and ready. Fails the test, showing the
     /// process output, when that does not happen within 20 s.
     pub async fn start(config_toml: &str) -> Self {
-        Self::start_inner(config_toml, true).await
+        Self::start_inner(config_toml, true, &[]).await
+    }
+
+    /// Like `start`, with extra environment variables for the process.
+    pub async fn start_with_env(config_toml: &str, env: &[(&str, &str)]) -> Self {
+        Self::start_inner(config_toml, true, env).await
     }
 
     /// Like `start`, but forgets stdout lines once start-up is over, so a
     /// long benchmark does not hold every access-log line in memory.
     /// `logs()` then only has the start-up lines.
     pub async fn start_forgetting_logs(config_toml: &str) -> Self {
-        Self::start_inner(config_toml, false).await
+        Self::start_inner(config_toml, false, &[]).await
     }
 
-    async fn start_inner(config_toml: &str, keep_logs: bool) -> Self {
+    async fn start_inner(config_toml: &str, keep_logs: bool, env: &[(&str, &str)]) -> Self {
         let config_path = write_temp_config(config_toml);
         let mut child = Command::new(BINARY)
             .arg("run")
@@ -65,6 +70,7 @@ impl Switchyard {
             .args(["--log-format", "json"])
             // The proxy's own default filter decides what is logged.
             .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -14,7 +14,13 @@
 //! | `print`      | writes to stdout and stderr, then routes to `print`   |
 //! | `clock`      | routes to a pool named after the host clock, in ms    |
 //! | `count`      | adds to 100 distinct counters, routes to `count`      |
+//! | `cascade`    | routes small-first: pool `small`, escalation `large`  |
 //! | anything else| routes to the pool of that name                       |
+//!
+//! `review` reads the model too: `trap` panics and `spin` loops, as in
+//! `route`. Otherwise an answer whose text is `escalate` escalates to the
+//! route's escalation pool, `escalate:<pool>` to `<pool>` (reason
+//! `asked`), and any other answer is accepted.
 //!
 //! Configuration: `{"fail": "message"}` makes `init` fail with that
 //! message; `{"panic": true}` makes `init` panic. Other keys are ignored.
@@ -26,7 +32,7 @@ use std::hint::black_box;
 
 use serde_json::Value;
 use switchyard_sdk::{
-    counter_add, export_policy, log, now_unix_ms, Decision, Policy, Request, Route,
+    counter_add, export_policy, log, now_unix_ms, Answer, Decision, Policy, Request, Route, Verdict,
 };
 
 /// Status and message of the `reject` model.
@@ -85,10 +91,31 @@ impl Policy for TestFaults {
                 log::info!("added to {COUNT_NAMES} counters");
                 Decision::route("count")
             }
+            "cascade" => Route::cascade("small", "large").into(),
             model => Decision::route(model),
         }
     }
+
+    #[expect(clippy::panic, reason = "panicking on request is the point")]
+    fn review(&self, req: &Request, answer: &Answer) -> Verdict {
+        match req.model.as_str() {
+            "trap" => panic!("test-faults was asked to trap in review"),
+            "spin" => spin(),
+            _ => {}
+        }
+        match answer.text.strip_prefix("escalate") {
+            Some("") => Verdict::escalate(ASKED),
+            Some(rest) => match rest.strip_prefix(':') {
+                Some(pool) => Verdict::escalate_to(pool, ASKED),
+                None => Verdict::Accept,
+            },
+            None => Verdict::Accept,
+        }
+    }
 }
+
+/// Reason of every escalation `review` answers.
+pub const ASKED: &str = "asked";
 
 export_policy!(TestFaults);
 
@@ -132,6 +159,15 @@ mod tests {
             route("cap"),
             Route::new("small").with_max_tokens_cap(5).into()
         );
+    }
+
+    #[test]
+    fn review_escalates_only_when_the_answer_asks() {
+        let req = Request::new(Endpoint::ChatCompletions, "cascade");
+        let review = |text: &str| TestFaults.review(&req, &Answer::new("small", text, vec![]));
+        assert_eq!(review("fine"), Verdict::Accept);
+        assert_eq!(review("escalate"), Verdict::escalate(ASKED));
+        assert_eq!(review("escalate:huge"), Verdict::escalate_to("huge", ASKED));
     }
 
     #[test]

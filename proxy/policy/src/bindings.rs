@@ -4,7 +4,9 @@
 //! Owns the mapping from [`RouteRequest`] to the WIT `request` and from the
 //! WIT `decision` to [`RouteOutcome`]; it must not hold any state.
 
-use crate::{Endpoint, RouteDecision, RouteOutcome, RouteRequest};
+// The world's `use types.{.., verdict}` puts a `Verdict` in this module.
+use crate::Verdict as HostVerdict;
+use crate::{Endpoint, ReviewAnswer, RouteDecision, RouteOutcome, RouteRequest};
 
 wasmtime::component::bindgen!({
     path: "../../sdk/wit",
@@ -18,8 +20,10 @@ wasmtime::component::bindgen!({
 
 use self::switchyard::policy::types as wit;
 
-// Limitation: only the 0.1.0 world is bound. When 0.2.0 exists, a second
-// `bindgen!` and a choice by the component's exports are needed here.
+// Limitation: only the 0.2.0 world is bound, so plugins built against
+// 0.1.0 (no `review`) fail to load with a link error and must be rebuilt;
+// serving both needs a second `bindgen!` and a choice by the component's
+// exports.
 
 // Limitation: every call copies all messages and prompts into the plugin's
 // memory, even for a rule that reads only `prompt_chars`; a very long
@@ -78,17 +82,55 @@ impl<'a> BorrowedRequest<'a> {
     }
 }
 
+/// A WIT answer borrowing from a [`ReviewAnswer`].
+pub(crate) fn answer_wit(answer: &ReviewAnswer) -> wit::Answer<'_> {
+    let s = answer.summary;
+    wit::Answer {
+        pool: &answer.pool,
+        text: &answer.text,
+        finish_reason: &answer.finish_reason,
+        completion_tokens: answer.completion_tokens,
+        token_logprobs: &answer.token_logprobs,
+        summary: wit::LogprobSummary {
+            mean: s.mean,
+            min: s.min,
+            share_below: s.share_below,
+            threshold: s.threshold,
+        },
+        latency_ms: answer.latency_ms,
+        partial: answer.partial,
+        attributes: &[],
+    }
+}
+
+/// Converts the plugin's verdict.
+pub(crate) fn verdict(verdict: wit::Verdict) -> HostVerdict {
+    match verdict {
+        wit::Verdict::Accept => HostVerdict::Accept,
+        wit::Verdict::Escalate(e) => HostVerdict::Escalate {
+            pool: e.pool,
+            reason: e.reason,
+        },
+    }
+}
+
 /// Status a rejection gets when the plugin's is not an HTTP error status.
 const FALLBACK_REJECT_STATUS: u16 = 500;
 
 /// Converts the plugin's answer. A rejection status outside 400..=599
-/// becomes 500, as the WIT documents. Attributes are dropped: version 0.1.0
-/// defines none.
+/// becomes 500, as the WIT documents. A rejection's attributes are dropped:
+/// none are defined.
 pub(crate) fn outcome(decision: wit::Decision) -> RouteOutcome {
     match decision {
         wit::Decision::Route(route) => RouteOutcome::Route(RouteDecision {
             pool: route.pool,
             max_tokens_cap: route.max_tokens_cap,
+            escalate_to: route.escalate_to,
+            attributes: route
+                .attributes
+                .into_iter()
+                .map(|a| (a.key, a.value))
+                .collect(),
         }),
         wit::Decision::Reject(rejection) => {
             let status = if (400..=599).contains(&rejection.status) {

@@ -5,7 +5,7 @@
 //! not touch pools, HTTP or metrics of the request path beyond the policy's
 //! own counters: callers hand it plain data and get plain data back.
 //!
-//! The interface is `sdk/wit/policy.wit` (`switchyard:policy@0.1.0`);
+//! The interface is `sdk/wit/policy.wit` (`switchyard:policy@0.2.0`);
 //! plugins are written with the `switchyard-sdk` crate.
 //!
 //! ```no_run
@@ -29,6 +29,9 @@ use std::path::PathBuf;
 pub use crate::endpoint::Endpoint;
 pub use crate::error::{CallError, LoadError};
 pub use crate::policy::Policy;
+
+/// The WIT package version plugins must be built against.
+pub const INTERFACE_VERSION: &str = "switchyard:policy@0.2.0";
 
 mod bindings;
 mod endpoint;
@@ -157,4 +160,85 @@ pub struct RouteDecision {
     /// Upper bound on `max_tokens`; the smaller of this and the client's
     /// value is sent upstream.
     pub max_tokens_cap: Option<u32>,
+    /// Small-first: `pool` answers first, [`Policy::review`] judges the
+    /// answer, and an escalation without a pool of its own goes here.
+    pub escalate_to: Option<String>,
+    /// The plugin's hints, in order (`switchyard.system-instruction`, ...).
+    pub attributes: Vec<(String, String)>,
+}
+
+impl RouteDecision {
+    /// The value of the first attribute called `key`.
+    pub fn attribute(&self, key: &str) -> Option<&str> {
+        self.attributes
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Summary of an answer's per-token log-probabilities (natural log).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct LogprobSummary {
+    /// Mean; 0 with no tokens.
+    pub mean: f32,
+    /// Lowest; 0 with no tokens.
+    pub min: f32,
+    /// Share (0 to 1) of tokens below `threshold`.
+    pub share_below: f32,
+    /// The threshold of `share_below`.
+    pub threshold: f32,
+}
+
+impl LogprobSummary {
+    /// Summarises `logprobs`, counting those below `threshold`.
+    pub fn of(logprobs: &[f32], threshold: f32) -> Self {
+        if logprobs.is_empty() {
+            return LogprobSummary {
+                threshold,
+                ..LogprobSummary::default()
+            };
+        }
+        let count = logprobs.len() as f32;
+        let sum: f32 = logprobs.iter().sum();
+        let min = logprobs.iter().copied().fold(f32::INFINITY, f32::min);
+        let below = logprobs.iter().filter(|&&l| l < threshold).count() as f32;
+        LogprobSummary {
+            mean: sum / count,
+            min,
+            share_below: below / count,
+            threshold,
+        }
+    }
+}
+
+/// The small pool's answer, as [`Policy::review`] hands it to the plugin.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ReviewAnswer {
+    /// The pool that answered.
+    pub pool: String,
+    /// The first choice's text.
+    pub text: String,
+    /// `stop`, `length`, ..., or empty when partial or unknown.
+    pub finish_reason: String,
+    /// Tokens generated.
+    pub completion_tokens: u32,
+    /// Log-probability of each generated token.
+    pub token_logprobs: Vec<f32>,
+    /// Summary of `token_logprobs`.
+    pub summary: LogprobSummary,
+    /// Time the small pool took, in milliseconds.
+    pub latency_ms: u32,
+    /// Only the first tokens of a streamed answer.
+    pub partial: bool,
+}
+
+/// The plugin's judgement of a small answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Give the client the small answer.
+    Accept,
+    /// Ask another pool: `pool` (empty for the route's `escalate_to`),
+    /// for `reason`.
+    Escalate { pool: String, reason: String },
 }

@@ -19,7 +19,7 @@ use crate::error::{CallError, LoadError};
 use crate::linker;
 use crate::state::{HostState, PluginMeta};
 use crate::ticker::{Ticker, TICK};
-use crate::{PolicySettings, RouteOutcome, RouteRequest};
+use crate::{PolicySettings, ReviewAnswer, RouteOutcome, RouteRequest, Verdict};
 
 /// Most idle instances kept for reuse; more are dropped when returned. The
 /// number of instances in use at once is bounded by the threads calling
@@ -97,7 +97,16 @@ impl Policy {
                 }
             }
         })?;
-        let version = version_of(&bytes);
+        Policy::load_bytes(settings, &bytes)
+    }
+
+    /// Like [`Policy::load`], with the component's bytes given rather than
+    /// read from `settings.plugin` (which still names it in logs and
+    /// errors): for a plugin uploaded to a running Switchyard.
+    pub fn load_bytes(settings: &PolicySettings, bytes: &[u8]) -> Result<Policy, LoadError> {
+        validate(settings)?;
+        let path = settings.plugin.clone();
+        let version = version_of(bytes);
         let name = name_of(&path);
 
         // Epoch interruption lets a deadline stop a plugin stuck in a loop
@@ -110,7 +119,7 @@ impl Policy {
         };
         let engine = Engine::new(&config).map_err(|e| engine_error(error_chain(&e)))?;
 
-        let component = Component::new(&engine, &bytes).map_err(|e| LoadError::Compile {
+        let component = Component::new(&engine, bytes).map_err(|e| LoadError::Compile {
             path: path.clone(),
             detail: error_chain(&e),
         })?;
@@ -195,6 +204,41 @@ impl Policy {
             }
             // The instance is dropped here: after a trap its state is
             // undefined, so it must never serve another call.
+            Err(err) => {
+                let state = instance.store.data();
+                Err(self.call_failed(&err, state, self.timeout_ms))
+            }
+        }
+    }
+
+    /// Asks the plugin whether the small pool's `answer` to `req` stands
+    /// or the request escalates.
+    ///
+    /// Same budget, instance handling and errors as [`Policy::route`]. A
+    /// request should be reviewed by the same `Policy` value that routed
+    /// it (hold an `Arc<Policy>` for the request), so both calls see one
+    /// plugin version even across a reload.
+    pub fn review(&self, req: &RouteRequest, answer: &ReviewAnswer) -> Result<Verdict, CallError> {
+        let mut instance = match self.take_idle() {
+            Some(instance) => instance,
+            None => self.instantiate().map_err(|e| self.fresh_failed(e))?,
+        };
+
+        let request = BorrowedRequest::new(req);
+        let store = &mut instance.store;
+        store.data_mut().limits.memory_denied = false;
+        store.set_epoch_deadline(self.deadline_ticks);
+        let answer = bindings::answer_wit(answer);
+        let result = instance
+            .bindings
+            .call_review(&mut *store, request.as_wit(), answer);
+
+        match result {
+            Ok(verdict) => {
+                self.put_back(instance);
+                Ok(bindings::verdict(verdict))
+            }
+            // Dropped: a trapped instance never serves again.
             Err(err) => {
                 let state = instance.store.data();
                 Err(self.call_failed(&err, state, self.timeout_ms))

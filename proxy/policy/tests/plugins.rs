@@ -19,12 +19,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::json;
 use switchyard_policy::{
-    CallError, Endpoint, LoadError, Policy, PolicySettings, RouteDecision, RouteOutcome,
-    RouteRequest,
+    CallError, Endpoint, LoadError, LogprobSummary, Policy, PolicySettings, ReviewAnswer,
+    RouteDecision, RouteOutcome, RouteRequest, Verdict,
 };
 
 const BUILD_PLUGINS: &str = "run `make plugins` (or `cargo build -p \
-    cost-router -p test-faults --target wasm32-wasip2 --release`) first";
+    cost-router -p test-faults -p confidence-cascade --target wasm32-wasip2 \
+    --release`) first";
 
 /// Deadline of the shared fault policy, in ms: short enough that `spin`
 /// tests are quick, long enough that ordinary calls on a loaded two-core
@@ -196,6 +197,8 @@ fn cap_routes_to_small_with_cap_of_five() {
         RouteOutcome::Route(RouteDecision {
             pool: "small".into(),
             max_tokens_cap: Some(5),
+            escalate_to: None,
+            attributes: Vec::new(),
         })
     );
 }
@@ -361,4 +364,81 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for CapturedLogs {
     fn make_writer(&'a self) -> Self::Writer {
         self.clone()
     }
+}
+
+/// A complete small answer with `text` and token `logprobs`.
+fn answer(text: &str, logprobs: &[f32]) -> ReviewAnswer {
+    ReviewAnswer {
+        pool: "small".into(),
+        text: text.into(),
+        finish_reason: "stop".into(),
+        completion_tokens: logprobs.len() as u32,
+        token_logprobs: logprobs.to_vec(),
+        summary: LogprobSummary::of(logprobs, -2.3),
+        latency_ms: 12,
+        partial: false,
+    }
+}
+
+#[test]
+fn cascade_route_carries_its_escalation_pool() {
+    let outcome = faults().route(&chat("cascade")).unwrap();
+    let RouteOutcome::Route(decision) = outcome else {
+        panic!("expected a route, got {outcome:?}");
+    };
+    assert_eq!(decision.pool, "small");
+    assert_eq!(decision.escalate_to.as_deref(), Some("large"));
+}
+
+#[test]
+fn review_accepts_or_escalates_as_the_plugin_says() {
+    let req = chat("cascade");
+    let accept = faults().review(&req, &answer("fine", &[-0.1])).unwrap();
+    assert_eq!(accept, Verdict::Accept);
+    let escalate = faults()
+        .review(&req, &answer("escalate:huge", &[]))
+        .unwrap();
+    assert_eq!(
+        escalate,
+        Verdict::Escalate {
+            pool: "huge".into(),
+            reason: "asked".into()
+        }
+    );
+}
+
+#[test]
+fn review_trap_and_spin_fail_the_call_and_the_next_one_succeeds() {
+    let err = faults()
+        .review(&chat("trap"), &answer("x", &[]))
+        .unwrap_err();
+    assert_eq!(err.kind(), "trap", "{err}");
+    let err = faults()
+        .review(&chat("spin"), &answer("x", &[]))
+        .unwrap_err();
+    assert_eq!(err.kind(), "timeout", "{err}");
+    assert_recovers(faults());
+}
+
+#[test]
+fn confidence_cascade_escalates_on_a_low_mean_logprob() {
+    let policy = load(
+        &PolicySettings::new(plugin("confidence_cascade.wasm"))
+            .with_config(json!({ "min_mean_logprob": -1.0 })),
+    );
+    let req = chat("auto");
+    let sure = policy
+        .review(&req, &answer("Paris", &[-0.1, -0.3]))
+        .unwrap();
+    assert_eq!(sure, Verdict::Accept);
+    let unsure = policy
+        .review(&req, &answer("Lyon?", &[-0.5, -2.0]))
+        .unwrap();
+    assert_eq!(
+        unsure,
+        Verdict::Escalate {
+            pool: String::new(),
+            reason: "low-confidence".into()
+        }
+    );
 }

@@ -1,0 +1,142 @@
+//! `switchyard plugin test`: a plugin's decision and review, printed as
+//! JSON without a server.
+
+use std::process::Command;
+
+use serde_json::{json, Value};
+
+use crate::support::{plugin, switchyard::BINARY};
+
+/// Writes `value` to a unique temp file and returns its path.
+fn temp_json(name: &str, value: &Value) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!(
+        "switchyard-plugin-test-{}-{name}.json",
+        std::process::id()
+    ));
+    std::fs::write(&path, value.to_string()).unwrap();
+    path
+}
+
+#[test]
+fn plugin_test_prints_the_route_and_the_review() {
+    let request = temp_json(
+        "request",
+        &json!({"model": "auto", "messages": [{"role": "user", "content": "hi"}]}),
+    );
+    let answer = temp_json(
+        "answer",
+        &json!({"choices": [{"index": 0, "finish_reason": "stop",
+            "message": {"role": "assistant", "content": "Hmm"},
+            "logprobs": {"content": [{"logprob": -3.0}, {"logprob": -2.0}]}}]}),
+    );
+    let output = Command::new(BINARY)
+        .args(["plugin", "test", &plugin("confidence_cascade")])
+        .args(["--config", r#"{"min_mean_logprob": -1.0}"#])
+        .arg("--request")
+        .arg(&request)
+        .arg("--answer")
+        .arg(&answer)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&request);
+    let _ = std::fs::remove_file(&answer);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["decision"]["route"]["pool"], "small");
+    assert_eq!(report["decision"]["route"]["escalate_to"], "large");
+    assert_eq!(report["review"]["verdict"], "escalate");
+    assert_eq!(report["review"]["reason"], "low-confidence");
+    assert_eq!(report["summary"]["mean"], -2.5);
+}
+
+#[test]
+fn plugin_test_names_a_bad_config_key() {
+    let request = temp_json("bad-request", &json!({"model": "auto", "prompt": "x"}));
+    let output = Command::new(BINARY)
+        .args(["plugin", "test", &plugin("confidence_cascade")])
+        .args(["--config", r#"{"threshold": 1}"#])
+        .arg("--request")
+        .arg(&request)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&request);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("threshold"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calibrate_reports_escalation_rate_and_hard_catches_per_threshold() {
+    use crate::support::{pools_config, MockUpstream};
+
+    let mock = MockUpstream::start().await;
+    let config = pools_config(&[
+        ("small", &mock.url(), "smollm2"),
+        ("large", &mock.url(), "big"),
+    ])
+    .replace(
+        "name = \"small\"\n",
+        "name = \"small\"\nprice = { input_per_mtok = 1.0, output_per_mtok = 1.0 }\n",
+    )
+    .replace(
+        "name = \"large\"\n",
+        "name = \"large\"\nprice = { input_per_mtok = 10.0, output_per_mtok = 10.0 }\n",
+    );
+    let config_path =
+        std::env::temp_dir().join(format!("switchyard-calibrate-{}.toml", std::process::id()));
+    std::fs::write(&config_path, config).unwrap();
+    // Two easy requests the small model is sure of, two hard ones it is not.
+    let line = |label: &str, logprobs: &str| {
+        json!({
+            "request": {"model": "small", "messages": [{"role": "user", "content": "q"}]},
+            "label": label, "headers": {"x-mock-logprobs": logprobs},
+        })
+        .to_string()
+    };
+    let lines = [
+        line("easy", "-0.1"),
+        line("easy", "-0.2"),
+        line("hard", "-2"),
+        line("hard", "-3"),
+    ];
+    let requests =
+        std::env::temp_dir().join(format!("switchyard-calibrate-{}.jsonl", std::process::id()));
+    std::fs::write(&requests, lines.join("\n")).unwrap();
+
+    let output = tokio::process::Command::new(BINARY)
+        .arg("calibrate")
+        .arg("--config")
+        .arg(&config_path)
+        .arg("--requests")
+        .arg(&requests)
+        .args(["--thresholds", "-1,-5"])
+        .output()
+        .await
+        .unwrap();
+    let _ = std::fs::remove_file(&config_path);
+    let _ = std::fs::remove_file(&requests);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let row = |t: &str| {
+        stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(t))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let at_minus_one = row("-1.00");
+    assert!(at_minus_one.contains("50.0%"), "{stdout}");
+    assert!(at_minus_one.contains("100.0%"), "{stdout}");
+    let at_minus_five = row("-5.00");
+    assert!(at_minus_five.contains(" 0.0%"), "{stdout}");
+    assert!(stdout.contains("4 requests (2 labelled hard)"), "{stdout}");
+}
