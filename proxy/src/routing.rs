@@ -352,3 +352,35 @@ fn priority_hint(attributes: &[(String, String)]) -> Option<u8> {
         .and_then(|(_, value)| value.trim().parse::<u8>().ok())
         .map(|p| p.min(9))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attrs(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn a_policys_priority_attribute_becomes_the_routes_priority() {
+        assert_eq!(
+            priority_hint(&attrs(&[("switchyard.priority", "7")])),
+            Some(7)
+        );
+        assert_eq!(
+            priority_hint(&attrs(&[("switchyard.priority", " 42 ")])),
+            Some(9)
+        );
+        assert_eq!(
+            priority_hint(&attrs(&[("switchyard.priority", "high")])),
+            None
+        );
+        assert_eq!(
+            priority_hint(&attrs(&[("switchyard.label.team", "a")])),
+            None
+        );
+    }
+}
