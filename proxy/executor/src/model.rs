@@ -131,6 +131,9 @@ pub struct Scratch {
     gate: Vec<f32>,
     up: Vec<f32>,
     pos: Vec<usize>,
+    /// Each row's rotary (sin, cos) pairs, the same for every head and
+    /// layer, so computed once per pass.
+    rotary: Vec<(f32, f32)>,
 }
 
 impl Model {
@@ -223,11 +226,14 @@ impl Model {
         let sh = &self.shape;
         let (n, d, kv) = (rows.len(), sh.n_embd, sh.kv_dim());
 
-        // Positions, and the embeddings of the input tokens.
+        // Positions and their rotary angles, and the embeddings of the
+        // input tokens.
         s.pos.clear();
+        s.rotary.clear();
         let mut next: Vec<usize> = caches.iter().map(|c| c.len).collect();
         for row in rows {
             s.pos.push(next[row.seq]);
+            self.rotary_turns(next[row.seq], &mut s.rotary);
             next[row.seq] += 1;
         }
         resize(&mut s.x, n * d);
@@ -245,9 +251,10 @@ impl Model {
             matmul(pool, &layer.wq, &s.xn, n, &mut s.q)?;
             matmul(pool, &layer.wk, &s.xn, n, &mut s.k)?;
             matmul(pool, &layer.wv, &s.xn, n, &mut s.v)?;
-            for (i, &pos) in s.pos.iter().enumerate() {
-                self.rope(&mut s.q[i * d..(i + 1) * d], pos);
-                self.rope(&mut s.k[i * kv..(i + 1) * kv], pos);
+            let half = self.inv_freq.len();
+            for (i, turns) in s.rotary.chunks_exact(half).enumerate() {
+                rope(&mut s.q[i * d..(i + 1) * d], turns);
+                rope(&mut s.k[i * kv..(i + 1) * kv], turns);
             }
 
             // Keys and values join the caches before attention so that a
@@ -294,19 +301,9 @@ impl Model {
         Ok(logits)
     }
 
-    /// Rotates each head's adjacent pairs (x[2i], x[2i+1]) by `pos` times
-    /// the pair's frequency: GGUF stores llama's q and k weights permuted so
-    /// that this pairing matches the original model's.
-    fn rope(&self, x: &mut [f32], pos: usize) {
-        let hd = self.shape.head_dim;
-        for head in x.chunks_exact_mut(hd) {
-            for (pair, &f) in head.chunks_exact_mut(2).zip(&self.inv_freq) {
-                let (sin, cos) = (pos as f32 * f).sin_cos();
-                let (a, b) = (pair[0], pair[1]);
-                pair[0] = a * cos - b * sin;
-                pair[1] = a * sin + b * cos;
-            }
-        }
+    /// The (sin, cos) of `pos` times each pair's rotary frequency.
+    fn rotary_turns(&self, pos: usize, out: &mut Vec<(f32, f32)>) {
+        out.extend(self.inv_freq.iter().map(|&f| (pos as f32 * f).sin_cos()));
     }
 
     /// Causal attention of each row's query heads over its sequence's cache,
@@ -530,6 +527,20 @@ fn norm(file: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, ModelError>
         )));
     }
     Ok(v)
+}
+
+/// Rotates each head's adjacent pairs (x[2i], x[2i+1]) by the angle whose
+/// (sin, cos) is `turns[i]`: GGUF stores llama's q and k weights permuted so
+/// that this pairing matches the original model's.
+fn rope(x: &mut [f32], turns: &[(f32, f32)]) {
+    let head_dim = turns.len() * 2;
+    for head in x.chunks_exact_mut(head_dim) {
+        for (pair, &(sin, cos)) in head.chunks_exact_mut(2).zip(turns) {
+            let (a, b) = (pair[0], pair[1]);
+            pair[0] = a * cos - b * sin;
+            pair[1] = a * sin + b * cos;
+        }
+    }
 }
 
 fn resize(v: &mut Vec<f32>, len: usize) {
