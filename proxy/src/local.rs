@@ -420,11 +420,10 @@ struct Reply {
 }
 
 /// One choice, collected.
-#[derive(Default)]
 struct Choice {
     text: String,
     tokens: Vec<TokenInfo>,
-    finish: Option<Finish>,
+    finish: Finish,
 }
 
 impl Reply {
@@ -432,29 +431,35 @@ impl Reply {
     async fn whole(self, mut generations: Vec<Generation>) -> Result<Response<Body>, ApiError> {
         let mut choices = Vec::with_capacity(generations.len());
         for generation in &mut generations {
-            let mut choice = Choice::default();
-            while let Some(event) = generation.next().await {
-                match event {
-                    Event::Token { text, info, .. } => {
-                        choice.text.push_str(&text);
-                        choice.tokens.extend(info);
+            let (mut text, mut tokens) = (String::new(), Vec::new());
+            let finish = loop {
+                match generation.next().await {
+                    Some(Event::Token {
+                        text: piece, info, ..
+                    }) => {
+                        text.push_str(&piece);
+                        tokens.extend(info);
                     }
-                    Event::Done { text, finish } => {
-                        choice.text.push_str(&text);
-                        choice.finish = Some(finish);
+                    Some(Event::Done { text: rest, finish }) => {
+                        text.push_str(&rest);
+                        break finish;
                     }
-                    Event::Failed(message) => {
+                    Some(Event::Failed(message)) => {
                         return Err(ApiError::new(ErrorKind::Internal, message));
                     }
+                    None => {
+                        return Err(ApiError::new(
+                            ErrorKind::ShuttingDown,
+                            "the executor stopped before the answer was complete",
+                        ))
+                    }
                 }
-            }
-            if choice.finish.is_none() {
-                return Err(ApiError::new(
-                    ErrorKind::ShuttingDown,
-                    "the executor stopped before the answer was complete",
-                ));
-            }
-            choices.push(choice);
+            };
+            choices.push(Choice {
+                text,
+                tokens,
+                finish,
+            });
         }
 
         // Prompt tokens count once per prompt, however many choices it has.
@@ -462,7 +467,7 @@ impl Reply {
         let mut completion_tokens = 0;
         let mut peak_batch = 0;
         for (i, choice) in choices.iter().enumerate() {
-            let finish = choice.finish.unwrap_or(EMPTY_FINISH);
+            let finish = choice.finish;
             peak_batch = peak_batch.max(finish.peak_batch);
             if i % self.n.max(1) == 0 {
                 prompt_tokens += finish.prompt_tokens;
@@ -495,7 +500,7 @@ impl Reply {
     }
 
     fn choice_json(&self, index: usize, choice: &Choice) -> Value {
-        let finish = choice.finish.map(|f| f.reason.as_str());
+        let finish = choice.finish.reason.as_str();
         let logprobs = if self.logprobs {
             self.logprobs_json(&choice.tokens, &mut Vec::new())
         } else {
@@ -729,13 +734,6 @@ impl Reply {
         }
     }
 }
-
-const EMPTY_FINISH: Finish = Finish {
-    reason: switchyard_executor::engine::FinishReason::Stop,
-    prompt_tokens: 0,
-    completion_tokens: 0,
-    peak_batch: 0,
-};
 
 /// Characters in the longest valid UTF-8 start of `bytes`.
 fn whole_chars(bytes: &[u8]) -> usize {
