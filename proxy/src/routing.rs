@@ -344,13 +344,19 @@ pub(crate) fn call_blocking<T>(call: impl FnOnce() -> T) -> T {
     }
 }
 
-/// The priority a policy set in its route's attributes, clamped to 0..=9.
+/// The priority a policy set in its route's attributes: `low`, `normal`
+/// and `high` (the SDK's names) are 2, 5 and 8; a number is clamped to
+/// 0..=9; anything else is ignored.
 fn priority_hint(attributes: &[(String, String)]) -> Option<u8> {
-    attributes
+    let (_, value) = attributes
         .iter()
-        .find(|(key, _)| key == "switchyard.priority")
-        .and_then(|(_, value)| value.trim().parse::<u8>().ok())
-        .map(|p| p.min(9))
+        .find(|(key, _)| key == "switchyard.priority")?;
+    match value.trim() {
+        "low" => Some(2),
+        "normal" => Some(5),
+        "high" => Some(8),
+        number => number.parse::<u8>().ok().map(|p| p.min(9)),
+    }
 }
 
 #[cfg(test)]
@@ -376,6 +382,14 @@ mod tests {
         );
         assert_eq!(
             priority_hint(&attrs(&[("switchyard.priority", "high")])),
+            Some(8)
+        );
+        assert_eq!(
+            priority_hint(&attrs(&[("switchyard.priority", "low")])),
+            Some(2)
+        );
+        assert_eq!(
+            priority_hint(&attrs(&[("switchyard.priority", "urgent")])),
             None
         );
         assert_eq!(

@@ -234,7 +234,9 @@ impl Route {
         self.with_attribute(KEEP_TURNS_KEY, turns.to_string())
     }
 
-    /// Tells the host how urgent the request is; logged with the request.
+    /// Tells the host how urgent the request is: its place in a
+    /// coalescing pool's queue (low 2, normal 5, high 8 of 0..=9), in place
+    /// of the client's `x-switchyard-priority` header; logged too.
     pub fn with_priority(self, priority: Priority) -> Self {
         self.with_attribute(PRIORITY_KEY, priority.as_str())
     }

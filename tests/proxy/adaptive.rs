@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use crate::support::{
     chat_body, http1_client, metric_lines, metrics_text,
     mock_upstream::{embedding_of, Cost, FAULT_SERVER_ERROR, SINGLE_ITEM_MODEL},
-    post, send, server_toml,
+    plugin, pool_toml, post, send, server_toml,
     switchyard::log_message,
     MockUpstream, Reply, Switchyard,
 };
@@ -111,9 +111,14 @@ async fn wait_for_sample(sw: &Switchyard, name: &str, labels: &[&str], value: f6
     }
 }
 
-/// Waits until the pool's queue holds `requests`.
+/// Waits until the pool `small`'s queue holds `requests`.
 async fn wait_for_queue(sw: &Switchyard, requests: usize) {
-    let labels = ["pool=\"small\""];
+    wait_for_pool_queue(sw, "small", requests).await;
+}
+
+async fn wait_for_pool_queue(sw: &Switchyard, pool: &str, requests: usize) {
+    let label = format!("pool=\"{pool}\"");
+    let labels = [label.as_str()];
     wait_for_sample(sw, "switchyard_queue_depth", &labels, requests as f64).await;
 }
 
@@ -458,4 +463,49 @@ async fn the_start_up_probe_finds_an_upstream_that_refuses_arrays() {
         .map(|r| r.items().len())
         .collect();
     assert_eq!(sizes, [1, 1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policys_high_priority_overtakes_queued_requests() {
+    let cost = Cost {
+        fixed_ms: 300,
+        per_item_ms: 0,
+        serial: true,
+    };
+    let mock = MockUpstream::start_costed(cost, true).await;
+    // tiered sends x-tier: premium to `large` with priority high; a
+    // request naming `large` itself keeps its header's priority.
+    let config = format!(
+        "{}{}{}[pool.batch]\nmax_inflight = 1\nmax_batch = 1\n\
+         \n[policy]\nplugin = \"{}\"\ntimeout_ms = 1000\n",
+        server_toml(),
+        pool_toml("small", &mock.url(), "smollm2"),
+        pool_toml("large", &mock.url(), "smollm2"),
+        plugin("tiered")
+    );
+    let sw = Switchyard::start(&config).await;
+    let send_embed = |model: &str, input: &str, headers: &[(&str, &str)]| {
+        let mut request = http1_client()
+            .post(format!("{}/v1/embeddings", sw.api_url()))
+            .json(&json!({"model": model, "input": input}));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        tokio::spawn(send(request))
+    };
+
+    let first = send_embed("large", "first", &[]);
+    wait_until("the first upstream request", || mock.request_count() == 1).await;
+    let normal = send_embed("large", "normal", &[("x-switchyard-priority", "5")]);
+    wait_for_pool_queue(&sw, "large", 1).await;
+    let premium = send_embed("auto", "premium", &[("x-tier", "premium")]);
+    wait_for_pool_queue(&sw, "large", 2).await;
+
+    for (handle, input) in [(first, "first"), (normal, "normal"), (premium, "premium")] {
+        let reply = handle.await.unwrap();
+        assert_embedding(&reply, input);
+        assert_eq!(reply.pool(), "large");
+    }
+    let order: Vec<String> = mock.requests().iter().flat_map(|r| r.items()).collect();
+    assert_eq!(order, ["first", "premium", "normal"]);
 }
