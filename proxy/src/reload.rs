@@ -180,9 +180,9 @@ fn stamp(path: &PathBuf) -> Option<(SystemTime, u64)> {
     Some((meta.modified().ok()?, meta.len()))
 }
 
-/// Compiles and initialises a plugin and tries it on trial requests.
-// Limitation: the trial requests are built in; plugins cannot yet ship
-// their own fixtures with expected decisions.
+/// Compiles and initialises a plugin, which runs the fixtures it ships
+/// (`switchyard_sdk::export_fixtures!`), and tries it on two built-in
+/// trial requests that any plugin must answer without failing.
 fn prepare(settings: &PolicySettings, bytes: &[u8]) -> Result<Policy, String> {
     let policy = Policy::load_bytes(settings, bytes).map_err(|e| e.to_string())?;
     for request in trial_requests() {

@@ -177,6 +177,20 @@ fn attributes(list: Vec<(String, String)>) -> Vec<wit::Attribute> {
         .collect()
 }
 
+/// `bytes` as an array of `N` bytes, for [`export_fixtures!`]'s static;
+/// `N` must be `bytes.len()`, which the macro guarantees.
+///
+/// [`export_fixtures!`]: crate::export_fixtures
+pub const fn byte_array<const N: usize>(bytes: &[u8]) -> [u8; N] {
+    let mut array = [0u8; N];
+    let mut i = 0;
+    while i < N && i < bytes.len() {
+        array[i] = bytes[i];
+        i += 1;
+    }
+    array
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -178,6 +178,57 @@ macro_rules! export_policy {
     };
 }
 
+/// Ships fixtures inside the plugin: requests with the decisions its
+/// author expects. Switchyard runs them each time it loads the plugin (at
+/// start-up, in `switchyard check` and before a hot swap takes over) and
+/// refuses a build that decides any case differently, naming the case.
+///
+/// Give it the JSON document's bytes, usually from a file next to the
+/// crate's manifest:
+///
+/// ```text
+/// switchyard_sdk::export_fixtures!(include_bytes!("../fixtures.json"));
+/// ```
+///
+/// The document:
+///
+/// ```json
+/// {
+///   "config": {"long_prompt_chars": 100},
+///   "cases": [{
+///     "name": "a short question goes to the small pool",
+///     "request": {"model": "auto",
+///                 "messages": [{"role": "user", "content": "hi"}]},
+///     "expect": {"pool": "small", "max_tokens_cap": null}
+///   }]
+/// }
+/// ```
+///
+/// `config` is the `init` configuration the cases assume (without it they
+/// run with the deployment's `[policy.config]`). A `request` may give
+/// `endpoint` (`chat-completions`, the default, `completions` or
+/// `embeddings`), `model` (default `auto`), `messages`, `prompt` (texts),
+/// `max_tokens`, `stream` and `headers` (a map). `expect` compares only
+/// what it names: `pool`, `max_tokens_cap`, `escalate_to` (`null` for
+/// none), `attributes` (a map the route's attributes must include) or
+/// `reject` (a rejection's status). At most 256 cases.
+///
+/// On `wasm32` targets the bytes go into the custom section
+/// `switchyard-fixtures`; elsewhere the macro does nothing.
+#[macro_export]
+macro_rules! export_fixtures {
+    ($bytes:expr) => {
+        #[cfg(target_arch = "wasm32")]
+        const _: () = {
+            const BYTES: &[u8] = $bytes;
+            #[link_section = "switchyard-fixtures"]
+            #[used]
+            static FIXTURES: [u8; BYTES.len()] =
+                $crate::__private::byte_array::<{ BYTES.len() }>(BYTES);
+        };
+    };
+}
+
 /// Implementation details of [`export_policy!`]; not a stable API.
 #[doc(hidden)]
 pub mod __private;

@@ -47,6 +47,23 @@ fn check_accepts_a_config_with_a_policy_plugin() {
 }
 
 #[test]
+fn check_rejects_a_plugin_that_fails_its_own_fixtures() {
+    let mut config = config_with_batch("max_batch = 8\n");
+    config.push_str(&format!(
+        "\n[policy]\nplugin = \"{}\"\nconfig = {{ misroute = true }}\n",
+        plugin("test_faults")
+    ));
+
+    assert_rejected(
+        &config,
+        &[
+            "fails its own fixtures",
+            "a plain model goes to the pool of that name",
+        ],
+    );
+}
+
+#[test]
 fn check_rejects_an_unknown_key_naming_its_path_and_line() {
     let config = config_with_batch("max_batch = 8\nmax_wait = 5\n");
     let line = config

@@ -23,7 +23,10 @@
 //! `asked`), and any other answer is accepted.
 //!
 //! Configuration: `{"fail": "message"}` makes `init` fail with that
-//! message; `{"panic": true}` makes `init` panic. Other keys are ignored.
+//! message; `{"panic": true}` makes `init` panic; `{"misroute": true}`
+//! sends every request to pool `misrouted`, like a broken build, which
+//! the plugin's own fixtures (`fixtures.json`) catch. Other keys are
+//! ignored.
 //!
 //! Build: `cargo build -p test-faults --target wasm32-wasip2 --release`,
 //! giving `target/wasm32-wasip2/release/test_faults.wasm`.
@@ -50,9 +53,15 @@ pub const COUNT_NAMES: u32 = 100;
 /// Size of each allocation of the `grow` model, in bytes.
 const GROW_STEP_BYTES: usize = 1 << 20;
 
-/// The fault plugin; it has no state.
+/// Pool of every request when configured with `misroute`.
+pub const MISROUTED_POOL: &str = "misrouted";
+
+/// The fault plugin.
 #[derive(Debug)]
-pub struct TestFaults;
+pub struct TestFaults {
+    /// Route everything to [`MISROUTED_POOL`].
+    misroute: bool,
+}
 
 impl Policy for TestFaults {
     #[expect(clippy::panic, reason = "panicking on request is the point")]
@@ -63,7 +72,8 @@ impl Policy for TestFaults {
         if config.get("panic").and_then(Value::as_bool) == Some(true) {
             panic!("test-faults was asked to panic in init");
         }
-        Ok(TestFaults)
+        let misroute = config.get("misroute").and_then(Value::as_bool) == Some(true);
+        Ok(TestFaults { misroute })
     }
 
     #[expect(clippy::panic, reason = "panicking on request is the point")]
@@ -72,6 +82,9 @@ impl Policy for TestFaults {
         reason = "proves that stdout writes are harmless"
     )]
     fn route(&self, req: &Request) -> Decision {
+        if self.misroute {
+            return Decision::route(MISROUTED_POOL);
+        }
         match req.model.as_str() {
             "trap" => panic!("test-faults was asked to trap"),
             "spin" => spin(),
@@ -119,6 +132,8 @@ pub const ASKED: &str = "asked";
 
 export_policy!(TestFaults);
 
+switchyard_sdk::export_fixtures!(include_bytes!("../fixtures.json"));
+
 /// Burns CPU until the host interrupts the call.
 fn spin() -> ! {
     let mut n = 0u64;
@@ -143,7 +158,7 @@ mod tests {
     use switchyard_sdk::Endpoint;
 
     fn route(model: &str) -> Decision {
-        TestFaults.route(&Request::new(Endpoint::ChatCompletions, model))
+        TestFaults { misroute: false }.route(&Request::new(Endpoint::ChatCompletions, model))
     }
 
     #[test]
@@ -164,7 +179,9 @@ mod tests {
     #[test]
     fn review_escalates_only_when_the_answer_asks() {
         let req = Request::new(Endpoint::ChatCompletions, "cascade");
-        let review = |text: &str| TestFaults.review(&req, &Answer::new("small", text, vec![]));
+        let review = |text: &str| {
+            (TestFaults { misroute: false }).review(&req, &Answer::new("small", text, vec![]))
+        };
         assert_eq!(review("fine"), Verdict::Accept);
         assert_eq!(review("escalate"), Verdict::escalate(ASKED));
         assert_eq!(review("escalate:huge"), Verdict::escalate_to("huge", ASKED));

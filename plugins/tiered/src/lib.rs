@@ -101,6 +101,10 @@ impl Tiered {
 
 export_policy!(Tiered);
 
+// Switchyard runs these cases whenever it loads this plugin and refuses a
+// build that decides any of them differently.
+switchyard_sdk::export_fixtures!(include_bytes!("../fixtures.json"));
+
 fn parse_config(config: &Value) -> Result<Tiered, String> {
     let empty = Map::new();
     let map = match config {

@@ -22,6 +22,17 @@ impl Endpoint {
         }
     }
 
+    /// The endpoint the WIT interface calls `name` (`chat-completions`,
+    /// `completions`, `embeddings`), or `None`.
+    pub fn from_wit_name(name: &str) -> Option<Self> {
+        match name {
+            "chat-completions" => Some(Self::ChatCompletions),
+            "completions" => Some(Self::Completions),
+            "embeddings" => Some(Self::Embeddings),
+            _ => None,
+        }
+    }
+
     /// The URL path of the endpoint, e.g. `/v1/completions`.
     pub fn path(self) -> &'static str {
         match self {

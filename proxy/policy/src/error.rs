@@ -88,6 +88,16 @@ pub enum LoadError {
         source: CallError,
     },
 
+    /// The plugin's own fixtures do not parse, or one of its cases got
+    /// a decision other than the one it expects.
+    #[error("policy plugin {path} fails its own fixtures: {detail}", path = .path.display())]
+    Fixture {
+        /// The configured plugin path.
+        path: PathBuf,
+        /// The case and what differed.
+        detail: String,
+    },
+
     /// The engine or its epoch thread could not be set up.
     #[error("cannot start the wasm engine for policy plugin {path}: {detail}", path = .path.display())]
     Engine {

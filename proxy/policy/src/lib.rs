@@ -36,6 +36,7 @@ pub const INTERFACE_VERSION: &str = "switchyard:policy@0.2.0";
 mod bindings;
 mod endpoint;
 mod error;
+pub mod fixtures;
 mod linker;
 mod policy;
 mod state;

@@ -16,6 +16,7 @@ use wasmtime::{Engine, Store, Trap};
 
 use crate::bindings::{self, BorrowedRequest, PolicyPre};
 use crate::error::{CallError, LoadError};
+use crate::fixtures::{self, Fixtures};
 use crate::linker;
 use crate::state::{HostState, PluginMeta};
 use crate::ticker::{Ticker, TICK};
@@ -169,12 +170,23 @@ impl Policy {
         })?;
         policy.put_back(instance);
 
+        // The plugin's own fixtures must hold before it serves anything.
+        let fixtures = fixtures::embedded(bytes).map_err(|detail| LoadError::Fixture {
+            path: path.clone(),
+            detail,
+        })?;
+        let cases = match &fixtures {
+            Some(fixtures) => policy.check_fixtures(fixtures)?,
+            None => 0,
+        };
+
         tracing::info!(
             plugin = %policy.name,
             version = %policy.version,
             path = %policy.path.display(),
             timeout_ms = policy.timeout_ms,
             max_memory_bytes = policy.max_memory_bytes,
+            fixtures = cases,
             "policy plugin loaded",
         );
         Ok(policy)
@@ -262,8 +274,50 @@ impl Policy {
         &self.path
     }
 
+    /// Runs the plugin's own fixtures on an instance of their own; the
+    /// first case decided differently fails the load. Returns the number
+    /// of cases.
+    fn check_fixtures(&self, fixtures: &Fixtures) -> Result<usize, LoadError> {
+        let failed = |detail: String| LoadError::Fixture {
+            path: self.path.clone(),
+            detail,
+        };
+        let config_json = match &fixtures.config {
+            Some(config) => config.to_string(),
+            None => self.config_json.clone(),
+        };
+        let mut instance = self.instantiate_with(&config_json).map_err(|e| {
+            failed(match e {
+                InstanceError::Refused(message) => format!("init rejected their config: {message}"),
+                InstanceError::Failed(error) => format!("init with their config failed: {error}"),
+            })
+        })?;
+
+        for case in &fixtures.cases {
+            let in_case = |detail: String| failed(format!("case {:?}: {detail}", case.name));
+            let req = case.request.to_route_request().map_err(in_case)?;
+            let request = BorrowedRequest::new(&req);
+            let store = &mut instance.store;
+            store.set_epoch_deadline(self.deadline_ticks);
+            let decision = match instance.bindings.call_route(&mut *store, request.as_wit()) {
+                Ok(decision) => bindings::outcome(decision),
+                Err(err) => {
+                    let error = self.call_failed(&err, instance.store.data(), self.timeout_ms);
+                    return Err(in_case(error.to_string()));
+                }
+            };
+            case.expect.check(&decision).map_err(in_case)?;
+        }
+        Ok(fixtures.cases.len())
+    }
+
     /// Creates an instance and runs `init` on it.
     fn instantiate(&self) -> Result<Instance, InstanceError> {
+        self.instantiate_with(&self.config_json)
+    }
+
+    /// Creates an instance and runs `init` on it with `config_json`.
+    fn instantiate_with(&self, config_json: &str) -> Result<Instance, InstanceError> {
         let max_memory = usize::try_from(self.max_memory_bytes).unwrap_or(usize::MAX);
         let state = HostState::new(Arc::clone(&self.meta), max_memory);
         let mut store = Store::new(&self.engine, state);
@@ -279,7 +333,7 @@ impl Policy {
                 return Err(InstanceError::Failed(error));
             }
         };
-        match bindings.call_init(&mut store, &self.config_json) {
+        match bindings.call_init(&mut store, config_json) {
             Ok(Ok(())) => Ok(Instance { store, bindings }),
             Ok(Err(message)) => Err(InstanceError::Refused(message)),
             Err(err) => Err(InstanceError::Failed(self.call_failed(

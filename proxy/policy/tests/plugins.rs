@@ -257,6 +257,53 @@ fn init_error_is_a_load_error_with_the_plugin_message() {
 }
 
 #[test]
+fn a_build_that_fails_its_own_fixtures_does_not_load() {
+    // misroute sends everything to one pool, as a broken build might; the
+    // plugin's fixture expects model `small` to reach pool `small`.
+    let settings =
+        PolicySettings::new(plugin("test_faults.wasm")).with_config(json!({ "misroute": true }));
+    let err = load_err(&settings);
+    assert!(matches!(err, LoadError::Fixture { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("a plain model goes to the pool of that name"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(r#"routed to "misrouted", expected "small""#),
+        "{msg}"
+    );
+}
+
+#[test]
+fn fixtures_with_their_own_config_hold_whatever_the_deployment_config() {
+    // tiered's fixtures name premium tenant acme in their own config; the
+    // deployment's config names none and another large pool.
+    let settings = PolicySettings::new(plugin("tiered.wasm"))
+        .with_config(json!({ "large_pool": "huge", "premium_tenants": [] }));
+    let policy = load(&settings);
+
+    let mut req = chat("auto");
+    req.headers.push(("x-tier".into(), "premium".into()));
+    assert_eq!(pool(policy.route(&req)), "huge");
+}
+
+#[test]
+fn shipped_fixtures_are_found_in_the_component() {
+    let bytes = std::fs::read(plugin("tiered.wasm")).unwrap();
+    let fixtures = switchyard_policy::fixtures::embedded(&bytes)
+        .unwrap()
+        .expect("tiered ships fixtures");
+    assert_eq!(fixtures.cases.len(), 4);
+    assert!(fixtures.config.is_some());
+
+    let bytes = std::fs::read(plugin("cost_router.wasm")).unwrap();
+    assert!(switchyard_policy::fixtures::embedded(&bytes)
+        .unwrap()
+        .is_none());
+}
+
+#[test]
 fn init_panic_is_a_load_error_of_kind_trap() {
     let settings =
         PolicySettings::new(plugin("test_faults.wasm")).with_config(json!({ "panic": true }));
