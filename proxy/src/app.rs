@@ -21,7 +21,7 @@ use crate::body::{full, Body};
 use crate::cascade;
 use crate::coalesce::{self, BatchReply, BatchSettings, Coalescer, Permit, StreamReply, Ticket};
 use crate::config::{CascadeConfig, Config, PoolKind};
-use crate::costs::{Ledger, MeteredBody};
+use crate::costs::{usage_of, Ledger, MeteredBody};
 use crate::error::{ApiError, ErrorKind};
 use crate::local::LocalPool;
 use crate::metrics;
@@ -32,6 +32,11 @@ use crate::upstream::{copy_response_headers, Pool};
 pub const POOL_HEADER: &str = "x-switchyard-pool";
 /// Items in the upstream request that carried a coalesced request.
 pub const BATCH_SIZE_HEADER: &str = "x-switchyard-batch-size";
+/// What the request cost in dollars, every answer it took included
+/// (`[costs] header`).
+pub const COST_HEADER: &str = "x-switchyard-cost-usd";
+/// What the baseline pool would have charged for the served answer.
+pub const BASELINE_COST_HEADER: &str = "x-switchyard-baseline-cost-usd";
 
 /// Everything the request path needs, shared by all connections.
 #[derive(Debug)]
@@ -42,6 +47,8 @@ pub struct App {
     coalescers: HashMap<String, Coalescer>,
     cascade: CascadeConfig,
     ledger: Arc<Ledger>,
+    /// `[costs] header`: answer with the cost headers.
+    cost_header: bool,
     max_body_bytes: u64,
     body_read_timeout: Duration,
 }
@@ -58,12 +65,23 @@ pub(crate) struct Outcome {
     /// Cascaded requests: the review's verdict and reason, as
     /// `accept` or `escalate:<reason>`.
     pub(crate) review: Option<String>,
-    /// The route's `switchyard.priority` hint.
-    pub(crate) priority: Option<String>,
+    /// The queue priority the route set (`switchyard.priority`), for the
+    /// log line and for coalescing pools' queues.
+    pub(crate) priority: Option<u8>,
     /// The route's `switchyard.label.*` hints, as `name=value,...`.
     pub(crate) labels: Option<String>,
-    /// The queue priority the route set, for coalescing pools.
-    pub(crate) route_priority: Option<u8>,
+    /// What the request's answers cost so far, when `[costs] header` is
+    /// on; `None` once an answer streams past before its cost is known.
+    pub(crate) cost: Option<Cost>,
+}
+
+/// Dollars spent on one request, for the cost headers.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Cost {
+    /// Every answer the request took, a cascade's small one included.
+    pub(crate) usd: f64,
+    /// What the baseline pool would have charged for the served answer.
+    pub(crate) baseline_usd: f64,
 }
 
 impl App {
@@ -112,6 +130,7 @@ impl App {
             coalescers,
             cascade,
             ledger: Arc::new(Ledger::new(config)),
+            cost_header: config.costs.header,
             max_body_bytes: config.server.max_body_bytes,
             body_read_timeout: Duration::from_millis(config.server.body_read_timeout_ms),
         })
@@ -154,6 +173,13 @@ impl App {
                 set_header(&mut response, POOL_HEADER, pool);
             }
         }
+        if let (Some(cost), true) = (record.outcome.cost, response.status().is_success()) {
+            set_header(&mut response, COST_HEADER, &format!("{:.9}", cost.usd));
+            if self.ledger.has_baseline() {
+                let baseline = format!("{:.9}", cost.baseline_usd);
+                set_header(&mut response, BASELINE_COST_HEADER, &baseline);
+            }
+        }
 
         record.finish(response.status().as_u16());
         response
@@ -166,6 +192,9 @@ impl App {
         outcome: &mut Outcome,
     ) -> Result<Response<Body>, ApiError> {
         let (parts, body) = request.into_parts();
+        if self.cost_header {
+            outcome.cost = Some(Cost::default());
+        }
         let reading = read_body(body, &parts.headers, self.max_body_bytes);
         let bytes = match tokio::time::timeout(self.body_read_timeout, reading).await {
             Ok(bytes) => bytes?,
@@ -183,8 +212,8 @@ impl App {
 
         let route = self.router.route(&api, &parts.headers)?;
         outcome.pool = Some(route.pool.clone());
+        outcome.priority = route.priority;
         if let Some(cap) = route.max_tokens_cap {
-            outcome.route_priority = route.priority;
             api.cap_max_tokens(cap);
         }
         apply_hints(&mut api, &route.attributes, outcome);
@@ -229,8 +258,30 @@ impl App {
             return Ok(response);
         }
         let (parts, body) = response.into_parts();
-        let body = MeteredBody::new(body, stream, served, in_flight).boxed();
-        Ok(Response::from_parts(parts, body))
+        let Some(cost) = outcome.cost.as_mut().filter(|_| !stream) else {
+            // A streamed answer's cost is known only at its end, after
+            // the headers went out.
+            outcome.cost = None;
+            let body = MeteredBody::new(body, stream, served, in_flight).boxed();
+            return Ok(Response::from_parts(parts, body));
+        };
+
+        // The cost header needs the answer's usage before the answer's
+        // headers go out, so it is read whole here.
+        let bytes = cascade::read_limited(body).await.map_err(|e| {
+            let message = format!("pool {pool:?}: {e}");
+            ApiError::new(ErrorKind::UpstreamInvalid, message)
+        })?;
+        let usage = serde_json::from_slice::<Value>(&bytes)
+            .ok()
+            .and_then(|value| usage_of(&value))
+            .unwrap_or_default();
+        cost.usd += self.ledger.charge(pool, usage, false);
+        if served {
+            cost.baseline_usd += self.ledger.serve(pool, usage);
+        }
+        drop(in_flight);
+        Ok(Response::from_parts(parts, full(bytes)))
     }
 
     /// Sends `api` to `pool`: the in-process executor, the pool's
@@ -262,7 +313,7 @@ impl App {
         // Every request to a coalescing pool queues; completions (streams
         // included) and embeddings merge, chat goes alone.
         let ticket = Ticket::from_headers(headers, coalescer.settings())?
-            .with_route_priority(outcome.route_priority);
+            .with_route_priority(outcome.priority);
         match api.items_field() {
             Some(_) if !api.stream => {
                 let reply = coalescer.submit(api, headers, ticket).await?;
@@ -325,15 +376,14 @@ fn batch_response(reply: BatchReply, pool: &str, outcome: &mut Outcome) -> Respo
 /// Attribute keys of a route that the host reads (`sdk/wit/policy.wit`).
 const SYSTEM_INSTRUCTION_KEY: &str = "switchyard.system-instruction";
 const KEEP_TURNS_KEY: &str = "switchyard.keep-turns";
-const PRIORITY_KEY: &str = "switchyard.priority";
 const LABEL_PREFIX: &str = "switchyard.label.";
 /// Most labels kept per request, and longest label text, in bytes.
 const MAX_LABELS: usize = 8;
 const MAX_LABEL_BYTES: usize = 64;
 
 /// Applies a route's hints: the extra system instruction and trimmed
-/// history change the request; priority and labels go to the log line
-/// (the router also hands the priority to coalescing pools' queues).
+/// history change the request; labels go to the log line. The priority is
+/// the router's to read (`Route::priority`).
 fn apply_hints(api: &mut ApiRequest, attributes: &[(String, String)], outcome: &mut Outcome) {
     let mut labels = Vec::new();
     for (key, value) in attributes {
@@ -343,7 +393,6 @@ fn apply_hints(api: &mut ApiRequest, attributes: &[(String, String)], outcome: &
                 Ok(turns) => api.keep_last_turns(turns),
                 Err(_) => tracing::debug!(value = %value, "ignoring a bad keep-turns hint"),
             },
-            PRIORITY_KEY => outcome.priority = Some(truncated(value)),
             _ => {
                 if let Some(name) = key.strip_prefix(LABEL_PREFIX) {
                     if labels.len() < MAX_LABELS {
@@ -509,7 +558,7 @@ fn log_request(method: &Method, path: &str, outcome: &Outcome, status: u16, elap
     let batch_size = outcome.batch_size;
     let escalated = outcome.escalated;
     let review = outcome.review.as_deref();
-    let priority = outcome.priority.as_deref();
+    let priority = outcome.priority;
     let labels = outcome.labels.as_deref();
     match &outcome.error {
         Some(error) if status >= 500 => tracing::warn!(

@@ -130,7 +130,10 @@ async fn whole(
         return escalate(app, headers, api, &pool, outcome).await;
     }
 
-    app.ledger().serve(&reviewer.small, evidence.usage());
+    let baseline = app.ledger().serve(&reviewer.small, evidence.usage());
+    if let Some(cost) = &mut outcome.cost {
+        cost.baseline_usd += baseline;
+    }
     if !wanted {
         strip_logprobs(&mut value);
     }
@@ -497,19 +500,17 @@ fn first_choice(value: &Value) -> Option<&Value> {
         .find(|c| c.get("index").and_then(Value::as_u64).unwrap_or(0) == 0)
 }
 
-/// Reads a small answer whole, refusing more than `MAX_ANSWER_BYTES`.
+/// Reads an answer whole, refusing more than `MAX_ANSWER_BYTES`.
 // A loop rather than `http_body_util::Limited`: its error conversion from
 // our boxed error type defeats the compiler's proof that the request
 // future is `Send`.
 pub(crate) async fn read_limited(mut body: Body) -> Result<Bytes, String> {
     let mut bytes = Vec::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| format!("could not read the small answer: {e}"))?;
+        let frame = frame.map_err(|e| format!("could not read the answer: {e}"))?;
         if let Ok(data) = frame.into_data() {
             if bytes.len() + data.len() > MAX_ANSWER_BYTES {
-                return Err(format!(
-                    "small answer is larger than {MAX_ANSWER_BYTES} bytes"
-                ));
+                return Err(format!("answer is larger than {MAX_ANSWER_BYTES} bytes"));
             }
             bytes.extend_from_slice(&data);
         }

@@ -98,6 +98,12 @@ pub struct CostsConfig {
     /// A priced pool: every answer is also costed at its price, as if it
     /// had served everything. Default: none (no baseline, no savings).
     pub baseline: Option<String>,
+    /// Put each non-streamed answer's cost (and, with a baseline, the
+    /// baseline's) in response headers `x-switchyard-cost-usd` and
+    /// `x-switchyard-baseline-cost-usd`. Such answers are then read whole
+    /// before their headers go out. Default false.
+    #[serde(default)]
+    pub header: bool,
 }
 
 /// `pool.price`: per million tokens, or per hour of hardware.

@@ -169,12 +169,13 @@ impl Ledger {
     }
 
     /// Counts an answer `pool` gave the client, and what the baseline pool
-    /// would have charged for its `usage`.
-    pub fn serve(&self, pool: &str, usage: Usage) {
+    /// would have charged for its `usage`. Returns that baseline charge
+    /// (0 without a baseline).
+    pub fn serve(&self, pool: &str, usage: Usage) -> f64 {
         let mut totals = self.totals();
         totals.served += 1;
         let Some(base) = &self.baseline else {
-            return;
+            return 0.0;
         };
         let throughput = totals
             .pools
@@ -187,6 +188,12 @@ impl Ledger {
         totals.baseline_usd += baseline;
         drop(totals);
         metrics::record_baseline_cost(pool, baseline);
+        baseline
+    }
+
+    /// Whether a baseline pool is configured.
+    pub fn has_baseline(&self) -> bool {
+        self.baseline.is_some()
     }
 
     /// Counts a cascaded request and whether it escalated.

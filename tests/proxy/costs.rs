@@ -38,10 +38,10 @@ fn close(value: &Value, want: f64) -> bool {
     value.as_f64().is_some_and(|v| (v - want).abs() < 1e-12)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ledger_charges_both_cascade_pools_and_one_baseline() {
-    let small = MockUpstream::start().await;
-    let large = MockUpstream::start().await;
+/// Priced pools small and large on their mocks, large as the baseline
+/// (with `costs` lines added to `[costs]`), and confidence_cascade
+/// escalating below a mean logprob of -1.
+fn cascade_config(small: &MockUpstream, large: &MockUpstream, costs: &str) -> String {
     let mut config = pools_config(&[
         ("small", &small.url(), "smollm2"),
         ("large", &large.url(), "big"),
@@ -57,10 +57,18 @@ async fn ledger_charges_both_cascade_pools_and_one_baseline() {
             &format!("name = \"large\"\n{LARGE_PRICE}"),
         );
     config.push_str(&format!(
-        "\n[costs]\nbaseline = \"large\"\n\n[policy]\nplugin = \"{}\"\n\
+        "\n[costs]\nbaseline = \"large\"\n{costs}\n[policy]\nplugin = \"{}\"\n\
          timeout_ms = 1000\nconfig = {{ min_mean_logprob = -1.0 }}\n",
         plugin("confidence_cascade")
     ));
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ledger_charges_both_cascade_pools_and_one_baseline() {
+    let small = MockUpstream::start().await;
+    let large = MockUpstream::start().await;
+    let config = cascade_config(&small, &large, "");
     let sw = Switchyard::start(&config).await;
     let client = http1_client();
     let url = format!("{}/v1/chat/completions", sw.api_url());
@@ -132,4 +140,57 @@ async fn plain_requests_are_charged_from_the_upstream_usage() {
     assert!(close(&report["cost_usd"], (2.0 + 4.0) / 1e6), "{report}");
     assert_eq!(report["baseline_pool"], Value::Null);
     assert_eq!(report["escalation_rate"], Value::Null);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cost_headers_count_every_answer_a_request_took() {
+    let small = MockUpstream::start().await;
+    let large = MockUpstream::start().await;
+    let sw = Switchyard::start(&cascade_config(&small, &large, "header = true\n")).await;
+    let client = http1_client();
+    let url = format!("{}/v1/chat/completions", sw.api_url());
+    let cost = |reply: &crate::support::Reply, name: &str| -> f64 {
+        let value = reply.header(name).unwrap_or_else(|| panic!("no {name}"));
+        value.parse().unwrap()
+    };
+
+    // Three prompt words and two completion tokens per answer, as above.
+    let small_cost = (3.0 * 1.0 + 2.0 * 2.0) / 1e6;
+    let large_cost = (3.0 * 10.0 + 2.0 * 20.0) / 1e6;
+    let body = chat_body("auto", "capital of France");
+    let accepted = send(
+        client
+            .post(&url)
+            .header("x-mock-logprobs", "-0.1")
+            .json(&body),
+    )
+    .await;
+    let escalated = send(
+        client
+            .post(&url)
+            .header("x-mock-logprobs", "-5")
+            .json(&body),
+    )
+    .await;
+
+    accepted.assert_status(200);
+    assert!((cost(&accepted, "x-switchyard-cost-usd") - small_cost).abs() < 1e-12);
+    let baseline = cost(&accepted, "x-switchyard-baseline-cost-usd");
+    assert!((baseline - large_cost).abs() < 1e-12, "{baseline}");
+    escalated.assert_status(200);
+    let both = cost(&escalated, "x-switchyard-cost-usd");
+    assert!((both - (small_cost + large_cost)).abs() < 1e-12, "{both}");
+
+    // A streamed answer's cost is not known when its headers go out.
+    let mut stream = body.clone();
+    stream["stream"] = Value::Bool(true);
+    let streamed = send(
+        client
+            .post(&url)
+            .header("x-mock-logprobs", "-0.1")
+            .json(&stream),
+    )
+    .await;
+    streamed.assert_status(200);
+    assert_eq!(streamed.header("x-switchyard-cost-usd"), None);
 }
