@@ -385,6 +385,44 @@ async fn chat_requests_take_the_same_queue_and_limits() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_flooding_chat_does_not_take_every_slot() {
+    let batch = "max_inflight = 1\ntenant_header = \"x-tenant\"";
+    let (mock, sw) = rig(200, true, batch).await;
+    let chat = |text: &str, tenant: &str| {
+        let request = http1_client()
+            .post(format!("{}/v1/chat/completions", sw.api_url()))
+            .header("x-tenant", tenant)
+            .json(&chat_body("small", text));
+        tokio::spawn(send(request))
+    };
+    let mut handles = vec![chat("noisy 0", "noisy")];
+    wait_until("the first chat upstream", || mock.request_count() == 1).await;
+    for k in 1..4 {
+        handles.push(chat(&format!("noisy {k}"), "noisy"));
+        wait_for_queue(&sw, k).await;
+    }
+    handles.push(chat("quiet", "quiet"));
+    wait_for_queue(&sw, 4).await;
+
+    for handle in handles {
+        handle.await.unwrap().assert_status(200);
+    }
+    let order: Vec<String> = mock
+        .requests()
+        .iter()
+        .map(|r| {
+            r.body["messages"][0]["content"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect();
+    // Turns alternate once both wait: the quiet tenant's one request does
+    // not queue behind all of the noisy tenant's.
+    assert_eq!(order, ["noisy 0", "noisy 1", "quiet", "noisy 2", "noisy 3"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn identical_embeddings_inputs_go_upstream_once() {
     let (mock, sw) = rig(0, false, "mode = \"fixed\"\nmax_wait_ms = 300").await;
     let inputs = ["same", "same", "other", "same"];

@@ -6,7 +6,7 @@
 //! chat and streams included, passes one queue per pool that bounds what
 //! waits (`max_queue`) and what is in flight per endpoint
 //! (`max_inflight`), orders by priority with a starvation bound, shares
-//! batches fairly between tenants, honours deadlines
+//! batches and slots fairly between tenants, honours deadlines
 //! (`x-switchyard-deadline-ms`) and turns away early, with `Retry-After`,
 //! what it cannot serve in time.
 //!

@@ -138,6 +138,10 @@ pub struct Scheduler {
     queues: HashMap<String, Vec<Job>>,
     queued: usize,
     lanes: HashMap<Endpoint, Lane>,
+    /// Items sent for each tenant with queued work, divided by its
+    /// weight: who is owed the next turn, across batches, slots and
+    /// compatibility keys. A tenant leaves it when its queue empties.
+    service: HashMap<String, f64>,
     /// The last upstream request failed to reach the pool.
     unavailable: bool,
     /// No more jobs will come: send what is queued without waiting.
@@ -149,6 +153,33 @@ pub struct Scheduler {
 enum Decision {
     Send(Reason),
     Wait(Option<Instant>),
+}
+
+/// Which of two due batches takes a free slot first.
+#[derive(Debug, Clone, Copy)]
+struct Urgency {
+    /// The highest effective priority among its jobs.
+    priority: u8,
+    /// It is due because a deadline allows no more waiting.
+    deadline: bool,
+    /// The least weighted service of a tenant at that priority.
+    service: f64,
+    /// The earliest time any of its jobs needs to go.
+    soonest: Instant,
+}
+
+impl Urgency {
+    /// Higher priority first; then a batch held by a deadline; then the
+    /// tenant served least; then the earliest.
+    fn before(&self, other: &Urgency) -> bool {
+        let order = other
+            .priority
+            .cmp(&self.priority)
+            .then(other.deadline.cmp(&self.deadline))
+            .then(self.service.total_cmp(&other.service))
+            .then(self.soonest.cmp(&other.soonest));
+        order == std::cmp::Ordering::Less
+    }
 }
 
 impl Scheduler {
@@ -166,6 +197,7 @@ impl Scheduler {
             queues: HashMap::new(),
             queued: 0,
             lanes: HashMap::new(),
+            service: HashMap::new(),
             unavailable: false,
             draining: false,
         }
@@ -273,6 +305,12 @@ impl Scheduler {
 
         let lane = self.lanes.entry(job.endpoint).or_default();
         lane.rate.record(now, job.items);
+        // A tenant that had nothing queued starts level with the least
+        // served one: next in line, with no credit banked while away.
+        if !self.service.contains_key(&job.ticket.tenant) {
+            let start = self.service_of(&job.ticket.tenant);
+            self.service.insert(job.ticket.tenant.clone(), start);
+        }
         self.queued += 1;
         self.queues.entry(job.key.clone()).or_default().push(job);
     }
@@ -364,7 +402,7 @@ impl Scheduler {
     /// first.
     fn dispatch(&mut self, now: Instant) {
         loop {
-            let mut best: Option<((u8, Instant), String, Reason)> = None;
+            let mut best: Option<(Urgency, String, Reason)> = None;
             for (key, jobs) in &self.queues {
                 let Some(first) = jobs.first() else { continue };
                 if self.free_slots(first.endpoint) == 0 {
@@ -373,11 +411,8 @@ impl Scheduler {
                 let Decision::Send(reason) = self.decide(jobs, now) else {
                     continue;
                 };
-                let urgency = self.urgency(jobs, now);
-                let better = best.as_ref().is_none_or(|(u, _, _)| {
-                    urgency.0 > u.0 || (urgency.0 == u.0 && urgency.1 < u.1)
-                });
-                if better {
+                let urgency = self.urgency(jobs, reason, now);
+                if best.as_ref().is_none_or(|(u, _, _)| urgency.before(u)) {
                     best = Some((urgency, key.clone(), reason));
                 }
             }
@@ -386,14 +421,18 @@ impl Scheduler {
         }
     }
 
-    /// The highest effective priority in `jobs` and, for ties, the
-    /// earliest time any of them needs to go.
-    fn urgency(&self, jobs: &[Job], now: Instant) -> (u8, Instant) {
+    /// How `jobs`, due for `reason`, rank against other keys' batches.
+    fn urgency(&self, jobs: &[Job], reason: Reason, now: Instant) -> Urgency {
         let priority = jobs
             .iter()
             .map(|job| self.priority(job, now))
             .max()
             .unwrap_or(0);
+        let service = jobs
+            .iter()
+            .filter(|job| self.priority(job, now) == priority)
+            .map(|job| self.service_of(&job.ticket.tenant))
+            .fold(f64::INFINITY, f64::min);
         let soonest = jobs
             .iter()
             .map(|job| {
@@ -403,7 +442,46 @@ impl Scheduler {
             })
             .min()
             .unwrap_or(now);
-        (priority, soonest)
+        Urgency {
+            priority,
+            deadline: reason == Reason::Deadline,
+            service,
+            soonest,
+        }
+    }
+
+    /// The weighted service `tenant` has had while it had work queued;
+    /// for a tenant with none, that of the least served one.
+    fn service_of(&self, tenant: &str) -> f64 {
+        if let Some(service) = self.service.get(tenant) {
+            return *service;
+        }
+        self.service
+            .values()
+            .copied()
+            .fold(None, |least: Option<f64>, s| {
+                Some(least.map_or(s, |l| l.min(s)))
+            })
+            .unwrap_or(0.0)
+    }
+
+    /// Counts the jobs just sent to their tenants, and forgets tenants
+    /// with nothing queued any more.
+    fn record_service(&mut self, sent: &[Job]) {
+        for job in sent {
+            let tenant = &job.ticket.tenant;
+            let weight = f64::from(self.settings.weight(tenant));
+            let start = self.service_of(tenant);
+            *self.service.entry(tenant.clone()).or_insert(start) += job.items as f64 / weight;
+        }
+        let queued: HashSet<&str> = self
+            .queues
+            .values()
+            .flatten()
+            .map(|job| job.ticket.tenant.as_str())
+            .collect();
+        self.service
+            .retain(|tenant, _| queued.contains(tenant.as_str()));
     }
 
     fn priority(&self, job: &Job, now: Instant) -> u8 {
@@ -576,6 +654,7 @@ impl Scheduler {
             self.queues.insert(key.to_string(), jobs);
         }
         self.queued -= batch.len();
+        self.record_service(&batch);
 
         // The slot is taken now and given back by the permit's drop.
         let lane = self.lanes.entry(endpoint).or_default();
@@ -616,7 +695,8 @@ impl Scheduler {
 
     /// Indices of `jobs` in the order they join a batch: higher
     /// (effective) priority first; within a priority, tenants take turns
-    /// by weight, each tenant's jobs first in, first out.
+    /// by weight, the least served so far (across batches) first, each
+    /// tenant's jobs first in, first out.
     fn batch_order(&self, jobs: &[Job], now: Instant) -> Vec<usize> {
         let mut by_level: Vec<(u8, usize)> = jobs
             .iter()
@@ -634,7 +714,11 @@ impl Scheduler {
                 .position(|(p, _)| *p != level)
                 .map_or(by_level.len(), |offset| start + offset);
             let mut pending: Vec<usize> = by_level[start..end].iter().map(|x| x.1).collect();
-            let mut served: HashMap<&str, f64> = HashMap::new();
+            let mut served: HashMap<&str, f64> = pending
+                .iter()
+                .map(|&i| jobs[i].ticket.tenant.as_str())
+                .map(|tenant| (tenant, self.service_of(tenant)))
+                .collect();
             while !pending.is_empty() {
                 // The tenant with the least weighted service so far goes
                 // next; ties go to the oldest job.
@@ -972,6 +1056,33 @@ mod tests {
         .collect();
         let order = s.batch_order(&jobs, Instant::now());
         assert_eq!(order, vec![4, 0, 3, 1, 2]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tenant_served_in_earlier_batches_waits_its_turn() {
+        let mut s = scheduler("mode = \"fixed\"");
+        let mut answers = Vec::new();
+        for (input, tenant) in [("n1", "noisy"), ("n2", "noisy"), ("q", "quiet")] {
+            let (queued, answer) = job(input, ticket(5, tenant, None));
+            s.admit(queued);
+            answers.push(answer);
+        }
+        let (sent, _answer) = job("n0", ticket(5, "noisy", None));
+
+        s.record_service(&[sent]);
+
+        let jobs = s.queues.values().next().unwrap();
+        let order = s.batch_order(jobs, Instant::now());
+        assert_eq!(order, vec![2, 0, 1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tenant_with_nothing_queued_is_forgotten() {
+        let mut s = scheduler("");
+        let (sent, _answer) = job("n0", ticket(5, "noisy", None));
+        s.record_service(&[sent]);
+        assert!(s.service.is_empty());
+        assert_eq!(s.service_of("anyone"), 0.0);
     }
 
     #[tokio::test(start_paused = true)]
