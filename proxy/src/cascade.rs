@@ -26,7 +26,7 @@ use crate::config::{CascadeConfig, StreamMode};
 use crate::costs::{usage_of, Usage};
 use crate::error::ApiError;
 use crate::metrics;
-use crate::routing::{call_blocking, Route};
+use crate::routing::Route;
 
 /// Says whether a cascaded request was answered by its escalation pool.
 pub const ESCALATED_HEADER: &str = "x-switchyard-escalated";
@@ -352,7 +352,9 @@ impl Reviewer {
             partial,
         );
         let started = Instant::now();
-        let verdict = call_blocking(|| self.policy.review(&self.summary, &answer));
+        let verdict = app
+            .router()
+            .call_plugin(|| self.policy.review(&self.summary, &answer));
         metrics::record_policy_call(self.policy.name(), started.elapsed());
 
         let (pool, reason) = match verdict {

@@ -6,9 +6,9 @@
 //! counted, and the request takes the default route.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::HeaderMap;
 use switchyard_policy::{Policy, RouteOutcome, RouteRequest};
@@ -73,6 +73,8 @@ pub struct Router {
     /// Where a request goes when the policy fails and its `model` names no
     /// pool.
     fallback_pool: Option<String>,
+    /// Decides which plugin calls may run on the calling worker thread.
+    inline: InlineGate,
 }
 
 impl Router {
@@ -89,7 +91,14 @@ impl Router {
             calls: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             fallback_pool,
+            inline: InlineGate::new(),
         }
+    }
+
+    /// Runs a plugin call (`route` or `review`), which may take up to the
+    /// plugin's timeout. See [`InlineGate`] for where it runs.
+    pub(crate) fn call_plugin<T>(&self, call: impl FnOnce() -> T) -> T {
+        self.inline.call(call)
     }
 
     /// Sets what a failed plugin call leads to, and when a swapped-in
@@ -155,7 +164,7 @@ impl Router {
         };
         let summary = request.route_request(headers);
         let started = Instant::now();
-        let outcome = call_blocking(|| policy.route(&summary));
+        let outcome = self.call_plugin(|| policy.route(&summary));
         metrics::record_policy_call(policy.name(), started.elapsed());
         self.count_call(&policy, outcome.is_err());
 
@@ -193,7 +202,7 @@ impl Router {
                 let Some(previous) = self.previous_policy() else {
                     return self.failure_route(&request.model);
                 };
-                match call_blocking(|| previous.route(&summary)) {
+                match self.call_plugin(|| previous.route(&summary)) {
                     Ok(outcome) => self.apply(previous, outcome, request, summary),
                     Err(_) => self.failure_route(&request.model),
                 }
@@ -330,9 +339,73 @@ impl Router {
     }
 }
 
-/// Runs a synchronous call that may block up to the plugin's timeout. On
-/// a multi-threaded runtime the worker's other tasks move to another
-/// thread first, so a runaway plugin delays only its own request.
+/// A plugin call that took longer than this makes later calls leave the
+/// worker thread for a while.
+const SLOW_PLUGIN_CALL: Duration = Duration::from_millis(1);
+/// How long calls leave the worker thread after a slow one.
+const SLOW_PLUGIN_COOL_DOWN: Duration = Duration::from_secs(10);
+
+/// Where plugin calls run. Handing the worker thread's other tasks to
+/// another thread (`block_in_place`) before each call costs more than a
+/// quick call itself, so a call runs on the worker thread when no other
+/// plugin call does so at that moment and no call has been slow lately;
+/// otherwise the worker's tasks move away first. At most one worker is
+/// ever held by plugin code, so a plugin that turns slow delays the
+/// requests of that one worker, by at most one call's timeout, before
+/// every call leaves the workers for `SLOW_PLUGIN_COOL_DOWN`.
+#[derive(Debug)]
+struct InlineGate {
+    /// A call runs on a worker thread now.
+    busy: AtomicBool,
+    /// Until when (ms after `epoch`) calls must leave the worker thread.
+    slow_until_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl InlineGate {
+    fn new() -> Self {
+        InlineGate {
+            busy: AtomicBool::new(false),
+            slow_until_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn call<T>(&self, call: impl FnOnce() -> T) -> T {
+        if !self.enter() {
+            return call_blocking(call);
+        }
+        let started = Instant::now();
+        let result = call();
+        self.leave(started.elapsed());
+        result
+    }
+
+    /// Whether a call may run on the worker thread now; if so, the
+    /// caller must `leave` after it.
+    fn enter(&self) -> bool {
+        let cooling = self.now_ms() < self.slow_until_ms.load(Ordering::Relaxed);
+        !cooling && !self.busy.swap(true, Ordering::Acquire)
+    }
+
+    /// Ends a call that ran on the worker thread for `took`.
+    fn leave(&self, took: Duration) {
+        if took > SLOW_PLUGIN_CALL {
+            let cool_down = u64::try_from(SLOW_PLUGIN_COOL_DOWN.as_millis()).unwrap_or(u64::MAX);
+            let until = self.now_ms().saturating_add(cool_down);
+            self.slow_until_ms.store(until, Ordering::Relaxed);
+        }
+        self.busy.store(false, Ordering::Release);
+    }
+}
+
+/// Runs a synchronous call that may block for a while. On a
+/// multi-threaded runtime the worker's other tasks move to another
+/// thread first, so a long call delays only its own request.
 pub(crate) fn call_blocking<T>(call: impl FnOnce() -> T) -> T {
     use tokio::runtime::{Handle, RuntimeFlavor};
     let multi_thread = Handle::try_current()
@@ -368,6 +441,25 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn one_plugin_call_at_a_time_runs_on_a_worker_thread() {
+        let gate = InlineGate::new();
+        assert!(gate.enter());
+        assert!(!gate.enter(), "a second call while the first runs");
+        gate.leave(Duration::from_micros(5));
+        assert!(gate.enter());
+        gate.leave(Duration::from_micros(5));
+    }
+
+    #[test]
+    fn after_a_slow_plugin_call_calls_leave_the_worker_thread() {
+        let gate = InlineGate::new();
+        assert!(gate.enter());
+        gate.leave(SLOW_PLUGIN_CALL * 2);
+        assert!(!gate.enter(), "inside the cool-down");
+        assert!(!gate.busy.load(Ordering::Relaxed));
     }
 
     #[test]

@@ -274,9 +274,16 @@ async fn cost_router_routes_by_model_prompt_length_and_tier() {
     assert_eq!(reply.pool(), "large", "x-tier: premium");
 }
 
+/// Plugin budget of the fault rig, in ms: short, so that the spin test is
+/// quick.
+const FAULT_RIG_TIMEOUT_MS: u64 = 200;
+/// Plugin budget of the memory test, in ms: long, so that filling 64 MiB
+/// on a loaded machine ends in the memory limit, never the deadline.
+const GROW_TIMEOUT_MS: u64 = 10_000;
+
 /// Pools `small`, `trap`, `spin` and `grow` on one mock, with the
-/// `test_faults` plugin as policy.
-async fn fault_rig() -> (MockUpstream, Switchyard) {
+/// `test_faults` plugin as policy under `timeout_ms`.
+async fn fault_rig(timeout_ms: u64) -> (MockUpstream, Switchyard) {
     let mock = MockUpstream::start().await;
     let mut config = server_toml();
     for (name, model) in [
@@ -287,7 +294,7 @@ async fn fault_rig() -> (MockUpstream, Switchyard) {
     ] {
         config.push_str(&pool_toml(name, &mock.url(), model));
     }
-    config.push_str(&policy_toml("test_faults", "{}", 200));
+    config.push_str(&policy_toml("test_faults", "{}", timeout_ms));
     let sw = Switchyard::start(&config).await;
     (mock, sw)
 }
@@ -296,7 +303,12 @@ async fn fault_rig() -> (MockUpstream, Switchyard) {
 /// route to the pool of that name, and the failure counted as `kind` and
 /// logged at warn.
 async fn assert_policy_failure_falls_back(model: &str, kind: &str) {
-    let (mock, sw) = fault_rig().await;
+    let timeout_ms = if model == "grow" {
+        GROW_TIMEOUT_MS
+    } else {
+        FAULT_RIG_TIMEOUT_MS
+    };
+    let (mock, sw) = fault_rig(timeout_ms).await;
 
     let body = chat_body(model, "still served");
     let reply = post(
@@ -362,7 +374,7 @@ async fn memory_hungry_policy_is_stopped_and_falls_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_rejection_is_a_403_openai_error() {
-    let (mock, sw) = fault_rig().await;
+    let (mock, sw) = fault_rig(FAULT_RIG_TIMEOUT_MS).await;
 
     let body = chat_body("reject", "let me in");
     let reply = post(
@@ -386,7 +398,7 @@ async fn policy_rejection_is_a_403_openai_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_caps_max_tokens() {
-    let (mock, sw) = fault_rig().await;
+    let (mock, sw) = fault_rig(FAULT_RIG_TIMEOUT_MS).await;
     let client = http1_client();
 
     for (asked, sent) in [(100, 5), (3, 3)] {
