@@ -1,7 +1,10 @@
 //! `switchyard check`: a valid config passes; every mistake fails with a
 //! message that names the full key path (and the line, for parse errors).
 
-use crate::support::{closed_port_url, plugin, server_toml, switchyard_check};
+use crate::support::{
+    closed_port_url, model_file, plugin, server_toml, switchyard::BINARY, switchyard_check,
+    workspace_root,
+};
 
 /// A config with one pool `small` and a `[pool.batch]` table whose body is
 /// `batch`.
@@ -129,4 +132,31 @@ fn check_rejects_credentials_in_an_endpoint_without_echoing_them() {
         !stderr.contains(password),
         "stderr shows the endpoint's password:\n{stderr}"
     );
+}
+
+#[test]
+fn every_example_config_passes_check() {
+    // The examples name the model and plugins relative to the checkout.
+    if model_file().is_none() {
+        return;
+    }
+    let root = workspace_root();
+    let mut checked = 0;
+    for entry in std::fs::read_dir(root.join("examples")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|ext| ext != "toml") {
+            continue;
+        }
+        let output = std::process::Command::new(BINARY)
+            .arg("check")
+            .arg("--config")
+            .arg(&path)
+            .current_dir(&root)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{}:\n{stderr}", path.display());
+        checked += 1;
+    }
+    assert!(checked >= 3, "only {checked} example configs found");
 }
