@@ -1178,6 +1178,37 @@ model = "big"
     }
 
     #[test]
+    fn pool_tls_needs_an_https_endpoint_and_a_readable_ca() {
+        let tls = "[pool.tls]\nserver_name = \"models.internal\"\n";
+        let http_only = format!("{EXAMPLE}{tls}");
+        let err = Config::parse(&http_only).unwrap_err();
+        assert_eq!(err.key, "pool[1].tls", "{err}");
+
+        let https = EXAMPLE.replace("http://127.0.0.1:8002", "https://127.0.0.1:8002");
+        let config = Config::parse(&format!("{https}{tls}")).unwrap();
+        let pool_tls = config.pool[1].tls.as_ref().unwrap();
+        assert_eq!(pool_tls.server_name.as_deref(), Some("models.internal"));
+        assert!(pool_tls.ca_path.is_none());
+
+        let missing = format!("{https}[pool.tls]\nca_path = \"/nonexistent/ca.pem\"\n");
+        let err = Config::parse(&missing).unwrap_err();
+        assert_eq!(err.key, "pool[1].tls.ca_path", "{err}");
+        assert!(err.message.contains("cannot read"), "{err}");
+    }
+
+    #[test]
+    fn server_tls_files_are_read_at_load() {
+        let text = "[server.tls]\ncert_path = \"/nonexistent/c.pem\"\n\
+                    key_path = \"/nonexistent/k.pem\"\n";
+        let err = Config::parse(text).unwrap_err();
+        assert_eq!(err.key, "server.tls.cert_path", "{err}");
+        assert_eq!(err.line, Some(2), "{err}");
+
+        let err = Config::parse("[server.tls]\ncert_path = \"c.pem\"\n").unwrap_err();
+        assert!(err.message.contains("key_path"), "{err}");
+    }
+
+    #[test]
     fn syntax_error_reports_a_line() {
         let err = Config::parse("[server]\nlisten = \n").unwrap_err();
         assert_eq!(err.line, Some(2), "{err}");

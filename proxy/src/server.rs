@@ -29,6 +29,7 @@ use serde_json::{json, Value};
 use crate::app::App;
 use crate::body::{full, Body};
 use crate::config::{BatchConfig, BatchMode, Config, PoolKind};
+use crate::metrics::TLS_HANDSHAKE_FAILURES;
 use crate::reload::{PolicyControl, Refusal, MAX_PLUGIN_BYTES};
 use crate::tls::ServerTls;
 
@@ -290,7 +291,7 @@ async fn handshake_tls(
 }
 
 fn count_handshake_failure(reason: &'static str) {
-    metrics::counter!(crate::metrics::TLS_HANDSHAKE_FAILURES, "reason" => reason).increment(1);
+    metrics::counter!(TLS_HANDSHAKE_FAILURES, "reason" => reason).increment(1);
 }
 
 /// Serves one API connection after its TLS handshake. As on cleartext,

@@ -7,7 +7,8 @@
 //! which provider another crate enabled. This module reads files and
 //! builds rustls configurations; it opens no sockets and serves nothing.
 
-use std::path::{Path, PathBuf};
+use std::error::Error as StdError;
+use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -19,6 +20,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::config::{PoolTlsConfig, ServerTlsConfig};
+use crate::metrics::TLS_RELOADS;
 
 /// Protocols the API listener offers in ALPN, preferred first.
 const SERVER_ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
@@ -154,8 +156,6 @@ fn client_verifier(
 pub struct ServerTls {
     pub config: Arc<ServerConfig>,
     resolver: Arc<RotatingCert>,
-    cert_path: PathBuf,
-    key_path: PathBuf,
     settings: ServerTlsConfig,
 }
 
@@ -173,7 +173,10 @@ impl ServerTls {
 
         let builder = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
-            .map_err(|e| FileError::new("cert_path", format!("tls setup failed: {e}")))?;
+            .map_err(|e| {
+                let message = format!("the ring provider offers no TLS version: {e}");
+                FileError::new("cert_path", message)
+            })?;
         let builder = match &tls.client_ca_path {
             Some(path) => builder.with_client_cert_verifier(client_verifier(path)?),
             None => builder.with_no_client_auth(),
@@ -184,8 +187,6 @@ impl ServerTls {
         Ok(Self {
             config: Arc::new(config),
             resolver,
-            cert_path: tls.cert_path.clone(),
-            key_path: tls.key_path.clone(),
             settings: tls.clone(),
         })
     }
@@ -225,14 +226,14 @@ impl ServerTls {
         match load_certified_key(&self.settings) {
             Ok(certified) => {
                 self.resolver.replace(certified);
-                metrics::counter!(crate::metrics::TLS_RELOADS, "result" => "ok").increment(1);
+                metrics::counter!(TLS_RELOADS, "result" => "ok").increment(1);
                 tracing::info!(
-                    cert_path = %self.cert_path.display(),
+                    cert_path = %self.settings.cert_path.display(),
                     "tls certificate reloaded; new handshakes use it"
                 );
             }
             Err(e) => {
-                metrics::counter!(crate::metrics::TLS_RELOADS, "result" => "error").increment(1);
+                metrics::counter!(TLS_RELOADS, "result" => "error").increment(1);
                 tracing::warn!(
                     key = %format!("server.tls.{}", e.field),
                     error = %e.message,
@@ -250,7 +251,10 @@ impl ServerTls {
             let meta = std::fs::metadata(path).ok()?;
             Some((meta.modified().ok()?, meta.len()))
         };
-        [stamp(&self.cert_path), stamp(&self.key_path)]
+        [
+            stamp(&self.settings.cert_path),
+            stamp(&self.settings.key_path),
+        ]
     }
 }
 
@@ -336,7 +340,7 @@ pub fn server_name(name: &str) -> Result<ServerName<'static>, String> {
 
 /// When `error` (or a cause) is a failed certificate check, a hint at the
 /// keys that fix it; `None` for other failures.
-pub fn certificate_hint(error: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+pub fn certificate_hint(error: &(dyn StdError + 'static)) -> Option<&'static str> {
     match find_rustls_error(error)? {
         rustls::Error::InvalidCertificate(_) => Some(
             "the upstream's certificate is not trusted or not issued for \
@@ -349,9 +353,7 @@ pub fn certificate_hint(error: &(dyn std::error::Error + 'static)) -> Option<&'s
 
 /// The rustls error behind `error`, looking inside `io::Error`s too, whose
 /// `source()` skips the error they wrap.
-fn find_rustls_error<'a>(
-    error: &'a (dyn std::error::Error + 'static),
-) -> Option<&'a rustls::Error> {
+fn find_rustls_error<'a>(error: &'a (dyn StdError + 'static)) -> Option<&'a rustls::Error> {
     if let Some(found) = error.downcast_ref::<rustls::Error>() {
         return Some(found);
     }
@@ -364,4 +366,109 @@ fn find_rustls_error<'a>(
         }
     }
     find_rustls_error(error.source()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+
+    /// A self-signed certificate for `localhost` and its key, written as
+    /// PEM files `name.crt` and `name.key` into `dir`.
+    fn pair(dir: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let cert_path = dir.join(format!("{name}.crt"));
+        let key_path = dir.join(format!("{name}.key"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (cert_path, key_path)
+    }
+
+    fn settings(cert_path: &Path, key_path: &Path) -> ServerTlsConfig {
+        ServerTlsConfig {
+            cert_path: cert_path.to_path_buf(),
+            key_path: key_path.to_path_buf(),
+            client_ca_path: None,
+            reload_interval_ms: 0,
+            handshake_timeout_ms: 1000,
+        }
+    }
+
+    fn temp_dir(test: &str) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("switchyard-tls-unit-{test}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_key_of_another_certificate_is_blamed_on_key_path() {
+        let dir = temp_dir("mismatch");
+        let (cert, _) = pair(&dir, "a");
+        let (_, other_key) = pair(&dir, "b");
+        let err = load_certified_key(&settings(&cert, &other_key)).unwrap_err();
+        assert_eq!(err.field, "key_path", "{err:?}");
+        assert!(err.message.contains("does not belong"), "{err:?}");
+
+        let (cert, key) = pair(&dir, "c");
+        assert!(load_certified_key(&settings(&cert, &key)).is_ok());
+        let err = load_certified_key(&settings(&key, &key)).unwrap_err();
+        assert_eq!(err.field, "cert_path", "{err:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn reload_swaps_the_pair_and_keeps_it_when_the_new_one_is_bad() {
+        let dir = temp_dir("reload");
+        let (cert, key) = pair(&dir, "live");
+        let tls = ServerTls::new(&settings(&cert, &key)).unwrap();
+        let first = current(&tls);
+
+        // A key that does not match: the old pair stays.
+        let (_, stranger) = pair(&dir, "stranger");
+        std::fs::copy(&stranger, &key).unwrap();
+        tls.reload();
+        assert_eq!(current(&tls), first);
+
+        // A whole new pair: swapped in.
+        let (new_cert, new_key) = pair(&dir, "next");
+        std::fs::copy(&new_cert, &cert).unwrap();
+        std::fs::copy(&new_key, &key).unwrap();
+        tls.reload();
+        let second = current(&tls);
+        assert_ne!(second, first);
+        assert_eq!(second, read_certs(&new_cert).unwrap()[0].to_vec());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn current(tls: &ServerTls) -> Vec<u8> {
+        let key = tls.resolver.current.read().unwrap();
+        key.end_entity_cert().unwrap().to_vec()
+    }
+
+    #[test]
+    fn alpn_offers_h2_before_http1() {
+        let dir = temp_dir("alpn");
+        let (cert, key) = pair(&dir, "alpn");
+        let tls = ServerTls::new(&settings(&cert, &key)).unwrap();
+        assert_eq!(
+            tls.config.alpn_protocols,
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn certificate_failures_inside_io_errors_get_a_hint() {
+        let bad = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let wrapped = io::Error::other(io::Error::new(io::ErrorKind::InvalidData, bad));
+        assert!(certificate_hint(&wrapped).is_some_and(|h| h.contains("ca_path")));
+
+        let other = io::Error::other(rustls::Error::HandshakeNotComplete);
+        assert!(certificate_hint(&other).is_none());
+        let refused = io::Error::from(io::ErrorKind::ConnectionRefused);
+        assert!(certificate_hint(&refused).is_none());
+    }
 }
