@@ -293,6 +293,8 @@ impl Pool {
 /// The pool's connector: TLS with SNI and certificate checks for https
 /// endpoints, plain TCP for http ones. The trusted roots are loaded only
 /// when the pool has an https endpoint.
+// Limitation: Switchyard presents no client certificate to upstreams, so
+// an upstream that requires mutual TLS cannot be reached.
 fn https_connector(
     config: &PoolConfig,
     endpoints: &[UpstreamEndpoint],

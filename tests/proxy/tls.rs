@@ -89,6 +89,31 @@ async fn tls_listener_serves_http1_and_h2_as_alpn_agrees() {
 }
 
 #[tokio::test]
+async fn a_silent_client_is_dropped_at_the_handshake_timeout() {
+    let mock = MockUpstream::start().await;
+    let ca = TestCa::new("switchyard test CA");
+    let dir = TempDir::new();
+    let extra = "handshake_timeout_ms = 200\n";
+    let sw = Switchyard::start(&tls_config(&dir, &ca.server_cert(), extra, &mock.url())).await;
+
+    // A connection that never starts its handshake is closed by the
+    // server, well before the test's own limit.
+    let mut silent = tokio::net::TcpStream::connect(sw.api_addr()).await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "connection not closed: {read:?}"
+    );
+    wait_for_metric(
+        &sw,
+        "switchyard_tls_handshake_failures_total",
+        &["reason=\"timeout\""],
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn mutual_tls_admits_only_clients_with_a_trusted_certificate() {
     let mock = MockUpstream::start().await;
     let server_ca = TestCa::new("server CA");
