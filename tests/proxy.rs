@@ -51,3 +51,5 @@ mod routing;
 mod shutdown;
 #[path = "proxy/streaming.rs"]
 mod streaming;
+#[path = "proxy/tls.rs"]
+mod tls;

@@ -3,7 +3,8 @@
 //! Parsing is strict: an unknown key is an error, and every error names the
 //! full key path (`pool[1].batch.max_wait_ms`) and, where the TOML parser
 //! knows it, the line. Nothing here opens sockets or loads plugins; the
-//! checks that touch the outside world stop at "does the file exist".
+//! checks that touch the outside world stop at reading files: does the
+//! plugin exist, do the TLS certificates and keys parse and match.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -64,6 +65,11 @@ name = "small"
 kind = "local"
 model_path = "models/SmolLM2-135M-Instruct.Q4_1.gguf"
 "#;
+
+/// Default of `server.tls.reload_interval_ms`: 5 s.
+pub const DEFAULT_TLS_RELOAD_INTERVAL_MS: u64 = 5_000;
+/// Default of `server.tls.handshake_timeout_ms`: 10 s.
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 
 /// Largest accepted `max_batch`; beyond it one upstream request would carry
 /// more than any model server is built to take at once.
@@ -147,6 +153,47 @@ pub struct ServerConfig {
     /// past it the request gets 408. Default 30000.
     #[serde(default = "default_client_timeout_ms")]
     pub body_read_timeout_ms: u64,
+    /// TLS on the API listener. Default: none (cleartext HTTP/1.1 and
+    /// h2c). The admin listener stays cleartext.
+    pub tls: Option<ServerTlsConfig>,
+}
+
+/// `[server.tls]`: TLS termination on the API listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsConfig {
+    /// PEM file with the certificate chain, the server's own certificate
+    /// first. Reloaded when it changes.
+    pub cert_path: PathBuf,
+    /// PEM file with the certificate's private key (PKCS#8, PKCS#1 or
+    /// SEC1). Reloaded when it changes.
+    pub key_path: PathBuf,
+    /// PEM bundle of the CAs that sign client certificates. When set,
+    /// every client must present a certificate signed by one of them
+    /// (mutual TLS). Default: none; no client certificate is asked for.
+    pub client_ca_path: Option<PathBuf>,
+    /// How often `cert_path` and `key_path` are checked for a change
+    /// (modification time and size), in milliseconds; 0 turns reloading
+    /// off. Default 5000.
+    #[serde(default = "default_tls_reload_interval_ms")]
+    pub reload_interval_ms: u64,
+    /// Time a client has to complete the TLS handshake, in milliseconds;
+    /// past it the connection is closed. Default 10000.
+    #[serde(default = "default_tls_handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+}
+
+/// `[pool.tls]`: how a pool's `https://` endpoints are verified.
+/// Certificate and host name checks are always on.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolTlsConfig {
+    /// PEM bundle of the CAs trusted for the endpoints' certificates, in
+    /// place of the platform's store. Default: the platform's store.
+    pub ca_path: Option<PathBuf>,
+    /// Name sent as SNI and that the endpoints' certificates must be
+    /// issued for, in place of each endpoint's host. Default: the host.
+    pub server_name: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -158,6 +205,7 @@ impl Default for ServerConfig {
             shutdown_grace_s: DEFAULT_SHUTDOWN_GRACE_S,
             header_read_timeout_ms: DEFAULT_CLIENT_TIMEOUT_MS,
             body_read_timeout_ms: DEFAULT_CLIENT_TIMEOUT_MS,
+            tls: None,
         }
     }
 }
@@ -217,6 +265,9 @@ pub struct PoolConfig {
     /// The pool's price, for the cost ledger. Default: none (its answers
     /// cost nothing).
     pub price: Option<PriceConfig>,
+    /// TLS to `https://` endpoints. Default: the platform's CA store and
+    /// each endpoint's host name. Only for pools with an https endpoint.
+    pub tls: Option<PoolTlsConfig>,
 }
 
 impl PoolConfig {
@@ -542,6 +593,9 @@ impl Config {
         if self.server.listen == self.server.admin && self.server.listen.port() != 0 {
             return Err(invalid("server.admin", "must differ from server.listen"));
         }
+        if let Some(tls) = &self.server.tls {
+            validate_server_tls(tls)?;
+        }
 
         let mut names = HashSet::new();
         for (i, pool) in self.pool.iter().enumerate() {
@@ -614,6 +668,9 @@ fn validate_pool(i: usize, pool: &PoolConfig) -> Result<(), ConfigError> {
             return Err(invalid(&key(&format!("endpoints[{j}]")), &message));
         }
     }
+    if let Some(tls) = &pool.tls {
+        validate_pool_tls(&key, pool, tls)?;
+    }
     if pool.connect_timeout_ms == 0 {
         return Err(invalid(&key("connect_timeout_ms"), "must be > 0"));
     }
@@ -630,6 +687,36 @@ fn validate_pool(i: usize, pool: &PoolConfig) -> Result<(), ConfigError> {
             return Err(invalid(&key("batch.max_wait_ms"), &message));
         }
         validate_batch(&key, batch)?;
+    }
+    Ok(())
+}
+
+fn validate_server_tls(tls: &ServerTlsConfig) -> Result<(), ConfigError> {
+    if tls.handshake_timeout_ms == 0 {
+        return Err(invalid("server.tls.handshake_timeout_ms", "must be > 0"));
+    }
+    // The files are read and parsed as the listener will, so that a wrong
+    // path or a key of another certificate fails `switchyard check`.
+    crate::tls::check_server_files(tls)
+        .map_err(|e| invalid(&format!("server.tls.{}", e.field), &e.message))
+}
+
+fn validate_pool_tls(
+    key: &dyn Fn(&str) -> String,
+    pool: &PoolConfig,
+    tls: &PoolTlsConfig,
+) -> Result<(), ConfigError> {
+    if !pool.endpoints.iter().any(|url| url.starts_with("https://")) {
+        return Err(invalid(
+            &key("tls"),
+            "applies only to https:// endpoints, and this pool has none",
+        ));
+    }
+    if let Some(path) = &tls.ca_path {
+        crate::tls::read_roots(path).map_err(|e| invalid(&key("tls.ca_path"), &e))?;
+    }
+    if let Some(name) = &tls.server_name {
+        crate::tls::server_name(name).map_err(|e| invalid(&key("tls.server_name"), &e))?;
     }
     Ok(())
 }
@@ -685,6 +772,13 @@ fn validate_local_pool(i: usize, pool: &PoolConfig) -> Result<(), ConfigError> {
         return Err(invalid(
             &key("batch"),
             "a local pool batches on its own; set pool.max_batch instead",
+        ));
+    }
+    if pool.tls.is_some() {
+        return Err(invalid(
+            &key("tls"),
+            "a local pool runs its model in-process; there is nothing to \
+             reach over TLS",
         ));
     }
     let ranges = [
@@ -863,6 +957,14 @@ fn default_shutdown_grace_s() -> u64 {
 
 fn default_client_timeout_ms() -> u64 {
     DEFAULT_CLIENT_TIMEOUT_MS
+}
+
+fn default_tls_reload_interval_ms() -> u64 {
+    DEFAULT_TLS_RELOAD_INTERVAL_MS
+}
+
+fn default_tls_handshake_timeout_ms() -> u64 {
+    DEFAULT_TLS_HANDSHAKE_TIMEOUT_MS
 }
 
 fn default_connect_timeout_ms() -> u64 {
@@ -1079,6 +1181,37 @@ model = "big"
         );
         let err = Config::parse(&negative).unwrap_err();
         assert_eq!(err.key, "pool[1].price.gpu_hour", "{err}");
+    }
+
+    #[test]
+    fn pool_tls_needs_an_https_endpoint_and_a_readable_ca() {
+        let tls = "[pool.tls]\nserver_name = \"models.internal\"\n";
+        let http_only = format!("{EXAMPLE}{tls}");
+        let err = Config::parse(&http_only).unwrap_err();
+        assert_eq!(err.key, "pool[1].tls", "{err}");
+
+        let https = EXAMPLE.replace("http://127.0.0.1:8002", "https://127.0.0.1:8002");
+        let config = Config::parse(&format!("{https}{tls}")).unwrap();
+        let pool_tls = config.pool[1].tls.as_ref().unwrap();
+        assert_eq!(pool_tls.server_name.as_deref(), Some("models.internal"));
+        assert!(pool_tls.ca_path.is_none());
+
+        let missing = format!("{https}[pool.tls]\nca_path = \"/nonexistent/ca.pem\"\n");
+        let err = Config::parse(&missing).unwrap_err();
+        assert_eq!(err.key, "pool[1].tls.ca_path", "{err}");
+        assert!(err.message.contains("cannot read"), "{err}");
+    }
+
+    #[test]
+    fn server_tls_files_are_read_at_load() {
+        let text = "[server.tls]\ncert_path = \"/nonexistent/c.pem\"\n\
+                    key_path = \"/nonexistent/k.pem\"\n";
+        let err = Config::parse(text).unwrap_err();
+        assert_eq!(err.key, "server.tls.cert_path", "{err}");
+        assert_eq!(err.line, Some(2), "{err}");
+
+        let err = Config::parse("[server.tls]\ncert_path = \"c.pem\"\n").unwrap_err();
+        assert!(err.message.contains("key_path"), "{err}");
     }
 
     #[test]

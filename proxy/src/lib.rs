@@ -22,7 +22,8 @@
 //! - [`reload`]: swapping the policy plugin while traffic flows;
 //! - [`metrics`]: metric names and the Prometheus recorder;
 //! - [`error`]: the errors clients see, and their statuses;
-//! - [`telemetry`]: log output.
+//! - [`telemetry`]: log output;
+//! - [`tls`]: certificates for the API listener and upstream TLS.
 
 pub mod api;
 pub mod app;
@@ -40,4 +41,5 @@ pub mod reload;
 pub mod routing;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;

@@ -29,6 +29,8 @@ pub const POLICY_ERRORS: &str = "switchyard_policy_errors_total";
 pub const CASCADE_REVIEWS: &str = "switchyard_cascade_reviews_total";
 pub const COST: &str = "switchyard_cost_usd_total";
 pub const BASELINE_COST: &str = "switchyard_baseline_cost_usd_total";
+pub const TLS_HANDSHAKE_FAILURES: &str = "switchyard_tls_handshake_failures_total";
+pub const TLS_RELOADS: &str = "switchyard_tls_certificate_reloads_total";
 
 // Recorded by the executor of `local` pools (switchyard-executor).
 pub const EXECUTOR_TOKENS: &str = "switchyard_executor_tokens_generated_total";
@@ -166,6 +168,16 @@ fn describe() {
     describe_gauge!(
         BASELINE_COST,
         "dollars the answers a pool served would have cost on [costs] baseline, since start"
+    );
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES,
+        "TLS handshakes on the API listener that failed, by reason \
+         (timeout, closed, refused)"
+    );
+    describe_counter!(
+        TLS_RELOADS,
+        "changes of the API listener's certificate files, by result (ok, \
+         error: the previous certificate is kept)"
     );
     describe_counter!(
         EXECUTOR_TOKENS,

@@ -1,5 +1,6 @@
 //! Listeners: the API port and the admin port, their accept loops, HTTP/1.1
-//! and cleartext HTTP/2 on every connection, and graceful shutdown.
+//! and HTTP/2 on every connection (cleartext, or on the API port TLS with
+//! ALPN when `[server.tls]` is set), and graceful shutdown.
 //!
 //! On shutdown the listeners close first, `/readyz` turns 503, and
 //! in-flight requests get up to `server.shutdown_grace_s` to finish.
@@ -18,7 +19,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, BufReader};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 
 use http_body_util::{BodyExt, Limited};
 use serde_json::{json, Value};
@@ -26,7 +29,9 @@ use serde_json::{json, Value};
 use crate::app::App;
 use crate::body::{full, Body};
 use crate::config::{BatchConfig, BatchMode, Config, PoolKind};
+use crate::metrics::TLS_HANDSHAKE_FAILURES;
 use crate::reload::{PolicyControl, Refusal, MAX_PLUGIN_BYTES};
+use crate::tls::ServerTls;
 
 /// How a coalescing pool batches, for the start-up line: mode, limits
 /// and the endpoints where the upstream takes no arrays.
@@ -61,6 +66,17 @@ pub async fn run(
     metrics: PrometheusHandle,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
+    // Certificates load before binding, so a bad pair fails start-up
+    // before anything could connect.
+    let tls = match &config.server.tls {
+        Some(settings) => {
+            let tls = ServerTls::new(settings)
+                .map_err(|e| format!("server.tls.{}: {}", e.field, e.message))?;
+            let timeout = Duration::from_millis(settings.handshake_timeout_ms);
+            Some((tls, timeout))
+        }
+        None => None,
+    };
     let api_listener = bind(config.server.listen, "server.listen").await?;
     let admin_listener = bind(config.server.admin, "server.admin").await?;
     let api_addr = local_addr(&api_listener)?;
@@ -88,9 +104,15 @@ pub async fn run(
             )
         })
         .collect();
+    let tls_mode = match &config.server.tls {
+        Some(settings) if settings.client_ca_path.is_some() => "mutual",
+        Some(_) => "on",
+        None => "off",
+    };
     tracing::info!(
         api_addr = %api_addr,
         admin_addr = %admin_addr,
+        tls = tls_mode,
         pools = %pools.join("; "),
         plugin = plugin.as_deref().unwrap_or("none"),
         "listening"
@@ -126,6 +148,10 @@ pub async fn run(
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_millis(config.server.header_read_timeout_ms));
     let first_byte = Duration::from_millis(config.server.header_read_timeout_ms);
+    let tls = tls.map(|(tls, handshake)| {
+        tls.watch();
+        (TlsAcceptor::from(Arc::clone(&tls.config)), handshake)
+    });
     let mut accept_errors = AcceptErrors::default();
     loop {
         tokio::select! {
@@ -136,8 +162,17 @@ pub async fn run(
                 let service = service_fn(api_service.clone());
                 let watcher = graceful.watcher();
                 let builder = builder.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    serve(stream, builder, service, watcher, first_byte, "api").await;
+                    let Some((acceptor, handshake)) = tls else {
+                        serve(stream, builder, service, watcher, first_byte, "api").await;
+                        return;
+                    };
+                    let Some(stream) = handshake_tls(stream, &acceptor, handshake).await
+                    else {
+                        return;
+                    };
+                    serve_tls(stream, builder, service, watcher, first_byte).await;
                 });
             }
             accepted = admin_listener.accept() => {
@@ -211,7 +246,95 @@ async fn serve<S>(
         }
     }
 
-    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    serve_io(stream, builder, service, watcher, listener).await;
+}
+
+/// Runs the TLS handshake of an API connection, at most `timeout`. A
+/// failure is counted and logged, and concerns this connection only:
+/// at debug when the client went away or was silent (health checks do
+/// that), at info when the handshake was refused (a client certificate
+/// missing or untrusted, no common protocol).
+async fn handshake_tls(
+    stream: TcpStream,
+    acceptor: &TlsAcceptor,
+    timeout: Duration,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let peer = stream.peer_addr().ok();
+    let peer = peer.map_or_else(|| "unknown".to_string(), |p| p.to_string());
+    let error = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => return Some(stream),
+        Ok(Err(error)) => error,
+        Err(_) => {
+            count_handshake_failure("timeout");
+            tracing::debug!(
+                peer = %peer,
+                timeout_ms = timeout.as_millis() as u64,
+                "tls handshake not completed in time; closing"
+            );
+            return None;
+        }
+    };
+    let closed = matches!(
+        error.kind(),
+        std::io::ErrorKind::UnexpectedEof
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::BrokenPipe
+    );
+    if closed {
+        count_handshake_failure("closed");
+        tracing::debug!(peer = %peer, error = %error, "client left during the tls handshake");
+    } else {
+        count_handshake_failure("refused");
+        tracing::info!(peer = %peer, error = %error, "tls handshake failed");
+    }
+    None
+}
+
+fn count_handshake_failure(reason: &'static str) {
+    metrics::counter!(TLS_HANDSHAKE_FAILURES, "reason" => reason).increment(1);
+}
+
+/// Serves one API connection after its TLS handshake. As on cleartext,
+/// the first request byte must come within `first_byte`; the buffer that
+/// waits for it is where hyper then reads from, so nothing is lost.
+async fn serve_tls<S>(
+    stream: tokio_rustls::server::TlsStream<TcpStream>,
+    builder: auto::Builder<TokioExecutor>,
+    service: S,
+    watcher: Watcher,
+    first_byte: Duration,
+) where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut stream = BufReader::new(stream);
+    match tokio::time::timeout(first_byte, stream.fill_buf()).await {
+        Ok(Ok(read)) if !read.is_empty() => {}
+        Ok(Ok(_)) | Ok(Err(_)) => return,
+        Err(_) => {
+            tracing::debug!(listener = "api", "client sent nothing in time; closing");
+            return;
+        }
+    }
+    serve_io(stream, builder, service, watcher, "api").await;
+}
+
+/// Serves HTTP/1.1 or HTTP/2 (whichever the client speaks) on a ready
+/// stream until it closes or shutdown ends it.
+async fn serve_io<I, S>(
+    io: I,
+    builder: auto::Builder<TokioExecutor>,
+    service: S,
+    watcher: Watcher,
+    listener: &'static str,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let connection = builder.serve_connection(TokioIo::new(io), service);
     if let Err(e) = watcher.watch(connection).await {
         tracing::debug!(listener, error = %e, "connection closed");
     }

@@ -1,6 +1,6 @@
 //! Upstream pools: the model servers behind each pool, the pooled HTTP
-//! connections to them, and the translation of transport failures into
-//! errors that name the pool.
+//! and HTTPS connections to them, and the translation of transport
+//! failures into errors that name the pool.
 //!
 //! A pool sends a finished request body to one of its endpoints, chosen in
 //! turn, and hands back the response as it arrives. It does not parse
@@ -14,6 +14,7 @@ use http::uri::{Authority, Scheme};
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, Uri};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper_rustls::{FixedServerNameResolver, HttpsConnector};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -43,6 +44,8 @@ const HOP_HEADERS: [&str; 10] = [
 /// One upstream model server's base address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamEndpoint {
+    /// `http` or `https`.
+    scheme: Scheme,
     authority: Authority,
     /// Path prefix before `/v1/...`, without a trailing slash; usually "".
     prefix: String,
@@ -51,7 +54,7 @@ pub struct UpstreamEndpoint {
 impl UpstreamEndpoint {
     fn uri(&self, path: &str) -> Result<Uri, http::Error> {
         Uri::builder()
-            .scheme(Scheme::HTTP)
+            .scheme(self.scheme.clone())
             .authority(self.authority.clone())
             .path_and_query(format!("{}{}", self.prefix, path))
             .build()
@@ -60,7 +63,7 @@ impl UpstreamEndpoint {
 
 impl std::fmt::Display for UpstreamEndpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "http://{}{}", self.authority, self.prefix)
+        write!(f, "{}://{}{}", self.scheme, self.authority, self.prefix)
     }
 }
 
@@ -70,20 +73,16 @@ pub fn parse_endpoint(url: &str) -> Result<UpstreamEndpoint, String> {
     let uri: Uri = url
         .parse()
         .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            // Limitation: no TLS to upstreams yet; a sidecar usually talks
-            // to model servers on the pod network or loopback.
-            return Err(format!("{url:?}: https endpoints are not supported"));
-        }
+    let scheme = match uri.scheme_str() {
+        Some("http") => Scheme::HTTP,
+        Some("https") => Scheme::HTTPS,
         _ => {
             return Err(format!(
-                "{url:?} must start with http:// (for example \
+                "{url:?} must start with http:// or https:// (for example \
                  http://127.0.0.1:8001)"
             ))
         }
-    }
+    };
     let Some(authority) = uri.authority().cloned() else {
         return Err(format!("{url:?} has no host"));
     };
@@ -108,7 +107,11 @@ pub fn parse_endpoint(url: &str) -> Result<UpstreamEndpoint, String> {
     if prefix.ends_with("/v1") {
         prefix.truncate(prefix.len() - 3);
     }
-    Ok(UpstreamEndpoint { authority, prefix })
+    Ok(UpstreamEndpoint {
+        scheme,
+        authority,
+        prefix,
+    })
 }
 
 /// A pool of interchangeable upstream servers.
@@ -119,7 +122,7 @@ pub struct Pool {
     pub model: String,
     endpoints: Vec<UpstreamEndpoint>,
     next: AtomicUsize,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     request_timeout: Duration,
 }
 
@@ -140,12 +143,20 @@ impl Pool {
             .map(|url| parse_endpoint(url))
             .collect::<Result<Vec<_>, _>>()?;
 
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_millis(config.connect_timeout_ms)));
-        connector.set_nodelay(true);
+        // The TCP connector must let https URIs through: TLS is layered
+        // on top of it for those, and plain http goes as it is.
+        let mut tcp = HttpConnector::new();
+        tcp.set_connect_timeout(Some(Duration::from_millis(config.connect_timeout_ms)));
+        tcp.set_nodelay(true);
+        tcp.enforce_http(false);
+        let connector = https_connector(config, &endpoints, tcp)?;
+
+        // ALPN decides per connection: h2 when the upstream offers it,
+        // else HTTP/1.1; cleartext endpoints always get HTTP/1.1.
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
             .build(connector);
 
         Ok(Self {
@@ -268,10 +279,46 @@ impl Pool {
         } else {
             "lost the connection to"
         };
-        let cause = error_chain(error);
+        let mut cause = error_chain(error);
+        if let Some(hint) = crate::tls::certificate_hint(error) {
+            cause.push_str(" (");
+            cause.push_str(hint);
+            cause.push(')');
+        }
         let message = format!("pool {:?}: {what} upstream {endpoint}: {cause}", self.name);
         ApiError::new(ErrorKind::UpstreamUnavailable, message)
     }
+}
+
+/// The pool's connector: TLS with SNI and certificate checks for https
+/// endpoints, plain TCP for http ones. The trusted roots are loaded only
+/// when the pool has an https endpoint.
+// Limitation: Switchyard presents no client certificate to upstreams, so
+// an upstream that requires mutual TLS cannot be reached.
+fn https_connector(
+    config: &PoolConfig,
+    endpoints: &[UpstreamEndpoint],
+    tcp: HttpConnector,
+) -> Result<HttpsConnector<HttpConnector>, String> {
+    let any_https = endpoints.iter().any(|e| e.scheme == Scheme::HTTPS);
+    let tls = if any_https {
+        crate::tls::client_config(&config.name, config.tls.as_ref())?
+    } else {
+        crate::tls::empty_client_config()
+            .map_err(|e| format!("pool {:?}: tls setup failed: {e}", config.name))?
+    };
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http();
+    let builder = match config.tls.as_ref().and_then(|t| t.server_name.as_deref()) {
+        Some(name) => {
+            let name = crate::tls::server_name(name)
+                .map_err(|e| format!("pool {:?}: tls.server_name: {e}", config.name))?;
+            builder.with_server_name_resolver(FixedServerNameResolver::new(name))
+        }
+        None => builder,
+    };
+    Ok(builder.enable_http1().enable_http2().wrap_connector(tcp))
 }
 
 /// Whether a client request header goes upstream: hop-by-hop headers and
@@ -325,11 +372,21 @@ mod tests {
     }
 
     #[test]
+    fn https_endpoints_keep_their_scheme() {
+        let endpoint = parse_endpoint("https://models.internal:8443/v1").unwrap();
+        assert_eq!(endpoint.to_string(), "https://models.internal:8443");
+        let uri = endpoint.uri("/v1/completions").unwrap();
+        assert_eq!(
+            uri.to_string(),
+            "https://models.internal:8443/v1/completions"
+        );
+    }
+
+    #[test]
     fn endpoint_urls_without_http_are_rejected() {
         let urls = [
             "127.0.0.1:8001",
             "ftp://h:1",
-            "https://h:1",
             "http://",
             "http://u:p@h:1",
             "http://h:1/v1/chat/completions",

@@ -1,6 +1,7 @@
 //! `MockUpstream`: a fake OpenAI-compatible model server on loopback.
 //!
-//! It speaks HTTP/1.1 and h2c (hyper-util's auto builder), answers
+//! It speaks HTTP/1.1 and h2c (hyper-util's auto builder), or the same
+//! over TLS with `start_tls` (h2 when ALPN agrees on it), answers
 //! deterministically so tests can check exactly how the proxy splits a
 //! merged batch, injects faults on request, records every request and
 //! counts accepted connections.
@@ -161,6 +162,8 @@ pub struct RecordedRequest {
     pub headers: Vec<(String, String)>,
     /// The body parsed as JSON, `Null` when empty or not JSON.
     pub body: Value,
+    /// The HTTP version the request came in, such as `HTTP/2.0`.
+    pub version: String,
 }
 
 impl RecordedRequest {
@@ -212,6 +215,8 @@ struct State {
 #[derive(Debug)]
 pub struct MockUpstream {
     addr: SocketAddr,
+    /// Whether connections are TLS (`start_tls`).
+    tls: bool,
     state: Arc<State>,
     accept: JoinHandle<()>,
 }
@@ -232,11 +237,26 @@ impl MockUpstream {
         Self::start_with(record, Some(cost)).await
     }
 
+    /// Starts a recording mock that serves TLS with `config` (its
+    /// certificate and ALPN protocols); `url()` is then `https://`.
+    pub async fn start_tls(config: Arc<rustls::ServerConfig>) -> Self {
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        Self::start_full(true, None, Some(acceptor)).await
+    }
+
     async fn start_inner(record: bool) -> Self {
         Self::start_with(record, None).await
     }
 
     async fn start_with(record: bool, cost: Option<Cost>) -> Self {
+        Self::start_full(record, cost, None).await
+    }
+
+    async fn start_full(
+        record: bool,
+        cost: Option<Cost>,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind mock upstream on loopback");
@@ -246,17 +266,21 @@ impl MockUpstream {
             cost,
             ..State::default()
         });
-        let accept = tokio::spawn(accept_loop(listener, state.clone()));
+        let is_tls = tls.is_some();
+        let accept = tokio::spawn(accept_loop(listener, state.clone(), tls));
         Self {
             addr,
+            tls: is_tls,
             state,
             accept,
         }
     }
 
-    /// Base URL, `http://127.0.0.1:PORT` (no trailing slash).
+    /// Base URL, `http://127.0.0.1:PORT` (`https://` for a TLS mock; no
+    /// trailing slash).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -322,7 +346,11 @@ pub fn closed_port_url() -> String {
     format!("http://{addr}")
 }
 
-async fn accept_loop(listener: TcpListener, state: Arc<State>) {
+async fn accept_loop(
+    listener: TcpListener,
+    state: Arc<State>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
@@ -330,13 +358,27 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
         state.connections.fetch_add(1, Ordering::SeqCst);
 
         let state = state.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| handle(state.clone(), req));
             let builder = auto::Builder::new(TokioExecutor::new());
-            // A peer closing mid-request is normal in fault tests.
-            let _ = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            // A peer closing mid-request is normal in fault tests, and a
+            // client that distrusts the certificate ends the handshake.
+            let _ = match tls {
+                None => {
+                    builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await
+                }
+                Some(acceptor) => {
+                    let Ok(stream) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await
+                }
+            };
         });
     }
 }
@@ -357,6 +399,7 @@ async fn handle_inner(
     req: Request<Incoming>,
 ) -> Result<Response<MockBody>, Infallible> {
     let method = req.method().clone();
+    let version = format!("{:?}", req.version());
     let path = req.uri().path().to_string();
     let query = req.uri().query().map(str::to_string);
     let headers = req.headers().clone();
@@ -375,6 +418,7 @@ async fn handle_inner(
             query,
             headers: header_pairs(&headers),
             body: body.clone(),
+            version,
         };
         if let Ok(mut requests) = state.requests.lock() {
             requests.push(recorded);

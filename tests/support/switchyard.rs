@@ -149,6 +149,17 @@ impl Switchyard {
         format!("http://{}", self.api_addr)
     }
 
+    /// The API base URL over TLS, `https://127.0.0.1:PORT`, for a config
+    /// with `[server.tls]`.
+    pub fn api_https_url(&self) -> String {
+        format!("https://{}", self.api_addr)
+    }
+
+    /// The API listener's address.
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api_addr
+    }
+
     /// The admin base URL, `http://127.0.0.1:PORT`.
     pub fn admin_url(&self) -> String {
         format!("http://{}", self.admin_addr)
