@@ -46,7 +46,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpStream;
 
-use support::{plugin_path, pool_toml, server_toml, MockUpstream, Switchyard};
+use support::{metrics_text, plugin_path, pool_toml, server_toml, MockUpstream, Switchyard};
 use switchyard_policy::{
     Endpoint, LogprobSummary, Message, Policy, PolicySettings, ReviewAnswer, RouteRequest,
 };
@@ -305,6 +305,7 @@ async fn run(settings: Settings) -> bool {
             chat("auto"),
         );
         outcomes.push(measure(routed, settings, &mock).await);
+        in_request_policy_latency(&metrics_text(sw).await);
     }
 
     let direct_emb = scenario("embeddings direct", upstream, emb_path, embedding("mock"));
@@ -366,6 +367,44 @@ async fn run(settings: Settings) -> bool {
         println!("\nno request succeeded in: {broken:?}\n{}", plain.output());
     }
     broken.is_empty()
+}
+
+/// Prints the p50 and p99 of the policy decisions made inside requests,
+/// from Switchyard's own histogram: each is the upper bound of the bucket
+/// it falls in, so "<= 10 us" means between the bucket below and 10 us.
+fn in_request_policy_latency(metrics: &str) {
+    let name = "switchyard_policy_decision_duration_seconds_bucket";
+    let mut buckets: Vec<(f64, f64)> = metrics
+        .lines()
+        .filter(|line| line.starts_with(name))
+        .filter_map(|line| {
+            let le = line.split("le=\"").nth(1)?.split('"').next()?;
+            let bound = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            let count = line.rsplit(' ').next()?.parse().ok()?;
+            Some((bound, count))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let Some(&(_, total)) = buckets.last() else {
+        println!("\nno policy decision histogram in /metrics");
+        return;
+    };
+    let at = |q: f64| {
+        buckets
+            .iter()
+            .find(|(_, count)| *count >= q * total)
+            .map_or(f64::INFINITY, |(bound, _)| bound * 1e6)
+    };
+    println!(
+        "\npolicy route decisions inside requests ({total} of them): \
+         p50 <= {:.1} us, p99 <= {:.1} us",
+        at(0.5),
+        at(0.99)
+    );
 }
 
 /// Times `calls` calls of each hook into a warm instance and prints the
