@@ -9,6 +9,7 @@
 use std::sync::Mutex;
 
 use crate::gguf::{GgufError, GgufFile};
+use crate::math;
 use crate::pool::ThreadPool;
 use crate::quant::{dequantize_matrix_row, interleave, matmul, KernelError};
 use crate::tensor::QMatrix;
@@ -284,9 +285,7 @@ impl Model {
             resize(&mut s.up, n * sh.n_ff);
             matmul(pool, &layer.gate, &s.xn, n, &mut s.gate)?;
             matmul(pool, &layer.up, &s.xn, n, &mut s.up)?;
-            for (g, u) in s.gate.iter_mut().zip(&s.up) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
-            }
+            math::silu_mul(&mut s.gate, &s.up);
             matmul(pool, &layer.down, &s.gate, n, &mut s.proj)?;
             add(&mut s.x, &s.proj);
         }
@@ -399,7 +398,7 @@ impl Heads<'_> {
             }
         }
         for (p, out) in scores.chunks_exact_mut(len).zip(out.chunks_exact_mut(hd)) {
-            softmax(p);
+            math::softmax_plain(p);
             self.weigh_values(p, 0, out);
         }
     }
@@ -423,7 +422,7 @@ impl Heads<'_> {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{dot_tail, softmax, Heads};
+    use super::{dot_tail, math, Heads};
 
     /// Whether this CPU runs the functions here.
     pub(super) fn available() -> bool {
@@ -486,7 +485,7 @@ mod x86 {
 
         // Dimensions 64, then 32, at a time in registers; the rest plain.
         for (p, out) in scores.chunks_exact_mut(len).zip(out.chunks_exact_mut(hd)) {
-            softmax(p);
+            math::softmax(p);
             let mut from = 0;
             while from + 64 <= hd {
                 weigh::<8>(heads, p, from, &mut out[from..from + 64]);
@@ -734,18 +733,6 @@ fn dot_tail(a: &[f32], b: &[f32]) -> f32 {
         sum += x * y;
     }
     sum
-}
-
-fn softmax(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    for v in x.iter_mut() {
-        *v /= sum;
-    }
 }
 
 #[cfg(test)]
