@@ -9,6 +9,7 @@
 use std::sync::Mutex;
 
 use crate::gguf::{GgufError, GgufFile};
+use crate::math;
 use crate::pool::ThreadPool;
 use crate::quant::{dequantize_matrix_row, interleave, matmul, KernelError};
 use crate::tensor::QMatrix;
@@ -75,8 +76,11 @@ pub struct Model {
     inv_freq: Vec<f32>,
 }
 
-/// The keys and values a sequence has accumulated, one buffer per layer,
-/// `len` positions long.
+/// The keys and values a sequence has accumulated, `len` positions long:
+/// one buffer per layer and KV head (layer l, head g at `l * n_head_kv +
+/// g`), position after position. Attention reads one head's buffer from
+/// start to end; with the heads of a position side by side it would read a
+/// third of every stretch, which memory serves several times slower.
 #[derive(Debug, Default)]
 pub struct SeqCache {
     k: Vec<Vec<f32>>,
@@ -86,9 +90,10 @@ pub struct SeqCache {
 
 impl SeqCache {
     pub fn new(shape: &ModelShape) -> SeqCache {
+        let buffers = shape.n_layer * shape.n_head_kv;
         SeqCache {
-            k: vec![Vec::new(); shape.n_layer],
-            v: vec![Vec::new(); shape.n_layer],
+            k: vec![Vec::new(); buffers],
+            v: vec![Vec::new(); buffers],
             len: 0,
         }
     }
@@ -259,10 +264,14 @@ impl Model {
 
             // Keys and values join the caches before attention so that a
             // prefill chunk's rows see each other (up to their own position).
+            let (hd, heads) = (sh.head_dim, sh.n_head_kv);
             for (i, row) in rows.iter().enumerate() {
                 let cache = &mut caches[row.seq];
-                cache.k[l].extend_from_slice(&s.k[i * kv..(i + 1) * kv]);
-                cache.v[l].extend_from_slice(&s.v[i * kv..(i + 1) * kv]);
+                for g in 0..heads {
+                    let at = i * kv + g * hd;
+                    cache.k[l * heads + g].extend_from_slice(&s.k[at..at + hd]);
+                    cache.v[l * heads + g].extend_from_slice(&s.v[at..at + hd]);
+                }
             }
             resize(&mut s.att, n * d);
             self.attention(pool, l, rows, &s.pos, caches, &s.q, &mut s.att);
@@ -276,9 +285,7 @@ impl Model {
             resize(&mut s.up, n * sh.n_ff);
             matmul(pool, &layer.gate, &s.xn, n, &mut s.gate)?;
             matmul(pool, &layer.up, &s.xn, n, &mut s.up)?;
-            for (g, u) in s.gate.iter_mut().zip(&s.up) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
-            }
+            math::silu_mul(&mut s.gate, &s.up);
             matmul(pool, &layer.down, &s.gate, n, &mut s.proj)?;
             add(&mut s.x, &s.proj);
         }
@@ -306,8 +313,9 @@ impl Model {
         out.extend(self.inv_freq.iter().map(|&f| (pos as f32 * f).sin_cos()));
     }
 
-    /// Causal attention of each row's query heads over its sequence's cache,
-    /// one task per (row, head). Query head h reads KV head h / group.
+    /// Causal attention of each row's query heads over its sequence's
+    /// cache, one task per (row, KV head): the query heads that share a KV
+    /// head (h / group == g) read its keys and values together, once.
     #[expect(clippy::too_many_arguments, reason = "one step's working set")]
     fn attention(
         &self,
@@ -320,51 +328,56 @@ impl Model {
         out: &mut [f32],
     ) {
         let sh = &self.shape;
-        let (hd, kv) = (sh.head_dim, sh.kv_dim());
+        let hd = sh.head_dim;
         let group = sh.n_head / sh.n_head_kv;
         let scale = 1.0 / (hd as f32).sqrt();
-        let outs: Vec<Mutex<&mut [f32]>> = out.chunks_exact_mut(hd).map(Mutex::new).collect();
 
-        pool.for_each(rows.len() * sh.n_head, &|task| {
-            let (i, h) = (task / sh.n_head, task % sh.n_head);
+        // A row's heads are in KV-head order, so each task's query heads
+        // and outputs are one contiguous run.
+        let outs: Vec<Mutex<&mut [f32]>> =
+            out.chunks_exact_mut(group * hd).map(Mutex::new).collect();
+        pool.for_each(rows.len() * sh.n_head_kv, &|task| {
+            let (i, g) = (task / sh.n_head_kv, task % sh.n_head_kv);
             let cache = &caches[rows[i].seq];
-            let (keys, values) = (&cache.k[layer], &cache.v[layer]);
-            let qh = &q[i * sh.n_embd + h * hd..][..hd];
-            let off = (h / group) * hd;
-            let head = Head {
-                q: qh,
-                keys: &keys[off..],
-                values: &values[off..],
-                stride: kv,
+            let buffer = layer * sh.n_head_kv + g;
+            let heads = Heads {
+                q: &q[i * sh.n_embd + g * group * hd..][..group * hd],
+                keys: &cache.k[buffer],
+                values: &cache.v[buffer],
+                head_dim: hd,
+                stride: hd,
                 len: pos[i] + 1,
                 scale,
             };
             let Ok(mut o) = outs[task].lock() else { return };
-            head.attend_fast(&mut o);
+            heads.attend_fast(&mut o);
         });
     }
 }
 
-/// One query head's attention over one sequence's cache: key and value of
-/// position t at `keys[t * stride..]` and `values[t * stride..]`, the head
-/// width long.
-struct Head<'a> {
+/// Query heads that share one KV head, attending over one sequence's
+/// cache: `q` holds the heads one after another, `head_dim` floats each;
+/// the key and value of position t are at `keys[t * stride..]` and
+/// `values[t * stride..]`, `head_dim` long.
+struct Heads<'a> {
     q: &'a [f32],
     keys: &'a [f32],
     values: &'a [f32],
+    head_dim: usize,
     stride: usize,
     len: usize,
     scale: f32,
 }
 
-impl Head<'_> {
-    /// Softmax-weighted sum of the values into `out` (the head width), on
-    /// AVX2 where the CPU has it: the same arithmetic in the same order as
-    /// the plain version, so the same results.
+impl Heads<'_> {
+    /// Each head's softmax-weighted sum of the values into its
+    /// `head_dim` floats of `out`, on AVX2 where the CPU has it: the same
+    /// arithmetic in the same order as the plain version, so the same
+    /// results.
     fn attend_fast(&self, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, checked just above.
+        if x86::available() {
+            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
             #[allow(unsafe_code)]
             unsafe {
                 x86::attend(self, out)
@@ -374,15 +387,20 @@ impl Head<'_> {
         self.attend(out);
     }
 
-    /// The plain version of [`Head::attend_fast`].
+    /// The plain version of [`Heads::attend_fast`].
     fn attend(&self, out: &mut [f32]) {
-        let hd = self.q.len();
-        let mut scores = vec![0.0f32; self.len];
-        for (t, score) in scores.iter_mut().enumerate() {
-            *score = dot(self.q, &self.keys[t * self.stride..][..hd]) * self.scale;
+        let (hd, len) = (self.head_dim, self.len);
+        let mut scores = vec![0.0f32; self.q.len() / hd * len];
+        for t in 0..len {
+            let key = &self.keys[t * self.stride..][..hd];
+            for (h, q) in self.q.chunks_exact(hd).enumerate() {
+                scores[h * len + t] = dot(q, key) * self.scale;
+            }
         }
-        softmax(&mut scores);
-        self.weigh_values(&scores, 0, out);
+        for (p, out) in scores.chunks_exact_mut(len).zip(out.chunks_exact_mut(hd)) {
+            math::softmax_plain(p);
+            self.weigh_values(p, 0, out);
+        }
     }
 
     /// `out[j] = sum over t of p[t] * value_t[from + j]`, positions in
@@ -404,40 +422,159 @@ impl Head<'_> {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{dot_tail, softmax, Head};
+    use super::{dot_tail, math, Heads};
 
-    /// [`Head::attend`] on AVX2.
+    /// Whether this CPU runs the functions here.
+    pub(super) fn available() -> bool {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+
+    /// Positions ahead of the one being read whose keys (or values) are
+    /// fetched into cache: a sequence's cache is read once per step,
+    /// mostly from memory, and one position's work is too short for the
+    /// hardware prefetcher to keep up with the stride.
+    const AHEAD: usize = 8;
+
+    /// Fetches `floats` floats at `at` into cache; never faults, so `at`
+    /// may lie past the end of the cache.
+    #[inline]
+    fn prefetch(at: *const f32, floats: usize) {
+        // A plain loop: `step_by` here cost more than the prefetches.
+        let mut line = 0;
+        while line < floats {
+            let at = at.wrapping_add(line) as *const i8;
+            // SAFETY: a prefetch reads nothing architecturally.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(at) };
+            line += 16;
+        }
+    }
+
+    /// [`Heads::attend`] on AVX2.
     ///
     /// # Safety
-    /// The CPU supports AVX2.
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn attend(head: &Head<'_>, out: &mut [f32]) {
-        let hd = head.q.len();
-        let mut scores = vec![0.0f32; head.len];
-        for (t, score) in scores.iter_mut().enumerate() {
-            *score = dot(head.q, &head.keys[t * head.stride..][..hd]) * head.scale;
-        }
-        softmax(&mut scores);
+    /// The CPU supports AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn attend(heads: &Heads<'_>, out: &mut [f32]) {
+        let (hd, len, stride) = (heads.head_dim, heads.len, heads.stride);
+        let mut scores = vec![0.0f32; heads.q.len() / hd * len];
 
-        // 32 dimensions at a time in four registers; the rest as plain.
-        let whole = hd / 32 * 32;
-        for (c, o) in out[..whole].chunks_exact_mut(32).enumerate() {
-            let mut acc = [_mm256_setzero_ps(); 4];
-            for (t, &p) in scores.iter().enumerate() {
-                let v = &head.values[t * head.stride + c * 32..][..32];
-                let p = _mm256_set1_ps(p);
-                for (k, acc) in acc.iter_mut().enumerate() {
-                    // SAFETY: `v` holds 32 floats; an unaligned 8-float load.
-                    let v = unsafe { _mm256_loadu_ps(v.as_ptr().add(8 * k)) };
-                    *acc = _mm256_add_ps(*acc, _mm256_mul_ps(p, v));
+        // Eight positions at a time where the head width allows: their
+        // keys are read once for all heads, and the eight sums reduced
+        // together (in `dot`'s order). The rest one at a time.
+        let mut t = 0;
+        if hd.is_multiple_of(16) {
+            while t + 8 <= len {
+                for p in t + AHEAD..t + AHEAD + 8 {
+                    prefetch(heads.keys.as_ptr().wrapping_add(p * stride), hd);
                 }
-            }
-            for (k, acc) in acc.into_iter().enumerate() {
-                // SAFETY: `o` holds 32 floats; an unaligned 8-float store.
-                unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(8 * k), acc) };
+                let keys = &heads.keys[t * stride..];
+                for (h, q) in heads.q.chunks_exact(hd).enumerate() {
+                    let scale = _mm256_set1_ps(heads.scale);
+                    let s = _mm256_mul_ps(dot8(q, keys, stride), scale);
+                    let to = &mut scores[h * len + t..][..8];
+                    // SAFETY: `to` holds 8 floats; an unaligned store.
+                    unsafe { _mm256_storeu_ps(to.as_mut_ptr(), s) };
+                }
+                t += 8;
             }
         }
-        head.weigh_values(&scores, whole, &mut out[whole..]);
+        for t in t..len {
+            prefetch(heads.keys.as_ptr().wrapping_add((t + AHEAD) * stride), hd);
+            let key = &heads.keys[t * stride..][..hd];
+            for (h, q) in heads.q.chunks_exact(hd).enumerate() {
+                scores[h * len + t] = dot(q, key) * heads.scale;
+            }
+        }
+
+        // Dimensions 64, then 32, at a time in registers; the rest plain.
+        for (p, out) in scores.chunks_exact_mut(len).zip(out.chunks_exact_mut(hd)) {
+            math::softmax(p);
+            let mut from = 0;
+            while from + 64 <= hd {
+                weigh::<8>(heads, p, from, &mut out[from..from + 64]);
+                from += 64;
+            }
+            while from + 32 <= hd {
+                weigh::<4>(heads, p, from, &mut out[from..from + 32]);
+                from += 32;
+            }
+            heads.weigh_values(p, from, &mut out[from..]);
+        }
+    }
+
+    /// [`Heads::weigh_values`] for `8 * R` dimensions from `from`, in `R`
+    /// registers.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn weigh<const R: usize>(h: &Heads<'_>, p: &[f32], from: usize, out: &mut [f32]) {
+        let values = h.values.as_ptr().wrapping_add(from);
+        let mut acc = [_mm256_setzero_ps(); R];
+        for (t, &p) in p.iter().enumerate() {
+            prefetch(values.wrapping_add((t + AHEAD) * h.stride), 8 * R);
+            let v = &h.values[t * h.stride + from..][..8 * R];
+            let p = _mm256_set1_ps(p);
+            for (k, acc) in acc.iter_mut().enumerate() {
+                // SAFETY: `v` holds 8 * R floats; an unaligned load.
+                let v = unsafe { _mm256_loadu_ps(v.as_ptr().add(8 * k)) };
+                *acc = _mm256_add_ps(*acc, _mm256_mul_ps(p, v));
+            }
+        }
+        for (o, acc) in out.chunks_exact_mut(8).zip(acc) {
+            // SAFETY: `o` holds 8 floats; an unaligned store.
+            unsafe { _mm256_storeu_ps(o.as_mut_ptr(), acc) };
+        }
+    }
+
+    /// [`dot`] of `q` with the keys of eight consecutive positions, at
+    /// `keys[p * stride..]` for p in 0..8, as one vector of eight sums.
+    /// Each sum is formed exactly as `dot` forms it; `q.len()` is a
+    /// multiple of 16.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn dot8(q: &[f32], keys: &[f32], stride: usize) -> __m256 {
+        let hd = q.len();
+        let mut sums = [_mm256_setzero_ps(); 8];
+        for (p, sum) in sums.iter_mut().enumerate() {
+            let k = &keys[p * stride..][..hd];
+            let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut i = 0;
+            while i + 16 <= hd {
+                // SAFETY: `i + 16 <= hd`, the length of `q` and `k`;
+                // unaligned loads.
+                unsafe {
+                    let (pq, pk) = (q.as_ptr().add(i), k.as_ptr().add(i));
+                    let x = _mm256_mul_ps(_mm256_loadu_ps(pq), _mm256_loadu_ps(pk));
+                    let y = _mm256_mul_ps(_mm256_loadu_ps(pq.add(8)), _mm256_loadu_ps(pk.add(8)));
+                    lo = _mm256_add_ps(lo, x);
+                    hi = _mm256_add_ps(hi, y);
+                }
+                i += 16;
+            }
+            *sum = _mm256_add_ps(lo, hi);
+        }
+
+        // Lane k plus lane k + 4, then k + 2, then k + 1, as `dot` halves
+        // its sums, for all eight at once: halves of positions p and p + 4
+        // share a register, then quarters of p, p + 1 (and p + 4, p + 5).
+        let half = |a: __m256, b: __m256| {
+            let lows = _mm256_permute2f128_ps::<0x20>(a, b);
+            let highs = _mm256_permute2f128_ps::<0x31>(a, b);
+            _mm256_add_ps(lows, highs)
+        };
+        let s04 = half(sums[0], sums[4]);
+        let s15 = half(sums[1], sums[5]);
+        let s26 = half(sums[2], sums[6]);
+        let s37 = half(sums[3], sums[7]);
+        let quarter = |a: __m256, b: __m256| {
+            let firsts = _mm256_shuffle_ps::<0b01_00_01_00>(a, b);
+            let seconds = _mm256_shuffle_ps::<0b11_10_11_10>(a, b);
+            _mm256_add_ps(firsts, seconds)
+        };
+        let w0 = quarter(s04, s15);
+        let w1 = quarter(s26, s37);
+        let evens = _mm256_shuffle_ps::<0b10_00_10_00>(w0, w1);
+        let odds = _mm256_shuffle_ps::<0b11_01_11_01>(w0, w1);
+        _mm256_add_ps(evens, odds)
     }
 
     /// [`super::dot`] on AVX2: lanes 0..8 and 8..16 of its partial sums in
@@ -603,18 +740,6 @@ fn dot_tail(a: &[f32], b: &[f32]) -> f32 {
     sum
 }
 
-fn softmax(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    for v in x.iter_mut() {
-        *v /= sum;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -628,25 +753,34 @@ mod tests {
             seed ^= seed << 17;
             (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
         };
-        for (hd, stride, len) in [(64, 192, 1), (64, 192, 103), (40, 40, 17), (8, 24, 5)] {
-            let q: Vec<f32> = (0..hd).map(|_| next()).collect();
+        let cases = [
+            (64, 3, 192, 1),
+            (64, 3, 192, 103),
+            (96, 1, 96, 9),
+            (40, 2, 40, 17),
+            (8, 4, 24, 5),
+        ];
+        for (hd, n, stride, len) in cases {
+            let q: Vec<f32> = (0..n * hd).map(|_| next()).collect();
             let keys: Vec<f32> = (0..len * stride).map(|_| next()).collect();
             let values: Vec<f32> = (0..len * stride).map(|_| next()).collect();
-            let head = Head {
+            let heads = Heads {
                 q: &q,
                 keys: &keys,
                 values: &values,
+                head_dim: hd,
                 stride,
                 len,
                 scale: 0.125,
             };
-            let (mut plain, mut fast) = (vec![0.0; hd], vec![0.0; hd]);
-            head.attend(&mut plain);
-            head.attend_fast(&mut fast);
+            let (mut plain, mut fast) = (vec![0.0; n * hd], vec![0.0; n * hd]);
+            heads.attend(&mut plain);
+            heads.attend_fast(&mut fast);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&plain), bits(&fast), "hd {hd} len {len}");
         }
     }
+
     use crate::sampler::{argmax, log_sum_exp, top_logprobs};
     use crate::test_support::open_model_or_skip;
     use serde_json::Value;
