@@ -30,6 +30,8 @@ use crate::routing::Route;
 
 /// Says whether a cascaded request was answered by its escalation pool.
 pub const ESCALATED_HEADER: &str = "x-switchyard-escalated";
+/// On a small answer served because the escalation pool it names failed.
+pub const ESCALATION_FAILED_HEADER: &str = "x-switchyard-escalation-failed";
 
 /// Largest small answer held for review, in bytes; a larger one escalates.
 const MAX_ANSWER_BYTES: usize = 16 << 20;
@@ -126,8 +128,15 @@ async fn whole(
         evidence.absorb(choice);
     }
     evidence.usage = usage_of(&value);
+    let mut kept = false;
     if let Some(pool) = reviewer.decide(app, &evidence, false, outcome) {
-        return escalate(app, headers, api, &pool, outcome).await;
+        match reviewer
+            .escalate_or_keep(app, headers, api, &pool, outcome)
+            .await
+        {
+            Some(response) => return Ok(response),
+            None => kept = true,
+        }
     }
 
     let baseline = app.ledger().serve(&reviewer.small, evidence.usage());
@@ -145,6 +154,9 @@ async fn whole(
     );
     set_header(&mut response, POOL_HEADER, &reviewer.small);
     set_header(&mut response, ESCALATED_HEADER, "false");
+    if kept {
+        set_header(&mut response, ESCALATION_FAILED_HEADER, &reviewer.large);
+    }
     Ok(response)
 }
 
@@ -172,8 +184,15 @@ async fn buffered(
     for event in &events {
         evidence.absorb_event(event);
     }
+    let mut kept = false;
     if let Some(pool) = reviewer.decide(app, &evidence, false, outcome) {
-        return escalate(app, headers, api, &pool, outcome).await;
+        match reviewer
+            .escalate_or_keep(app, headers, api, &pool, outcome)
+            .await
+        {
+            Some(response) => return Ok(response),
+            None => kept = true,
+        }
     }
 
     app.ledger().serve(&reviewer.small, evidence.usage());
@@ -185,6 +204,7 @@ async fn buffered(
         parts.headers,
         full(Bytes::from(replay)),
         reviewer,
+        kept,
     ))
 }
 
@@ -228,10 +248,21 @@ async fn probed(
         }
     }
     let partial = !evidence.done;
+    let mut kept = false;
     if let Some(pool) = reviewer.decide(app, &evidence, partial, outcome) {
-        // Dropping the small body here cancels the rest of its answer.
-        drop(body);
-        return escalate(app, headers, api, &pool, outcome).await;
+        // The small stream stays open until the escalation pool answers:
+        // it is the answer if that pool fails.
+        match reviewer
+            .escalate_or_keep(app, headers, api, &pool, outcome)
+            .await
+        {
+            Some(response) => {
+                // Dropping the small body cancels the rest of its answer.
+                drop(body);
+                return Ok(response);
+            }
+            None => kept = true,
+        }
     }
 
     // Accepted: what was held goes first, then the rest as it arrives.
@@ -277,7 +308,7 @@ async fn probed(
             let _ = tx.send(rewrite_event(&event, strip)).await;
         }
     });
-    Ok(stream_response(parts.headers, client_body, reviewer))
+    Ok(stream_response(parts.headers, client_body, reviewer, kept))
 }
 
 /// A probed answer on its way to the client; dropping it counts it as
@@ -308,7 +339,14 @@ async fn escalate(
     Ok(response)
 }
 
-fn stream_response(upstream: HeaderMap, body: Body, reviewer: &Reviewer) -> Response<Body> {
+/// The small pool's stream for the client; `kept` when it is served
+/// because the escalation failed.
+fn stream_response(
+    upstream: HeaderMap,
+    body: Body,
+    reviewer: &Reviewer,
+    kept: bool,
+) -> Response<Body> {
     let mut response = Response::new(body);
     *response.status_mut() = StatusCode::OK;
     let content_type = upstream
@@ -320,6 +358,9 @@ fn stream_response(upstream: HeaderMap, body: Body, reviewer: &Reviewer) -> Resp
         .insert(header::CONTENT_TYPE, content_type);
     set_header(&mut response, POOL_HEADER, &reviewer.small);
     set_header(&mut response, ESCALATED_HEADER, "false");
+    if kept {
+        set_header(&mut response, ESCALATION_FAILED_HEADER, &reviewer.large);
+    }
     response
 }
 
@@ -445,6 +486,33 @@ impl Reviewer {
 
     fn elapsed(&self) -> Duration {
         self.started.elapsed()
+    }
+
+    /// Escalates to `pool`; when that pool fails (an error, or a 5xx),
+    /// returns `None` so that the small answer in hand is served instead
+    /// of the failure, and notes that on the request's outcome.
+    async fn escalate_or_keep(
+        &self,
+        app: &App,
+        headers: &HeaderMap,
+        api: ApiRequest,
+        pool: &str,
+        outcome: &mut Outcome,
+    ) -> Option<Response<Body>> {
+        let error = match escalate(app, headers, api, pool, outcome).await {
+            Ok(response) if !response.status().is_server_error() => return Some(response),
+            Ok(response) => format!("status {}", response.status().as_u16()),
+            Err(e) => e.message,
+        };
+        tracing::warn!(
+            pool = %self.small,
+            escalate_to = %pool,
+            error = %error,
+            "escalation pool failed; serving the small answer"
+        );
+        outcome.pool = Some(self.small.clone());
+        outcome.escalated = Some(false);
+        None
     }
 }
 

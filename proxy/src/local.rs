@@ -36,7 +36,7 @@ const STREAM_DEPTH: usize = 64;
 /// Request fields the executor does not implement. A request that sets one
 /// to anything but its neutral value is refused rather than answered as if
 /// the field had been honoured.
-const UNSUPPORTED: [(&str, Neutral); 8] = [
+const UNSUPPORTED: [(&str, Neutral); 10] = [
     ("frequency_penalty", Neutral::Zero),
     ("presence_penalty", Neutral::Zero),
     ("logit_bias", Neutral::Empty),
@@ -45,6 +45,8 @@ const UNSUPPORTED: [(&str, Neutral); 8] = [
     ("response_format", Neutral::TextFormat),
     ("echo", Neutral::False),
     ("suffix", Neutral::Empty),
+    ("tool_choice", Neutral::NoTool),
+    ("best_of", Neutral::One),
 ];
 
 #[derive(Clone, Copy, Debug)]
@@ -53,6 +55,9 @@ enum Neutral {
     Empty,
     False,
     TextFormat,
+    /// `"none"`, or `"auto"`, which without tools means none.
+    NoTool,
+    One,
 }
 
 impl Neutral {
@@ -65,6 +70,8 @@ impl Neutral {
             (Neutral::Empty, Value::String(s)) => s.is_empty(),
             (Neutral::False, Value::Bool(b)) => !b,
             (Neutral::TextFormat, v) => v.get("type").and_then(Value::as_str) == Some("text"),
+            (Neutral::NoTool, Value::String(s)) => s == "none" || s == "auto",
+            (Neutral::One, v) => v.as_f64() == Some(1.0),
             _ => false,
         }
     }
@@ -146,7 +153,10 @@ impl LocalPool {
                     stop: settings.stop.clone(),
                     logprobs: settings.logprobs,
                 };
-                let generation = self.engine.submit(request).map_err(|e| self.refusal(e))?;
+                let generation = self
+                    .engine
+                    .submit(request)
+                    .map_err(|e| self.refusal(api.endpoint, e))?;
                 generations.push(generation);
             }
         }
@@ -167,8 +177,11 @@ impl LocalPool {
         }
     }
 
-    fn refusal(&self, e: SubmitError) -> ApiError {
+    fn refusal(&self, endpoint: Endpoint, e: SubmitError) -> ApiError {
         let message = format!("pool {:?}: {e}", self.name);
+        if matches!(e, SubmitError::QueueFull { .. }) {
+            crate::metrics::record_rejected(&self.name, endpoint, "queue_full");
+        }
         match e {
             SubmitError::EmptyPrompt => ApiError::invalid(message),
             SubmitError::PromptTooLong { .. } => {
@@ -210,6 +223,14 @@ impl LocalPool {
                 )),
             },
         };
+        if api.max_tokens() == Some(0) {
+            let field = if body.get("max_tokens").is_some() {
+                "max_tokens"
+            } else {
+                "max_completion_tokens"
+            };
+            return Err(ApiError::bad_field(field, "at least 1"));
+        }
         let temperature = number("temperature", 0.0, 2.0, 1.0)? as f32;
         let top_p = number("top_p", 0.0, 1.0, 1.0)? as f32;
         let seed = match body.get("seed") {

@@ -268,6 +268,52 @@ async fn small_pool_that_fails_escalates_without_review() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_escalation_serves_the_small_answer_in_every_mode() {
+    for mode in ["buffer", "probe"] {
+        let small = MockUpstream::start().await;
+        let mut config = crate::support::server_toml();
+        config.push_str(&pool_toml("small", &small.url(), "smollm2"));
+        config.push_str(&pool_toml("large", &closed_port_url(), "big"));
+        config.push_str(&cascade_policy(&format!(
+            "stream_mode = \"{mode}\"\nprobe_tokens = 1\n"
+        )));
+        let sw = Switchyard::start(&config).await;
+
+        // Unsure answers that would escalate, to a large pool that is down.
+        let body = chat_body("auto", "is anyone large there");
+        let whole = ask(&sw, "/v1/chat/completions", &body, "-5", "stop").await;
+        let mut stream_body = body.clone();
+        stream_body["stream"] = json!(true);
+        let streamed = ask(&sw, "/v1/chat/completions", &stream_body, "-5", "stop").await;
+
+        for reply in [&whole, &streamed] {
+            reply.assert_status(200);
+            assert_eq!(reply.pool(), "small", "{mode}");
+            assert_eq!(escalated(reply), "false", "{mode}");
+            assert_eq!(
+                reply.header("x-switchyard-escalation-failed"),
+                Some("large"),
+                "{mode}"
+            );
+        }
+        assert_eq!(
+            whole.json["choices"][0]["message"]["content"],
+            "echo:is anyone large there"
+        );
+        assert_eq!(
+            streamed_text(&streamed),
+            "echo:is anyone large there",
+            "{mode}"
+        );
+        sw.wait_for_log("the failed escalation", |line| {
+            log_text(line, "message").as_deref()
+                == Some("escalation pool failed; serving the small answer")
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn named_model_skips_the_cascade() {
     let (small, _large, sw) = cascade_pools("").await;
     let body = chat_body("small", "direct");

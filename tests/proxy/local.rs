@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use crate::support::{
     http1_client, local_pool_config, metrics_text, model_file, post, send, sse_data,
-    switchyard_check, Switchyard,
+    switchyard_check, wait_for_metric, Switchyard,
 };
 
 fn greedy_chat(content: &str, max_tokens: u64) -> Value {
@@ -338,6 +338,12 @@ async fn a_full_queue_answers_429_with_retry_after() {
     }
     statuses.sort_unstable();
     assert_eq!(statuses, [200, 200, 429, 429]);
+    wait_for_metric(
+        &sw,
+        "switchyard_rejected_requests_total",
+        &["pool=\"small\"", "reason=\"queue_full\""],
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -420,6 +426,28 @@ async fn requests_the_executor_cannot_serve_get_clear_errors() {
             json!({"model": "small", "messages": [{"role": "user",
                    "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
             "text",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "small", "messages": [{"role": "user", "content": "hi"}],
+                   "max_tokens": 0}),
+            "max_tokens",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "small", "prompt": "hi", "max_completion_tokens": 0}),
+            "max_completion_tokens",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "small", "messages": [{"role": "user", "content": "hi"}],
+                   "tool_choice": "required"}),
+            "tool_choice",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "small", "prompt": "hi", "best_of": 5}),
+            "best_of",
         ),
     ];
     for (path, body, word) in cases {
