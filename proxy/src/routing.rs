@@ -339,40 +339,35 @@ impl Router {
     }
 }
 
-/// A plugin call that took longer than this makes later calls leave the
-/// worker thread for a while.
-const SLOW_PLUGIN_CALL: Duration = Duration::from_millis(1);
-/// How long calls leave the worker thread after a slow one.
-const SLOW_PLUGIN_COOL_DOWN: Duration = Duration::from_secs(10);
+/// A plugin call that ran on a worker thread for longer than this sends
+/// the next `OFF_THREAD_AFTER_SLOW` calls off the workers. Well above a
+/// warm call (microseconds) and above most time slices a busy machine
+/// takes away from a thread.
+const SLOW_PLUGIN_CALL: Duration = Duration::from_millis(5);
+const OFF_THREAD_AFTER_SLOW: u64 = 100;
 
 /// Where plugin calls run. Handing the worker thread's other tasks to
 /// another thread (`block_in_place`) before each call costs more than a
 /// quick call itself, so a call runs on the worker thread when no other
-/// plugin call does so at that moment and no call has been slow lately;
+/// plugin call does so at that moment and none was slow lately;
 /// otherwise the worker's tasks move away first. At most one worker is
 /// ever held by plugin code, so a plugin that turns slow delays the
-/// requests of that one worker, by at most one call's timeout, before
-/// every call leaves the workers for `SLOW_PLUGIN_COOL_DOWN`.
+/// requests of that one worker, by at most one call's timeout, once per
+/// `OFF_THREAD_AFTER_SLOW` calls.
 #[derive(Debug)]
 struct InlineGate {
     /// A call runs on a worker thread now.
     busy: AtomicBool,
-    /// Until when (ms after `epoch`) calls must leave the worker thread.
-    slow_until_ms: AtomicU64,
-    epoch: Instant,
+    /// Calls still to send off the workers after a slow one.
+    off_thread: AtomicU64,
 }
 
 impl InlineGate {
     fn new() -> Self {
         InlineGate {
             busy: AtomicBool::new(false),
-            slow_until_ms: AtomicU64::new(0),
-            epoch: Instant::now(),
+            off_thread: AtomicU64::new(0),
         }
-    }
-
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     fn call<T>(&self, call: impl FnOnce() -> T) -> T {
@@ -388,16 +383,18 @@ impl InlineGate {
     /// Whether a call may run on the worker thread now; if so, the
     /// caller must `leave` after it.
     fn enter(&self) -> bool {
-        let cooling = self.now_ms() < self.slow_until_ms.load(Ordering::Relaxed);
+        let cooling = self
+            .off_thread
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
         !cooling && !self.busy.swap(true, Ordering::Acquire)
     }
 
     /// Ends a call that ran on the worker thread for `took`.
     fn leave(&self, took: Duration) {
         if took > SLOW_PLUGIN_CALL {
-            let cool_down = u64::try_from(SLOW_PLUGIN_COOL_DOWN.as_millis()).unwrap_or(u64::MAX);
-            let until = self.now_ms().saturating_add(cool_down);
-            self.slow_until_ms.store(until, Ordering::Relaxed);
+            self.off_thread
+                .store(OFF_THREAD_AFTER_SLOW, Ordering::Relaxed);
         }
         self.busy.store(false, Ordering::Release);
     }
@@ -458,8 +455,11 @@ mod tests {
         let gate = InlineGate::new();
         assert!(gate.enter());
         gate.leave(SLOW_PLUGIN_CALL * 2);
-        assert!(!gate.enter(), "inside the cool-down");
+        for _ in 0..OFF_THREAD_AFTER_SLOW {
+            assert!(!gate.enter(), "inside the cool-down");
+        }
         assert!(!gate.busy.load(Ordering::Relaxed));
+        assert!(gate.enter(), "after the cool-down");
     }
 
     #[test]
