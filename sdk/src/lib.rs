@@ -48,6 +48,11 @@
 //! unit tests call `Policy::init` and `Policy::route` natively; there the
 //! host functions fall back to stderr and the system clock.
 //!
+//! A plugin may also ship its own test cases, requests with the decisions
+//! its author expects, with [`export_fixtures!`]: Switchyard runs them
+//! every time it loads the plugin and refuses a build that decides any of
+//! them differently.
+//!
 //! The host calls `init` once per instance, and may run several instances
 //! side by side and replace one at any time, so state kept in the policy
 //! value is per instance: use it for parsed configuration and caches, not
