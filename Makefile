@@ -7,6 +7,7 @@ CARGO ?= cargo
 CONFIG ?=
 VENV := .venv
 WASM_TARGET := wasm32-wasip2
+CARGO_DENY_VERSION := 0.20.2
 PLUGINS := cost-router test-faults confidence-cascade concise tiered
 MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 LLAMA_VENV := .venv-llama
@@ -15,7 +16,8 @@ LLAMA_VENV := .venv-llama
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON \
 	-DGGML_F16C=ON -DGGML_AVX512=ON
 
-.PHONY: run build plugins setup wasm-target python model test lint bench \
+.PHONY: run build plugins setup wasm-target python model test lint deny \
+	audit deny-tool bench \
 	bench-coalescing bench-llama-venv clean
 
 ## run: serve the small model in-process on 127.0.0.1:8080, or
@@ -54,9 +56,23 @@ $(MODEL): scripts/fetch-model.sh
 	scripts/fetch-model.sh
 
 ## test: lints, unit and integration tests, the Python client test
-test: setup plugins lint
+test: setup plugins lint deny
 	SWITCHYARD_REQUIRE_PYTHON=1 SWITCHYARD_REQUIRE_MODEL=1 \
 		$(CARGO) test --workspace
+
+## deny: the dependency tree's licenses, duplicate versions and sources
+## (deny.toml)
+deny: deny-tool
+	$(CARGO) deny check licenses bans sources
+
+## audit: `deny` and the RustSec advisories, whose database is fetched
+## from github.com
+audit: deny-tool
+	$(CARGO) deny check
+
+deny-tool:
+	@$(CARGO) deny --version 2>/dev/null | grep -qx "cargo-deny $(CARGO_DENY_VERSION)" \
+		|| $(CARGO) install cargo-deny --locked --version $(CARGO_DENY_VERSION)
 
 lint:
 	@for c in clippy rustfmt; do \
