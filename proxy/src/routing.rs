@@ -345,6 +345,9 @@ impl Router {
 /// takes away from a thread.
 const SLOW_PLUGIN_CALL: Duration = Duration::from_millis(5);
 const OFF_THREAD_AFTER_SLOW: u64 = 100;
+/// How long a call waits for the one running on a worker thread before
+/// it leaves its own worker instead.
+const INLINE_WAIT: Duration = Duration::from_micros(20);
 
 /// Where plugin calls run. Handing the worker thread's other tasks to
 /// another thread (`block_in_place`) before each call costs more than a
@@ -387,7 +390,21 @@ impl InlineGate {
             .off_thread
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
             .is_ok();
-        !cooling && !self.busy.swap(true, Ordering::Acquire)
+        if cooling {
+            return false;
+        }
+        // A warm call takes a few microseconds, so waiting that long for
+        // the one running now is cheaper than leaving the worker.
+        let started = Instant::now();
+        loop {
+            if !self.busy.swap(true, Ordering::Acquire) {
+                return true;
+            }
+            if started.elapsed() > INLINE_WAIT {
+                return false;
+            }
+            std::hint::spin_loop();
+        }
     }
 
     /// Ends a call that ran on the worker thread for `took`.
