@@ -470,8 +470,21 @@ impl AdminState {
     }
 }
 
+/// A refused admin call, as an error in the OpenAI shape that the API
+/// port uses too.
 fn refused(refusal: Refusal) -> Response<Body> {
-    json_reply(refusal.status, &json!({"error": refusal.message}))
+    let (kind, code) = match refusal.status {
+        StatusCode::UNAUTHORIZED => ("authentication_error", "invalid_token"),
+        StatusCode::FORBIDDEN => ("permission_error", "admin_disabled"),
+        StatusCode::CONFLICT => ("invalid_request_error", "conflict"),
+        StatusCode::PAYLOAD_TOO_LARGE => ("invalid_request_error", "body_too_large"),
+        status if status.is_server_error() => ("server_error", "internal_error"),
+        _ => ("invalid_request_error", "plugin_rejected"),
+    };
+    let error = json!({"error": {
+        "message": refusal.message, "type": kind, "param": null, "code": code,
+    }});
+    json_reply(refusal.status, &error)
 }
 
 fn json_reply(status: StatusCode, value: &Value) -> Response<Body> {

@@ -102,11 +102,9 @@ async fn put_swaps_a_valid_plugin_refuses_a_bad_one_and_rollback_returns() {
         b"not wasm".to_vec(),
     )
     .await;
-    reply.assert_status(400);
-    assert!(reply.json["error"]
-        .as_str()
-        .unwrap_or_default()
-        .contains("component"));
+    let message = reply.assert_openai_error(400);
+    assert!(message.contains("component"), "{message}");
+    assert_eq!(reply.json["error"]["code"], "plugin_rejected");
     assert_eq!(auto_status(&sw).await, 200, "the old plugin keeps serving");
 
     let reply = admin(&sw, reqwest::Method::POST, "/admin/policy/rollback", vec![]).await;
