@@ -101,10 +101,12 @@ impl PolicyControl {
             });
         };
         let old = self.app.router().policy();
+        let configured = settings.plugin.display().to_string();
         let loaded = tokio::task::spawn_blocking(move || prepare(&settings, &bytes)).await;
         let policy = match loaded {
             Ok(Ok(policy)) => policy,
             Ok(Err(message)) => {
+                let message = refusal_message(&message, &configured, source);
                 tracing::warn!(source, error = %message, "new policy plugin rejected; the old one keeps serving");
                 return Err(Refusal {
                     status: StatusCode::BAD_REQUEST,
@@ -210,6 +212,31 @@ fn trial_requests() -> Vec<RouteRequest> {
     vec![chat, completion]
 }
 
+/// Most characters of a refusal's message; wasmtime's explanations of a
+/// malformed file can run to pages.
+const MAX_REFUSAL_CHARS: usize = 600;
+
+/// A load error's message for whoever sent the new plugin: the loader
+/// names the configured file, which an upload is not; multi-line dumps
+/// are folded onto one line and cut.
+fn refusal_message(message: &str, configured: &str, source: &str) -> String {
+    let named = if source == "file" {
+        message.to_string()
+    } else {
+        message
+            .replace(
+                &format!("policy plugin {configured}"),
+                "the uploaded policy plugin",
+            )
+            .replace(configured, "the uploaded plugin")
+    };
+    let folded: String = named.split_whitespace().collect::<Vec<_>>().join(" ");
+    match folded.char_indices().nth(MAX_REFUSAL_CHARS) {
+        Some((cut, _)) => format!("{} ...", &folded[..cut]),
+        None => folded,
+    }
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
@@ -220,6 +247,22 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_name_the_upload_and_fit_on_a_line() {
+        let message = "policy plugin p/x.wasm rejected its configuration:\n  bad\n  key";
+        assert_eq!(
+            refusal_message(message, "p/x.wasm", "admin"),
+            "the uploaded policy plugin rejected its configuration: bad key"
+        );
+        assert_eq!(
+            refusal_message(message, "p/x.wasm", "file"),
+            "policy plugin p/x.wasm rejected its configuration: bad key"
+        );
+        let long = "x ".repeat(1000);
+        let cut = refusal_message(&long, "p", "admin");
+        assert!(cut.ends_with(" ...") && cut.len() < MAX_REFUSAL_CHARS + 10);
+    }
 
     #[test]
     fn token_comparison_needs_equal_bytes() {
