@@ -97,7 +97,11 @@ impl App {
             names.push(pool_config.name.clone());
             if pool_config.kind == PoolKind::Local {
                 let model = pool_config.upstream_model().to_string();
-                let local = LocalPool::start(pool_config.engine_config(), model)?;
+                let chat_max_tokens = pool_config
+                    .default_max_tokens
+                    .unwrap_or(crate::config::DEFAULT_LOCAL_CHAT_MAX_TOKENS);
+                let engine = pool_config.engine_config();
+                let local = LocalPool::start(engine, model, chat_max_tokens)?;
                 locals.insert(pool_config.name.clone(), Arc::new(local));
                 continue;
             }

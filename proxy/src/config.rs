@@ -49,6 +49,8 @@ pub const DEFAULT_LOCAL_MAX_BATCH: usize = 8;
 pub const DEFAULT_LOCAL_CONTEXT: usize = 2048;
 /// Default requests a `local` pool holds beyond its running batch.
 pub const DEFAULT_LOCAL_MAX_QUEUE: usize = 64;
+/// Default of `pool.default_max_tokens`.
+pub const DEFAULT_LOCAL_CHAT_MAX_TOKENS: usize = 1024;
 /// Most threads a `local` pool takes by default, however many cores there
 /// are: past a few, the small model's matrices are too narrow to share.
 const DEFAULT_LOCAL_THREADS_MAX: usize = 8;
@@ -262,6 +264,11 @@ pub struct PoolConfig {
     /// `local` pools: most requests waiting beyond the running batch; past
     /// it requests get 429 with `Retry-After`. Default 64.
     pub max_queue: Option<usize>,
+    /// `local` pools: most tokens of a chat answer whose request sets no
+    /// `max_tokens`, so that a small model that never says it is done
+    /// does not hold a place to the end of the context. Completions
+    /// default to 16, as OpenAI's do. Default 1024.
+    pub default_max_tokens: Option<usize>,
     /// The pool's price, for the cost ledger. Default: none (its answers
     /// cost nothing).
     pub price: Option<PriceConfig>,
@@ -652,6 +659,7 @@ fn validate_pool(i: usize, pool: &PoolConfig) -> Result<(), ConfigError> {
         ("max_batch", pool.max_batch.is_some()),
         ("context", pool.context.is_some()),
         ("max_queue", pool.max_queue.is_some()),
+        ("default_max_tokens", pool.default_max_tokens.is_some()),
     ];
     if let Some((field, _)) = local_keys.iter().find(|(_, set)| *set) {
         return Err(invalid(
@@ -786,6 +794,7 @@ fn validate_local_pool(i: usize, pool: &PoolConfig) -> Result<(), ConfigError> {
         ("max_batch", pool.max_batch, 1, 1024),
         ("context", pool.context, 16, 1 << 20),
         ("max_queue", pool.max_queue, 0, 1 << 20),
+        ("default_max_tokens", pool.default_max_tokens, 1, 1 << 20),
     ];
     for (field, value, lo, hi) in ranges {
         if value.is_some_and(|v| v < lo || v > hi) {

@@ -84,6 +84,8 @@ pub struct LocalPool {
     /// The `model` field of its responses.
     pub model: String,
     engine: Arc<Engine>,
+    /// Tokens of a chat answer whose request sets no `max_tokens`.
+    chat_max_tokens: usize,
 }
 
 /// The settings one request asks for, validated.
@@ -98,13 +100,18 @@ struct Settings {
 
 impl LocalPool {
     /// Loads the model and starts the pool's executor.
-    pub fn start(config: EngineConfig, model: String) -> Result<Self, String> {
+    pub fn start(
+        config: EngineConfig,
+        model: String,
+        chat_max_tokens: usize,
+    ) -> Result<Self, String> {
         let name = config.name.clone();
         let engine = Engine::start(config).map_err(|e| format!("pool {name:?}: {e}"))?;
         Ok(LocalPool {
             name,
             model,
             engine: Arc::new(engine),
+            chat_max_tokens,
         })
     }
 
@@ -139,7 +146,7 @@ impl LocalPool {
             let max_tokens = match (settings.max_tokens, api.endpoint) {
                 (Some(n), _) => n,
                 (None, Endpoint::Completions) => DEFAULT_COMPLETION_TOKENS,
-                (None, _) => usize::MAX,
+                (None, _) => self.chat_max_tokens,
             };
             for j in 0..api.n {
                 let mut sampling = settings.sampling;

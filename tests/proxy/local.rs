@@ -145,6 +145,33 @@ async fn concurrent_requests_share_a_batch_and_answer_as_alone() {
 }
 
 #[tokio::test]
+async fn a_chat_without_max_tokens_stops_at_the_pools_default() {
+    let Some(model) = model_file() else { return };
+    let config = local_pool_config(&model, "default_max_tokens = 3\n");
+    let sw = Switchyard::start(&config).await;
+    let request = json!({
+        "model": "small",
+        "messages": [{"role": "user", "content": "Tell me a very long story."}],
+        "temperature": 0,
+    });
+
+    let reply = post(
+        &http1_client(),
+        &sw.api_url(),
+        "/v1/chat/completions",
+        &request,
+    )
+    .await;
+
+    reply.assert_status(200);
+    let completion = reply.json["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!((1..=3).contains(&completion), "{}", reply.json);
+    if completion == 3 {
+        assert_eq!(reply.json["choices"][0]["finish_reason"], "length");
+    }
+}
+
+#[tokio::test]
 async fn streaming_sends_the_same_answer_token_by_token() {
     let Some(model) = model_file() else { return };
     let sw = Switchyard::start(&local_pool_config(&model, "")).await;
