@@ -33,6 +33,8 @@ mod errors;
 mod faults;
 #[path = "proxy/hot_swap.rs"]
 mod hot_swap;
+#[path = "proxy/limits.rs"]
+mod limits;
 #[path = "proxy/local.rs"]
 mod local;
 #[path = "proxy/logs.rs"]

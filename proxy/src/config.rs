@@ -23,6 +23,19 @@ pub const DEFAULT_MAX_BODY_BYTES: u64 = 8 * 1024 * 1024;
 pub const DEFAULT_SHUTDOWN_GRACE_S: u64 = 30;
 /// Default time a client has to send request headers, and its body: 30 s.
 pub const DEFAULT_CLIENT_TIMEOUT_MS: u64 = 30_000;
+/// Default largest request head (request line and headers): 64 KiB.
+pub const DEFAULT_MAX_HEADER_BYTES: u64 = 64 * 1024;
+/// Smallest `server.max_header_bytes` accepted: hyper's HTTP/1 read
+/// buffer cannot be smaller than 8 KiB.
+pub const MIN_MAX_HEADER_BYTES: u64 = 8 * 1024;
+/// Default largest number of headers in a request: 100.
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+/// Default time an idle client connection is kept: 60 s.
+pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
+/// Default most open connections on the API listener: 10,000.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default most concurrent HTTP/2 streams on one connection: 100.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 100;
 /// Default time to establish an upstream connection: 2 s.
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2_000;
 /// Default time an upstream has to start its response: 300 s, because a
@@ -155,6 +168,33 @@ pub struct ServerConfig {
     /// past it the request gets 408. Default 30000.
     #[serde(default = "default_client_timeout_ms")]
     pub body_read_timeout_ms: u64,
+    /// Largest request head (request line and headers; on HTTP/2 the
+    /// decoded header list), in bytes; over it the client gets 431. At
+    /// least 8192. Default 65536.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: u64,
+    /// Most headers in one HTTP/1 request; over it the client gets 431.
+    /// Default 100.
+    #[serde(default = "default_max_headers")]
+    pub max_headers: usize,
+    /// Time a client connection may stay open with no request in flight,
+    /// in milliseconds; past it the connection is closed (HTTP/2: with a
+    /// GOAWAY). Default 60000.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// Most connections open at once on the API listener; past it a new
+    /// connection is accepted and closed at once. The admin listener is
+    /// not counted. Default 10000.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Most API connections open at once from one client IP address, so
+    /// that one client cannot take every connection; past it the new
+    /// connection is closed at once. Default: `max_connections`.
+    pub max_connections_per_ip: Option<usize>,
+    /// Most concurrent streams (requests) on one HTTP/2 connection; the
+    /// client is told and further streams are refused. Default 100.
+    #[serde(default = "default_max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
     /// TLS on the API listener. Default: none (cleartext HTTP/1.1 and
     /// h2c). The admin listener stays cleartext.
     pub tls: Option<ServerTlsConfig>,
@@ -207,6 +247,12 @@ impl Default for ServerConfig {
             shutdown_grace_s: DEFAULT_SHUTDOWN_GRACE_S,
             header_read_timeout_ms: DEFAULT_CLIENT_TIMEOUT_MS,
             body_read_timeout_ms: DEFAULT_CLIENT_TIMEOUT_MS,
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_headers: DEFAULT_MAX_HEADERS,
+            idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_ip: None,
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             tls: None,
         }
     }
@@ -597,6 +643,7 @@ impl Config {
         if self.server.body_read_timeout_ms == 0 {
             return Err(invalid("server.body_read_timeout_ms", "must be > 0"));
         }
+        validate_server_limits(&self.server)?;
         if self.server.listen == self.server.admin && self.server.listen.port() != 0 {
             return Err(invalid("server.admin", "must differ from server.listen"));
         }
@@ -697,6 +744,35 @@ fn validate_pool(i: usize, pool: &PoolConfig) -> Result<(), ConfigError> {
         validate_batch(&key, batch)?;
     }
     Ok(())
+}
+
+/// The connection and header limits: none may be 0, and the head limit
+/// must fit hyper's smallest read buffer.
+fn validate_server_limits(server: &ServerConfig) -> Result<(), ConfigError> {
+    if server.max_header_bytes < MIN_MAX_HEADER_BYTES {
+        return Err(invalid("server.max_header_bytes", "must be >= 8192"));
+    }
+    if server.max_header_bytes > u64::from(u32::MAX) {
+        return Err(invalid("server.max_header_bytes", "must be < 4 GiB"));
+    }
+    let nonzero = [
+        ("server.max_headers", server.max_headers as u64),
+        ("server.idle_timeout_ms", server.idle_timeout_ms),
+        ("server.max_connections", server.max_connections as u64),
+        (
+            "server.max_concurrent_streams",
+            u64::from(server.max_concurrent_streams),
+        ),
+    ];
+    for (key, value) in nonzero {
+        if value == 0 {
+            return Err(invalid(key, "must be > 0"));
+        }
+    }
+    match server.max_connections_per_ip {
+        Some(0) => Err(invalid("server.max_connections_per_ip", "must be > 0")),
+        _ => Ok(()),
+    }
 }
 
 fn validate_server_tls(tls: &ServerTlsConfig) -> Result<(), ConfigError> {
@@ -968,6 +1044,26 @@ fn default_client_timeout_ms() -> u64 {
     DEFAULT_CLIENT_TIMEOUT_MS
 }
 
+fn default_max_header_bytes() -> u64 {
+    DEFAULT_MAX_HEADER_BYTES
+}
+
+fn default_max_headers() -> usize {
+    DEFAULT_MAX_HEADERS
+}
+
+fn default_idle_timeout_ms() -> u64 {
+    DEFAULT_IDLE_TIMEOUT_MS
+}
+
+fn default_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS
+}
+
+fn default_max_concurrent_streams() -> u32 {
+    DEFAULT_MAX_CONCURRENT_STREAMS
+}
+
 fn default_tls_reload_interval_ms() -> u64 {
     DEFAULT_TLS_RELOAD_INTERVAL_MS
 }
@@ -1221,6 +1317,30 @@ model = "big"
 
         let err = Config::parse("[server.tls]\ncert_path = \"c.pem\"\n").unwrap_err();
         assert!(err.message.contains("key_path"), "{err}");
+    }
+
+    #[test]
+    fn connection_limits_have_defaults_and_refuse_zero() {
+        let config = Config::parse(EXAMPLE).unwrap();
+        assert_eq!(config.server.max_header_bytes, DEFAULT_MAX_HEADER_BYTES);
+        assert_eq!(config.server.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(config.server.max_connections_per_ip, None);
+
+        let err = Config::parse(
+            "[server]
+max_connections = 0
+",
+        )
+        .unwrap_err();
+        assert_eq!(err.key, "server.max_connections", "{err}");
+        assert_eq!(err.line, Some(2), "{err}");
+        let err = Config::parse(
+            "[server]
+max_header_bytes = 100
+",
+        )
+        .unwrap_err();
+        assert_eq!(err.key, "server.max_header_bytes", "{err}");
     }
 
     #[test]

@@ -32,6 +32,7 @@ pub mod calibrate;
 pub mod cascade;
 pub mod coalesce;
 pub mod config;
+pub mod connections;
 pub mod costs;
 pub mod error;
 pub mod local;

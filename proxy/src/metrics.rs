@@ -31,6 +31,8 @@ pub const COST: &str = "switchyard_cost_usd_total";
 pub const BASELINE_COST: &str = "switchyard_baseline_cost_usd_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "switchyard_tls_handshake_failures_total";
 pub const TLS_RELOADS: &str = "switchyard_tls_certificate_reloads_total";
+pub const CONNECTIONS_OPEN: &str = "switchyard_connections_open";
+pub const CONNECTIONS_REJECTED: &str = "switchyard_connections_rejected_total";
 
 // Recorded by the executor of `local` pools (switchyard-executor).
 pub const EXECUTOR_TOKENS: &str = "switchyard_executor_tokens_generated_total";
@@ -168,6 +170,15 @@ fn describe() {
     describe_gauge!(
         BASELINE_COST,
         "dollars the answers a pool served would have cost on [costs] baseline, since start"
+    );
+    describe_gauge!(
+        CONNECTIONS_OPEN,
+        "client connections open on the API listener"
+    );
+    describe_counter!(
+        CONNECTIONS_REJECTED,
+        "API connections closed on accept, by the limit that was full \
+         (max_connections, max_connections_per_ip)"
     );
     describe_counter!(
         TLS_HANDSHAKE_FAILURES,

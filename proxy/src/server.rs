@@ -4,6 +4,12 @@
 //!
 //! On shutdown the listeners close first, `/readyz` turns 503, and
 //! in-flight requests get up to `server.shutdown_grace_s` to finish.
+//!
+//! The API listener enforces `server.max_connections` (and per client
+//! address, `max_connections_per_ip`) by closing a connection over the
+//! limit as soon as it is accepted: a client learns at once, instead of
+//! waiting in the kernel's backlog. The admin listener has no such limit,
+//! so metrics and health checks answer while the API port is full.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -17,10 +23,10 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, BufReader};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use http_body_util::{BodyExt, Limited};
@@ -28,7 +34,8 @@ use serde_json::{json, Value};
 
 use crate::app::App;
 use crate::body::{full, Body};
-use crate::config::{BatchConfig, BatchMode, Config, PoolKind};
+use crate::config::{BatchConfig, BatchMode, Config, PoolKind, ServerConfig};
+use crate::connections::{Activity, ConnectionLimits, InFlight};
 use crate::metrics::TLS_HANDSHAKE_FAILURES;
 use crate::reload::{PolicyControl, Refusal, MAX_PLUGIN_BYTES};
 use crate::tls::ServerTls;
@@ -121,7 +128,9 @@ pub async fn run(
         tracing::warn!("no pools are configured; every API request gets 404");
     }
 
-    let graceful = GracefulShutdown::new();
+    // Every connection holds a receiver: shutdown sends `true`, and the
+    // drain is over once no receiver is left.
+    let (stop, stopping) = watch::channel(false);
     let control = Arc::new(PolicyControl::new(Arc::clone(&app), &config));
     control.watch();
     let admin_state = Arc::new(AdminState {
@@ -142,12 +151,16 @@ pub async fn run(
     };
 
     tokio::pin!(shutdown);
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(config.server.header_read_timeout_ms));
+    let builder = connection_builder(&config.server);
     let first_byte = Duration::from_millis(config.server.header_read_timeout_ms);
+    let idle = Duration::from_millis(config.server.idle_timeout_ms);
+    let limits = ConnectionLimits::new(
+        config.server.max_connections,
+        config
+            .server
+            .max_connections_per_ip
+            .unwrap_or(config.server.max_connections),
+    );
     let tls = tls.map(|(tls, handshake)| {
         tls.watch();
         (TlsAcceptor::from(Arc::clone(&tls.config)), handshake)
@@ -156,34 +169,57 @@ pub async fn run(
     loop {
         tokio::select! {
             accepted = api_listener.accept() => {
-                let Some(stream) = accept_errors.check(accepted).await else {
+                let Some((stream, peer)) = accept_errors.check(accepted).await else {
                     continue;
                 };
-                let service = service_fn(api_service.clone());
-                let watcher = graceful.watcher();
-                let builder = builder.clone();
+
+                // Over a limit, dropping the stream closes it now.
+                let slot = match limits.admit(peer.ip()) {
+                    Ok(slot) => slot,
+                    Err(refused) => {
+                        tracing::debug!(
+                            peer = %peer,
+                            limit = refused.key(),
+                            "connection limit reached; closing the new connection"
+                        );
+                        continue;
+                    }
+                };
+                let conn = Conn {
+                    builder: builder.clone(),
+                    stopping: stopping.clone(),
+                    idle,
+                    listener: "api",
+                };
+                let service = api_service.clone();
                 let tls = tls.clone();
                 tokio::spawn(async move {
+                    // The slot is held for the connection's whole life.
+                    let _slot = slot;
                     let Some((acceptor, handshake)) = tls else {
-                        serve(stream, builder, service, watcher, first_byte, "api").await;
+                        serve(stream, conn, service, first_byte).await;
                         return;
                     };
                     let Some(stream) = handshake_tls(stream, &acceptor, handshake).await
                     else {
                         return;
                     };
-                    serve_tls(stream, builder, service, watcher, first_byte).await;
+                    serve_tls(stream, conn, service, first_byte).await;
                 });
             }
             accepted = admin_listener.accept() => {
-                let Some(stream) = accept_errors.check(accepted).await else {
+                let Some((stream, _peer)) = accept_errors.check(accepted).await else {
                     continue;
                 };
-                let service = service_fn(admin_service.clone());
-                let watcher = graceful.watcher();
-                let builder = builder.clone();
+                let conn = Conn {
+                    builder: builder.clone(),
+                    stopping: stopping.clone(),
+                    idle,
+                    listener: "admin",
+                };
+                let service = admin_service.clone();
                 tokio::spawn(async move {
-                    serve(stream, builder, service, watcher, first_byte, "admin").await;
+                    serve(stream, conn, service, first_byte).await;
                 });
             }
             () = &mut shutdown => break,
@@ -196,7 +232,11 @@ pub async fn run(
     drop(admin_listener);
     let grace = Duration::from_secs(config.server.shutdown_grace_s);
     tracing::info!(grace_s = grace.as_secs(), "shutting down; draining");
-    match tokio::time::timeout(grace, graceful.shutdown()).await {
+    drop(stopping);
+    // No receiver left means no connection left, and then `send` fails;
+    // that is no error here.
+    let _ = stop.send(true);
+    match tokio::time::timeout(grace, stop.closed()).await {
         Ok(()) => tracing::info!("all connections drained"),
         Err(_) => tracing::warn!(
             grace_s = grace.as_secs(),
@@ -218,24 +258,56 @@ fn local_addr(listener: &TcpListener) -> Result<SocketAddr, String> {
         .map_err(|e| format!("cannot read the listening address: {e}"))
 }
 
+/// The HTTP settings every client connection is served with: the header
+/// limits and timeouts of HTTP/1, the header and stream limits of h2.
+fn connection_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
+    // Validation keeps max_header_bytes within 8 KiB..4 GiB, so neither
+    // conversion truncates nor does hyper's 8 KiB minimum panic.
+    let head_bytes = server.max_header_bytes as usize;
+    let head_list = u32::try_from(server.max_header_bytes).unwrap_or(u32::MAX);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+
+    // Limitation: over max_header_bytes or max_headers, hyper answers
+    // HTTP/1 with a bare 431 (no body) and closes the connection; the
+    // service never sees the request, so the answer cannot carry the
+    // OpenAI error JSON. On h2 the h2 crate sends the bare 431.
+    // Hyper's header timer also runs while a keep-alive connection waits
+    // for its next request, so an idle HTTP/1 connection closes after
+    // the shorter of header_read_timeout_ms and idle_timeout_ms.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(server.header_read_timeout_ms))
+        .max_buf_size(head_bytes)
+        .max_headers(server.max_headers);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(head_list)
+        .max_concurrent_streams(server.max_concurrent_streams);
+    builder
+}
+
+/// How to serve one client connection once it is ready to read.
+struct Conn {
+    builder: auto::Builder<TokioExecutor>,
+    /// Turns `true` on shutdown; held until the connection is closed.
+    stopping: watch::Receiver<bool>,
+    /// Time with no request in flight after which the connection closes.
+    idle: Duration,
+    listener: &'static str,
+}
+
 /// Serves one connection until it closes. A client must send its first
 /// byte within `first_byte`: hyper's own header timeout starts only once
 /// it has seen a request line, so a silent connection would otherwise be
 /// held for ever.
-// Limitation: an HTTP/2 connection that opens no stream after its preface
-// is held until the client closes it; there is no idle timeout yet.
-async fn serve<S>(
-    stream: TcpStream,
-    builder: auto::Builder<TokioExecutor>,
-    service: S,
-    watcher: Watcher,
-    first_byte: Duration,
-    listener: &'static str,
-) where
-    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+async fn serve<F, Fut>(stream: TcpStream, conn: Conn, service: F, first_byte: Duration)
+where
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send + 'static,
 {
+    let listener = conn.listener;
     let mut probe = [0u8; 1];
     match tokio::time::timeout(first_byte, stream.peek(&mut probe)).await {
         Ok(Ok(read)) if read > 0 => {}
@@ -246,7 +318,7 @@ async fn serve<S>(
         }
     }
 
-    serve_io(stream, builder, service, watcher, listener).await;
+    serve_io(stream, conn, service).await;
 }
 
 /// Runs the TLS handshake of an API connection, at most `timeout`. A
@@ -297,16 +369,14 @@ fn count_handshake_failure(reason: &'static str) {
 /// Serves one API connection after its TLS handshake. As on cleartext,
 /// the first request byte must come within `first_byte`; the buffer that
 /// waits for it is where hyper then reads from, so nothing is lost.
-async fn serve_tls<S>(
+async fn serve_tls<F, Fut>(
     stream: tokio_rustls::server::TlsStream<TcpStream>,
-    builder: auto::Builder<TokioExecutor>,
-    service: S,
-    watcher: Watcher,
+    conn: Conn,
+    service: F,
     first_byte: Duration,
 ) where
-    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send + 'static,
 {
     let mut stream = BufReader::new(stream);
     match tokio::time::timeout(first_byte, stream.fill_buf()).await {
@@ -317,26 +387,101 @@ async fn serve_tls<S>(
             return;
         }
     }
-    serve_io(stream, builder, service, watcher, "api").await;
+    serve_io(stream, conn, service).await;
 }
 
 /// Serves HTTP/1.1 or HTTP/2 (whichever the client speaks) on a ready
-/// stream until it closes or shutdown ends it.
-async fn serve_io<I, S>(
-    io: I,
-    builder: auto::Builder<TokioExecutor>,
-    service: S,
-    watcher: Watcher,
-    listener: &'static str,
-) where
+/// stream until it closes, shutdown ends it, or it has had no request in
+/// flight for `conn.idle`. Both of the latter close it gracefully: an
+/// HTTP/1 request in flight finishes first, h2 gets a GOAWAY.
+async fn serve_io<I, F, Fut>(io: I, conn: Conn, service: F)
+where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send + 'static,
 {
+    let Conn {
+        builder,
+        mut stopping,
+        idle,
+        listener,
+    } = conn;
+
+    // A request counts as in flight until its response body is dropped,
+    // that is sent or abandoned, so a long stream is never idle.
+    let activity = Activity::new();
+    let tracked = Arc::clone(&activity);
+    let service = Arc::new(service);
+    let service = service_fn(move |request: Request<Incoming>| {
+        let guard = tracked.begin();
+        let service = Arc::clone(&service);
+        async move {
+            let response = service(request).await?;
+            Ok::<_, std::convert::Infallible>(response.map(|inner| {
+                TrackedBody {
+                    inner,
+                    _guard: guard,
+                }
+                .boxed()
+            }))
+        }
+    });
+
     let connection = builder.serve_connection(TokioIo::new(io), service);
-    if let Err(e) = watcher.watch(connection).await {
-        tracing::debug!(listener, error = %e, "connection closed");
+    tokio::pin!(connection);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(listener, error = %e, "connection closed");
+                }
+                return;
+            }
+            () = activity.idle_for(idle), if !closing => {
+                tracing::debug!(
+                    listener,
+                    idle_ms = idle.as_millis() as u64,
+                    "connection idle; closing"
+                );
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            // An error means the sender is gone, which happens only
+            // after shutdown began; either way, close.
+            _ = stopping.changed(), if !closing => {
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            }
+        }
+    }
+}
+
+/// A response body that keeps its request counted as in flight until it
+/// is dropped. Every other call goes to `inner`, the size hint included,
+/// so a fixed-length answer keeps its `content-length`.
+struct TrackedBody {
+    inner: Body,
+    _guard: InFlight,
+}
+
+impl hyper::body::Body for TrackedBody {
+    type Data = Bytes;
+    type Error = crate::body::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -353,13 +498,13 @@ impl AcceptErrors {
     async fn check(
         &mut self,
         accepted: std::io::Result<(TcpStream, SocketAddr)>,
-    ) -> Option<TcpStream> {
+    ) -> Option<(TcpStream, SocketAddr)> {
         let error = match accepted {
-            Ok((stream, _peer)) => {
+            Ok((stream, peer)) => {
                 if let Err(e) = stream.set_nodelay(true) {
                     tracing::debug!(error = %e, "cannot set TCP_NODELAY");
                 }
-                return Some(stream);
+                return Some((stream, peer));
             }
             Err(error) => error,
         };
