@@ -19,9 +19,15 @@ use crate::metrics::{CONNECTIONS_OPEN, CONNECTIONS_REJECTED};
 pub struct ConnectionLimits {
     max_total: usize,
     max_per_ip: usize,
-    /// Open connections by client address; the sum is the total. One
-    /// lock keeps the two counts in step.
-    open: Mutex<HashMap<IpAddr, usize>>,
+    /// One lock keeps the two counts in step.
+    open: Mutex<OpenCounts>,
+}
+
+/// Open connections, in all and by client address.
+#[derive(Debug, Default)]
+struct OpenCounts {
+    total: usize,
+    by_peer: HashMap<IpAddr, usize>,
 }
 
 /// Which limit refused a connection, as the metric's `reason` label.
@@ -49,7 +55,7 @@ impl ConnectionLimits {
         Arc::new(Self {
             max_total,
             max_per_ip,
-            open: Mutex::new(HashMap::new()),
+            open: Mutex::new(OpenCounts::default()),
         })
     }
 
@@ -59,10 +65,10 @@ impl ConnectionLimits {
         // A poisoned lock only means a panic elsewhere; the counts in it
         // are still whole numbers.
         let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
-        let total: usize = open.values().sum();
-        let refused = if total >= self.max_total {
+        let from_peer = open.by_peer.get(&peer).copied().unwrap_or(0);
+        let refused = if open.total >= self.max_total {
             Some(Refused::Total)
-        } else if open.get(&peer).copied().unwrap_or(0) >= self.max_per_ip {
+        } else if from_peer >= self.max_per_ip {
             Some(Refused::PerIp)
         } else {
             None
@@ -71,8 +77,9 @@ impl ConnectionLimits {
             metrics::counter!(CONNECTIONS_REJECTED, "reason" => refused.key()).increment(1);
             return Err(refused);
         }
-        *open.entry(peer).or_insert(0) += 1;
-        metrics::gauge!(CONNECTIONS_OPEN).set((total + 1) as f64);
+        *open.by_peer.entry(peer).or_insert(0) += 1;
+        open.total += 1;
+        metrics::gauge!(CONNECTIONS_OPEN).set(open.total as f64);
         Ok(Slot {
             limits: Arc::clone(self),
             peer,
@@ -81,14 +88,15 @@ impl ConnectionLimits {
 
     fn release(&self, peer: IpAddr) {
         let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(count) = open.get_mut(&peer) {
-            *count = count.saturating_sub(1);
-            if *count == 0 {
-                open.remove(&peer);
-            }
+        let Some(count) = open.by_peer.get_mut(&peer) else {
+            return;
+        };
+        *count -= 1;
+        if *count == 0 {
+            open.by_peer.remove(&peer);
         }
-        let total: usize = open.values().sum();
-        metrics::gauge!(CONNECTIONS_OPEN).set(total as f64);
+        open.total -= 1;
+        metrics::gauge!(CONNECTIONS_OPEN).set(open.total as f64);
     }
 }
 
