@@ -1,7 +1,8 @@
 //! Faults on either side of the proxy: an upstream that stalls halfway
-//! through its body, a client that gives up, and clients that send their
-//! request too slowly. Each ends in a bounded way, is logged or counted,
-//! and leaves the proxy serving.
+//! through its body, a client that gives up, clients that send their
+//! request too slowly, and requests whose body length is ambiguous (the
+//! stuff of request smuggling). Each ends in a bounded way, is logged or
+//! counted, and leaves the proxy serving.
 
 use std::time::Duration;
 
@@ -295,5 +296,70 @@ async fn a_client_that_never_finishes_its_body_gets_408() {
     assert_eq!(error["code"], "body_timeout", "body: {body}");
     assert_eq!(mock.request_count(), 0, "nothing reaches the upstream");
 
+    assert_still_serves(&sw).await;
+}
+
+/// A raw HTTP/1.1 chat request head for the `small` pool, ending in
+/// `framing` (the body-length headers under test) and the blank line.
+fn raw_head(framing: &str) -> String {
+    format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\
+         content-type: application/json\r\n{framing}\r\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_length_with_chunked_is_read_as_chunked_alone() {
+    let (mock, sw) = fault_rig("").await;
+    let body = chat_body("small", "framed").to_string();
+
+    // The Content-Length covers only part of the body: a server that read
+    // by it would see a broken body and then take the rest as a second
+    // request. Chunked wins, as RFC 9112 says; the upstream gets the whole
+    // body once.
+    let framing = "content-length: 5\r\ntransfer-encoding: chunked\r\n";
+    let chunked = format!("{:x}\r\n{body}\r\n0\r\n\r\n", body.len());
+    let mut stream = connect(&sw).await;
+    let request = raw_head(framing) + &chunked;
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let (status, reply) = read_response(&mut stream).await;
+
+    assert_eq!(status, 200, "body: {reply}");
+    let requests = mock.requests();
+    assert_eq!(requests.len(), 1, "upstream requests: {requests:?}");
+    assert_eq!(requests[0].body["messages"][0]["content"], "framed");
+    assert_still_serves(&sw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_body_lengths_are_refused_and_the_connection_closed() {
+    let (mock, sw) = fault_rig("").await;
+    let body = chat_body("small", "smuggled").to_string();
+    let n = body.len();
+    let cases = [
+        format!("content-length: {n}\r\ncontent-length: {}\r\n", n + 7),
+        format!("content-length: +{n}\r\n"),
+        format!("transfer-encoding: gzip\r\ncontent-length: {n}\r\n"),
+        format!("transfer-encoding: chunked, gzip\r\ncontent-length: {n}\r\n"),
+    ];
+
+    for framing in cases {
+        let mut stream = connect(&sw).await;
+        let request = raw_head(&framing) + &body;
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let received = read_until_closed(&mut stream).await;
+        let text = String::from_utf8_lossy(&received);
+        // Hyper answers these itself, before Switchyard sees a request.
+        assert!(
+            text.starts_with("HTTP/1.1 400"),
+            "{framing:?} was answered {text:?}"
+        );
+    }
+
+    assert_eq!(
+        mock.request_count(),
+        0,
+        "an ambiguous request went upstream"
+    );
     assert_still_serves(&sw).await;
 }
