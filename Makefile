@@ -8,6 +8,10 @@ CONFIG ?=
 VENV := .venv
 WASM_TARGET := wasm32-wasip2
 CARGO_DENY_VERSION := 0.20.2
+CARGO_FUZZ_VERSION := 0.13.2
+FUZZ_TARGETS := api_request batch_split sse_events
+# Seconds each fuzz target runs in `make fuzz`.
+FUZZ_SECONDS ?= 60
 PLUGINS := cost-router test-faults confidence-cascade concise tiered
 MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 LLAMA_VENV := .venv-llama
@@ -17,7 +21,7 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON \
 	-DGGML_F16C=ON -DGGML_AVX512=ON
 
 .PHONY: run build plugins setup wasm-target python model test lint deny \
-	audit deny-tool bench \
+	audit deny-tool fuzz fuzz-tool bench \
 	bench-coalescing bench-llama-venv clean
 
 ## run: serve the small model in-process on 127.0.0.1:8080, or
@@ -81,6 +85,23 @@ lint:
 	done
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## fuzz: each target in fuzz/ for FUZZ_SECONDS (default 60) with
+## cargo-fuzz on nightly Rust; a finding stops it and lands in
+## fuzz/artifacts/. Copy a finding into fuzz/seeds/<target>/ once fixed:
+## `make test` replays every seed.
+fuzz: fuzz-tool
+	@for t in $(FUZZ_TARGETS); do \
+		mkdir -p fuzz/corpus/$$t; \
+		echo "fuzz: $$t for $(FUZZ_SECONDS) s"; \
+		$(CARGO) +nightly fuzz run $$t fuzz/corpus/$$t fuzz/seeds/$$t \
+			-- -max_total_time=$(FUZZ_SECONDS) || exit 1; \
+	done
+
+fuzz-tool:
+	@rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly
+	@$(CARGO) fuzz --version 2>/dev/null | grep -qx "cargo-fuzz $(CARGO_FUZZ_VERSION)" \
+		|| $(CARGO) install cargo-fuzz --locked --version $(CARGO_FUZZ_VERSION)
 
 ## bench: requests/s and latency, direct vs through Switchyard; the
 ## coalescing table; then the executor's decode tokens/s against llama.cpp's

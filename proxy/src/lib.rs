@@ -35,6 +35,8 @@ pub mod config;
 pub mod connections;
 pub mod costs;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod local;
 pub mod metrics;
 pub mod plugin_test;

@@ -691,6 +691,71 @@ pub(super) fn apportion(total: u64, weights: &[u64]) -> Vec<u64> {
     shares
 }
 
+/// Splits `body` as the upstream answer to one merged request carrying
+/// `items` (one list per caller) with `n` choices per item, and checks
+/// what every caller relies on: one share each, its own entries numbered
+/// from 0, and usage shares that add up to the upstream's totals. Panics
+/// when a check fails; for the fuzz targets in `fuzz/`.
+#[allow(clippy::expect_used)] // a failed check is a panic, for the fuzzer
+pub(super) fn check_split(endpoint: Endpoint, items: Vec<Vec<Value>>, n: u64, body: &[u8]) {
+    let per_item = if endpoint == Endpoint::Completions {
+        n
+    } else {
+        1
+    };
+    let jobs: Vec<Part> = items
+        .into_iter()
+        .map(|items| Part {
+            key: String::new(),
+            endpoint,
+            field: if endpoint == Endpoint::Completions {
+                "prompt"
+            } else {
+                "input"
+            },
+            path: String::new(),
+            template: Map::new(),
+            headers: HeaderMap::new(),
+            items,
+            n: per_item,
+            collapse: false,
+            sink: None,
+        })
+        .collect();
+    let counts: Vec<usize> = jobs.iter().map(|job| job.items.len()).collect();
+    let refs: Vec<&Part> = jobs.iter().collect();
+    let Ok(bodies) = split("fuzz", endpoint, &refs, &counts, body) else {
+        return;
+    };
+
+    assert_eq!(bodies.len(), jobs.len(), "one share per caller");
+    let field = entries_field(endpoint);
+    let mut sums = [0u64; 2];
+    for (k, share) in bodies.iter().enumerate() {
+        let share: Value = serde_json::from_slice(share).expect("a share is JSON");
+        let entries = share[field].as_array().expect("a share has its entries");
+        assert_eq!(entries.len() as u64, counts[k] as u64 * per_item);
+        for (i, entry) in entries.iter().enumerate() {
+            assert_eq!(entry["index"].as_u64(), Some(i as u64), "caller {k}");
+        }
+        for (sum, name) in sums.iter_mut().zip(["prompt_tokens", "completion_tokens"]) {
+            *sum += share["usage"][name].as_u64().unwrap_or(0);
+        }
+    }
+    let answer: Value = serde_json::from_slice(body).expect("split read it");
+    if answer["usage"].is_object() {
+        let upstream = |name: &str| answer["usage"][name].as_u64().unwrap_or(0);
+        assert_eq!(sums[0], upstream("prompt_tokens"), "prompt shares add up");
+        if endpoint == Endpoint::Completions {
+            assert_eq!(
+                sums[1],
+                upstream("completion_tokens"),
+                "completion shares add up"
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

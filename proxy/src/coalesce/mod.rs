@@ -53,6 +53,24 @@ use crate::config::{BatchConfig, BatchMode, DEFAULT_PRIORITY};
 use crate::error::{ApiError, ErrorKind};
 use crate::upstream::Pool;
 
+/// Entry points for the fuzz targets in `fuzz/`; see
+/// [`crate::fuzzing`].
+#[doc(hidden)]
+pub mod fuzzing {
+    use serde_json::Value;
+    use switchyard_policy::Endpoint;
+
+    /// See `batch::check_split`.
+    pub fn check_split(endpoint: Endpoint, items: Vec<Vec<Value>>, n: u64, body: &[u8]) {
+        super::batch::check_split(endpoint, items, n, body);
+    }
+
+    /// See `stream::check_sse_reader`.
+    pub fn check_sse_reader(data: &[u8], cuts: &[usize]) {
+        super::stream::check_sse_reader(data, cuts);
+    }
+}
+
 /// Request header: milliseconds, from arrival, within which the request
 /// must be answered; a request that cannot make it is refused at once.
 pub const DEADLINE_HEADER: &str = "x-switchyard-deadline-ms";

@@ -348,6 +348,24 @@ fn event_end(buffer: &[u8]) -> Option<(usize, usize)> {
     }
 }
 
+/// Reads `data` as an SSE stream twice, whole and cut at `cuts`, and
+/// checks that both give the same events: where the network splits a
+/// stream must not change what callers receive. Panics when they differ;
+/// for the fuzz targets in `fuzz/`.
+pub(super) fn check_sse_reader(data: &[u8], cuts: &[usize]) {
+    let whole = SseReader::default().push(data);
+    let mut reader = SseReader::default();
+    let mut pieces = Vec::new();
+    let mut start = 0;
+    for &cut in cuts {
+        let end = cut.clamp(start, data.len());
+        pieces.extend(reader.push(&data[start..end]));
+        start = end;
+    }
+    pieces.extend(reader.push(&data[start..]));
+    assert_eq!(whole, pieces, "cuts at {cuts:?}");
+}
+
 /// What `relay` needs to know of the batch it sends.
 #[derive(Debug)]
 pub(super) struct Merged {
