@@ -321,7 +321,10 @@ impl Reloader {
             let mut hangups = match signal(SignalKind::hangup()) {
                 Ok(hangups) => hangups,
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot watch SIGHUP; reload with POST /admin/reload");
+                    tracing::warn!(
+                        error = %e,
+                        "cannot watch SIGHUP; reload with POST /admin/reload"
+                    );
                     return;
                 }
             };
