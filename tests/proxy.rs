@@ -25,6 +25,8 @@ mod cascade;
 mod coalescing;
 #[path = "proxy/config_check.rs"]
 mod config_check;
+#[path = "proxy/config_reload.rs"]
+mod config_reload;
 #[path = "proxy/costs.rs"]
 mod costs;
 #[path = "proxy/errors.rs"]

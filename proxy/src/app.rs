@@ -20,7 +20,7 @@ use crate::api::ApiRequest;
 use crate::body::{full, Body};
 use crate::cascade;
 use crate::coalesce::{self, BatchReply, BatchSettings, Coalescer, Permit, StreamReply, Ticket};
-use crate::config::{CascadeConfig, Config, PoolKind};
+use crate::config::{CascadeConfig, Config, PoolConfig, PoolKind};
 use crate::costs::{usage_of, Ledger, MeteredBody};
 use crate::error::{ApiError, ErrorKind};
 use crate::local::LocalPool;
@@ -84,17 +84,82 @@ pub(crate) struct Cost {
     pub(crate) baseline_usd: f64,
 }
 
+/// What a reload did to the pools.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PoolChanges {
+    /// Pools built anew: added, or changed (their old one drains).
+    pub started: Vec<String>,
+    /// Pools whose settings did not change, taken over running.
+    pub reused: Vec<String>,
+    /// Pools of the old configuration that no longer serve new requests:
+    /// removed or replaced. They drain as their last requests end.
+    pub stopped: Vec<String>,
+}
+
 impl App {
     /// Builds pools, coalescers and the router from a validated
     /// configuration. Must run inside a tokio runtime (coalescers are
     /// tasks).
     pub fn new(config: &Config, policy: Option<switchyard_policy::Policy>) -> Result<Self, String> {
+        let ledger = Arc::new(Ledger::new(config));
+        let (app, _) = Self::build(config, policy, ledger, None)?;
+        Ok(app)
+    }
+
+    /// Builds the App of a reloaded configuration. A pool whose settings
+    /// did not change (its price aside) is taken over from `old` running:
+    /// its connections, its coalescer's queue and fitted costs, a local
+    /// pool's loaded model. The rest start anew. The cost ledger is
+    /// `old`'s, so totals carry over; its prices are the caller's to
+    /// change when this App takes over. Blocks while a local pool loads
+    /// its model; must run where tokio tasks can be spawned.
+    pub fn reload(
+        config: &Config,
+        policy: Option<switchyard_policy::Policy>,
+        old: &App,
+        old_config: &Config,
+    ) -> Result<(Self, PoolChanges), String> {
+        Self::build(config, policy, old.ledger(), Some((old, old_config)))
+    }
+
+    fn build(
+        config: &Config,
+        policy: Option<switchyard_policy::Policy>,
+        ledger: Arc<Ledger>,
+        previous: Option<(&App, &Config)>,
+    ) -> Result<(Self, PoolChanges), String> {
         let mut names = Vec::new();
         let mut upstreams = HashMap::new();
         let mut locals = HashMap::new();
         let mut coalescers = HashMap::new();
+        let mut changes = PoolChanges::default();
         for pool_config in &config.pool {
-            names.push(pool_config.name.clone());
+            let name = pool_config.name.clone();
+            names.push(name.clone());
+
+            // An unchanged pool keeps running: same handles, same tasks.
+            let unchanged = previous.filter(|(_, old_config)| {
+                let old = old_config.pool.iter().find(|p| p.name == name);
+                old.is_some_and(|old| same_pool(old, pool_config))
+            });
+            if let Some((old, _)) = unchanged {
+                if let Some(local) = old.locals.get(&name) {
+                    locals.insert(name.clone(), Arc::clone(local));
+                }
+                if let Some(pool) = old.upstreams.get(&name) {
+                    upstreams.insert(name.clone(), Arc::clone(pool));
+                }
+                if let Some(coalescer) = old.coalescers.get(&name) {
+                    coalescers.insert(name.clone(), coalescer.clone());
+                }
+                changes.reused.push(name);
+                continue;
+            }
+
+            // Limitation: a changed pool's old coalescer keeps sending
+            // its queued requests while the new one starts, so for a
+            // moment the upstream may see up to twice max_inflight.
+            changes.started.push(name.clone());
             if pool_config.kind == PoolKind::Local {
                 let model = pool_config.upstream_model().to_string();
                 let chat_max_tokens = pool_config
@@ -102,7 +167,7 @@ impl App {
                     .unwrap_or(crate::config::DEFAULT_LOCAL_CHAT_MAX_TOKENS);
                 let engine = pool_config.engine_config();
                 let local = LocalPool::start(engine, model, chat_max_tokens)?;
-                locals.insert(pool_config.name.clone(), Arc::new(local));
+                locals.insert(name, Arc::new(local));
                 continue;
             }
             let pool = Arc::new(Pool::new(pool_config)?);
@@ -113,6 +178,15 @@ impl App {
             }
             upstreams.insert(pool.name.clone(), pool);
         }
+        if let Some((_, old_config)) = previous {
+            changes.stopped = old_config
+                .pool
+                .iter()
+                .map(|p| p.name.clone())
+                .filter(|name| !changes.reused.contains(name))
+                .collect();
+        }
+
         let fallback_pool = config.policy.as_ref().and_then(|p| p.fallback_pool.clone());
         let mut router = Router::new(names, policy, fallback_pool);
         if let Some(p) = &config.policy {
@@ -127,17 +201,18 @@ impl App {
             .as_ref()
             .map(|p| p.cascade.clone())
             .unwrap_or_default();
-        Ok(Self {
+        let app = Self {
             router,
             upstreams,
             locals,
             coalescers,
             cascade,
-            ledger: Arc::new(Ledger::new(config)),
+            ledger,
             cost_header: config.costs.header,
             max_body_bytes: config.server.max_body_bytes,
             body_read_timeout: Duration::from_millis(config.server.body_read_timeout_ms),
-        })
+        };
+        Ok((app, changes))
     }
 
     /// Answers one API request. Never fails: errors become OpenAI error
@@ -361,6 +436,16 @@ impl App {
         let body = json!({"object": "list", "data": data});
         json_response(Bytes::from(body.to_string()))
     }
+}
+
+/// Whether a reloaded pool can keep running as it is: every setting but
+/// its price (which is the ledger's) is the same.
+fn same_pool(old: &PoolConfig, new: &PoolConfig) -> bool {
+    let unpriced = |p: &PoolConfig| PoolConfig {
+        price: None,
+        ..p.clone()
+    };
+    unpriced(old) == unpriced(new)
 }
 
 /// The response to a coalesced request: the caller's share of a batch.

@@ -110,6 +110,46 @@ pub struct Config {
     /// The cost ledger's baseline.
     #[serde(default)]
     pub costs: CostsConfig,
+    /// Who may change the running proxy through the admin port.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Reloading this file while serving.
+    #[serde(default)]
+    pub reload: ReloadConfig,
+}
+
+/// `[admin]`: the bearer token of the admin port's calls that change
+/// something (`PUT /admin/policy`, `POST /admin/policy/rollback`, `POST
+/// /admin/reload`). Without a token those calls are refused.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Environment variable holding the token; unset or empty turns the
+    /// calls off. Default `SWITCHYARD_ADMIN_TOKEN` (or the deprecated
+    /// `policy.admin_token_env` when that is set).
+    pub token_env: Option<String>,
+    /// The token itself, used in place of `token_env`. Prefer `token_env`:
+    /// whoever can read this file can read the token. Default: none.
+    pub token: Option<String>,
+}
+
+/// `[reload]`: reloading the configuration file while serving.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadConfig {
+    /// How often the file is checked for a change (modification time and
+    /// size, then its text), in milliseconds; a changed file is reloaded
+    /// as on SIGHUP. 0 turns the check off. Default 2000.
+    #[serde(default = "default_watch_interval_ms")]
+    pub watch_interval_ms: u64,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        Self {
+            watch_interval_ms: DEFAULT_WATCH_INTERVAL_MS,
+        }
+    }
 }
 
 /// `[costs]`: what the ledger compares the answers' cost with.
@@ -128,7 +168,7 @@ pub struct CostsConfig {
 }
 
 /// `pool.price`: per million tokens, or per hour of hardware.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PriceConfig {
     /// Dollars per million prompt tokens. Default 0.
@@ -142,7 +182,7 @@ pub struct PriceConfig {
 }
 
 /// `[server]`: listeners and request limits.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Address of the OpenAI API listener. Default `127.0.0.1:8080`.
@@ -201,7 +241,7 @@ pub struct ServerConfig {
 }
 
 /// `[server.tls]`: TLS termination on the API listener.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerTlsConfig {
     /// PEM file with the certificate chain, the server's own certificate
@@ -227,7 +267,7 @@ pub struct ServerTlsConfig {
 
 /// `[pool.tls]`: how a pool's `https://` endpoints are verified.
 /// Certificate and host name checks are always on.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolTlsConfig {
     /// PEM bundle of the CAs trusted for the endpoints' certificates, in
@@ -271,7 +311,7 @@ pub enum PoolKind {
 
 /// `[[pool]]`: a set of interchangeable upstream model servers, or the
 /// in-process executor (`kind = "local"`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
     /// Name that routes and metrics use; unique among pools.
@@ -352,7 +392,7 @@ impl PoolConfig {
 }
 
 /// `[pool.batch]`: how requests are queued and coalesced.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchConfig {
     /// `"adaptive"` (default): send a batch as soon as waiting longer no
@@ -448,11 +488,9 @@ pub struct PolicyConfig {
     /// milliseconds; 0 turns the check off. Default 2000.
     #[serde(default = "default_watch_interval_ms")]
     pub watch_interval_ms: u64,
-    /// Environment variable holding the bearer token of `PUT
-    /// /admin/policy` and `POST /admin/policy/rollback`; unset or empty
-    /// turns those calls off. Default `SWITCHYARD_ADMIN_TOKEN`.
-    #[serde(default = "default_admin_token_env")]
-    pub admin_token_env: String,
+    /// Deprecated alias of `admin.token_env`, kept so that older files
+    /// still load; not with `admin.token_env`. Default: none.
+    pub admin_token_env: Option<String>,
     /// What a failed plugin call (trap, timeout, memory) leads to:
     /// `"default-route"` (the default: the pool the `model` names, else
     /// `fallback_pool`), `"reject"` (503, code `policy_failed`) or
@@ -504,15 +542,11 @@ fn default_rollback_min_calls() -> u64 {
 
 /// Default of `policy.watch_interval_ms`.
 pub const DEFAULT_WATCH_INTERVAL_MS: u64 = 2000;
-/// Default of `policy.admin_token_env`.
+/// Default of `admin.token_env`.
 pub const DEFAULT_ADMIN_TOKEN_ENV: &str = "SWITCHYARD_ADMIN_TOKEN";
 
 fn default_watch_interval_ms() -> u64 {
     DEFAULT_WATCH_INTERVAL_MS
-}
-
-fn default_admin_token_env() -> String {
-    DEFAULT_ADMIN_TOKEN_ENV.to_string()
 }
 
 /// How a streamed small-first request is reviewed.
@@ -574,6 +608,15 @@ fn default_low_logprob() -> f32 {
 }
 
 impl PolicyConfig {
+    /// Whether `other` loads the same plugin the same way (file, its
+    /// configuration and limits), so that a running instance can stay.
+    pub fn same_plugin(&self, other: &PolicyConfig) -> bool {
+        self.plugin == other.plugin
+            && self.config == other.config
+            && self.timeout_ms == other.timeout_ms
+            && self.max_memory_bytes == other.max_memory_bytes
+    }
+
     /// The host's view of this table.
     pub fn settings(&self) -> switchyard_policy::PolicySettings {
         let config = serde_json::to_value(&self.config).unwrap_or(serde_json::Value::Null);
@@ -612,6 +655,21 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 impl Config {
+    /// The environment variable the admin token is read from:
+    /// `admin.token_env`, else the deprecated `policy.admin_token_env`,
+    /// else `SWITCHYARD_ADMIN_TOKEN`.
+    pub fn admin_token_env(&self) -> &str {
+        let deprecated = self
+            .policy
+            .as_ref()
+            .and_then(|p| p.admin_token_env.as_deref());
+        self.admin
+            .token_env
+            .as_deref()
+            .or(deprecated)
+            .unwrap_or(DEFAULT_ADMIN_TOKEN_ENV)
+    }
+
     /// Reads, parses and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
@@ -674,6 +732,14 @@ impl Config {
                 let message = format!("must name a pool with a price, got {baseline:?}");
                 return Err(invalid("costs.baseline", &message));
             }
+        }
+
+        validate_admin(self)?;
+        if self.reload.watch_interval_ms > 0 && self.reload.watch_interval_ms < 10 {
+            return Err(invalid(
+                "reload.watch_interval_ms",
+                "must be 0 (off) or at least 10",
+            ));
         }
 
         if let Some(policy) = &self.policy {
@@ -771,6 +837,33 @@ fn validate_server_limits(server: &ServerConfig) -> Result<(), ConfigError> {
     }
     match server.max_connections_per_ip {
         Some(0) => Err(invalid("server.max_connections_per_ip", "must be > 0")),
+        _ => Ok(()),
+    }
+}
+
+fn validate_admin(config: &Config) -> Result<(), ConfigError> {
+    let admin = &config.admin;
+    if admin.token_env.as_deref() == Some("") {
+        return Err(invalid("admin.token_env", "must not be empty"));
+    }
+    if admin.token.as_deref() == Some("") {
+        return Err(invalid(
+            "admin.token",
+            "must not be empty (leave it out to turn the admin calls off)",
+        ));
+    }
+    let Some(policy) = &config.policy else {
+        return Ok(());
+    };
+    match (
+        policy.admin_token_env.as_deref(),
+        admin.token_env.as_deref(),
+    ) {
+        (Some(""), _) => Err(invalid("policy.admin_token_env", "must not be empty")),
+        (Some(_), Some(_)) => Err(invalid(
+            "policy.admin_token_env",
+            "is a deprecated alias of admin.token_env; set only admin.token_env",
+        )),
         _ => Ok(()),
     }
 }
@@ -1347,5 +1440,26 @@ max_header_bytes = 100
     fn syntax_error_reports_a_line() {
         let err = Config::parse("[server]\nlisten = \n").unwrap_err();
         assert_eq!(err.line, Some(2), "{err}");
+    }
+
+    #[test]
+    fn admin_token_env_defaults_and_takes_the_deprecated_alias() {
+        let config = Config::parse("").unwrap();
+        assert_eq!(config.admin_token_env(), DEFAULT_ADMIN_TOKEN_ENV);
+        assert_eq!(config.reload.watch_interval_ms, DEFAULT_WATCH_INTERVAL_MS);
+        let config = Config::parse("[admin]\ntoken_env = \"MY_TOKEN\"\n").unwrap();
+        assert_eq!(config.admin_token_env(), "MY_TOKEN");
+
+        // The plugin must exist for `[policy]` to validate; the manifest
+        // will do as a file.
+        let plugin = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+        let policy = format!("[policy]\nplugin = \"{plugin}\"\nadmin_token_env = \"OLD\"\n");
+        let config = Config::parse(&policy).unwrap();
+        assert_eq!(config.admin_token_env(), "OLD");
+        let both = format!("{policy}[admin]\ntoken_env = \"NEW\"\n");
+        let err = Config::parse(&both).unwrap_err();
+        assert_eq!(err.key, "policy.admin_token_env", "{err}");
+        let err = Config::parse("[admin]\ntoken = \"\"\n").unwrap_err();
+        assert_eq!(err.key, "admin.token", "{err}");
     }
 }

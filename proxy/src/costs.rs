@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -88,27 +88,52 @@ struct Totals {
     escalated: u64,
 }
 
-/// Prices and running totals, shared by every request.
-#[derive(Debug)]
-pub struct Ledger {
+/// The pools' prices and the baseline pool, from one configuration.
+#[derive(Debug, Default)]
+struct Pricing {
     prices: HashMap<String, Price>,
     baseline: Option<String>,
+}
+
+impl Pricing {
+    fn new(config: &Config) -> Self {
+        let prices = config
+            .pool
+            .iter()
+            .filter_map(|p| Some((p.name.clone(), Price::from_config(p.price.as_ref()?))))
+            .collect();
+        Pricing {
+            prices,
+            baseline: config.costs.baseline.clone(),
+        }
+    }
+}
+
+/// Prices and running totals, shared by every request. A configuration
+/// reload keeps the ledger, and so its totals, and changes its prices.
+#[derive(Debug)]
+pub struct Ledger {
+    pricing: RwLock<Pricing>,
     totals: Mutex<Totals>,
 }
 
 impl Ledger {
     /// The ledger of a validated configuration.
     pub fn new(config: &Config) -> Self {
-        let prices = config
-            .pool
-            .iter()
-            .filter_map(|p| Some((p.name.clone(), Price::from_config(p.price.as_ref()?))))
-            .collect();
         Ledger {
-            prices,
-            baseline: config.costs.baseline.clone(),
+            pricing: RwLock::new(Pricing::new(config)),
             totals: Mutex::default(),
         }
+    }
+
+    /// Takes the prices and baseline of a reloaded configuration; answers
+    /// charged from now on pay them, totals so far stay.
+    pub fn reprice(&self, config: &Config) {
+        *self.pricing.write().unwrap_or_else(PoisonError::into_inner) = Pricing::new(config);
+    }
+
+    fn pricing(&self) -> std::sync::RwLockReadGuard<'_, Pricing> {
+        self.pricing.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn totals(&self) -> std::sync::MutexGuard<'_, Totals> {
@@ -147,13 +172,14 @@ impl Ledger {
     /// client got, and the baseline pool's price for it is counted too.
     /// Returns the charge in dollars.
     pub fn charge(&self, pool: &str, usage: Usage, served: bool) -> f64 {
+        let price = self.pricing().prices.get(pool).copied();
         let mut totals = self.totals();
         let entry = totals.pools.entry(pool.to_string()).or_default();
         entry.answers += 1;
         entry.prompt_tokens += usage.prompt;
         entry.completion_tokens += usage.completion;
-        let cost = match self.prices.get(pool) {
-            Some(price) => cost_of(*price, usage, entry.tokens_per_second()),
+        let cost = match price {
+            Some(price) => cost_of(price, usage, entry.tokens_per_second()),
             None => 0.0,
         };
         entry.cost_usd += cost;
@@ -172,19 +198,22 @@ impl Ledger {
     /// would have charged for its `usage`. Returns that baseline charge
     /// (0 without a baseline).
     pub fn serve(&self, pool: &str, usage: Usage) -> f64 {
+        let (base, price) = {
+            let pricing = self.pricing();
+            let base = pricing.baseline.clone();
+            let price = base.as_ref().and_then(|b| pricing.prices.get(b).copied());
+            (base, price)
+        };
         let mut totals = self.totals();
         totals.served += 1;
-        let Some(base) = &self.baseline else {
+        let Some(base) = base else {
             return 0.0;
         };
         let throughput = totals
             .pools
-            .get(base)
+            .get(&base)
             .and_then(PoolTotals::tokens_per_second);
-        let baseline = self
-            .prices
-            .get(base)
-            .map_or(0.0, |price| cost_of(*price, usage, throughput));
+        let baseline = price.map_or(0.0, |price| cost_of(price, usage, throughput));
         totals.baseline_usd += baseline;
         drop(totals);
         metrics::record_baseline_cost(pool, baseline);
@@ -193,7 +222,7 @@ impl Ledger {
 
     /// Whether a baseline pool is configured.
     pub fn has_baseline(&self) -> bool {
-        self.baseline.is_some()
+        self.pricing().baseline.is_some()
     }
 
     /// Counts a cascaded request and whether it escalated.
@@ -207,6 +236,7 @@ impl Ledger {
 
     /// The `/admin/costs` document.
     pub fn report(&self) -> Value {
+        let baseline = self.pricing().baseline.clone();
         let totals = self.totals();
         let pools: serde_json::Map<String, Value> = totals
             .pools
@@ -227,7 +257,7 @@ impl Ledger {
         json!({
             "currency": "USD",
             "cost_usd": totals.cost_usd,
-            "baseline_pool": self.baseline,
+            "baseline_pool": baseline,
             "baseline_cost_usd": totals.baseline_usd,
             "savings_usd": savings,
             "savings_share": share(savings, totals.baseline_usd),
@@ -466,9 +496,12 @@ mod tests {
                 output: 4.0,
             },
         );
-        Ledger {
+        let pricing = Pricing {
             prices,
             baseline: baseline.map(str::to_string),
+        };
+        Ledger {
+            pricing: RwLock::new(pricing),
             totals: Mutex::default(),
         }
     }
@@ -492,6 +525,26 @@ mod tests {
             3.0
         ));
         assert!(close(report["savings_usd"].as_f64().unwrap_or(0.0), 2.8));
+    }
+
+    #[test]
+    fn repricing_keeps_the_totals_and_charges_the_new_price() {
+        let l = ledger(None);
+        let usage = Usage {
+            prompt: 1_000_000,
+            completion: 0,
+        };
+        assert!(close(l.charge("small", usage, true), 0.1));
+        let config = Config::parse(
+            "[[pool]]\nname = \"small\"\nendpoints = [\"http://127.0.0.1:1\"]\n\
+             price = { input_per_mtok = 2.0 }\n",
+        )
+        .unwrap();
+        l.reprice(&config);
+        assert!(close(l.charge("small", usage, true), 2.0));
+        let report = l.report();
+        assert!(close(report["cost_usd"].as_f64().unwrap_or(0.0), 2.1));
+        assert_eq!(report["answers_served"], 2);
     }
 
     #[test]

@@ -20,6 +20,8 @@
 //! - [`calibrate`]: `switchyard calibrate`, thresholds against a request set;
 //! - [`plugin_test`]: `switchyard plugin test`, for plugin authors;
 //! - [`reload`]: swapping the policy plugin while traffic flows;
+//! - [`reconfigure`]: reloading the whole configuration (SIGHUP, file
+//!   change, `POST /admin/reload`) and the admin token;
 //! - [`metrics`]: metric names and the Prometheus recorder;
 //! - [`error`]: the errors clients see, and their statuses;
 //! - [`telemetry`]: log output;
@@ -40,6 +42,7 @@ pub mod fuzzing;
 pub mod local;
 pub mod metrics;
 pub mod plugin_test;
+pub mod reconfigure;
 pub mod reload;
 pub mod routing;
 pub mod server;

@@ -263,7 +263,8 @@ fn run(path: Option<&std::path::Path>) -> Result<(), String> {
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
     runtime.block_on(async {
         let metrics = switchyard::metrics::install()?;
-        switchyard::server::run(config, policy, metrics, shutdown_signal()).await
+        let path = path.map(std::path::Path::to_path_buf);
+        switchyard::server::run(config, path, policy, metrics, shutdown_signal()).await
     })
 }
 

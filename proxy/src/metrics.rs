@@ -31,6 +31,7 @@ pub const COST: &str = "switchyard_cost_usd_total";
 pub const BASELINE_COST: &str = "switchyard_baseline_cost_usd_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "switchyard_tls_handshake_failures_total";
 pub const TLS_RELOADS: &str = "switchyard_tls_certificate_reloads_total";
+pub const CONFIG_RELOADS: &str = "switchyard_config_reloads_total";
 pub const CONNECTIONS_OPEN: &str = "switchyard_connections_open";
 pub const CONNECTIONS_REJECTED: &str = "switchyard_connections_rejected_total";
 
@@ -189,6 +190,12 @@ fn describe() {
         TLS_RELOADS,
         "changes of the API listener's certificate files, by result (ok, \
          error: the previous certificate is kept)"
+    );
+    describe_counter!(
+        CONFIG_RELOADS,
+        "reloads of the configuration file (SIGHUP, file change, POST \
+         /admin/reload), by result (ok, error: the previous configuration \
+         keeps serving)"
     );
     describe_counter!(
         EXECUTOR_TOKENS,

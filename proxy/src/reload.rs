@@ -5,11 +5,16 @@
 //! replaced. Requests in flight keep the version they started with (they
 //! hold it from routing to review).
 //!
+//! A configuration reload that keeps the same `[policy]` plugin settings
+//! keeps the running version (and the one a rollback returns to); one
+//! that changes them loads the plugin anew (`reconfigure`).
+//!
 //! Owns the admin side of the policy's lifecycle; routing itself is
-//! `routing`'s, and nothing here touches a request.
+//! `routing`'s, and nothing here touches a request. Who may call the
+//! admin endpoints is `reconfigure::AdminToken`'s business.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -17,8 +22,8 @@ use http::StatusCode;
 use serde_json::{json, Value};
 use switchyard_policy::{Endpoint, Message, Policy, PolicySettings, RouteRequest};
 
-use crate::app::App;
 use crate::config::Config;
+use crate::reconfigure::Live;
 
 /// Largest plugin accepted by `PUT /admin/policy`, in bytes.
 pub const MAX_PLUGIN_BYTES: usize = 64 << 20;
@@ -31,33 +36,82 @@ pub struct Refusal {
     pub message: String,
 }
 
-/// The policy's admin controls, shared by the admin port and the watcher.
+/// The policy's admin controls, shared by the admin port, the watcher and
+/// configuration reloads.
 #[derive(Debug)]
 pub struct PolicyControl {
-    app: Arc<App>,
-    /// The `[policy]` settings new versions are loaded with; `None`
-    /// without a `[policy]` table, when nothing can be swapped in.
+    /// The App whose router new versions are swapped into.
+    live: Arc<Live>,
+    /// What the `[policy]` table now says; replaced by a reload.
+    state: RwLock<PolicyState>,
+    /// The task polling the plugin file, when one runs.
+    watcher: Mutex<Option<tokio::task::AbortHandle>>,
+    /// Held by every change of the active version (a swap, a rollback, a
+    /// configuration reload taking the versions over), so they happen
+    /// one at a time and none is lost to another.
+    changes: tokio::sync::Mutex<()>,
+}
+
+/// The `[policy]` settings new versions are loaded with.
+#[derive(Debug, Clone, Default)]
+struct PolicyState {
+    /// `None` without a `[policy]` table, when nothing can be swapped in.
     settings: Option<PolicySettings>,
-    /// Bearer token the admin calls must carry; `None` refuses them all.
-    token: Option<String>,
     watch_interval: Option<Duration>,
 }
 
-impl PolicyControl {
-    pub fn new(app: Arc<App>, config: &Config) -> Self {
+impl PolicyState {
+    fn new(config: &Config) -> Self {
         let policy = config.policy.as_ref();
-        let token = policy
-            .and_then(|p| std::env::var(&p.admin_token_env).ok())
-            .filter(|t| !t.is_empty());
         let watch_interval = policy
             .map(|p| p.watch_interval_ms)
             .filter(|ms| *ms > 0)
             .map(Duration::from_millis);
-        PolicyControl {
-            app,
+        PolicyState {
             settings: policy.map(|p| p.settings()),
-            token,
             watch_interval,
+        }
+    }
+
+    /// What the watcher polls: the plugin file and how often.
+    fn watched(&self) -> Option<(PathBuf, Duration)> {
+        Some((self.settings.as_ref()?.plugin.clone(), self.watch_interval?))
+    }
+}
+
+impl PolicyControl {
+    pub fn new(live: Arc<Live>, config: &Config) -> Self {
+        PolicyControl {
+            live,
+            state: RwLock::new(PolicyState::new(config)),
+            watcher: Mutex::new(None),
+            changes: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn state(&self) -> PolicyState {
+        self.state
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Waits until no swap or rollback is under way and keeps others out
+    /// while the guard lives.
+    pub async fn exclusive(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.changes.lock().await
+    }
+
+    /// Takes the `[policy]` settings of a reloaded configuration, and
+    /// restarts the file watcher when its file or interval changed.
+    pub fn reconfigure(self: &Arc<Self>, config: &Config) {
+        let next = PolicyState::new(config);
+        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        let rewatch = state.watched() != next.watched();
+        *state = next;
+        drop(state);
+        if rewatch {
+            self.watch();
         }
     }
 
@@ -65,42 +119,24 @@ impl PolicyControl {
     pub fn status(&self) -> Value {
         let describe =
             |p: Option<Arc<Policy>>| p.map(|p| json!({"name": p.name(), "version": p.version()}));
+        let app = self.live.app();
         json!({
-            "active": describe(self.app.router().policy()),
-            "previous": describe(self.app.router().previous_policy()),
-        })
-    }
-
-    /// Checks an admin call's `Authorization` header.
-    pub fn authorize(&self, authorization: Option<&str>) -> Result<(), Refusal> {
-        let Some(token) = &self.token else {
-            return Err(Refusal {
-                status: StatusCode::FORBIDDEN,
-                message: "policy admin calls are off: set the environment \
-                          variable named by policy.admin_token_env"
-                    .into(),
-            });
-        };
-        let given = authorization.and_then(|v| v.strip_prefix("Bearer "));
-        if given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
-            return Ok(());
-        }
-        Err(Refusal {
-            status: StatusCode::UNAUTHORIZED,
-            message: "missing or wrong bearer token".into(),
+            "active": describe(app.router().policy()),
+            "previous": describe(app.router().previous_policy()),
         })
     }
 
     /// Validates `bytes` as a plugin and, if it passes, swaps it in.
     /// Returns the new version.
     pub async fn install(&self, bytes: Bytes, source: &str) -> Result<String, Refusal> {
-        let Some(settings) = self.settings.clone() else {
+        let _exclusive = self.exclusive().await;
+        let Some(settings) = self.state().settings else {
             return Err(Refusal {
                 status: StatusCode::CONFLICT,
                 message: "no [policy] is configured, so there is nothing to replace".into(),
             });
         };
-        let old = self.app.router().policy();
+        let old = self.live.app().router().policy();
         let configured = settings.plugin.display().to_string();
         let loaded = tokio::task::spawn_blocking(move || prepare(&settings, &bytes)).await;
         let policy = match loaded {
@@ -124,7 +160,9 @@ impl PolicyControl {
         if old.as_ref().is_some_and(|o| o.version() == version) {
             return Ok(version);
         }
-        self.app.router().swap_policy(Arc::new(policy));
+        // The App may have been replaced by a reload while the plugin
+        // compiled; the swap goes to the one serving now.
+        self.live.app().router().swap_policy(Arc::new(policy));
         tracing::info!(
             source,
             version = %version,
@@ -135,8 +173,9 @@ impl PolicyControl {
     }
 
     /// `POST /admin/policy/rollback`: back to the previous version.
-    pub fn rollback(&self) -> Result<String, Refusal> {
-        match self.app.router().rollback_policy() {
+    pub async fn rollback(&self) -> Result<String, Refusal> {
+        let _exclusive = self.exclusive().await;
+        match self.live.app().router().rollback_policy() {
             Some(policy) => {
                 tracing::info!(version = policy.version(), "policy plugin rolled back");
                 Ok(policy.version().to_string())
@@ -149,14 +188,17 @@ impl PolicyControl {
     }
 
     /// Polls the plugin file every `policy.watch_interval_ms` and installs
-    /// it when its bytes change.
+    /// it when its bytes change. Replaces the watcher already running.
     pub fn watch(self: &Arc<Self>) {
-        let (Some(interval), Some(settings)) = (self.watch_interval, &self.settings) else {
+        let mut watcher = self.watcher.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(old) = watcher.take() {
+            old.abort();
+        }
+        let Some((path, interval)) = self.state().watched() else {
             return;
         };
-        let path = settings.plugin.clone();
         let control = Arc::clone(self);
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let mut seen = stamp(&path);
             let mut tick = tokio::time::interval(interval);
             loop {
@@ -173,6 +215,7 @@ impl PolicyControl {
                 let _ = control.install(Bytes::from(bytes), "file").await;
             }
         });
+        *watcher = Some(task.abort_handle());
     }
 }
 
@@ -237,13 +280,6 @@ fn refusal_message(message: &str, configured: &str, source: &str) -> String {
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,12 +298,5 @@ mod tests {
         let long = "x ".repeat(1000);
         let cut = refusal_message(&long, "p", "admin");
         assert!(cut.ends_with(" ...") && cut.len() < MAX_REFUSAL_CHARS + 10);
-    }
-
-    #[test]
-    fn token_comparison_needs_equal_bytes() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"ab"));
     }
 }

@@ -144,6 +144,16 @@ impl Router {
         }
     }
 
+    /// Takes over `other`'s active and previous policy, for a reloaded
+    /// configuration that loads the same plugin: a version swapped in
+    /// since start keeps routing, and a rollback still has somewhere to go.
+    pub fn adopt_policies(&self, other: &Router) {
+        let active = other.policy();
+        let previous = other.previous_policy();
+        *self.policy.write().unwrap_or_else(PoisonError::into_inner) = active;
+        *self.previous.lock().unwrap_or_else(PoisonError::into_inner) = previous;
+    }
+
     /// Swaps back to the previous policy; `None` when there is none.
     pub fn rollback_policy(&self) -> Option<Arc<Policy>> {
         let previous = self

@@ -5,6 +5,10 @@
 //! On shutdown the listeners close first, `/readyz` turns 503, and
 //! in-flight requests get up to `server.shutdown_grace_s` to finish.
 //!
+//! Each request is served by the App that is live when it arrives
+//! (`reconfigure::Live`), which a configuration reload replaces; the
+//! listeners and connection settings stay as they were at start.
+//!
 //! The API listener enforces `server.max_connections` (and per client
 //! address, `max_connections_per_ip`) by closing a connection over the
 //! limit as soon as it is accepted: a client learns at once, instead of
@@ -13,6 +17,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +42,7 @@ use crate::body::{full, Body};
 use crate::config::{BatchConfig, BatchMode, Config, PoolKind, ServerConfig};
 use crate::connections::{Activity, ConnectionLimits, InFlight};
 use crate::metrics::TLS_HANDSHAKE_FAILURES;
+use crate::reconfigure::{AdminToken, Live, Reloader};
 use crate::reload::{PolicyControl, Refusal, MAX_PLUGIN_BYTES};
 use crate::tls::ServerTls;
 
@@ -66,9 +72,12 @@ fn batch_summary(batch: &BatchConfig) -> String {
 /// next, so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Runs Switchyard until `shutdown` resolves, then drains.
+/// Runs Switchyard until `shutdown` resolves, then drains. `path` is the
+/// file `config` came from, reloaded on SIGHUP, when it changes and on
+/// `POST /admin/reload`; `None` for the embedded default.
 pub async fn run(
     config: Config,
+    path: Option<PathBuf>,
     policy: Option<switchyard_policy::Policy>,
     metrics: PrometheusHandle,
     shutdown: impl Future<Output = ()>,
@@ -93,6 +102,8 @@ pub async fn run(
         .as_ref()
         .map(|p| format!("{} ({})", p.name(), p.version()));
     let app = Arc::new(App::new(&config, policy)?);
+    let ledger = app.ledger();
+    let live = Arc::new(Live::new(app));
     let ready = Arc::new(AtomicBool::new(true));
 
     let pools: Vec<String> = config
@@ -131,18 +142,31 @@ pub async fn run(
     // Every connection holds a receiver: shutdown sends `true`, and the
     // drain is over once no receiver is left.
     let (stop, stopping) = watch::channel(false);
-    let control = Arc::new(PolicyControl::new(Arc::clone(&app), &config));
+    let control = Arc::new(PolicyControl::new(Arc::clone(&live), &config));
     control.watch();
+    let token = Arc::new(AdminToken::new(&config));
+    let reloader = Arc::new(Reloader::new(
+        path,
+        config.clone(),
+        Arc::clone(&live),
+        Arc::clone(&control),
+        Arc::clone(&token),
+    ));
+    reloader.watch_signal();
+    reloader.watch_file();
     let admin_state = Arc::new(AdminState {
         metrics,
         control,
-        ledger: app.ledger(),
+        token,
+        reloader: Arc::clone(&reloader),
+        ledger,
         ready: Arc::clone(&ready),
     });
 
-    let api_app = Arc::clone(&app);
+    // A request keeps the App it started on to its end, whatever a
+    // reload swaps in meanwhile.
     let api_service = move |request: Request<Incoming>| {
-        let app = Arc::clone(&api_app);
+        let app = live.app();
         async move { Ok::<_, std::convert::Infallible>(app.handle(request).await) }
     };
     let admin_service = move |request: Request<Incoming>| {
@@ -230,7 +254,7 @@ pub async fn run(
     ready.store(false, Ordering::SeqCst);
     drop(api_listener);
     drop(admin_listener);
-    let grace = Duration::from_secs(config.server.shutdown_grace_s);
+    let grace = reloader.shutdown_grace().await;
     tracing::info!(grace_s = grace.as_secs(), "shutting down; draining");
     drop(stopping);
     // No receiver left means no connection left, and then `send` fails;
@@ -534,6 +558,9 @@ impl AcceptErrors {
 struct AdminState {
     metrics: PrometheusHandle,
     control: Arc<PolicyControl>,
+    /// Guards every call that changes something.
+    token: Arc<AdminToken>,
+    reloader: Arc<Reloader>,
     ledger: Arc<crate::costs::Ledger>,
     ready: Arc<AtomicBool>,
 }
@@ -542,6 +569,9 @@ impl AdminState {
     async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
         if request.uri().path().starts_with("/admin/policy") {
             return self.policy(request).await;
+        }
+        if request.uri().path() == "/admin/reload" {
+            return self.reload(&request).await;
         }
         if request.method() != Method::GET {
             return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
@@ -585,7 +615,7 @@ impl AdminState {
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        if let Err(refusal) = self.control.authorize(authorization) {
+        if let Err(refusal) = self.token.authorize(authorization) {
             return refused(refusal);
         }
         let result = match (method, path.as_str()) {
@@ -599,7 +629,7 @@ impl AdminState {
                     }),
                 }
             }
-            (Method::POST, "/admin/policy/rollback") => self.control.rollback(),
+            (Method::POST, "/admin/policy/rollback") => self.control.rollback().await,
             _ => {
                 return text(StatusCode::NOT_FOUND, "not found\n");
             }
@@ -615,6 +645,34 @@ impl AdminState {
     }
 }
 
+impl AdminState {
+    /// `POST /admin/reload`: reloads the configuration file, as SIGHUP
+    /// does, and answers what changed. Needs the bearer token.
+    async fn reload(&self, request: &Request<Incoming>) -> Response<Body> {
+        if request.method() != Method::POST {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "POST only\n");
+        }
+        let authorization = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if let Err(refusal) = self.token.authorize(authorization) {
+            return refused(refusal);
+        }
+        // On its own task: a client that leaves mid-way neither cuts the
+        // reload short nor loses its log line and count.
+        let reloader = Arc::clone(&self.reloader);
+        match tokio::spawn(async move { reloader.reload("admin").await }).await {
+            Ok(Ok(reloaded)) => json_reply(StatusCode::OK, &reloaded.to_json()),
+            Ok(Err(refusal)) => refused(refusal),
+            Err(e) => refused(Refusal {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                message: format!("the reload task failed: {e}"),
+            }),
+        }
+    }
+}
+
 /// A refused admin call, as an error in the OpenAI shape that the API
 /// port uses too.
 fn refused(refusal: Refusal) -> Response<Body> {
@@ -623,6 +681,7 @@ fn refused(refusal: Refusal) -> Response<Body> {
         StatusCode::FORBIDDEN => ("permission_error", "admin_disabled"),
         StatusCode::CONFLICT => ("invalid_request_error", "conflict"),
         StatusCode::PAYLOAD_TOO_LARGE => ("invalid_request_error", "body_too_large"),
+        StatusCode::UNPROCESSABLE_ENTITY => ("invalid_request_error", "config_rejected"),
         status if status.is_server_error() => ("server_error", "internal_error"),
         _ => ("invalid_request_error", "plugin_rejected"),
     };

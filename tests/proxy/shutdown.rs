@@ -1,13 +1,17 @@
 //! Shutdown: SIGTERM stops Switchyard taking new work, but every request it
 //! already accepted (plain, streaming, or waiting in an open batch) is
-//! answered in full before the process exits 0.
+//! answered in full before the process exits 0; under load, every request
+//! in flight is answered and new connections are refused.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
 use crate::support::{
-    chat_body, http1_client, post, send, server_toml, sse_data, MockUpstream, Switchyard,
+    chat_body, http1_client, post, send, server_toml, small_pool_config, sse_data, MockUpstream,
+    Switchyard,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,4 +98,83 @@ async fn sigterm_drains_accepted_requests_then_exits_cleanly() {
 
     let code = sw.wait_exit(Duration::from_secs(20)).await;
     assert_eq!(code, Some(0), "exit after drain; output:\n{}", sw.output());
+}
+
+/// Clients sending without pause, each request held upstream a while:
+/// SIGTERM comes while every client has one in flight. All of them are
+/// answered 200, none is lost, and a new connection is refused after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_answers_every_request_in_flight() {
+    const CLIENTS: usize = 8;
+    let mock = MockUpstream::start().await;
+    let mut sw = Switchyard::start(&small_pool_config(&mock)).await;
+
+    // Clients stop sending once told, after the answer they wait for.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for c in 0..CLIENTS {
+        let (api, stop) = (sw.api_url(), Arc::clone(&stop));
+        clients.push(tokio::spawn(async move {
+            let client = http1_client();
+            let (mut sent, mut ok, mut failures) = (0usize, 0usize, Vec::new());
+            while !stop.load(Ordering::SeqCst) {
+                let request = client
+                    .post(format!("{api}/v1/chat/completions"))
+                    .header("x-mock-delay-ms", (150 + 40 * c).to_string())
+                    .json(&chat_body("small", "under load"));
+                sent += 1;
+                match send_whole(request).await {
+                    Ok(()) => ok += 1,
+                    Err(e) => failures.push(e),
+                }
+            }
+            (sent, ok, failures)
+        }));
+    }
+
+    // Load for a while, then terminate when every client has a request
+    // with the upstream, so that no connection sits idle between two.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mock.in_progress() < CLIENTS {
+        assert!(Instant::now() < deadline, "clients never all in flight");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    sw.terminate();
+
+    let (mut sent, mut ok, mut failures) = (0, 0, Vec::new());
+    for client in clients {
+        let (s, o, f) = client.await.expect("client task");
+        sent += s;
+        ok += o;
+        failures.extend(f);
+    }
+    let lost = sent - ok;
+    eprintln!(
+        "sigterm under load: {sent} requests, {CLIENTS} concurrent, {CLIENTS} in flight \
+         at SIGTERM, {lost} lost"
+    );
+    assert!(failures.is_empty(), "failed requests: {failures:?}");
+    assert_eq!(lost, 0);
+
+    // The listener is closed: a new connection is refused.
+    let refused = tokio::net::TcpStream::connect(sw.api_addr()).await;
+    assert!(refused.is_err(), "the API port still accepts connections");
+    let code = sw.wait_exit(Duration::from_secs(20)).await;
+    assert_eq!(code, Some(0), "exit after drain; output:\n{}", sw.output());
+}
+
+/// Sends `request` and reads its body; an error says what failed.
+async fn send_whole(request: reqwest::RequestBuilder) -> Result<(), String> {
+    let response = request.send().await.map_err(|e| format!("send: {e}"))?;
+    let status = response.status();
+    let body = response.bytes().await.map_err(|e| format!("body: {e}"))?;
+    if status != 200 {
+        return Err(format!(
+            "status {status}: {}",
+            String::from_utf8_lossy(&body)
+        ));
+    }
+    Ok(())
 }

@@ -309,6 +309,11 @@ impl MockUpstream {
         self.state.request_count.load(Ordering::SeqCst)
     }
 
+    /// Requests in progress now: arrived and not yet answered.
+    pub fn in_progress(&self) -> usize {
+        self.state.concurrent.load(Ordering::SeqCst)
+    }
+
     /// The most requests in progress at once so far.
     pub fn max_concurrent(&self) -> usize {
         self.state.max_concurrent.load(Ordering::SeqCst)

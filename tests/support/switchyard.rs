@@ -217,11 +217,35 @@ impl Switchyard {
 impl Switchyard {
     /// Sends SIGTERM, as an orchestrator stopping the container would.
     pub fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends SIGHUP, which reloads the configuration file.
+    pub fn hangup(&self) {
+        self.signal("HUP");
+    }
+
+    fn signal(&self, name: &str) {
         let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([&format!("-{name}"), &self.child.id().to_string()])
             .status()
             .expect("run kill");
-        assert!(status.success(), "kill -TERM failed: {status}");
+        assert!(status.success(), "kill -{name} failed: {status}");
+    }
+
+    /// The configuration file the process runs on.
+    pub fn config_path(&self) -> &std::path::Path {
+        &self.config_path
+    }
+
+    /// Replaces the configuration file with `config_toml`, written beside
+    /// it and renamed over it, so that a watcher never reads half a file.
+    pub fn rewrite_config(&self, config_toml: &str) {
+        let staged = self.config_path.with_extension("toml.new");
+        std::fs::write(&staged, config_toml)
+            .unwrap_or_else(|e| panic!("write {}: {e}", staged.display()));
+        std::fs::rename(&staged, &self.config_path)
+            .unwrap_or_else(|e| panic!("rename over {}: {e}", self.config_path.display()));
     }
 
     /// Waits up to `timeout` for the process to exit; its exit code, or
