@@ -49,6 +49,8 @@ mod metrics;
 mod plugin_cli;
 #[path = "proxy/python_client.rs"]
 mod python_client;
+#[path = "proxy/resilience.rs"]
+mod resilience;
 #[path = "proxy/routing.rs"]
 mod routing;
 #[path = "proxy/shutdown.rs"]

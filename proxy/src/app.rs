@@ -171,6 +171,7 @@ impl App {
                 continue;
             }
             let pool = Arc::new(Pool::new(pool_config)?);
+            pool.start_health_checks();
             if let Some(batch) = &pool_config.batch {
                 let settings = BatchSettings::from_config(batch);
                 let coalescer = Coalescer::start(Arc::clone(&pool), settings);
@@ -507,6 +508,9 @@ fn truncated(text: &str) -> String {
 /// Sends one request upstream and passes its answer back as it arrives,
 /// server-sent events included: the body is never buffered here. A queue
 /// `permit` is held until the answer's body ends.
+// Limitation: since the body is passed through unparsed, a 200 whose JSON
+// is broken reaches the client as sent; only coalesced answers, which are
+// split, get 502 `upstream_invalid_response` for it.
 async fn forward(
     pool: &Pool,
     endpoint: Endpoint,
@@ -518,9 +522,7 @@ async fn forward(
     let body = Bytes::from(Value::Object(api.body).to_string());
     let sent = pool.post(&path, headers, body).await;
     if let Some(permit) = &mut permit {
-        let unreachable = sent
-            .as_ref()
-            .is_err_and(|e| e.kind == ErrorKind::UpstreamUnavailable);
+        let unreachable = sent.as_ref().is_err_and(|e| e.kind.is_unreachable());
         permit.set_healthy(!unreachable);
     }
     let upstream = sent?;

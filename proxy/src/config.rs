@@ -333,6 +333,27 @@ pub struct PoolConfig {
     /// the caller gets 504. Default 300000.
     #[serde(default = "default_request_timeout_ms")]
     pub request_timeout_ms: u64,
+    /// Time one try has for the upstream's response headers, in
+    /// milliseconds; past it the caller gets 504 and the request is not
+    /// retried (the upstream may be generating). Default:
+    /// `request_timeout_ms`.
+    pub try_timeout_ms: Option<u64>,
+    /// Time all tries of one request have together for the response
+    /// headers, in milliseconds; past it the caller gets 504. Default:
+    /// `request_timeout_ms`.
+    pub total_timeout_ms: Option<u64>,
+    /// `[pool.retry]`: retries of requests that never reached an upstream.
+    /// Default: the table's defaults.
+    pub retry: Option<RetryConfig>,
+    /// `[pool.outlier]`: ejection of endpoints that keep failing. Default:
+    /// the table's defaults.
+    pub outlier: Option<OutlierConfig>,
+    /// `[pool.circuit]`: the pool's circuit breaker. Default: the table's
+    /// defaults.
+    pub circuit: Option<CircuitConfig>,
+    /// `[pool.health]`: active health checks of each endpoint. Without
+    /// this table there are none.
+    pub health: Option<HealthConfig>,
     /// Coalescing of `/v1/completions` and `/v1/embeddings`. Without this
     /// table, requests go upstream one by one. Only for `http` pools.
     pub batch: Option<BatchConfig>,
@@ -389,6 +410,126 @@ impl PoolConfig {
             prefill_chunk: switchyard_executor::engine::DEFAULT_PREFILL_CHUNK,
         }
     }
+}
+
+/// `[pool.retry]`: a request that never reached an upstream (connection
+/// refused or failed, TLS failure, HTTP/2 stream refused) goes to another
+/// endpoint, within a budget so that retries cannot multiply an outage.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Most retries of one request; 0 turns retries off. Default 2.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    /// Retries may add at most this percentage to the pool's requests of
+    /// the last 10 s. Default 20.
+    #[serde(default = "default_budget_percent")]
+    pub budget_percent: u32,
+    /// Retries per second allowed whatever the percentage says, so that a
+    /// quiet pool can still retry. Default 3.
+    #[serde(default = "default_min_retries_per_s")]
+    pub min_retries_per_s: u32,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_retries: default_max_retries(),
+            budget_percent: default_budget_percent(),
+            min_retries_per_s: default_min_retries_per_s(),
+        }
+    }
+}
+
+/// `[pool.outlier]`: passive ejection of an endpoint whose requests keep
+/// failing (connection errors, timeouts, 5xx answers).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierConfig {
+    /// Failures in a row that eject an endpoint; 0 turns ejection off.
+    /// Default 5.
+    #[serde(default = "default_outlier_failures")]
+    pub consecutive_failures: u32,
+    /// How long the first ejection lasts, in milliseconds; each ejection
+    /// that follows soon after lasts twice the one before. Default 30000.
+    #[serde(default = "default_ejection_ms")]
+    pub ejection_ms: u64,
+    /// Longest an ejection lasts, in milliseconds. Default 300000.
+    #[serde(default = "default_max_ejection_ms")]
+    pub max_ejection_ms: u64,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: default_outlier_failures(),
+            ejection_ms: default_ejection_ms(),
+            max_ejection_ms: default_max_ejection_ms(),
+        }
+    }
+}
+
+/// `[pool.circuit]`: when too many of the pool's requests fail, the pool
+/// answers 503 at once for a while instead of piling requests onto it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitConfig {
+    /// Percentage of failed requests over `window_ms` that opens the
+    /// circuit; 0 turns the breaker off. Default 50.
+    #[serde(default = "default_failure_percent")]
+    pub failure_percent: u32,
+    /// Fewest requests in the window before the percentage counts.
+    /// Default 20.
+    #[serde(default = "default_circuit_min_requests")]
+    pub min_requests: u64,
+    /// The window failures are counted over, in milliseconds. Default
+    /// 10000.
+    #[serde(default = "default_circuit_window_ms")]
+    pub window_ms: u64,
+    /// How long the circuit stays open, in milliseconds. Default 5000.
+    #[serde(default = "default_open_ms")]
+    pub open_ms: u64,
+    /// Requests let through once `open_ms` is over; all must succeed to
+    /// close the circuit, and one failure opens it again. Default 3.
+    #[serde(default = "default_half_open_requests")]
+    pub half_open_requests: u32,
+}
+
+impl Default for CircuitConfig {
+    fn default() -> Self {
+        Self {
+            failure_percent: default_failure_percent(),
+            min_requests: default_circuit_min_requests(),
+            window_ms: default_circuit_window_ms(),
+            open_ms: default_open_ms(),
+            half_open_requests: default_half_open_requests(),
+        }
+    }
+}
+
+/// `[pool.health]`: a GET to each endpoint every `interval_ms`; an
+/// endpoint that fails `unhealthy_threshold` checks in a row is not
+/// chosen until it passes `healthy_threshold` in a row.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Path checked, after the endpoint's base URL. A 2xx answer passes.
+    /// Default `/v1/models`.
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    /// Time between two checks of an endpoint, in milliseconds. Default
+    /// 5000.
+    #[serde(default = "default_health_interval_ms")]
+    pub interval_ms: u64,
+    /// Time a check has to answer, in milliseconds. Default 1000.
+    #[serde(default = "default_health_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Failed checks in a row that mark an endpoint down. Default 3.
+    #[serde(default = "default_unhealthy_threshold")]
+    pub unhealthy_threshold: u32,
+    /// Passed checks in a row that mark it up again. Default 2.
+    #[serde(default = "default_healthy_threshold")]
+    pub healthy_threshold: u32,
 }
 
 /// `[pool.batch]`: how requests are queued and coalesced.
@@ -798,6 +939,7 @@ fn validate_pool(i: usize, pool: &PoolConfig) -> Result<(), ConfigError> {
     if pool.request_timeout_ms == 0 {
         return Err(invalid(&key("request_timeout_ms"), "must be > 0"));
     }
+    validate_resilience(&key, pool)?;
     if let Some(batch) = &pool.batch {
         if batch.max_batch == 0 || batch.max_batch > MAX_BATCH_LIMIT {
             let message = format!("must be between 1 and {MAX_BATCH_LIMIT}");
@@ -898,6 +1040,58 @@ fn validate_pool_tls(
     Ok(())
 }
 
+/// Timeouts, retries, ejection, the circuit breaker and health checks:
+/// durations and thresholds must be > 0 where 0 would mean "never".
+fn validate_resilience(key: &dyn Fn(&str) -> String, pool: &PoolConfig) -> Result<(), ConfigError> {
+    let mut nonzero = vec![
+        ("try_timeout_ms", pool.try_timeout_ms.unwrap_or(1)),
+        ("total_timeout_ms", pool.total_timeout_ms.unwrap_or(1)),
+    ];
+    if let Some(outlier) = &pool.outlier {
+        nonzero.push(("outlier.ejection_ms", outlier.ejection_ms));
+        nonzero.push(("outlier.max_ejection_ms", outlier.max_ejection_ms));
+        if outlier.max_ejection_ms < outlier.ejection_ms {
+            let message = "must be >= pool.outlier.ejection_ms";
+            return Err(invalid(&key("outlier.max_ejection_ms"), message));
+        }
+    }
+    if let Some(circuit) = &pool.circuit {
+        if circuit.failure_percent > 100 {
+            let message = "must be between 0 (off) and 100";
+            return Err(invalid(&key("circuit.failure_percent"), message));
+        }
+        nonzero.push(("circuit.min_requests", circuit.min_requests));
+        nonzero.push(("circuit.window_ms", circuit.window_ms));
+        nonzero.push(("circuit.open_ms", circuit.open_ms));
+        let half_open = u64::from(circuit.half_open_requests);
+        nonzero.push(("circuit.half_open_requests", half_open));
+    }
+    if let Some(health) = &pool.health {
+        if !health.path.starts_with('/') {
+            let message = format!("{:?} must start with '/'", health.path);
+            return Err(invalid(&key("health.path"), &message));
+        }
+        if health.path.parse::<http::uri::PathAndQuery>().is_err() {
+            let message = format!("{:?} is not a valid URL path", health.path);
+            return Err(invalid(&key("health.path"), &message));
+        }
+        nonzero.push(("health.interval_ms", health.interval_ms));
+        nonzero.push(("health.timeout_ms", health.timeout_ms));
+        let down = u64::from(health.unhealthy_threshold);
+        nonzero.push(("health.unhealthy_threshold", down));
+        nonzero.push((
+            "health.healthy_threshold",
+            u64::from(health.healthy_threshold),
+        ));
+    }
+    for (field, value) in nonzero {
+        if value == 0 {
+            return Err(invalid(&key(field), "must be > 0"));
+        }
+    }
+    Ok(())
+}
+
 fn validate_batch(key: &dyn Fn(&str) -> String, batch: &BatchConfig) -> Result<(), ConfigError> {
     if batch.max_batch_tokens == Some(0) {
         return Err(invalid(&key("batch.max_batch_tokens"), "must be > 0"));
@@ -956,6 +1150,21 @@ fn validate_local_pool(i: usize, pool: &PoolConfig) -> Result<(), ConfigError> {
             &key("tls"),
             "a local pool runs its model in-process; there is nothing to \
              reach over TLS",
+        ));
+    }
+    let upstream_keys = [
+        ("try_timeout_ms", pool.try_timeout_ms.is_some()),
+        ("total_timeout_ms", pool.total_timeout_ms.is_some()),
+        ("retry", pool.retry.is_some()),
+        ("outlier", pool.outlier.is_some()),
+        ("circuit", pool.circuit.is_some()),
+        ("health", pool.health.is_some()),
+    ];
+    if let Some((field, _)) = upstream_keys.iter().find(|(_, set)| *set) {
+        return Err(invalid(
+            &key(field),
+            "applies only to http pools: a local pool has no upstream \
+             endpoints to time out, retry or eject",
         ));
     }
     let ranges = [
@@ -1173,6 +1382,70 @@ fn default_request_timeout_ms() -> u64 {
     DEFAULT_REQUEST_TIMEOUT_MS
 }
 
+fn default_max_retries() -> u32 {
+    2
+}
+
+fn default_budget_percent() -> u32 {
+    20
+}
+
+fn default_min_retries_per_s() -> u32 {
+    3
+}
+
+fn default_outlier_failures() -> u32 {
+    5
+}
+
+fn default_ejection_ms() -> u64 {
+    30_000
+}
+
+fn default_max_ejection_ms() -> u64 {
+    300_000
+}
+
+fn default_failure_percent() -> u32 {
+    50
+}
+
+fn default_circuit_min_requests() -> u64 {
+    20
+}
+
+fn default_circuit_window_ms() -> u64 {
+    10_000
+}
+
+fn default_open_ms() -> u64 {
+    5_000
+}
+
+fn default_half_open_requests() -> u32 {
+    3
+}
+
+fn default_health_path() -> String {
+    "/v1/models".to_string()
+}
+
+fn default_health_interval_ms() -> u64 {
+    5_000
+}
+
+fn default_health_timeout_ms() -> u64 {
+    1_000
+}
+
+fn default_unhealthy_threshold() -> u32 {
+    3
+}
+
+fn default_healthy_threshold() -> u32 {
+    2
+}
+
 fn default_max_batch() -> usize {
     DEFAULT_MAX_BATCH
 }
@@ -1297,6 +1570,42 @@ model = "big"
         let err = Config::parse(&text).unwrap_err();
         assert_eq!(err.key, "pool[1].name");
         assert!(err.message.contains("small"));
+    }
+
+    #[test]
+    fn resilience_tables_are_validated_with_their_key_paths() {
+        let cases = [
+            ("try_timeout_ms = 0", "pool[1].try_timeout_ms"),
+            ("[pool.retry]\nmax_retry = 1", "pool[1].retry.max_retry"),
+            (
+                "[pool.outlier]\nejection_ms = 5000\nmax_ejection_ms = 10",
+                "pool[1].outlier.max_ejection_ms",
+            ),
+            (
+                "[pool.circuit]\nfailure_percent = 101",
+                "pool[1].circuit.failure_percent",
+            ),
+            ("[pool.circuit]\nopen_ms = 0", "pool[1].circuit.open_ms"),
+            ("[pool.health]\npath = \"v1/models\"", "pool[1].health.path"),
+            (
+                "[pool.health]\nunhealthy_threshold = 0",
+                "pool[1].health.unhealthy_threshold",
+            ),
+        ];
+        for (extra, key) in cases {
+            let text = format!("{EXAMPLE}{extra}\n");
+            let err = Config::parse(&text).unwrap_err();
+            assert!(err.key.starts_with(key), "{extra}: {err}");
+        }
+
+        // Zero retries and an empty budget are allowed: retries off.
+        let off = "[pool.retry]\nmax_retries = 0\nbudget_percent = 0\n\
+                   min_retries_per_s = 0\n[pool.outlier]\n\
+                   consecutive_failures = 0\n";
+        let config = Config::parse(&format!("{EXAMPLE}{off}")).unwrap();
+        let retry = config.pool[1].retry.clone().unwrap_or_default();
+        assert_eq!(retry.max_retries, 0);
+        assert!(config.pool[1].health.is_none(), "health checks are opt-in");
     }
 
     #[test]

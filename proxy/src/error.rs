@@ -43,6 +43,9 @@ pub enum ErrorKind {
     UpstreamUnavailable,
     /// The upstream did not answer within the pool's timeout.
     UpstreamTimeout,
+    /// The pool's circuit breaker is open after repeated upstream
+    /// failures; the response says when to retry.
+    CircuitOpen,
     /// The upstream answered with something that could not be used.
     UpstreamInvalid,
     /// Switchyard is shutting down.
@@ -71,9 +74,17 @@ impl ErrorKind {
             Self::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
             Self::UpstreamUnavailable | Self::UpstreamInvalid => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::CircuitOpen => StatusCode::SERVICE_UNAVAILABLE,
             Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
+    }
+
+    /// Whether the error says the pool's upstream cannot be reached now
+    /// (its connection failed, or its circuit breaker is open), which is
+    /// what marks a coalescing pool unavailable.
+    pub fn is_unreachable(self) -> bool {
+        matches!(self, Self::UpstreamUnavailable | Self::CircuitOpen)
     }
 
     /// The OpenAI error `type`.
@@ -94,9 +105,10 @@ impl ErrorKind {
             | Self::Internal
             | Self::PoolUnavailable => "server_error",
             Self::DeadlineExceeded => "timeout_error",
-            Self::UpstreamUnavailable | Self::UpstreamTimeout | Self::UpstreamInvalid => {
-                "upstream_error"
-            }
+            Self::UpstreamUnavailable
+            | Self::UpstreamTimeout
+            | Self::UpstreamInvalid
+            | Self::CircuitOpen => "upstream_error",
         }
     }
 
@@ -115,7 +127,9 @@ impl ErrorKind {
             Self::Overloaded => "overloaded",
             Self::PoolUnavailable => "pool_unavailable",
             Self::DeadlineExceeded => "deadline_exceeded",
-            Self::UpstreamUnavailable => "upstream_unavailable",
+            // A client handles both as "no upstream now"; the status (502
+            // or 503 with Retry-After) says whether to wait.
+            Self::UpstreamUnavailable | Self::CircuitOpen => "upstream_unavailable",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::UpstreamInvalid => "upstream_invalid_response",
             Self::ShuttingDown => "shutting_down",
@@ -236,5 +250,7 @@ mod tests {
     fn upstream_kinds_map_to_gateway_statuses() {
         assert_eq!(ErrorKind::UpstreamUnavailable.status().as_u16(), 502);
         assert_eq!(ErrorKind::UpstreamTimeout.status().as_u16(), 504);
+        assert_eq!(ErrorKind::CircuitOpen.status().as_u16(), 503);
+        assert_eq!(ErrorKind::CircuitOpen.code(), "upstream_unavailable");
     }
 }

@@ -14,7 +14,8 @@
 //! - [`costs`]: the cost ledger (prices, totals, `/admin/costs`);
 //! - [`coalesce`]: merging requests into upstream batches and splitting
 //!   the answers;
-//! - [`upstream`]: pools of model servers and pooled connections to them;
+//! - [`upstream`]: pools of model servers and pooled connections to them,
+//!   with retries, outlier ejection, health checks and a circuit breaker;
 //! - [`local`]: pools served by the in-process executor
 //!   (`switchyard-executor`);
 //! - [`calibrate`]: `switchyard calibrate`, thresholds against a request set;

@@ -34,6 +34,11 @@ pub const TLS_RELOADS: &str = "switchyard_tls_certificate_reloads_total";
 pub const CONFIG_RELOADS: &str = "switchyard_config_reloads_total";
 pub const CONNECTIONS_OPEN: &str = "switchyard_connections_open";
 pub const CONNECTIONS_REJECTED: &str = "switchyard_connections_rejected_total";
+pub const ENDPOINT_HEALTHY: &str = "switchyard_upstream_endpoint_healthy";
+pub const EJECTIONS: &str = "switchyard_upstream_ejections_total";
+pub const RETRIES: &str = "switchyard_upstream_retries_total";
+pub const RETRIES_DENIED: &str = "switchyard_upstream_retries_denied_total";
+pub const CIRCUIT_STATE: &str = "switchyard_upstream_circuit_state";
 
 // Recorded by the executor of `local` pools (switchyard-executor).
 pub const EXECUTOR_TOKENS: &str = "switchyard_executor_tokens_generated_total";
@@ -191,6 +196,28 @@ fn describe() {
         "changes of the API listener's certificate files, by result (ok, \
          error: the previous certificate is kept)"
     );
+    describe_gauge!(
+        ENDPOINT_HEALTHY,
+        "1 while an upstream endpoint may be chosen, 0 while it is ejected \
+         or failing its health checks"
+    );
+    describe_counter!(
+        EJECTIONS,
+        "upstream endpoints ejected after failures in a row"
+    );
+    describe_counter!(
+        RETRIES,
+        "requests that never reached an upstream and went to another \
+         endpoint, by reason (connect, refused_stream)"
+    );
+    describe_counter!(
+        RETRIES_DENIED,
+        "retries not made, by reason (budget: the pool's retry budget was spent)"
+    );
+    describe_gauge!(
+        CIRCUIT_STATE,
+        "a pool's circuit breaker: 0 closed, 1 half-open, 2 open"
+    );
     describe_counter!(
         CONFIG_RELOADS,
         "reloads of the configuration file (SIGHUP, file change, POST \
@@ -223,6 +250,38 @@ fn describe() {
         "time from a local pool accepting a request to its first token"
     );
     describe_histogram!(EXECUTOR_STEP, Unit::Seconds, "time of one executor step");
+}
+
+/// Publishes whether an upstream endpoint may be chosen.
+pub fn record_endpoint_healthy(pool: &str, endpoint: &str, healthy: bool) {
+    let labels = [
+        ("pool", pool.to_string()),
+        ("endpoint", endpoint.to_string()),
+    ];
+    gauge!(ENDPOINT_HEALTHY, &labels).set(if healthy { 1.0 } else { 0.0 });
+}
+
+pub fn record_ejection(pool: &str, endpoint: &str) {
+    let labels = [
+        ("pool", pool.to_string()),
+        ("endpoint", endpoint.to_string()),
+    ];
+    counter!(EJECTIONS, &labels).increment(1);
+}
+
+pub fn record_retry(pool: &str, reason: &'static str) {
+    let labels = [("pool", pool.to_string()), ("reason", reason.to_string())];
+    counter!(RETRIES, &labels).increment(1);
+}
+
+pub fn record_retry_denied(pool: &str, reason: &'static str) {
+    let labels = [("pool", pool.to_string()), ("reason", reason.to_string())];
+    counter!(RETRIES_DENIED, &labels).increment(1);
+}
+
+/// Publishes a circuit breaker's state: 0 closed, 1 half-open, 2 open.
+pub fn record_circuit_state(pool: &str, state: u8) {
+    gauge!(CIRCUIT_STATE, &[("pool", pool.to_string())]).set(f64::from(state));
 }
 
 /// Records an answered request. `pool` is "none" when it was not routed.

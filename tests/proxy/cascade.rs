@@ -268,6 +268,35 @@ async fn small_pool_that_fails_escalates_without_review() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_pool_with_an_open_circuit_escalates_as_a_failure_does() {
+    let small = MockUpstream::start().await;
+    small.fail_with(Some(503));
+    let large = MockUpstream::start().await;
+    let mut config = crate::support::server_toml();
+    config.push_str(&pool_toml("small", &small.url(), "smollm2"));
+    config.push_str(
+        "[pool.circuit]\nmin_requests = 1\nfailure_percent = 50\n\
+         open_ms = 60000\n",
+    );
+    config.push_str(&pool_toml("large", &large.url(), "big"));
+    config.push_str(&cascade_policy(""));
+    let sw = Switchyard::start(&config).await;
+
+    // The first 503 opens the small pool's circuit; the second request
+    // is refused by it without reaching the small upstream, and both
+    // escalate.
+    for content in ["first", "second"] {
+        let body = chat_body("auto", content);
+        let reply = ask(&sw, "/v1/chat/completions", &body, "-0.1", "stop").await;
+        reply.assert_status(200);
+        assert_eq!(reply.pool(), "large");
+        assert_eq!(escalated(&reply), "true");
+    }
+    assert_eq!(small.request_count(), 1, "an open circuit sends nothing");
+    assert_eq!(large.request_count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_escalation_serves_the_small_answer_in_every_mode() {
     for mode in ["buffer", "probe"] {
         let small = MockUpstream::start().await;

@@ -73,6 +73,13 @@
 //!   `STALL_PREFIX_BYTES` bytes of the JSON otherwise), then nothing more
 //!   until the connection is closed.
 //! - `closed_port_url()`: a URL where nothing listens.
+//! - `MockUpstream::fail_with(Some(S))`: every request that follows, health
+//!   checks (`GET /v1/models`) included, answers status S with an OpenAI
+//!   error body, until `fail_with(None)`: a server that went bad and
+//!   recovered.
+//!
+//! `tests/support/raw_upstream.rs` has upstreams that fail below HTTP
+//! (resets, stalls, garbage).
 //!
 //! A coalesced upstream request carries no client headers, so faults for
 //! completions and embeddings can also be asked for in the prompt or input
@@ -209,6 +216,8 @@ struct State {
     connections: AtomicUsize,
     cut_streams: AtomicUsize,
     next_id: AtomicU64,
+    /// `fail_with`: the status every request gets; 0 for none.
+    forced_status: std::sync::atomic::AtomicU16,
 }
 
 /// A fake OpenAI server on `127.0.0.1`, stopped when dropped.
@@ -333,6 +342,13 @@ impl MockUpstream {
     pub fn connections(&self) -> usize {
         self.state.connections.load(Ordering::SeqCst)
     }
+
+    /// Makes every request from now on answer `status` (an OpenAI error
+    /// body), or, with `None`, answer normally again.
+    pub fn fail_with(&self, status: Option<u16>) {
+        let code = status.unwrap_or(0);
+        self.state.forced_status.store(code, Ordering::SeqCst);
+    }
 }
 
 impl Drop for MockUpstream {
@@ -447,7 +463,9 @@ async fn handle_inner(
     if let Some(ms) = header_u64(&headers, "x-mock-delay-ms") {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
-    if let Some(code) = header_u64(&headers, "x-mock-status") {
+    let forced = state.forced_status.load(Ordering::SeqCst);
+    let forced = (forced != 0).then_some(u64::from(forced));
+    if let Some(code) = forced.or_else(|| header_u64(&headers, "x-mock-status")) {
         let status = u16::try_from(code)
             .ok()
             .and_then(|c| StatusCode::from_u16(c).ok())

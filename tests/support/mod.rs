@@ -1,6 +1,6 @@
 //! Helpers shared by the black-box tests and the benchmark: a fake OpenAI
-//! upstream, a harness that boots the real `switchyard` binary, test
-//! certificates, and small HTTP helpers for asserting on OpenAI-shaped
+//! upstream (and a raw one that fails below HTTP), a harness that boots
+//! the real `switchyard` binary, test certificates, and small HTTP helpers for asserting on OpenAI-shaped
 //! replies.
 //!
 //! Everything here talks to loopback only; nothing reaches another host.
@@ -12,6 +12,7 @@
 )]
 
 pub mod mock_upstream;
+pub mod raw_upstream;
 pub mod switchyard;
 pub mod tls;
 

@@ -279,7 +279,7 @@ async fn send_batch(
                 permit.set_healthy(true);
             }
             Ok(_) => permit.set_healthy(true),
-            Err(e) if e.kind == ErrorKind::UpstreamUnavailable => permit.set_healthy(false),
+            Err(e) if e.kind.is_unreachable() => permit.set_healthy(false),
             Err(_) => {}
         }
         // The sample is the upstream's time, not the retries' below.

@@ -398,7 +398,7 @@ pub(super) async fn relay(
         Ok(upstream) => upstream,
         Err(e) => {
             if let Some(permit) = permit {
-                permit.set_healthy(e.kind != ErrorKind::UpstreamUnavailable);
+                permit.set_healthy(!e.kind.is_unreachable());
             }
             for member in members {
                 let _ = member.reply.send(Err(e.clone()));
