@@ -26,6 +26,7 @@ use crate::error::{ApiError, ErrorKind};
 use crate::local::LocalPool;
 use crate::metrics;
 use crate::routing::Router;
+use crate::transparent::Capture;
 use crate::upstream::{copy_response_headers, Pool};
 
 /// Names the pool that served a response.
@@ -143,23 +144,49 @@ impl App {
     /// Answers one API request. Never fails: errors become OpenAI error
     /// responses here.
     pub async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+        self.handle_on(request, None).await
+    }
+
+    /// Answers one request of a connection on the transparent listener:
+    /// served by the captured pool, or refused as `capture` says.
+    pub async fn handle_captured(
+        &self,
+        request: Request<Incoming>,
+        capture: &Capture,
+    ) -> Response<Body> {
+        self.handle_on(request, Some(capture)).await
+    }
+
+    async fn handle_on(
+        &self,
+        request: Request<Incoming>,
+        capture: Option<&Capture>,
+    ) -> Response<Body> {
         let method = request.method().clone();
         let path = request.uri().path().to_string();
         let endpoint = Endpoint::from_path(&path);
         // Logs and counts the request even if the client leaves first and
         // this future is dropped mid-way.
         let mut record = RequestRecord::new(&method, &path, endpoint);
+        let captured_pool = capture.and_then(Capture::pool);
+        let refused = match capture {
+            Some(Capture::Refused(error)) => Some(error.clone()),
+            _ => None,
+        };
 
-        let result = match (&method, path.as_str(), endpoint) {
-            (&Method::POST, _, Some(endpoint)) => {
-                self.proxy(endpoint, request, &mut record.outcome).await
+        let result = match (refused, &method, path.as_str(), endpoint) {
+            // Every request of a captured connection no pool serves.
+            (Some(error), ..) => Err(error),
+            (None, &Method::POST, _, Some(endpoint)) => {
+                let outcome = &mut record.outcome;
+                self.proxy(endpoint, request, captured_pool, outcome).await
             }
-            (&Method::GET, "/v1/models", _) => Ok(self.models()),
-            (_, "/v1/models", _) | (_, _, Some(_)) => Err(ApiError::new(
+            (None, &Method::GET, "/v1/models", _) => Ok(self.models()),
+            (None, _, "/v1/models", _) | (None, _, _, Some(_)) => Err(ApiError::new(
                 ErrorKind::MethodNotAllowed,
                 format!("{method} is not allowed on {path}"),
             )),
-            _ => Err(ApiError::new(
+            (None, ..) => Err(ApiError::new(
                 ErrorKind::NotFound,
                 format!("no such endpoint: {method} {path:?}"),
             )),
@@ -193,6 +220,7 @@ impl App {
         &self,
         endpoint: Endpoint,
         request: Request<Incoming>,
+        captured_pool: Option<&str>,
         outcome: &mut Outcome,
     ) -> Result<Response<Body>, ApiError> {
         let (parts, body) = request.into_parts();
@@ -213,6 +241,7 @@ impl App {
         };
         let mut api = ApiRequest::parse(endpoint, &bytes)?;
         api.query = parts.uri.query().map(str::to_string);
+        api.captured_pool = captured_pool.map(str::to_string);
 
         let route = self.router.route(&api, &parts.headers)?;
         outcome.pool = Some(route.pool.clone());
@@ -307,8 +336,12 @@ impl App {
             let message = format!("pool {pool:?} was routed to but is not configured");
             return Err(ApiError::new(ErrorKind::Internal, message));
         };
-        api.body
-            .insert("model".to_string(), Value::from(pool.model.clone()));
+        // The client of a captured connection named the model its server
+        // knows; it goes there as written.
+        if api.captured_pool.as_deref() != Some(pool.name.as_str()) {
+            api.body
+                .insert("model".to_string(), Value::from(pool.model.clone()));
+        }
 
         let Some(coalescer) = self.coalescers.get(&pool.name) else {
             return forward(pool, endpoint, headers, api, None).await;

@@ -45,6 +45,12 @@ pub enum ErrorKind {
     UpstreamTimeout,
     /// The upstream answered with something that could not be used.
     UpstreamInvalid,
+    /// A captured connection's original destination is in no pool's
+    /// `capture` list.
+    UnknownDestination,
+    /// A connection reached the transparent listener without being
+    /// redirected there.
+    NotRedirected,
     /// Switchyard is shutting down.
     ShuttingDown,
     /// A bug or an exhausted resource inside Switchyard.
@@ -70,6 +76,8 @@ impl ErrorKind {
             Self::PoolUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
             Self::UpstreamUnavailable | Self::UpstreamInvalid => StatusCode::BAD_GATEWAY,
+            Self::UnknownDestination => StatusCode::BAD_GATEWAY,
+            Self::NotRedirected => StatusCode::MISDIRECTED_REQUEST,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -85,7 +93,8 @@ impl ErrorKind {
             | Self::ModelNotFound
             | Self::NotFound
             | Self::MethodNotAllowed
-            | Self::ContextLengthExceeded => "invalid_request_error",
+            | Self::ContextLengthExceeded
+            | Self::NotRedirected => "invalid_request_error",
             Self::Overloaded => "rate_limit_error",
             Self::PolicyRejected(status) if status < 500 => "invalid_request_error",
             Self::PolicyRejected(_)
@@ -94,9 +103,10 @@ impl ErrorKind {
             | Self::Internal
             | Self::PoolUnavailable => "server_error",
             Self::DeadlineExceeded => "timeout_error",
-            Self::UpstreamUnavailable | Self::UpstreamTimeout | Self::UpstreamInvalid => {
-                "upstream_error"
-            }
+            Self::UpstreamUnavailable
+            | Self::UpstreamTimeout
+            | Self::UpstreamInvalid
+            | Self::UnknownDestination => "upstream_error",
         }
     }
 
@@ -118,6 +128,8 @@ impl ErrorKind {
             Self::UpstreamUnavailable => "upstream_unavailable",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::UpstreamInvalid => "upstream_invalid_response",
+            Self::UnknownDestination => "unknown_destination",
+            Self::NotRedirected => "not_redirected",
             Self::ShuttingDown => "shutting_down",
             Self::Internal => "internal_error",
         }

@@ -6,6 +6,8 @@
 //!
 //! - [`config`]: the TOML file, its defaults and validation;
 //! - [`server`]: listeners, connections, admin port, shutdown;
+//! - [`transparent`]: redirected connections, their original destination
+//!   and the pool it belongs to;
 //! - [`app`]: the request path from body to answer;
 //! - [`api`]: the OpenAI request shapes Switchyard interprets;
 //! - [`routing`]: which pool serves a request (policy or model name);
@@ -43,4 +45,5 @@ pub mod routing;
 pub mod server;
 pub mod telemetry;
 pub mod tls;
+pub mod transparent;
 pub mod upstream;

@@ -33,6 +33,8 @@ pub const TLS_HANDSHAKE_FAILURES: &str = "switchyard_tls_handshake_failures_tota
 pub const TLS_RELOADS: &str = "switchyard_tls_certificate_reloads_total";
 pub const CONNECTIONS_OPEN: &str = "switchyard_connections_open";
 pub const CONNECTIONS_REJECTED: &str = "switchyard_connections_rejected_total";
+pub const CAPTURED_CONNECTIONS: &str = "switchyard_captured_connections_total";
+pub const CAPTURE_FAILURES: &str = "switchyard_capture_failures_total";
 
 // Recorded by the executor of `local` pools (switchyard-executor).
 pub const EXECUTOR_TOKENS: &str = "switchyard_executor_tokens_generated_total";
@@ -173,12 +175,22 @@ fn describe() {
     );
     describe_gauge!(
         CONNECTIONS_OPEN,
-        "client connections open on the API listener"
+        "client connections open on the API and transparent listeners"
     );
     describe_counter!(
         CONNECTIONS_REJECTED,
         "API connections closed on accept, by the limit that was full \
          (max_connections, max_connections_per_ip)"
+    );
+    describe_counter!(
+        CAPTURED_CONNECTIONS,
+        "connections redirected to the transparent listener, by the pool \
+         their original destination belongs to"
+    );
+    describe_counter!(
+        CAPTURE_FAILURES,
+        "connections on the transparent listener that no pool serves, by \
+         reason (unknown_destination, not_redirected, tls)"
     );
     describe_counter!(
         TLS_HANDSHAKE_FAILURES,

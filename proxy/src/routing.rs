@@ -4,6 +4,11 @@
 //!
 //! A failing plugin never fails a request by itself: the failure is logged,
 //! counted, and the request takes the default route.
+//!
+//! On a captured connection (`server.transparent`) the default route is
+//! the pool the connection was opened to, whatever the `model`: without a
+//! policy every request goes there, and a policy may still send one
+//! elsewhere.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -160,7 +165,7 @@ impl Router {
         // The request keeps this `Arc` to its end, so its review runs on
         // the same plugin version as its route, whatever a reload does.
         let Some(policy) = self.policy() else {
-            return self.default_route(&request.model);
+            return self.default_route(request);
         };
         let summary = request.route_request(headers);
         let started = Instant::now();
@@ -193,18 +198,18 @@ impl Router {
         );
         metrics::record_policy_error(policy.name(), e.kind());
         match self.on_error {
-            OnError::DefaultRoute => self.failure_route(&request.model),
+            OnError::DefaultRoute => self.failure_route(request),
             OnError::Reject => {
                 let message = format!("the routing policy failed: {e}");
                 Err(ApiError::new(ErrorKind::PolicyFailed, message))
             }
             OnError::Previous => {
                 let Some(previous) = self.previous_policy() else {
-                    return self.failure_route(&request.model);
+                    return self.failure_route(request);
                 };
                 match self.call_plugin(|| previous.route(&summary)) {
                     Ok(outcome) => self.apply(previous, outcome, request, summary),
-                    Err(_) => self.failure_route(&request.model),
+                    Err(_) => self.failure_route(request),
                 }
             }
         }
@@ -267,7 +272,7 @@ impl Router {
                 // Passing the client's model through as the pool is a
                 // plugin's normal answer; no such pool is the client's
                 // mistake, not the plugin's.
-                None if decision.pool == request.model => self.default_route(&request.model),
+                None if decision.pool == request.model => self.default_route(request),
                 None => {
                     tracing::warn!(
                         plugin = policy.name(),
@@ -276,7 +281,7 @@ impl Router {
                          taking the default route"
                     );
                     metrics::record_policy_error(policy.name(), "unknown_pool");
-                    self.failure_route(&request.model)
+                    self.failure_route(request)
                 }
             },
             RouteOutcome::Reject { status, message } => {
@@ -308,21 +313,29 @@ impl Router {
         None
     }
 
-    /// Where a request goes when the policy failed: the pool its `model`
-    /// names, else `policy.fallback_pool` when one is set.
-    fn failure_route(&self, model: &str) -> Result<Route, ApiError> {
+    /// Where a request goes when the policy failed: its default route
+    /// when it has one, else `policy.fallback_pool` when one is set.
+    fn failure_route(&self, request: &ApiRequest) -> Result<Route, ApiError> {
         let fallback = self
             .fallback_pool
             .as_ref()
             .and_then(|name| self.pools.get(name));
-        match (self.pools.get(model), fallback) {
-            (None, Some(pool)) => Ok(Route::to(pool)),
-            _ => self.default_route(model),
+        let captured = request.captured_pool.is_some();
+        match (self.pools.get(&request.model), fallback) {
+            (None, Some(pool)) if !captured => Ok(Route::to(pool)),
+            _ => self.default_route(request),
         }
     }
 
-    /// The pool named by the request's `model`.
-    fn default_route(&self, model: &str) -> Result<Route, ApiError> {
+    /// The pool whose server a captured connection was opened to, else
+    /// the pool named by the request's `model`.
+    fn default_route(&self, request: &ApiRequest) -> Result<Route, ApiError> {
+        if let Some(pool) = &request.captured_pool {
+            if let Some(pool) = self.pools.get(pool) {
+                return Ok(Route::to(pool));
+            }
+        }
+        let model = &request.model;
         match self.pools.get(model) {
             Some(pool) => Ok(Route::to(pool)),
             None => {
