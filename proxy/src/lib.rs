@@ -8,6 +8,7 @@
 //! - [`server`]: listeners, connections, admin port, shutdown;
 //! - [`transparent`]: redirected connections, their original destination
 //!   and the pool it belongs to;
+//! - [`iptables`]: `switchyard iptables`, the rules that redirect them;
 //! - [`app`]: the request path from body to answer;
 //! - [`api`]: the OpenAI request shapes Switchyard interprets;
 //! - [`routing`]: which pool serves a request (policy or model name);
@@ -37,6 +38,7 @@ pub mod config;
 pub mod connections;
 pub mod costs;
 pub mod error;
+pub mod iptables;
 pub mod local;
 pub mod metrics;
 pub mod plugin_test;
