@@ -54,6 +54,13 @@ impl Switchyard {
         Self::start_inner(config_toml, true, env).await
     }
 
+    /// Like `start`, with the process running as `uid` (and gid `uid`):
+    /// the transparent-capture test's rules leave that user's traffic
+    /// alone. Needs root.
+    pub async fn start_as_user(config_toml: &str, uid: u32) -> Self {
+        Self::start_full(config_toml, true, &[], Some(uid)).await
+    }
+
     /// Like `start`, but forgets stdout lines once start-up is over, so a
     /// long benchmark does not hold every access-log line in memory.
     /// `logs()` then only has the start-up lines.
@@ -62,8 +69,22 @@ impl Switchyard {
     }
 
     async fn start_inner(config_toml: &str, keep_logs: bool, env: &[(&str, &str)]) -> Self {
+        Self::start_full(config_toml, keep_logs, env, None).await
+    }
+
+    async fn start_full(
+        config_toml: &str,
+        keep_logs: bool,
+        env: &[(&str, &str)],
+        uid: Option<u32>,
+    ) -> Self {
         let config_path = write_temp_config(config_toml);
-        let mut child = Command::new(BINARY)
+        let mut command = Command::new(BINARY);
+        if let Some(uid) = uid {
+            use std::os::unix::process::CommandExt;
+            command.uid(uid).gid(uid);
+        }
+        let mut child = command
             .arg("run")
             .arg("--config")
             .arg(&config_path)
@@ -158,6 +179,16 @@ impl Switchyard {
     /// The API listener's address.
     pub fn api_addr(&self) -> SocketAddr {
         self.api_addr
+    }
+
+    /// The transparent listener's address, from the `listening` line;
+    /// `None` without `[server.transparent]`.
+    pub fn transparent_addr(&self) -> Option<SocketAddr> {
+        self.logs()
+            .iter()
+            .find(|line| log_message(line) == Some("listening"))
+            .and_then(|line| log_text(line, "transparent_addr"))
+            .and_then(|addr| addr.parse().ok())
     }
 
     /// The admin base URL, `http://127.0.0.1:PORT`.
