@@ -208,10 +208,10 @@ impl CaptureRules {
         };
         let mut script = format!(
             "# Switchyard transparent capture: outbound TCP to {destinations} \
-             on {ports}\n# goes to the transparent listener on port {}; \
-             connections of uid {} (Switchyard)\n# and to loopback are left \
-             alone. For a fresh network namespace; `switchyard\n# iptables \
-             --apply` also replaces an earlier run's rules.\n",
+             on {ports}\n# goes to the transparent listener on port {}.\n\
+             # Connections of uid {} (Switchyard) and to loopback are left \
+             alone.\n# Written for a fresh network namespace; `switchyard \
+             iptables --apply`\n# also replaces an earlier run's rules.\n",
             self.proxy_port, self.uid
         );
         for rule in rules {
