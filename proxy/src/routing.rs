@@ -462,12 +462,41 @@ fn priority_hint(attributes: &[(String, String)]) -> Option<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use switchyard_policy::Endpoint;
 
     fn attrs(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    fn chat(model: &str, captured_pool: Option<&str>) -> ApiRequest {
+        let body =
+            format!(r#"{{"model": "{model}", "messages": [{{"role": "user", "content": "hi"}}]}}"#);
+        let mut request = ApiRequest::parse(Endpoint::ChatCompletions, body.as_bytes()).unwrap();
+        request.captured_pool = captured_pool.map(str::to_string);
+        request
+    }
+
+    #[test]
+    fn a_captured_pool_is_the_default_route_whatever_the_model() {
+        let names = vec!["vllm".to_string(), "small".to_string()];
+        let router = Router::new(names, None, Some("small".to_string()));
+        let headers = HeaderMap::new();
+
+        let captured = chat("meta-llama/Llama-3.1-8B-Instruct", Some("vllm"));
+        assert_eq!(router.route(&captured, &headers).unwrap().pool, "vllm");
+        let named = chat("small", Some("vllm"));
+        assert_eq!(router.route(&named, &headers).unwrap().pool, "vllm");
+        // A failed policy call keeps a captured request on its pool rather
+        // than the fallback.
+        assert_eq!(router.failure_route(&captured).unwrap().pool, "vllm");
+
+        let explicit = chat("meta-llama/Llama-3.1-8B-Instruct", None);
+        let err = router.route(&explicit, &headers).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::ModelNotFound);
+        assert_eq!(router.failure_route(&explicit).unwrap().pool, "small");
     }
 
     #[test]
