@@ -249,4 +249,14 @@ mod tests {
         assert_eq!(ErrorKind::UpstreamUnavailable.status().as_u16(), 502);
         assert_eq!(ErrorKind::UpstreamTimeout.status().as_u16(), 504);
     }
+
+    #[test]
+    fn capture_refusals_are_a_502_and_a_421() {
+        let unknown = ErrorKind::UnknownDestination;
+        assert_eq!(unknown.status().as_u16(), 502);
+        assert_eq!(unknown.code(), "unknown_destination");
+        let direct = ErrorKind::NotRedirected;
+        assert_eq!(direct.status().as_u16(), 421);
+        assert_eq!(direct.error_type(), "invalid_request_error");
+    }
 }
