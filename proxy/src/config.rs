@@ -212,6 +212,9 @@ pub struct TransparentConfig {
     /// Address of the listener. iptables' REDIRECT sends a pod's own
     /// outbound connections to 127.0.0.1 (IPv4) or ::1 (IPv6) at the
     /// rules' `--proxy-port`. Default `127.0.0.1:15001`.
+    // Limitation: one address, so one family: REDIRECT sends IPv4 to
+    // 127.0.0.1 and IPv6 to ::1, and capturing both would need two
+    // listeners.
     #[serde(default = "default_transparent_listen")]
     pub listen: SocketAddr,
 }

@@ -214,6 +214,10 @@ impl Capture {
                     dst,
                 }
             }
+            // Limitation: a destination no pool captures is refused, not
+            // relayed to where the client meant it to go: Switchyard has
+            // no plain TCP relay, so rules wider than the capture lists
+            // break that traffic.
             None => {
                 metrics::counter!(CAPTURE_FAILURES, "reason" => "unknown_destination").increment(1);
                 tracing::warn!(
