@@ -36,6 +36,7 @@ pub struct Switchyard {
     child: Child,
     api_addr: SocketAddr,
     admin_addr: SocketAddr,
+    transparent_addr: Option<SocketAddr>,
     stdout: Lines,
     stderr: Lines,
     config_path: PathBuf,
@@ -112,6 +113,7 @@ impl Switchyard {
             child,
             api_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            transparent_addr: None,
             stdout,
             stderr,
             config_path,
@@ -139,6 +141,7 @@ impl Switchyard {
             if let Some((api, admin)) = listening_addrs(&line) {
                 sw.api_addr = api;
                 sw.admin_addr = admin;
+                sw.transparent_addr = transparent_addr(&line);
                 break;
             }
         }
@@ -184,11 +187,7 @@ impl Switchyard {
     /// The transparent listener's address, from the `listening` line;
     /// `None` without `[server.transparent]`.
     pub fn transparent_addr(&self) -> Option<SocketAddr> {
-        self.logs()
-            .iter()
-            .find(|line| log_message(line) == Some("listening"))
-            .and_then(|line| log_text(line, "transparent_addr"))
-            .and_then(|addr| addr.parse().ok())
+        self.transparent_addr
     }
 
     /// The admin base URL, `http://127.0.0.1:PORT`.
@@ -332,6 +331,13 @@ fn listening_addrs(line: &str) -> Option<(SocketAddr, SocketAddr)> {
     let api = log_text(&json, "api_addr")?.parse().ok()?;
     let admin = log_text(&json, "admin_addr")?.parse().ok()?;
     Some((api, admin))
+}
+
+/// The `transparent_addr` of a `listening` line; `None` when it is
+/// `off`.
+fn transparent_addr(line: &str) -> Option<SocketAddr> {
+    let json: Value = serde_json::from_str(line).ok()?;
+    log_text(&json, "transparent_addr")?.parse().ok()
 }
 
 /// Reads `pipe` line by line into `lines` and, while someone listens, into
