@@ -21,7 +21,7 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON \
 	-DGGML_F16C=ON -DGGML_AVX512=ON
 
 .PHONY: run build plugins setup wasm-target python model test lint deny \
-	audit deny-tool fuzz fuzz-tool bench \
+	audit deny-tool fuzz fuzz-tool bench iptables \
 	bench-coalescing bench-llama-venv clean
 
 ## run: serve the small model in-process on 127.0.0.1:8080, or
@@ -42,7 +42,25 @@ wasm-target:
 		|| rustup target add $(WASM_TARGET)
 
 ## setup: everything the tests need besides the Rust toolchain
-setup: wasm-target python model
+setup: wasm-target python model iptables
+
+## iptables: the `iptables` binary, which the transparent-capture test runs
+## inside a network namespace of its own; installed with apt-get only when
+## missing and running as root (the test says why it skips otherwise)
+iptables:
+	@if command -v iptables >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" != 0 ]; then \
+		echo "iptables is missing and this is not root;" \
+			"the transparent-capture test will be skipped"; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		echo "installing iptables: apt-get install -y iptables"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q iptables \
+			|| { apt-get update -q && \
+				DEBIAN_FRONTEND=noninteractive apt-get install -y -q iptables; }; \
+	else \
+		echo "iptables is missing and there is no apt-get; install it" \
+			"to run the transparent-capture test"; \
+	fi
 
 python: $(VENV)/.installed
 
@@ -59,9 +77,12 @@ model: $(MODEL)
 $(MODEL): scripts/fetch-model.sh
 	scripts/fetch-model.sh
 
-## test: lints, unit and integration tests, the Python client test
+## test: lints, unit and integration tests, the Python client test; as
+## root, the transparent-capture test must run too (it needs a network
+## namespace)
 test: setup plugins lint deny
 	SWITCHYARD_REQUIRE_PYTHON=1 SWITCHYARD_REQUIRE_MODEL=1 \
+		$(if $(filter 0,$(shell id -u)),SWITCHYARD_REQUIRE_NETNS=1) \
 		$(CARGO) test --workspace
 
 ## deny: the dependency tree's licenses, duplicate versions and sources

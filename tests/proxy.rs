@@ -59,3 +59,5 @@ mod shutdown;
 mod streaming;
 #[path = "proxy/tls.rs"]
 mod tls;
+#[path = "proxy/transparent.rs"]
+mod transparent;

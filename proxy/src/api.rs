@@ -31,6 +31,10 @@ pub struct ApiRequest {
     pub n: u64,
     /// The request URI's query string, sent upstream unchanged.
     pub query: Option<String>,
+    /// On a captured connection, the pool whose server the client opened
+    /// it to: the request's default route, and its `model` is sent there
+    /// as written.
+    pub captured_pool: Option<String>,
 }
 
 /// How the prompt or input items are written.
@@ -95,6 +99,7 @@ impl ApiRequest {
             item_form,
             n,
             query: None,
+            captured_pool: None,
         })
     }
 

@@ -26,6 +26,7 @@ use crate::error::{ApiError, ErrorKind};
 use crate::local::LocalPool;
 use crate::metrics;
 use crate::routing::Router;
+use crate::transparent::{Capture, CaptureTable};
 use crate::upstream::{copy_response_headers, Pool};
 
 /// Names the pool that served a response.
@@ -51,6 +52,8 @@ pub struct App {
     cost_header: bool,
     max_body_bytes: u64,
     body_read_timeout: Duration,
+    /// Which pool a redirected connection's original destination is.
+    captures: CaptureTable,
 }
 
 /// What the log line and metrics say about one request.
@@ -212,6 +215,7 @@ impl App {
             cost_header: config.costs.header,
             max_body_bytes: config.server.max_body_bytes,
             body_read_timeout: Duration::from_millis(config.server.body_read_timeout_ms),
+            captures: CaptureTable::from_config(config),
         };
         Ok((app, changes))
     }
@@ -219,23 +223,49 @@ impl App {
     /// Answers one API request. Never fails: errors become OpenAI error
     /// responses here.
     pub async fn handle(&self, request: Request<Incoming>) -> Response<Body> {
+        self.handle_on(request, None).await
+    }
+
+    /// Answers one request of a connection on the transparent listener:
+    /// served by the captured pool, or refused as `capture` says.
+    pub async fn handle_captured(
+        &self,
+        request: Request<Incoming>,
+        capture: &Capture,
+    ) -> Response<Body> {
+        self.handle_on(request, Some(capture)).await
+    }
+
+    async fn handle_on(
+        &self,
+        request: Request<Incoming>,
+        capture: Option<&Capture>,
+    ) -> Response<Body> {
         let method = request.method().clone();
         let path = request.uri().path().to_string();
         let endpoint = Endpoint::from_path(&path);
         // Logs and counts the request even if the client leaves first and
         // this future is dropped mid-way.
         let mut record = RequestRecord::new(&method, &path, endpoint);
+        let captured_pool = capture.and_then(Capture::pool);
+        let refused = match capture {
+            Some(Capture::Refused(error)) => Some(error.clone()),
+            _ => None,
+        };
 
-        let result = match (&method, path.as_str(), endpoint) {
-            (&Method::POST, _, Some(endpoint)) => {
-                self.proxy(endpoint, request, &mut record.outcome).await
+        let result = match (refused, &method, path.as_str(), endpoint) {
+            // Every request of a captured connection no pool serves.
+            (Some(error), ..) => Err(error),
+            (None, &Method::POST, _, Some(endpoint)) => {
+                let outcome = &mut record.outcome;
+                self.proxy(endpoint, request, captured_pool, outcome).await
             }
-            (&Method::GET, "/v1/models", _) => Ok(self.models()),
-            (_, "/v1/models", _) | (_, _, Some(_)) => Err(ApiError::new(
+            (None, &Method::GET, "/v1/models", _) => Ok(self.models()),
+            (None, _, "/v1/models", _) | (None, _, _, Some(_)) => Err(ApiError::new(
                 ErrorKind::MethodNotAllowed,
                 format!("{method} is not allowed on {path}"),
             )),
-            _ => Err(ApiError::new(
+            (None, ..) => Err(ApiError::new(
                 ErrorKind::NotFound,
                 format!("no such endpoint: {method} {path:?}"),
             )),
@@ -269,6 +299,7 @@ impl App {
         &self,
         endpoint: Endpoint,
         request: Request<Incoming>,
+        captured_pool: Option<&str>,
         outcome: &mut Outcome,
     ) -> Result<Response<Body>, ApiError> {
         let (parts, body) = request.into_parts();
@@ -289,6 +320,7 @@ impl App {
         };
         let mut api = ApiRequest::parse(endpoint, &bytes)?;
         api.query = parts.uri.query().map(str::to_string);
+        api.captured_pool = captured_pool.map(str::to_string);
 
         let route = self.router.route(&api, &parts.headers)?;
         outcome.pool = Some(route.pool.clone());
@@ -303,6 +335,12 @@ impl App {
         }
         self.dispatch(&route.pool, &parts.headers, api, outcome, true)
             .await
+    }
+
+    /// Which pool serves a connection redirected to the transparent
+    /// listener, by the address it was opened to.
+    pub fn captures(&self) -> &CaptureTable {
+        &self.captures
     }
 
     /// The cost ledger, for the admin port.
@@ -383,8 +421,12 @@ impl App {
             let message = format!("pool {pool:?} was routed to but is not configured");
             return Err(ApiError::new(ErrorKind::Internal, message));
         };
-        api.body
-            .insert("model".to_string(), Value::from(pool.model.clone()));
+        // The client of a captured connection named the model its server
+        // knows; it goes there as written.
+        if api.captured_pool.as_deref() != Some(pool.name.as_str()) {
+            api.body
+                .insert("model".to_string(), Value::from(pool.model.clone()));
+        }
 
         let Some(coalescer) = self.coalescers.get(&pool.name) else {
             return forward(pool, endpoint, headers, api, None).await;

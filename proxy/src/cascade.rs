@@ -395,7 +395,7 @@ impl Reviewer {
         let started = Instant::now();
         let verdict = app
             .router()
-            .call_plugin(|| self.policy.review(&self.summary, &answer));
+            .call_plugin(&self.policy, || self.policy.review(&self.summary, &answer));
         metrics::record_policy_call(self.policy.name(), started.elapsed());
 
         let (pool, reason) = match verdict {

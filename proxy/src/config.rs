@@ -238,6 +238,25 @@ pub struct ServerConfig {
     /// TLS on the API listener. Default: none (cleartext HTTP/1.1 and
     /// h2c). The admin listener stays cleartext.
     pub tls: Option<ServerTlsConfig>,
+    /// The listener for connections that iptables redirected to
+    /// Switchyard (transparent capture). Default: none.
+    pub transparent: Option<TransparentConfig>,
+}
+
+/// `[server.transparent]`: the listener for redirected connections, each
+/// served by the pool whose `capture` list holds the address it was
+/// opened to.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransparentConfig {
+    /// Address of the listener. iptables' REDIRECT sends a pod's own
+    /// outbound connections to 127.0.0.1 (IPv4) or ::1 (IPv6) at the
+    /// rules' `--proxy-port`. Default `127.0.0.1:15001`.
+    // Limitation: one address, so one family: REDIRECT sends IPv4 to
+    // 127.0.0.1 and IPv6 to ::1, and capturing both would need two
+    // listeners.
+    #[serde(default = "default_transparent_listen")]
+    pub listen: SocketAddr,
 }
 
 /// `[server.tls]`: TLS termination on the API listener.
@@ -294,6 +313,7 @@ impl Default for ServerConfig {
             max_connections_per_ip: None,
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
             tls: None,
+            transparent: None,
         }
     }
 }
@@ -382,6 +402,12 @@ pub struct PoolConfig {
     /// TLS to `https://` endpoints. Default: the platform's CA store and
     /// each endpoint's host name. Only for pools with an https endpoint.
     pub tls: Option<PoolTlsConfig>,
+    /// Destinations whose captured connections this pool serves, as
+    /// `ADDR:PORT` with an IPv4 address or CIDR block, or a bracketed
+    /// IPv6 one (`10.0.0.5:8000`, `10.0.1.0/24:8000`, `[fd00::5]:8000`).
+    /// Needs `[server.transparent]`. Default: none.
+    #[serde(default)]
+    pub capture: Vec<String>,
 }
 
 impl PoolConfig {
@@ -415,7 +441,7 @@ impl PoolConfig {
 /// `[pool.retry]`: a request that never reached an upstream (connection
 /// refused or failed, TLS failure, HTTP/2 stream refused) goes to another
 /// endpoint, within a budget so that retries cannot multiply an outage.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryConfig {
     /// Most retries of one request; 0 turns retries off. Default 2.
@@ -443,7 +469,7 @@ impl Default for RetryConfig {
 
 /// `[pool.outlier]`: passive ejection of an endpoint whose requests keep
 /// failing (connection errors, timeouts, 5xx answers).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutlierConfig {
     /// Failures in a row that eject an endpoint; 0 turns ejection off.
@@ -471,7 +497,7 @@ impl Default for OutlierConfig {
 
 /// `[pool.circuit]`: when too many of the pool's requests fail, the pool
 /// answers 503 at once for a while instead of piling requests onto it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CircuitConfig {
     /// Percentage of failed requests over `window_ms` that opens the
@@ -510,7 +536,7 @@ impl Default for CircuitConfig {
 /// `[pool.health]`: a GET to each endpoint every `interval_ms`; an
 /// endpoint that fails `unhealthy_threshold` checks in a row is not
 /// chosen until it passes `healthy_threshold` in a row.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthConfig {
     /// Path checked, after the endpoint's base URL. A 2xx answer passes.
@@ -858,6 +884,7 @@ impl Config {
                 return Err(invalid(&format!("pool[{i}].name"), &message));
             }
         }
+        validate_capture(self)?;
 
         for (i, pool) in self.pool.iter().enumerate() {
             if let Some(price) = &pool.price {
@@ -950,6 +977,48 @@ fn validate_pool(i: usize, pool: &PoolConfig) -> Result<(), ConfigError> {
             return Err(invalid(&key("batch.max_wait_ms"), &message));
         }
         validate_batch(&key, batch)?;
+    }
+    Ok(())
+}
+
+/// `server.transparent` and every `pool.capture`: each entry parses, no
+/// destination is claimed twice, and the listener differs from the
+/// others.
+fn validate_capture(config: &Config) -> Result<(), ConfigError> {
+    use crate::transparent::CaptureTarget;
+
+    if let Some(transparent) = &config.server.transparent {
+        let listen = transparent.listen;
+        let taken = [
+            ("server.listen", config.server.listen),
+            ("server.admin", config.server.admin),
+        ];
+        for (key, addr) in taken {
+            if addr == listen && listen.port() != 0 {
+                let message = format!("must differ from {key} ({addr})");
+                return Err(invalid("server.transparent.listen", &message));
+            }
+        }
+    }
+
+    let mut seen: Vec<(CaptureTarget, String)> = Vec::new();
+    for (i, pool) in config.pool.iter().enumerate() {
+        for (j, text) in pool.capture.iter().enumerate() {
+            let key = format!("pool[{i}].capture[{j}]");
+            if config.server.transparent.is_none() {
+                return Err(invalid(
+                    &key,
+                    "needs a [server.transparent] listener for the \
+                     redirected connections",
+                ));
+            }
+            let target = CaptureTarget::parse(text).map_err(|e| invalid(&key, &e))?;
+            if let Some((_, other)) = seen.iter().find(|(t, _)| *t == target) {
+                let message = format!("{target} is already captured by pool {other:?}");
+                return Err(invalid(&key, &message));
+            }
+            seen.push((target, pool.name.clone()));
+        }
     }
     Ok(())
 }
@@ -1332,6 +1401,11 @@ fn default_listen() -> SocketAddr {
 
 fn default_admin() -> SocketAddr {
     DEFAULT_ADMIN
+}
+
+fn default_transparent_listen() -> SocketAddr {
+    let port = crate::transparent::DEFAULT_TRANSPARENT_PORT;
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))
 }
 
 fn default_max_body_bytes() -> u64 {
@@ -1743,6 +1817,40 @@ max_header_bytes = 100
         )
         .unwrap_err();
         assert_eq!(err.key, "server.max_header_bytes", "{err}");
+    }
+
+    #[test]
+    fn capture_needs_the_transparent_listener_and_unique_addresses() {
+        let captured = EXAMPLE.replace(
+            "model = \"big\"",
+            "model = \"big\"\ncapture = [\"10.0.0.5:8000\", \"10.0.1.0/24:8000\"]",
+        );
+        let err = Config::parse(&captured).unwrap_err();
+        assert_eq!(err.key, "pool[1].capture[0]", "{err}");
+        assert!(err.message.contains("[server.transparent]"), "{err}");
+
+        let text = captured.replace(
+            "admin = \"127.0.0.1:9901\"\n",
+            "admin = \"127.0.0.1:9901\"\n[server.transparent]\n",
+        );
+        let config = Config::parse(&text).unwrap();
+        let transparent = config.server.transparent.as_ref().unwrap();
+        assert_eq!(transparent.listen.to_string(), "127.0.0.1:15001");
+        assert_eq!(config.pool[1].capture.len(), 2);
+
+        let named = text.replace("10.0.0.5:8000", "vllm.default.svc:8000");
+        let err = Config::parse(&named).unwrap_err();
+        assert_eq!(err.key, "pool[1].capture[0]", "{err}");
+        assert!(err.message.contains("resolve host names"), "{err}");
+        let twice = text.replace("10.0.1.0/24:8000", "10.0.0.5:8000");
+        let err = Config::parse(&twice).unwrap_err();
+        assert_eq!(err.key, "pool[1].capture[1]", "{err}");
+        let clash = text.replace(
+            "[server.transparent]",
+            "[server.transparent]\nlisten = \"127.0.0.1:8080\"",
+        );
+        let err = Config::parse(&clash).unwrap_err();
+        assert_eq!(err.key, "server.transparent.listen", "{err}");
     }
 
     #[test]

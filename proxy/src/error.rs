@@ -48,6 +48,12 @@ pub enum ErrorKind {
     CircuitOpen,
     /// The upstream answered with something that could not be used.
     UpstreamInvalid,
+    /// A captured connection's original destination is in no pool's
+    /// `capture` list.
+    UnknownDestination,
+    /// A connection reached the transparent listener without being
+    /// redirected there.
+    NotRedirected,
     /// Switchyard is shutting down.
     ShuttingDown,
     /// A bug or an exhausted resource inside Switchyard.
@@ -73,6 +79,8 @@ impl ErrorKind {
             Self::PoolUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
             Self::UpstreamUnavailable | Self::UpstreamInvalid => StatusCode::BAD_GATEWAY,
+            Self::UnknownDestination => StatusCode::BAD_GATEWAY,
+            Self::NotRedirected => StatusCode::MISDIRECTED_REQUEST,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::CircuitOpen => StatusCode::SERVICE_UNAVAILABLE,
             Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
@@ -96,7 +104,8 @@ impl ErrorKind {
             | Self::ModelNotFound
             | Self::NotFound
             | Self::MethodNotAllowed
-            | Self::ContextLengthExceeded => "invalid_request_error",
+            | Self::ContextLengthExceeded
+            | Self::NotRedirected => "invalid_request_error",
             Self::Overloaded => "rate_limit_error",
             Self::PolicyRejected(status) if status < 500 => "invalid_request_error",
             Self::PolicyRejected(_)
@@ -108,7 +117,8 @@ impl ErrorKind {
             Self::UpstreamUnavailable
             | Self::UpstreamTimeout
             | Self::UpstreamInvalid
-            | Self::CircuitOpen => "upstream_error",
+            | Self::CircuitOpen
+            | Self::UnknownDestination => "upstream_error",
         }
     }
 
@@ -132,6 +142,8 @@ impl ErrorKind {
             Self::UpstreamUnavailable | Self::CircuitOpen => "upstream_unavailable",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::UpstreamInvalid => "upstream_invalid_response",
+            Self::UnknownDestination => "unknown_destination",
+            Self::NotRedirected => "not_redirected",
             Self::ShuttingDown => "shutting_down",
             Self::Internal => "internal_error",
         }
@@ -252,5 +264,15 @@ mod tests {
         assert_eq!(ErrorKind::UpstreamTimeout.status().as_u16(), 504);
         assert_eq!(ErrorKind::CircuitOpen.status().as_u16(), 503);
         assert_eq!(ErrorKind::CircuitOpen.code(), "upstream_unavailable");
+    }
+
+    #[test]
+    fn capture_refusals_are_a_502_and_a_421() {
+        let unknown = ErrorKind::UnknownDestination;
+        assert_eq!(unknown.status().as_u16(), 502);
+        assert_eq!(unknown.code(), "unknown_destination");
+        let direct = ErrorKind::NotRedirected;
+        assert_eq!(direct.status().as_u16(), 421);
+        assert_eq!(direct.error_type(), "invalid_request_error");
     }
 }

@@ -6,6 +6,9 @@
 //!
 //! - [`config`]: the TOML file, its defaults and validation;
 //! - [`server`]: listeners, connections, admin port, shutdown;
+//! - [`transparent`]: redirected connections, their original destination
+//!   and the pool it belongs to;
+//! - [`iptables`]: `switchyard iptables`, the rules that redirect them;
 //! - [`app`]: the request path from body to answer;
 //! - [`api`]: the OpenAI request shapes Switchyard interprets;
 //! - [`routing`]: which pool serves a request (policy or model name);
@@ -40,6 +43,7 @@ pub mod costs;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod iptables;
 pub mod local;
 pub mod metrics;
 pub mod plugin_test;
@@ -49,4 +53,5 @@ pub mod routing;
 pub mod server;
 pub mod telemetry;
 pub mod tls;
+pub mod transparent;
 pub mod upstream;

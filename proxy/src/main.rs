@@ -1,5 +1,6 @@
 //! The `switchyard` command: `run` serves, `check` validates a
-//! configuration, `plugin test` shows a plugin's decision.
+//! configuration, `plugin test` shows a plugin's decision, `iptables`
+//! writes the transparent-capture rules.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -55,6 +56,30 @@ enum Command {
         #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
         thresholds: Vec<f32>,
     },
+    /// Print the iptables rules that redirect the pod's outbound TCP
+    /// connections to model servers to the transparent listener
+    /// (`[server.transparent]`), or run them (--apply) from an init
+    /// container with NET_ADMIN.
+    Iptables {
+        /// Run the rules with the `iptables` binary instead of printing
+        /// them.
+        #[arg(long)]
+        apply: bool,
+        /// Port of `server.transparent.listen`.
+        #[arg(long, default_value_t = switchyard::iptables::DEFAULT_PROXY_PORT)]
+        proxy_port: u16,
+        /// User Switchyard runs as; its own connections are not captured.
+        #[arg(long, default_value_t = switchyard::iptables::DEFAULT_UID)]
+        uid: u32,
+        /// Destination ports to capture, comma-separated (8000,8080).
+        #[arg(long, value_delimiter = ',')]
+        ports: Vec<u16>,
+        /// Destination addresses or CIDR blocks to capture,
+        /// comma-separated (10.0.0.0/16,fd00::/64). IPv6 blocks get
+        /// ip6tables rules.
+        #[arg(long, value_delimiter = ',')]
+        destinations: Vec<String>,
+    },
     /// Tools for plugin authors.
     Plugin {
         #[command(subcommand)]
@@ -97,6 +122,21 @@ fn main() -> ExitCode {
             large,
             thresholds,
         } => calibrate(&config, &requests, small, large, thresholds),
+        Command::Iptables {
+            apply,
+            proxy_port,
+            uid,
+            ports,
+            destinations,
+        } => {
+            let rules = switchyard::iptables::CaptureRules {
+                proxy_port,
+                uid,
+                ports,
+                destinations,
+            };
+            iptables(&rules, apply)
+        }
         Command::Plugin {
             command:
                 PluginCommand::Test {
@@ -200,6 +240,26 @@ fn calibrate(
         }
         Err(e) => {
             eprintln!("switchyard calibrate: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn iptables(rules: &switchyard::iptables::CaptureRules, apply: bool) -> ExitCode {
+    use std::io::Write;
+    let result = if apply {
+        rules.apply(&mut std::io::stderr()).map(|count| {
+            eprintln!("switchyard iptables: {count} rules in place");
+        })
+    } else {
+        rules.script().map(|script| {
+            let _ = write!(std::io::stdout().lock(), "{script}");
+        })
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("switchyard iptables: {e}");
             ExitCode::FAILURE
         }
     }

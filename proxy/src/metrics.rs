@@ -39,6 +39,8 @@ pub const EJECTIONS: &str = "switchyard_upstream_ejections_total";
 pub const RETRIES: &str = "switchyard_upstream_retries_total";
 pub const RETRIES_DENIED: &str = "switchyard_upstream_retries_denied_total";
 pub const CIRCUIT_STATE: &str = "switchyard_upstream_circuit_state";
+pub const CAPTURED_CONNECTIONS: &str = "switchyard_captured_connections_total";
+pub const CAPTURE_FAILURES: &str = "switchyard_capture_failures_total";
 
 // Recorded by the executor of `local` pools (switchyard-executor).
 pub const EXECUTOR_TOKENS: &str = "switchyard_executor_tokens_generated_total";
@@ -179,12 +181,22 @@ fn describe() {
     );
     describe_gauge!(
         CONNECTIONS_OPEN,
-        "client connections open on the API listener"
+        "client connections open on the API and transparent listeners"
     );
     describe_counter!(
         CONNECTIONS_REJECTED,
         "API connections closed on accept, by the limit that was full \
          (max_connections, max_connections_per_ip)"
+    );
+    describe_counter!(
+        CAPTURED_CONNECTIONS,
+        "connections redirected to the transparent listener, by the pool \
+         their original destination belongs to"
+    );
+    describe_counter!(
+        CAPTURE_FAILURES,
+        "connections on the transparent listener that no pool serves, by \
+         reason (unknown_destination, not_redirected, tls)"
     );
     describe_counter!(
         TLS_HANDSHAKE_FAILURES,

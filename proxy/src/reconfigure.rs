@@ -415,6 +415,10 @@ fn keep_restart_settings(running: &ServerConfig, new: &mut Config) -> Vec<&'stat
         ("server.admin", running.admin == next.admin),
         ("server.tls", running.tls == next.tls),
         (
+            "server.transparent",
+            running.transparent == next.transparent,
+        ),
+        (
             "server.header_read_timeout_ms",
             running.header_read_timeout_ms == next.header_read_timeout_ms,
         ),

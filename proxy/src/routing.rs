@@ -4,6 +4,11 @@
 //!
 //! A failing plugin never fails a request by itself: the failure is logged,
 //! counted, and the request takes the default route.
+//!
+//! On a captured connection (`server.transparent`) the default route is
+//! the pool the connection was opened to, whatever the `model`: without a
+//! policy every request goes there, and a policy may still send one
+//! elsewhere.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -95,10 +100,10 @@ impl Router {
         }
     }
 
-    /// Runs a plugin call (`route` or `review`), which may take up to the
-    /// plugin's timeout. See [`InlineGate`] for where it runs.
-    pub(crate) fn call_plugin<T>(&self, call: impl FnOnce() -> T) -> T {
-        self.inline.call(call)
+    /// Runs a call (`route` or `review`) into `policy`, which may take up
+    /// to its timeout. See [`InlineGate`] for where it runs.
+    pub(crate) fn call_plugin<T>(&self, policy: &Policy, call: impl FnOnce() -> T) -> T {
+        self.inline.call(policy.timeout(), call)
     }
 
     /// Sets what a failed plugin call leads to, and when a swapped-in
@@ -170,11 +175,11 @@ impl Router {
         // The request keeps this `Arc` to its end, so its review runs on
         // the same plugin version as its route, whatever a reload does.
         let Some(policy) = self.policy() else {
-            return self.default_route(&request.model);
+            return self.default_route(request);
         };
         let summary = request.route_request(headers);
         let started = Instant::now();
-        let outcome = self.call_plugin(|| policy.route(&summary));
+        let outcome = self.call_plugin(&policy, || policy.route(&summary));
         metrics::record_policy_call(policy.name(), started.elapsed());
         self.count_call(&policy, outcome.is_err());
 
@@ -203,18 +208,18 @@ impl Router {
         );
         metrics::record_policy_error(policy.name(), e.kind());
         match self.on_error {
-            OnError::DefaultRoute => self.failure_route(&request.model),
+            OnError::DefaultRoute => self.failure_route(request),
             OnError::Reject => {
                 let message = format!("the routing policy failed: {e}");
                 Err(ApiError::new(ErrorKind::PolicyFailed, message))
             }
             OnError::Previous => {
                 let Some(previous) = self.previous_policy() else {
-                    return self.failure_route(&request.model);
+                    return self.failure_route(request);
                 };
-                match self.call_plugin(|| previous.route(&summary)) {
+                match self.call_plugin(&previous, || previous.route(&summary)) {
                     Ok(outcome) => self.apply(previous, outcome, request, summary),
-                    Err(_) => self.failure_route(&request.model),
+                    Err(_) => self.failure_route(request),
                 }
             }
         }
@@ -277,7 +282,7 @@ impl Router {
                 // Passing the client's model through as the pool is a
                 // plugin's normal answer; no such pool is the client's
                 // mistake, not the plugin's.
-                None if decision.pool == request.model => self.default_route(&request.model),
+                None if decision.pool == request.model => self.default_route(request),
                 None => {
                     tracing::warn!(
                         plugin = policy.name(),
@@ -286,7 +291,7 @@ impl Router {
                          taking the default route"
                     );
                     metrics::record_policy_error(policy.name(), "unknown_pool");
-                    self.failure_route(&request.model)
+                    self.failure_route(request)
                 }
             },
             RouteOutcome::Reject { status, message } => {
@@ -318,21 +323,29 @@ impl Router {
         None
     }
 
-    /// Where a request goes when the policy failed: the pool its `model`
-    /// names, else `policy.fallback_pool` when one is set.
-    fn failure_route(&self, model: &str) -> Result<Route, ApiError> {
+    /// Where a request goes when the policy failed: its default route
+    /// when it has one, else `policy.fallback_pool` when one is set.
+    fn failure_route(&self, request: &ApiRequest) -> Result<Route, ApiError> {
         let fallback = self
             .fallback_pool
             .as_ref()
             .and_then(|name| self.pools.get(name));
-        match (self.pools.get(model), fallback) {
-            (None, Some(pool)) => Ok(Route::to(pool)),
-            _ => self.default_route(model),
+        let captured = request.captured_pool.is_some();
+        match (self.pools.get(&request.model), fallback) {
+            (None, Some(pool)) if !captured => Ok(Route::to(pool)),
+            _ => self.default_route(request),
         }
     }
 
-    /// The pool named by the request's `model`.
-    fn default_route(&self, model: &str) -> Result<Route, ApiError> {
+    /// The pool whose server a captured connection was opened to, else
+    /// the pool named by the request's `model`.
+    fn default_route(&self, request: &ApiRequest) -> Result<Route, ApiError> {
+        if let Some(pool) = &request.captured_pool {
+            if let Some(pool) = self.pools.get(pool) {
+                return Ok(Route::to(pool));
+            }
+        }
+        let model = &request.model;
         match self.pools.get(model) {
             Some(pool) => Ok(Route::to(pool)),
             None => {
@@ -358,6 +371,10 @@ const OFF_THREAD_AFTER_SLOW: u64 = 100;
 /// How long a call waits for the one running on a worker thread before
 /// it leaves its own worker instead.
 const INLINE_WAIT: Duration = Duration::from_micros(20);
+/// Plugins allowed more than this per call (`policy.timeout_ms`) always
+/// run off the workers: a worker held that long would stall the requests
+/// queued on it. The default budget, 50 ms, is within it.
+const INLINE_MAX_BUDGET: Duration = Duration::from_millis(50);
 
 /// Where plugin calls run. Handing the worker thread's other tasks to
 /// another thread (`block_in_place`) before each call costs more than a
@@ -365,8 +382,9 @@ const INLINE_WAIT: Duration = Duration::from_micros(20);
 /// plugin call does so at that moment and none was slow lately;
 /// otherwise the worker's tasks move away first. At most one worker is
 /// ever held by plugin code, so a plugin that turns slow delays the
-/// requests of that one worker, by at most one call's timeout, once per
-/// `OFF_THREAD_AFTER_SLOW` calls.
+/// requests of that one worker, by at most one call's timeout (and never
+/// more than `INLINE_MAX_BUDGET`), once per `OFF_THREAD_AFTER_SLOW`
+/// calls.
 #[derive(Debug)]
 struct InlineGate {
     /// A call runs on a worker thread now.
@@ -383,8 +401,9 @@ impl InlineGate {
         }
     }
 
-    fn call<T>(&self, call: impl FnOnce() -> T) -> T {
-        if !self.enter() {
+    /// Runs `call`, which may take up to `budget`.
+    fn call<T>(&self, budget: Duration, call: impl FnOnce() -> T) -> T {
+        if budget > INLINE_MAX_BUDGET || !self.enter() {
             return call_blocking(call);
         }
         let started = Instant::now();
@@ -459,12 +478,41 @@ fn priority_hint(attributes: &[(String, String)]) -> Option<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use switchyard_policy::Endpoint;
 
     fn attrs(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    fn chat(model: &str, captured_pool: Option<&str>) -> ApiRequest {
+        let body =
+            format!(r#"{{"model": "{model}", "messages": [{{"role": "user", "content": "hi"}}]}}"#);
+        let mut request = ApiRequest::parse(Endpoint::ChatCompletions, body.as_bytes()).unwrap();
+        request.captured_pool = captured_pool.map(str::to_string);
+        request
+    }
+
+    #[test]
+    fn a_captured_pool_is_the_default_route_whatever_the_model() {
+        let names = vec!["vllm".to_string(), "small".to_string()];
+        let router = Router::new(names, None, Some("small".to_string()));
+        let headers = HeaderMap::new();
+
+        let captured = chat("meta-llama/Llama-3.1-8B-Instruct", Some("vllm"));
+        assert_eq!(router.route(&captured, &headers).unwrap().pool, "vllm");
+        let named = chat("small", Some("vllm"));
+        assert_eq!(router.route(&named, &headers).unwrap().pool, "vllm");
+        // A failed policy call keeps a captured request on its pool rather
+        // than the fallback.
+        assert_eq!(router.failure_route(&captured).unwrap().pool, "vllm");
+
+        let explicit = chat("meta-llama/Llama-3.1-8B-Instruct", None);
+        let err = router.route(&explicit, &headers).unwrap_err();
+        assert_eq!(err.kind, ErrorKind::ModelNotFound);
+        assert_eq!(router.failure_route(&explicit).unwrap().pool, "small");
     }
 
     #[test]
@@ -475,6 +523,14 @@ mod tests {
         gate.leave(Duration::from_micros(5));
         assert!(gate.enter());
         gate.leave(Duration::from_micros(5));
+    }
+
+    #[test]
+    fn a_plugin_with_a_long_budget_never_runs_on_a_worker_thread() {
+        let gate = InlineGate::new();
+        let long = INLINE_MAX_BUDGET * 2;
+        assert!(!gate.call(long, || gate.busy.load(Ordering::Relaxed)));
+        assert!(gate.call(INLINE_MAX_BUDGET, || gate.busy.load(Ordering::Relaxed)));
     }
 
     #[test]

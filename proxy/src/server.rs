@@ -1,6 +1,8 @@
-//! Listeners: the API port and the admin port, their accept loops, HTTP/1.1
-//! and HTTP/2 on every connection (cleartext, or on the API port TLS with
-//! ALPN when `[server.tls]` is set), and graceful shutdown.
+//! Listeners: the API port, the admin port and, with `[server.transparent]`,
+//! the port iptables redirects captured connections to; their accept
+//! loops, HTTP/1.1 and HTTP/2 on every connection (cleartext, or on the
+//! API port TLS with ALPN when `[server.tls]` is set), and graceful
+//! shutdown.
 //!
 //! On shutdown the listeners close first, `/readyz` turns 503, and
 //! in-flight requests get up to `server.shutdown_grace_s` to finish.
@@ -12,8 +14,9 @@
 //! The API listener enforces `server.max_connections` (and per client
 //! address, `max_connections_per_ip`) by closing a connection over the
 //! limit as soon as it is accepted: a client learns at once, instead of
-//! waiting in the kernel's backlog. The admin listener has no such limit,
-//! so metrics and health checks answer while the API port is full.
+//! waiting in the kernel's backlog; captured connections count against
+//! the same limits. The admin listener has no such limit, so metrics and
+//! health checks answer while the API port is full.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -41,10 +44,11 @@ use crate::app::App;
 use crate::body::{full, Body};
 use crate::config::{BatchConfig, BatchMode, Config, PoolKind, ServerConfig};
 use crate::connections::{Activity, ConnectionLimits, InFlight};
-use crate::metrics::TLS_HANDSHAKE_FAILURES;
+use crate::metrics::{CAPTURE_FAILURES, TLS_HANDSHAKE_FAILURES};
 use crate::reconfigure::{AdminToken, Live, Reloader};
 use crate::reload::{PolicyControl, Refusal, MAX_PLUGIN_BYTES};
 use crate::tls::ServerTls;
+use crate::transparent::{self, Capture};
 
 /// How a coalescing pool batches, for the start-up line: mode, limits
 /// and the endpoints where the upstream takes no arrays.
@@ -97,6 +101,14 @@ pub async fn run(
     let admin_listener = bind(config.server.admin, "server.admin").await?;
     let api_addr = local_addr(&api_listener)?;
     let admin_addr = local_addr(&admin_listener)?;
+    let transparent_listener = match &config.server.transparent {
+        Some(t) => Some(bind(t.listen, "server.transparent.listen").await?),
+        None => None,
+    };
+    let transparent_addr = match &transparent_listener {
+        Some(listener) => local_addr(listener)?.to_string(),
+        None => "off".to_string(),
+    };
 
     let plugin = policy
         .as_ref()
@@ -115,8 +127,12 @@ pub async fn run(
                 PoolKind::Http => pool.endpoints.join(" "),
                 PoolKind::Local => format!("local {}", pool.model_path().display()),
             };
+            let capture = match pool.capture.as_slice() {
+                [] => String::new(),
+                list => format!(", captures {}", list.join(" ")),
+            };
             format!(
-                "{} -> {target} (model {}{batch})",
+                "{} -> {target} (model {}{batch}{capture})",
                 pool.name,
                 pool.upstream_model()
             )
@@ -130,6 +146,7 @@ pub async fn run(
     tracing::info!(
         api_addr = %api_addr,
         admin_addr = %admin_addr,
+        transparent_addr = %transparent_addr,
         tls = tls_mode,
         pools = %pools.join("; "),
         plugin = plugin.as_deref().unwrap_or("none"),
@@ -137,6 +154,12 @@ pub async fn run(
     );
     if config.pool.is_empty() {
         tracing::warn!("no pools are configured; every API request gets 404");
+    }
+    if transparent_listener.is_some() && config.pool.iter().all(|p| p.capture.is_empty()) {
+        tracing::warn!(
+            "server.transparent is set but no pool has a `capture` list; \
+             every captured connection gets 502"
+        );
     }
 
     // Every connection holds a receiver: shutdown sends `true`, and the
@@ -165,9 +188,22 @@ pub async fn run(
 
     // A request keeps the App it started on to its end, whatever a
     // reload swaps in meanwhile.
+    let api_live = Arc::clone(&live);
+    let captured_live = Arc::clone(&live);
     let api_service = move |request: Request<Incoming>| {
-        let app = live.app();
+        let app = api_live.app();
         async move { Ok::<_, std::convert::Infallible>(app.handle(request).await) }
+    };
+    let captured_service = move |capture: Arc<Capture>| {
+        let live = Arc::clone(&captured_live);
+        move |request: Request<Incoming>| {
+            let app = live.app();
+            let capture = Arc::clone(&capture);
+            async move {
+                let response = app.handle_captured(request, &capture).await;
+                Ok::<_, std::convert::Infallible>(response)
+            }
+        }
     };
     let admin_service = move |request: Request<Incoming>| {
         let state = Arc::clone(&admin_state);
@@ -231,6 +267,40 @@ pub async fn run(
                     serve_tls(stream, conn, service, first_byte).await;
                 });
             }
+            accepted = accept_on(transparent_listener.as_ref()) => {
+                let Some((stream, peer)) = accept_errors.check(accepted).await else {
+                    continue;
+                };
+
+                // Captured connections count against the API limits: to
+                // the client they are the same requests, only redirected.
+                let slot = match limits.admit(peer.ip()) {
+                    Ok(slot) => slot,
+                    Err(refused) => {
+                        tracing::debug!(
+                            peer = %peer,
+                            limit = refused.key(),
+                            listener = "transparent",
+                            "connection limit reached; closing the new connection"
+                        );
+                        continue;
+                    }
+                };
+                // The pool is chosen once per connection, by the capture
+                // lists of the configuration serving when it opened.
+                let capture = Arc::new(Capture::of(&stream, live.app().captures()));
+                let conn = Conn {
+                    builder: builder.clone(),
+                    stopping: stopping.clone(),
+                    idle,
+                    listener: "transparent",
+                };
+                let service = captured_service(Arc::clone(&capture));
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    serve_captured(stream, conn, service, first_byte, &capture).await;
+                });
+            }
             accepted = admin_listener.accept() => {
                 let Some((stream, _peer)) = accept_errors.check(accepted).await else {
                     continue;
@@ -254,6 +324,7 @@ pub async fn run(
     ready.store(false, Ordering::SeqCst);
     drop(api_listener);
     drop(admin_listener);
+    drop(transparent_listener);
     let grace = reloader.shutdown_grace().await;
     tracing::info!(grace_s = grace.as_secs(), "shutting down; draining");
     drop(stopping);
@@ -274,6 +345,15 @@ async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener, String> {
     TcpListener::bind(addr)
         .await
         .map_err(|e| format!("{key}: cannot listen on {addr}: {e}"))
+}
+
+/// The next connection on `listener`; never resolves without one, so an
+/// unconfigured listener's `select!` branch stays quiet.
+async fn accept_on(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
+    match listener {
+        Some(listener) => listener.accept().await,
+        None => std::future::pending().await,
+    }
 }
 
 fn local_addr(listener: &TcpListener) -> Result<SocketAddr, String> {
@@ -331,18 +411,63 @@ where
     F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send + 'static,
 {
-    let listener = conn.listener;
+    let Some(_) = first_byte_of(&stream, first_byte, conn.listener).await else {
+        return;
+    };
+    serve_io(stream, conn, service).await;
+}
+
+/// Serves one connection redirected to the transparent listener, as
+/// `serve` does, unless its client opens with a TLS handshake: captured
+/// TLS is not decrypted, so such a connection is counted, logged and
+/// closed, and the client sees its handshake fail.
+async fn serve_captured<F, Fut>(
+    stream: TcpStream,
+    conn: Conn,
+    service: F,
+    first_byte: Duration,
+    capture: &Capture,
+) where
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send + 'static,
+{
+    let Some(first) = first_byte_of(&stream, first_byte, conn.listener).await else {
+        return;
+    };
+    if transparent::starts_tls(&[first]) {
+        metrics::counter!(CAPTURE_FAILURES, "reason" => "tls").increment(1);
+        let (pool, dst) = match capture {
+            Capture::Pool { pool, dst } => (pool.as_str(), dst.to_string()),
+            Capture::Refused(_) => ("none", "unknown".to_string()),
+        };
+        tracing::warn!(
+            pool,
+            original_dst = %dst,
+            "captured connection opens a TLS handshake; captured TLS is not \
+             decrypted, so it is closed (leave this port out of the iptables \
+             rules, or point the client at server.listen)"
+        );
+        return;
+    }
+    serve_io(stream, conn, service).await;
+}
+
+/// Waits up to `timeout` for the client's first byte, without consuming
+/// it; `None` when the client closed or sent nothing in time.
+async fn first_byte_of(
+    stream: &TcpStream,
+    timeout: Duration,
+    listener: &'static str,
+) -> Option<u8> {
     let mut probe = [0u8; 1];
-    match tokio::time::timeout(first_byte, stream.peek(&mut probe)).await {
-        Ok(Ok(read)) if read > 0 => {}
-        Ok(Ok(_)) | Ok(Err(_)) => return,
+    match tokio::time::timeout(timeout, stream.peek(&mut probe)).await {
+        Ok(Ok(read)) if read > 0 => Some(probe[0]),
+        Ok(Ok(_)) | Ok(Err(_)) => None,
         Err(_) => {
             tracing::debug!(listener, "client sent nothing in time; closing");
-            return;
+            None
         }
     }
-
-    serve_io(stream, conn, service).await;
 }
 
 /// Runs the TLS handshake of an API connection, at most `timeout`. A

@@ -142,8 +142,19 @@ fn every_example_config_passes_check() {
     }
     let root = workspace_root();
     let mut checked = 0;
+    // One folder down too: examples/kubernetes/switchyard.toml is what
+    // its ConfigMap is made from.
+    let mut paths = Vec::new();
     for entry in std::fs::read_dir(root.join("examples")).unwrap() {
         let path = entry.unwrap().path();
+        if path.is_dir() {
+            let inner = std::fs::read_dir(&path).unwrap();
+            paths.extend(inner.map(|entry| entry.unwrap().path()));
+        } else {
+            paths.push(path);
+        }
+    }
+    for path in paths {
         if path.extension().is_none_or(|ext| ext != "toml") {
             continue;
         }
@@ -158,5 +169,5 @@ fn every_example_config_passes_check() {
         assert!(output.status.success(), "{}:\n{stderr}", path.display());
         checked += 1;
     }
-    assert!(checked >= 3, "only {checked} example configs found");
+    assert!(checked >= 4, "only {checked} example configs found");
 }

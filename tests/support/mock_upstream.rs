@@ -220,6 +220,12 @@ struct State {
     forced_status: std::sync::atomic::AtomicU16,
 }
 
+/// Where mocks listen unless told: loopback, a port the OS picks.
+const LOOPBACK_ANY_PORT: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::LOCALHOST,
+    0,
+));
+
 /// A fake OpenAI server on `127.0.0.1`, stopped when dropped.
 #[derive(Debug)]
 pub struct MockUpstream {
@@ -250,7 +256,13 @@ impl MockUpstream {
     /// certificate and ALPN protocols); `url()` is then `https://`.
     pub async fn start_tls(config: Arc<rustls::ServerConfig>) -> Self {
         let acceptor = tokio_rustls::TlsAcceptor::from(config);
-        Self::start_full(true, None, Some(acceptor)).await
+        Self::start_full(LOOPBACK_ANY_PORT, true, None, Some(acceptor)).await
+    }
+
+    /// Starts a recording mock on `addr`, for a test that owns the
+    /// address (one inside a network namespace it created).
+    pub async fn start_at(addr: SocketAddr) -> Self {
+        Self::start_full(addr, true, None, None).await
     }
 
     async fn start_inner(record: bool) -> Self {
@@ -258,17 +270,18 @@ impl MockUpstream {
     }
 
     async fn start_with(record: bool, cost: Option<Cost>) -> Self {
-        Self::start_full(record, cost, None).await
+        Self::start_full(LOOPBACK_ANY_PORT, record, cost, None).await
     }
 
     async fn start_full(
+        bind: SocketAddr,
         record: bool,
         cost: Option<Cost>,
         tls: Option<tokio_rustls::TlsAcceptor>,
     ) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
+        let listener = TcpListener::bind(bind)
             .await
-            .expect("bind mock upstream on loopback");
+            .unwrap_or_else(|e| panic!("bind mock upstream on {bind}: {e}"));
         let addr = listener.local_addr().expect("mock local addr");
         let state = Arc::new(State {
             record,

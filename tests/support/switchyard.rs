@@ -36,6 +36,7 @@ pub struct Switchyard {
     child: Child,
     api_addr: SocketAddr,
     admin_addr: SocketAddr,
+    transparent_addr: Option<SocketAddr>,
     stdout: Lines,
     stderr: Lines,
     config_path: PathBuf,
@@ -54,6 +55,13 @@ impl Switchyard {
         Self::start_inner(config_toml, true, env).await
     }
 
+    /// Like `start`, with the process running as `uid` (and gid `uid`):
+    /// the transparent-capture test's rules leave that user's traffic
+    /// alone. Needs root.
+    pub async fn start_as_user(config_toml: &str, uid: u32) -> Self {
+        Self::start_full(config_toml, true, &[], Some(uid)).await
+    }
+
     /// Like `start`, but forgets stdout lines once start-up is over, so a
     /// long benchmark does not hold every access-log line in memory.
     /// `logs()` then only has the start-up lines.
@@ -62,8 +70,22 @@ impl Switchyard {
     }
 
     async fn start_inner(config_toml: &str, keep_logs: bool, env: &[(&str, &str)]) -> Self {
+        Self::start_full(config_toml, keep_logs, env, None).await
+    }
+
+    async fn start_full(
+        config_toml: &str,
+        keep_logs: bool,
+        env: &[(&str, &str)],
+        uid: Option<u32>,
+    ) -> Self {
         let config_path = write_temp_config(config_toml);
-        let mut child = Command::new(BINARY)
+        let mut command = Command::new(BINARY);
+        if let Some(uid) = uid {
+            use std::os::unix::process::CommandExt;
+            command.uid(uid).gid(uid);
+        }
+        let mut child = command
             .arg("run")
             .arg("--config")
             .arg(&config_path)
@@ -91,6 +113,7 @@ impl Switchyard {
             child,
             api_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            transparent_addr: None,
             stdout,
             stderr,
             config_path,
@@ -118,6 +141,7 @@ impl Switchyard {
             if let Some((api, admin)) = listening_addrs(&line) {
                 sw.api_addr = api;
                 sw.admin_addr = admin;
+                sw.transparent_addr = transparent_addr(&line);
                 break;
             }
         }
@@ -158,6 +182,12 @@ impl Switchyard {
     /// The API listener's address.
     pub fn api_addr(&self) -> SocketAddr {
         self.api_addr
+    }
+
+    /// The transparent listener's address, from the `listening` line;
+    /// `None` without `[server.transparent]`.
+    pub fn transparent_addr(&self) -> Option<SocketAddr> {
+        self.transparent_addr
     }
 
     /// The admin base URL, `http://127.0.0.1:PORT`.
@@ -325,6 +355,13 @@ fn listening_addrs(line: &str) -> Option<(SocketAddr, SocketAddr)> {
     let api = log_text(&json, "api_addr")?.parse().ok()?;
     let admin = log_text(&json, "admin_addr")?.parse().ok()?;
     Some((api, admin))
+}
+
+/// The `transparent_addr` of a `listening` line; `None` when it is
+/// `off`.
+fn transparent_addr(line: &str) -> Option<SocketAddr> {
+    let json: Value = serde_json::from_str(line).ok()?;
+    log_text(&json, "transparent_addr")?.parse().ok()
 }
 
 /// Reads `pipe` line by line into `lines` and, while someone listens, into

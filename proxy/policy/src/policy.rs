@@ -269,6 +269,11 @@ impl Policy {
         &self.version
     }
 
+    /// The longest one `route` or `review` call may run (`timeout_ms`).
+    pub fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.timeout_ms)
+    }
+
     /// The plugin file this policy was loaded from.
     pub fn path(&self) -> &Path {
         &self.path
