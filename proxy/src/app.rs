@@ -19,13 +19,16 @@ use switchyard_policy::Endpoint;
 use crate::api::ApiRequest;
 use crate::body::{full, Body};
 use crate::cascade;
-use crate::coalesce::{self, BatchReply, BatchSettings, Coalescer, Permit, StreamReply, Ticket};
+use crate::coalesce::{
+    self, BatchReply, BatchSettings, Coalescer, Permit, StreamReply, Ticket, DEADLINE_HEADER,
+};
 use crate::config::{CascadeConfig, Config, PoolConfig, PoolKind};
 use crate::costs::{usage_of, Ledger, MeteredBody};
 use crate::error::{ApiError, ErrorKind};
 use crate::local::LocalPool;
 use crate::metrics;
 use crate::routing::Router;
+use crate::scaling::{Busy, Scaler, SERVED_BY_HEADER};
 use crate::transparent::{Capture, CaptureTable};
 use crate::upstream::{copy_response_headers, Pool};
 
@@ -46,6 +49,8 @@ pub struct App {
     upstreams: HashMap<String, Arc<Pool>>,
     locals: HashMap<String, Arc<LocalPool>>,
     coalescers: HashMap<String, Coalescer>,
+    /// Pools with a `[pool.scaler]`: their lifecycle and fallback.
+    scaled: HashMap<String, Scaled>,
     cascade: CascadeConfig,
     ledger: Arc<Ledger>,
     /// `[costs] header`: answer with the cost headers.
@@ -85,6 +90,22 @@ pub(crate) struct Cost {
     pub(crate) usd: f64,
     /// What the baseline pool would have charged for the served answer.
     pub(crate) baseline_usd: f64,
+}
+
+/// A pool that scales to zero: its scaler, and the pool that answers for
+/// it when a request cannot wait.
+#[derive(Debug, Clone)]
+struct Scaled {
+    scaler: Arc<Scaler>,
+    fallback: Option<String>,
+}
+
+/// Where the activator sends a request for a scaled pool.
+enum Activation<'a> {
+    /// To the pool, which is ready; the guard counts it in flight.
+    Ready(Busy),
+    /// To the named fallback pool, at once.
+    Fallback(&'a str),
 }
 
 /// What a reload did to the pools.
@@ -135,6 +156,7 @@ impl App {
         let mut upstreams = HashMap::new();
         let mut locals = HashMap::new();
         let mut coalescers = HashMap::new();
+        let mut scaled = HashMap::new();
         let mut changes = PoolChanges::default();
         for pool_config in &config.pool {
             let name = pool_config.name.clone();
@@ -154,6 +176,10 @@ impl App {
                 }
                 if let Some(coalescer) = old.coalescers.get(&name) {
                     coalescers.insert(name.clone(), coalescer.clone());
+                }
+                // The scaler keeps its server, state and learned starts.
+                if let Some(old_scaled) = old.scaled.get(&name) {
+                    scaled.insert(name.clone(), old_scaled.clone());
                 }
                 changes.reused.push(name);
                 continue;
@@ -175,6 +201,16 @@ impl App {
             }
             let pool = Arc::new(Pool::new(pool_config)?);
             pool.start_health_checks();
+            // Limitation: a changed scaled pool starts cold while its old
+            // scaler stops its server only once the old configuration's
+            // last request ends; if both run the same command on the same
+            // port, the new server may fail to bind until then.
+            if let Some(scaler) = &pool_config.scaler {
+                let deadline = pool_config.default_deadline_ms;
+                let scaler = Scaler::start(Arc::clone(&pool), scaler.clone(), deadline);
+                let fallback = pool_config.fallback.clone();
+                scaled.insert(name.clone(), Scaled { scaler, fallback });
+            }
             if let Some(batch) = &pool_config.batch {
                 let settings = BatchSettings::from_config(batch);
                 let coalescer = Coalescer::start(Arc::clone(&pool), settings);
@@ -210,6 +246,7 @@ impl App {
             upstreams,
             locals,
             coalescers,
+            scaled,
             cascade,
             ledger,
             cost_header: config.costs.header,
@@ -369,6 +406,68 @@ impl App {
         outcome: &mut Outcome,
         served: bool,
     ) -> Result<Response<Body>, ApiError> {
+        let Some(scaled) = self.scaled.get(pool) else {
+            return self.dispatch_to(pool, headers, api, outcome, served).await;
+        };
+
+        // A scaled pool takes the request once ready; one that cannot
+        // wait goes to the fallback.
+        match activate(scaled, pool, headers).await? {
+            Activation::Ready(busy) => {
+                let response = self.dispatch_to(pool, headers, api, outcome, served);
+                let (parts, body) = response.await?.into_parts();
+                Ok(Response::from_parts(parts, busy.hold(body)))
+            }
+            Activation::Fallback(fallback) => {
+                outcome.pool = Some(fallback.to_string());
+                let response = self.dispatch_to(fallback, headers, api, outcome, served);
+                let mut response = response.await?;
+                set_header(&mut response, SERVED_BY_HEADER, "fallback");
+                Ok(response)
+            }
+        }
+    }
+
+    /// The lifecycle of every pool, for `GET /admin/pools`: a scaled
+    /// pool's state, desired replicas and cold starts; `scaler: null` for
+    /// a pool that is always up.
+    pub fn pools_report(&self) -> Value {
+        let pools: Vec<Value> = self
+            .router
+            .pool_names()
+            .iter()
+            .map(|name| match self.scaled.get(name) {
+                Some(scaled) => {
+                    let mut report = scaled.scaler.report();
+                    if let Some(object) = report.as_object_mut() {
+                        object.insert("name".to_string(), json!(name));
+                        object.insert("fallback".to_string(), json!(scaled.fallback));
+                    }
+                    report
+                }
+                None => json!({"name": name, "scaler": null}),
+            })
+            .collect();
+        json!({ "pools": pools })
+    }
+
+    /// Stops every scaled pool's server and waits for them: Switchyard is
+    /// shutting down.
+    pub async fn stop_scalers(&self) {
+        for scaled in self.scaled.values() {
+            scaled.scaler.shutdown().await;
+        }
+    }
+
+    /// `dispatch` past the activator: sends `api` to `pool` as it is.
+    async fn dispatch_to(
+        &self,
+        pool: &str,
+        headers: &HeaderMap,
+        api: ApiRequest,
+        outcome: &mut Outcome,
+        served: bool,
+    ) -> Result<Response<Body>, ApiError> {
         let stream = api.stream;
         let in_flight = self.ledger.begin(pool);
         let response = self.send_to_pool(pool, headers, api, outcome).await?;
@@ -478,6 +577,54 @@ impl App {
             .collect();
         let body = json!({"object": "list", "data": data});
         json_response(Bytes::from(body.to_string()))
+    }
+}
+
+/// The activator: lets a request through to a scaled pool once it is
+/// ready (holding it meanwhile), or names the fallback that answers at
+/// once, or refuses it with 503 and `Retry-After`.
+async fn activate<'a>(
+    scaled: &'a Scaled,
+    pool: &str,
+    headers: &HeaderMap,
+) -> Result<Activation<'a>, ApiError> {
+    let deadline = deadline_of(headers)?;
+    let diverted = match scaled.scaler.admit(deadline).await {
+        Ok(busy) => return Ok(Activation::Ready(busy)),
+        Err(diverted) => diverted,
+    };
+    let reason = diverted.reason.describe();
+    if let (Some(fallback), true) = (&scaled.fallback, diverted.reason.may_fall_back()) {
+        scaled.scaler.record_fallback();
+        tracing::debug!(pool, fallback = %fallback, reason, "sent to the fallback pool");
+        return Ok(Activation::Fallback(fallback));
+    }
+    let retry_after = diverted.retry_after.max(Duration::from_secs(1));
+    let message = format!(
+        "pool {pool:?} is {} and cannot take the request now: {reason}; \
+         retry in {} s, or set pool.fallback to answer such requests",
+        scaled.scaler.state().label(),
+        retry_after.as_secs()
+    );
+    let mut error = ApiError::new(ErrorKind::PoolCold, message);
+    error.retry_after = Some(retry_after);
+    Err(error)
+}
+
+/// The request's `x-switchyard-deadline-ms`, if it sent one.
+fn deadline_of(headers: &HeaderMap) -> Result<Option<Duration>, ApiError> {
+    let Some(value) = headers.get(DEADLINE_HEADER) else {
+        return Ok(None);
+    };
+    let ms = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match ms {
+        Some(ms) => Ok(Some(Duration::from_millis(ms))),
+        None => Err(ApiError::invalid(format!(
+            "{DEADLINE_HEADER} must be a whole number of milliseconds"
+        ))),
     }
 }
 

@@ -408,6 +408,19 @@ pub struct PoolConfig {
     /// Needs `[server.transparent]`. Default: none.
     #[serde(default)]
     pub capture: Vec<String>,
+    /// `[pool.scaler]`: scale-to-zero of the pool's model server. Without
+    /// this table the pool is always up. Only for `http` pools.
+    pub scaler: Option<ScalerConfig>,
+    /// The pool that answers a request which cannot wait for this pool's
+    /// cold start (its deadline ends before the expected ready time), or
+    /// whose start failed. Needs `[pool.scaler]`; must name another pool
+    /// without a scaler. Default: none (such requests get 503).
+    pub fallback: Option<String>,
+    /// Deadline of a request to this pool that sends no
+    /// `x-switchyard-deadline-ms` header, in milliseconds from arrival;
+    /// the activator compares it with the expected cold start. Needs
+    /// `[pool.scaler]`. Default: none (the request waits for the start).
+    pub default_deadline_ms: Option<u64>,
 }
 
 impl PoolConfig {
@@ -436,6 +449,75 @@ impl PoolConfig {
             prefill_chunk: switchyard_executor::engine::DEFAULT_PREFILL_CHUNK,
         }
     }
+}
+
+/// What brings a scaled pool's model server up and down.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScalerKind {
+    /// Switchyard runs `command` as a child process. The default.
+    #[default]
+    Process,
+    /// Something else starts and stops the server; Switchyard only
+    /// follows its readiness and holds requests while it is not ready.
+    None,
+}
+
+/// `[pool.scaler]`: the pool's model server runs only while it has work.
+/// A request for a pool that is not ready is held while it starts; the
+/// server stops after `idle_timeout_s` without requests.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScalerConfig {
+    /// `"process"` (default) or `"none"`.
+    #[serde(default)]
+    pub kind: ScalerKind,
+    /// `process`: the program and its arguments, run without a shell.
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// `process`: variables added to Switchyard's own environment.
+    /// Default: none.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// `process`: working directory. Default: Switchyard's.
+    pub cwd: Option<PathBuf>,
+    /// Seconds without a request in flight after which the server is
+    /// stopped. Default 300.
+    #[serde(default = "default_scaler_idle_timeout_s")]
+    pub idle_timeout_s: u64,
+    /// Seconds a started server stays up at least, however idle. Default
+    /// 60.
+    #[serde(default = "default_scaler_min_up_s")]
+    pub min_up_s: u64,
+    /// 0: start on the first request and stop when idle; 1: start at boot
+    /// and never stop for idleness. Default 0.
+    #[serde(default)]
+    pub min_replicas: u32,
+    /// Seconds a start has to answer the readiness probe; past it the
+    /// start has failed. Default 600.
+    #[serde(default = "default_scaler_ready_timeout_s")]
+    pub ready_timeout_s: u64,
+    /// Path GET on the pool's endpoints; a 2xx answer means ready.
+    /// Default `/v1/models`.
+    #[serde(default = "default_health_path")]
+    pub probe_path: String,
+    /// Milliseconds between readiness probes while starting; the gap
+    /// grows by half after each failed probe, up to 4 times this.
+    /// Default 500.
+    #[serde(default = "default_scaler_probe_interval_ms")]
+    pub probe_interval_ms: u64,
+    /// Expected cold start, in seconds, until starts have been measured
+    /// (then the 90th percentile of recent starts is used). Default:
+    /// `ready_timeout_s`.
+    pub cold_start_estimate_s: Option<u64>,
+    /// Most requests held while the server starts; past it requests get
+    /// 503 with `Retry-After`. Default 256.
+    #[serde(default = "default_scaler_max_held")]
+    pub max_held: usize,
+    /// `process`: seconds between SIGTERM and SIGKILL when stopping.
+    /// Default 10.
+    #[serde(default = "default_scaler_stop_grace_s")]
+    pub stop_grace_s: u64,
 }
 
 /// `[pool.retry]`: a request that never reached an upstream (connection
@@ -885,6 +967,7 @@ impl Config {
             }
         }
         validate_capture(self)?;
+        validate_fallbacks(self)?;
 
         for (i, pool) in self.pool.iter().enumerate() {
             if let Some(price) = &pool.price {
@@ -977,6 +1060,95 @@ fn validate_pool(i: usize, pool: &PoolConfig) -> Result<(), ConfigError> {
             return Err(invalid(&key("batch.max_wait_ms"), &message));
         }
         validate_batch(&key, batch)?;
+    }
+    if let Some(scaler) = &pool.scaler {
+        validate_scaler(&key, scaler)?;
+    }
+    Ok(())
+}
+
+/// `[pool.scaler]`: a process scaler has a command, and no duration that
+/// would mean "never" is 0.
+fn validate_scaler(key: &dyn Fn(&str) -> String, scaler: &ScalerConfig) -> Result<(), ConfigError> {
+    let process_only = scaler.kind == ScalerKind::None
+        && (!scaler.command.is_empty() || !scaler.env.is_empty() || scaler.cwd.is_some());
+    if process_only {
+        return Err(invalid(
+            &key("scaler.command"),
+            "command, env and cwd apply only to kind = \"process\"; with \
+             kind = \"none\" something else runs the server",
+        ));
+    }
+    let blank = scaler
+        .command
+        .first()
+        .is_none_or(|program| program.is_empty());
+    if scaler.kind == ScalerKind::Process && blank {
+        return Err(invalid(
+            &key("scaler.command"),
+            "must name the program to run, e.g. [\"vllm\", \"serve\", \"model\"]",
+        ));
+    }
+    if scaler.min_replicas > 1 {
+        return Err(invalid(
+            &key("scaler.min_replicas"),
+            "must be 0 (scale to zero) or 1 (always up); one process per \
+             pool is all the process scaler runs",
+        ));
+    }
+    if !scaler.probe_path.starts_with('/') {
+        return Err(invalid(&key("scaler.probe_path"), "must start with '/'"));
+    }
+    let positive = [
+        ("idle_timeout_s", scaler.idle_timeout_s),
+        ("ready_timeout_s", scaler.ready_timeout_s),
+        ("probe_interval_ms", scaler.probe_interval_ms),
+        ("max_held", scaler.max_held as u64),
+    ];
+    for (field, value) in positive {
+        if value == 0 {
+            return Err(invalid(&key(&format!("scaler.{field}")), "must be > 0"));
+        }
+    }
+    Ok(())
+}
+
+/// `fallback` and `default_deadline_ms` belong to scaled pools, and a
+/// fallback is another pool that is always up, so that it can answer at
+/// once.
+fn validate_fallbacks(config: &Config) -> Result<(), ConfigError> {
+    for (i, pool) in config.pool.iter().enumerate() {
+        let key = |field: &str| format!("pool[{i}].{field}");
+        if pool.scaler.is_none() {
+            let set = [
+                ("fallback", pool.fallback.is_some()),
+                ("default_deadline_ms", pool.default_deadline_ms.is_some()),
+            ];
+            if let Some((field, _)) = set.iter().find(|(_, set)| *set) {
+                return Err(invalid(
+                    &key(field),
+                    "applies only to pools with a [pool.scaler] table",
+                ));
+            }
+            continue;
+        }
+        if pool.default_deadline_ms == Some(0) {
+            return Err(invalid(&key("default_deadline_ms"), "must be > 0"));
+        }
+        let Some(fallback) = &pool.fallback else {
+            continue;
+        };
+        let target = config.pool.iter().find(|p| &p.name == fallback);
+        let message = match target {
+            None => format!("names no configured pool: {fallback:?}"),
+            Some(p) if p.name == pool.name => "must name another pool".to_string(),
+            Some(p) if p.scaler.is_some() => format!(
+                "pool {fallback:?} has a [pool.scaler] and may be cold itself; \
+                 a fallback must be always up"
+            ),
+            Some(_) => continue,
+        };
+        return Err(invalid(&key("fallback"), &message));
     }
     Ok(())
 }
@@ -1228,6 +1400,7 @@ fn validate_local_pool(i: usize, pool: &PoolConfig) -> Result<(), ConfigError> {
         ("outlier", pool.outlier.is_some()),
         ("circuit", pool.circuit.is_some()),
         ("health", pool.health.is_some()),
+        ("scaler", pool.scaler.is_some()),
     ];
     if let Some((field, _)) = upstream_keys.iter().find(|(_, set)| *set) {
         return Err(invalid(
@@ -1498,6 +1671,30 @@ fn default_open_ms() -> u64 {
 
 fn default_half_open_requests() -> u32 {
     3
+}
+
+fn default_scaler_idle_timeout_s() -> u64 {
+    300
+}
+
+fn default_scaler_min_up_s() -> u64 {
+    60
+}
+
+fn default_scaler_ready_timeout_s() -> u64 {
+    600
+}
+
+fn default_scaler_probe_interval_ms() -> u64 {
+    500
+}
+
+fn default_scaler_max_held() -> usize {
+    256
+}
+
+fn default_scaler_stop_grace_s() -> u64 {
+    10
 }
 
 fn default_health_path() -> String {

@@ -37,6 +37,10 @@ pub enum ErrorKind {
     /// The pool's queue is full and its upstream is failing; the response
     /// says when to retry.
     PoolUnavailable,
+    /// The pool's server is scaled to zero or starting, and the request
+    /// cannot wait for it (held too many, deadline, failed start); the
+    /// response says when to retry.
+    PoolCold,
     /// The request's `x-switchyard-deadline-ms` cannot be met.
     DeadlineExceeded,
     /// The upstream could not be reached (refused, reset, unreachable).
@@ -76,7 +80,7 @@ impl ErrorKind {
             Self::PolicyFailed => StatusCode::SERVICE_UNAVAILABLE,
             Self::ContextLengthExceeded => StatusCode::BAD_REQUEST,
             Self::Overloaded => StatusCode::TOO_MANY_REQUESTS,
-            Self::PoolUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::PoolUnavailable | Self::PoolCold => StatusCode::SERVICE_UNAVAILABLE,
             Self::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
             Self::UpstreamUnavailable | Self::UpstreamInvalid => StatusCode::BAD_GATEWAY,
             Self::UnknownDestination => StatusCode::BAD_GATEWAY,
@@ -112,7 +116,8 @@ impl ErrorKind {
             | Self::PolicyFailed
             | Self::ShuttingDown
             | Self::Internal
-            | Self::PoolUnavailable => "server_error",
+            | Self::PoolUnavailable
+            | Self::PoolCold => "server_error",
             Self::DeadlineExceeded => "timeout_error",
             Self::UpstreamUnavailable
             | Self::UpstreamTimeout
@@ -136,6 +141,7 @@ impl ErrorKind {
             Self::ContextLengthExceeded => "context_length_exceeded",
             Self::Overloaded => "overloaded",
             Self::PoolUnavailable => "pool_unavailable",
+            Self::PoolCold => "pool_cold",
             Self::DeadlineExceeded => "deadline_exceeded",
             // A client handles both as "no upstream now"; the status (502
             // or 503 with Retry-After) says whether to wait.

@@ -19,6 +19,8 @@
 //!   the answers;
 //! - [`upstream`]: pools of model servers and pooled connections to them,
 //!   with retries, outlier ejection, health checks and a circuit breaker;
+//! - [`scaling`]: scale to zero: a pool's server lifecycle, the
+//!   activator that holds requests while it starts, the idle timeout;
 //! - [`local`]: pools served by the in-process executor
 //!   (`switchyard-executor`);
 //! - [`calibrate`]: `switchyard calibrate`, thresholds against a request set;
@@ -50,6 +52,7 @@ pub mod plugin_test;
 pub mod reconfigure;
 pub mod reload;
 pub mod routing;
+pub mod scaling;
 pub mod server;
 pub mod telemetry;
 pub mod tls;

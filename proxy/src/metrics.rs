@@ -41,6 +41,11 @@ pub const RETRIES_DENIED: &str = "switchyard_upstream_retries_denied_total";
 pub const CIRCUIT_STATE: &str = "switchyard_upstream_circuit_state";
 pub const CAPTURED_CONNECTIONS: &str = "switchyard_captured_connections_total";
 pub const CAPTURE_FAILURES: &str = "switchyard_capture_failures_total";
+pub const POOL_STATE: &str = "switchyard_pool_state";
+pub const POOL_COLD_STARTS: &str = "switchyard_pool_cold_starts_total";
+pub const POOL_COLD_START_DURATION: &str = "switchyard_pool_cold_start_seconds";
+pub const POOL_FALLBACKS: &str = "switchyard_pool_fallbacks_total";
+pub const POOL_DESIRED_REPLICAS: &str = "switchyard_pool_desired_replicas";
 
 // Recorded by the executor of `local` pools (switchyard-executor).
 pub const EXECUTOR_TOKENS: &str = "switchyard_executor_tokens_generated_total";
@@ -77,7 +82,7 @@ const TOKEN_BUCKETS: [f64; 12] = [
 /// Installs the process-wide Prometheus recorder and describes every
 /// metric. Call once, inside a tokio runtime: it starts the upkeep task.
 pub fn install() -> Result<PrometheusHandle, String> {
-    let buckets: [(&str, &[f64]); 9] = [
+    let buckets: [(&str, &[f64]); 10] = [
         (POLICY_DURATION, &POLICY_BUCKETS),
         (BATCH_SIZE, &BATCH_BUCKETS),
         (BATCH_TOKENS, &TOKEN_BUCKETS),
@@ -87,6 +92,7 @@ pub fn install() -> Result<PrometheusHandle, String> {
         (EXECUTOR_BATCH_SIZE, &BATCH_BUCKETS),
         (EXECUTOR_TTFT, &LATENCY_BUCKETS),
         (EXECUTOR_STEP, &LATENCY_BUCKETS),
+        (POOL_COLD_START_DURATION, &LATENCY_BUCKETS),
     ];
     let mut builder = PrometheusBuilder::new();
     for (name, values) in buckets {
@@ -114,6 +120,25 @@ pub fn install() -> Result<PrometheusHandle, String> {
 }
 
 fn describe() {
+    describe_gauge!(
+        POOL_STATE,
+        "1 for a scaled pool's current lifecycle state (cold, starting, \
+         ready, draining), 0 for the others"
+    );
+    describe_counter!(POOL_COLD_STARTS, "starts of a scaled pool's server");
+    describe_histogram!(
+        POOL_COLD_START_DURATION,
+        Unit::Seconds,
+        "time from starting a scaled pool's server to its first passed probe"
+    );
+    describe_counter!(
+        POOL_FALLBACKS,
+        "requests for a scaled pool that its fallback pool answered"
+    );
+    describe_gauge!(
+        POOL_DESIRED_REPLICAS,
+        "servers a scaled pool wants running (0 or 1)"
+    );
     describe_counter!(REQUESTS, "API requests answered, by pool and status");
     describe_histogram!(
         REQUEST_DURATION,
@@ -289,6 +314,28 @@ pub fn record_retry(pool: &str, reason: &'static str) {
 pub fn record_retry_denied(pool: &str, reason: &'static str) {
     let labels = [("pool", pool.to_string()), ("reason", reason.to_string())];
     counter!(RETRIES_DENIED, &labels).increment(1);
+}
+
+/// Publishes whether a scaled pool is in `state` now.
+pub fn record_pool_state(pool: &str, state: &'static str, current: bool) {
+    let labels = [("pool", pool.to_string()), ("state", state.to_string())];
+    gauge!(POOL_STATE, &labels).set(if current { 1.0 } else { 0.0 });
+}
+
+pub fn record_pool_desired_replicas(pool: &str, replicas: u32) {
+    gauge!(POOL_DESIRED_REPLICAS, &[("pool", pool.to_string())]).set(f64::from(replicas));
+}
+
+pub fn record_pool_cold_start(pool: &str) {
+    counter!(POOL_COLD_STARTS, &[("pool", pool.to_string())]).increment(1);
+}
+
+pub fn record_pool_cold_start_duration(pool: &str, took: Duration) {
+    histogram!(POOL_COLD_START_DURATION, &[("pool", pool.to_string())]).record(took.as_secs_f64());
+}
+
+pub fn record_pool_fallback(pool: &str) {
+    counter!(POOL_FALLBACKS, &[("pool", pool.to_string())]).increment(1);
 }
 
 /// Publishes a circuit breaker's state: 0 closed, 1 half-open, 2 open.

@@ -178,6 +178,7 @@ pub async fn run(
     reloader.watch_signal();
     reloader.watch_file();
     let admin_state = Arc::new(AdminState {
+        live: Arc::clone(&live),
         metrics,
         control,
         token,
@@ -338,6 +339,13 @@ pub async fn run(
             "connections still open after the grace period; closing them"
         ),
     }
+
+    // Scaled pools' servers are children of this process: they stop with
+    // it, SIGTERM first.
+    // Limitation: only the serving configuration's scalers are stopped
+    // this way; a pool dropped by a reload whose old requests still run
+    // has its server killed when the runtime ends.
+    live.app().stop_scalers().await;
     Ok(())
 }
 
@@ -681,6 +689,8 @@ impl AcceptErrors {
 /// What the admin port serves.
 #[derive(Debug)]
 struct AdminState {
+    /// The serving configuration, for `/admin/pools`.
+    live: Arc<Live>,
     metrics: PrometheusHandle,
     control: Arc<PolicyControl>,
     /// Guards every call that changes something.
@@ -718,6 +728,10 @@ impl AdminState {
                     HeaderValue::from_static("application/json"),
                 );
                 response
+            }
+            "/admin/pools" => {
+                let report = self.live.app().pools_report();
+                json_reply(StatusCode::OK, &report)
             }
             "/readyz" if self.ready.load(Ordering::SeqCst) => text(StatusCode::OK, "ready\n"),
             "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),

@@ -414,13 +414,30 @@ impl Pool {
     /// Sends one health check to endpoint `index`: whether it answered
     /// 2xx within the check's timeout.
     async fn check(&self, index: usize, health: &HealthConfig) -> bool {
+        let timeout = Duration::from_millis(health.timeout_ms);
+        self.get_ok(index, &health.path, timeout).await
+    }
+
+    /// Whether any endpoint answers a GET of `path` with 2xx within
+    /// `timeout`: the readiness probe of a pool whose server a scaler
+    /// starts. Endpoints are tried in order; ejections are not consulted.
+    pub async fn probe(&self, path: &str, timeout: Duration) -> bool {
+        for index in 0..self.endpoints.len() {
+            if self.get_ok(index, path, timeout).await {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// One GET of `path` on endpoint `index`: true for a 2xx answer.
+    async fn get_ok(&self, index: usize, path: &str, timeout: Duration) -> bool {
         let endpoint = self.endpoints.get(index);
-        let Ok(uri) = endpoint.uri(&health.path) else {
+        let Ok(uri) = endpoint.uri(path) else {
             return false;
         };
         let mut request = Request::new(Full::new(Bytes::new()));
         *request.uri_mut() = uri;
-        let timeout = Duration::from_millis(health.timeout_ms);
         match tokio::time::timeout(timeout, self.client.request(request)).await {
             Ok(Ok(response)) => response.status().is_success(),
             Ok(Err(error)) => {

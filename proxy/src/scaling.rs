@@ -1,0 +1,876 @@
+//! Scale to zero: the lifecycle of a pool whose model server runs only
+//! while it has work (`[pool.scaler]`), the activator that holds requests
+//! while the server starts, and the idle timeout that stops it.
+//!
+//! A scaled pool moves `cold` → `starting` → `ready` → `draining` →
+//! `cold`. One supervisor task per pool owns the server (a child process
+//! for `kind = "process"`) and makes every transition; the request path
+//! only reads the state, counts its requests (held and in flight) and
+//! wakes the supervisor when a request finds the pool cold.
+//!
+//! This module decides when to start and stop and whether a request may
+//! wait; it does not send requests (`app` does, to the pool or to its
+//! fallback) and does not parse them.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::body::{Body, BoxError};
+use crate::config::{ScalerConfig, ScalerKind};
+use crate::metrics;
+use crate::upstream::Pool;
+
+/// Response header set on an answer that the pool's fallback gave in its
+/// place: `fallback`.
+pub const SERVED_BY_HEADER: &str = "x-switchyard-served-by";
+
+/// Starts whose duration the cold-start estimate is taken from.
+const RECENT_STARTS: usize = 20;
+
+/// Time a single readiness probe has to answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Pause before an always-up pool (`min_replicas = 1`) starts again after
+/// its server exited or failed to start, so that a server that crashes at
+/// once does not spin.
+const RESTART_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Where a scaled pool is in its lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolState {
+    /// No server runs; the next request starts one.
+    Cold,
+    /// The server was started and does not answer its probe yet.
+    Starting,
+    /// The server answers; requests go straight to it.
+    Ready,
+    /// The server is being stopped; new requests are held and start it
+    /// again once it is down.
+    Draining,
+}
+
+impl PoolState {
+    const ALL: [PoolState; 4] = [Self::Cold, Self::Starting, Self::Ready, Self::Draining];
+
+    /// The state's name in logs, metrics and `/admin/pools`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Cold => "cold",
+            Self::Starting => "starting",
+            Self::Ready => "ready",
+            Self::Draining => "draining",
+        }
+    }
+
+    /// Servers the pool wants running in this state.
+    fn desired_replicas(self) -> u32 {
+        match self {
+            Self::Starting | Self::Ready => 1,
+            Self::Cold | Self::Draining => 0,
+        }
+    }
+}
+
+/// Why a request was not let through to a scaled pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DivertReason {
+    /// Its deadline ends before the pool is expected to be ready.
+    Deadline,
+    /// The start it waited for failed or timed out.
+    StartFailed,
+    /// `max_held` requests are already waiting.
+    TooManyHeld,
+    /// The pool is being shut down.
+    Stopped,
+}
+
+impl DivertReason {
+    /// The reason in logs and error messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Deadline => "its deadline ends before the expected cold start does",
+            Self::StartFailed => "the pool's server failed to start",
+            Self::TooManyHeld => "scaler.max_held requests already wait for the cold start",
+            Self::Stopped => "the pool is shutting down",
+        }
+    }
+
+    /// Whether the pool's fallback may answer in its place. A request
+    /// turned away for too many held is refused outright: the fallback is
+    /// meant for the odd request that cannot wait, not for a flood.
+    pub fn may_fall_back(self) -> bool {
+        matches!(self, Self::Deadline | Self::StartFailed)
+    }
+}
+
+/// A request that may not wait for the pool: why, and when a retry could
+/// find it ready.
+#[derive(Debug, Clone, Copy)]
+pub struct Diverted {
+    pub reason: DivertReason,
+    pub retry_after: Duration,
+}
+
+/// A scaled pool's lifecycle, shared by the request path and the
+/// supervisor task. Dropping it stops the supervisor, which stops the
+/// server.
+#[derive(Debug)]
+pub struct Scaler {
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    supervisor: Mutex<Option<JoinHandle<()>>>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    pool: String,
+    config: ScalerConfig,
+    default_deadline: Option<Duration>,
+    inner: Mutex<Inner>,
+    /// Bumped on every transition and failed start; held requests wait on
+    /// it.
+    changed: watch::Sender<u64>,
+    /// Wakes the supervisor of a cold pool: a request arrived.
+    demand: Notify,
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: PoolState,
+    /// When `state` was entered.
+    since: Instant,
+    /// Requests let through whose response body has not been dropped.
+    in_flight: usize,
+    /// Requests waiting for the pool to be ready.
+    held: usize,
+    /// When the last in-flight request ended (or the pool became ready).
+    last_done: Instant,
+    /// Failed starts so far; a held request that sees it grow gives up.
+    failures: u64,
+    /// Durations of the last starts, oldest first.
+    recent: VecDeque<Duration>,
+    last_cold_start: Option<Duration>,
+    cold_starts: u64,
+}
+
+impl Scaler {
+    /// Starts the supervisor of `pool`'s server. With `min_replicas = 1`
+    /// the server starts now; else on the first request. Must run inside
+    /// a tokio runtime.
+    pub fn start(
+        pool: Arc<Pool>,
+        config: ScalerConfig,
+        default_deadline_ms: Option<u64>,
+    ) -> Arc<Self> {
+        let now = Instant::now();
+        let shared = Arc::new(Shared {
+            pool: pool.name.clone(),
+            config,
+            default_deadline: default_deadline_ms.map(Duration::from_millis),
+            inner: Mutex::new(Inner {
+                state: PoolState::Cold,
+                since: now,
+                in_flight: 0,
+                held: 0,
+                last_done: now,
+                failures: 0,
+                recent: VecDeque::new(),
+                last_cold_start: None,
+                cold_starts: 0,
+            }),
+            changed: watch::Sender::new(0),
+            demand: Notify::new(),
+        });
+        publish_state(&shared.pool, PoolState::Cold);
+        let (stop, stopping) = watch::channel(false);
+        let task = tokio::spawn(supervise(Arc::clone(&shared), pool, stopping));
+        Arc::new(Self {
+            shared,
+            stop,
+            supervisor: Mutex::new(Some(task)),
+        })
+    }
+
+    /// The pool's current state.
+    pub fn state(&self) -> PoolState {
+        self.shared.lock().state
+    }
+
+    /// Lets a request through to the pool, holding it while the pool is
+    /// not ready; the returned guard counts it in flight until dropped
+    /// (keep it with the response body). `deadline` is the request's own
+    /// (`x-switchyard-deadline-ms`), else the pool's
+    /// `default_deadline_ms` applies.
+    pub async fn admit(&self, deadline: Option<Duration>) -> Result<Busy, Diverted> {
+        let shared = &self.shared;
+        let arrived = Instant::now();
+        let deadline = deadline.or(shared.default_deadline);
+
+        // The state check and the count happen under one lock, so the
+        // supervisor never drains a pool a request was just let into.
+        let (mut changes, seen_failures) = {
+            let mut inner = shared.lock();
+            if inner.state == PoolState::Ready {
+                inner.in_flight += 1;
+                return Ok(Busy::new(Arc::clone(shared)));
+            }
+            let expected = inner.expected_ready(&shared.config, arrived);
+            if inner.held >= shared.config.max_held {
+                let reason = DivertReason::TooManyHeld;
+                return Err(Diverted {
+                    reason,
+                    retry_after: expected,
+                });
+            }
+
+            // Any request for a cold pool is demand, even one that goes
+            // to the fallback: traffic that cannot wait still wants the
+            // pool up. One wake-up is stored however many arrive, so a
+            // burst starts one server.
+            if matches!(inner.state, PoolState::Cold | PoolState::Draining) {
+                shared.demand.notify_one();
+            }
+            if deadline.is_some_and(|d| d < expected) {
+                return Err(Diverted {
+                    reason: DivertReason::Deadline,
+                    retry_after: expected,
+                });
+            }
+            inner.held += 1;
+            (shared.changed.subscribe(), inner.failures)
+        };
+        let _held = Held(Arc::clone(shared));
+
+        // Held until ready, a failed start, or the request's own limit.
+        let limit = deadline.unwrap_or(Duration::from_secs(shared.config.ready_timeout_s));
+        let until = arrived + limit;
+        loop {
+            let now_ready = {
+                let mut inner = shared.lock();
+                if inner.state == PoolState::Ready {
+                    inner.in_flight += 1;
+                    true
+                } else if inner.failures > seen_failures {
+                    let retry_after = inner.expected_ready(&shared.config, Instant::now());
+                    let reason = DivertReason::StartFailed;
+                    return Err(Diverted {
+                        reason,
+                        retry_after,
+                    });
+                } else {
+                    false
+                }
+            };
+            if now_ready {
+                return Ok(Busy::new(Arc::clone(shared)));
+            }
+            tokio::select! {
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        let retry_after = Duration::from_secs(1);
+                        let reason = DivertReason::Stopped;
+                        return Err(Diverted { reason, retry_after });
+                    }
+                }
+                () = tokio::time::sleep_until(until) => {
+                    let retry_after = {
+                        let inner = shared.lock();
+                        inner.expected_ready(&shared.config, Instant::now())
+                    };
+                    let reason = match deadline {
+                        Some(_) => DivertReason::Deadline,
+                        None => DivertReason::StartFailed,
+                    };
+                    return Err(Diverted { reason, retry_after });
+                }
+            }
+        }
+    }
+
+    /// Counts a request answered by the fallback in the pool's place.
+    pub fn record_fallback(&self) {
+        metrics::record_pool_fallback(&self.shared.pool);
+    }
+
+    /// The pool's lifecycle for `GET /admin/pools`.
+    pub fn report(&self) -> Value {
+        let inner = self.shared.lock();
+        let kind = match self.shared.config.kind {
+            ScalerKind::Process => "process",
+            ScalerKind::None => "none",
+        };
+        json!({
+            "scaler": kind,
+            "state": inner.state.label(),
+            "state_for_s": inner.since.elapsed().as_secs_f64(),
+            "desired_replicas": inner.state.desired_replicas(),
+            "in_flight": inner.in_flight,
+            "held": inner.held,
+            "cold_starts": inner.cold_starts,
+            "failed_starts": inner.failures,
+            "last_cold_start_s": inner.last_cold_start.map(|d| d.as_secs_f64()),
+            "expected_cold_start_s": inner.estimate(&self.shared.config).as_secs_f64(),
+        })
+    }
+
+    /// Stops the server (SIGTERM, then SIGKILL after `stop_grace_s`) and
+    /// waits for the supervisor to end: Switchyard is shutting down.
+    pub async fn shutdown(&self) {
+        self.stop.send_replace(true);
+        let task = self
+            .supervisor
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(task) = task {
+            if let Err(e) = task.await {
+                tracing::warn!(pool = %self.shared.pool, error = %e, "scaler task failed");
+            }
+        }
+    }
+}
+
+impl Drop for Scaler {
+    fn drop(&mut self) {
+        // The supervisor sees the stop and stops the server on its own
+        // time; a reload that dropped the pool does not wait for it.
+        self.stop.send_replace(true);
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Moves to `state`, logs why, publishes it and wakes held requests.
+    fn transition(&self, state: PoolState, reason: &str) {
+        let from = self.lock().enter(state);
+        self.announce(from, state, reason);
+    }
+
+    /// Logs, publishes and wakes held requests for a transition already
+    /// made.
+    fn announce(&self, from: PoolState, state: PoolState, reason: &str) {
+        tracing::info!(
+            pool = %self.pool,
+            from = from.label(),
+            to = state.label(),
+            reason,
+            "pool state changed"
+        );
+        publish_state(&self.pool, state);
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// A start began.
+    fn starting(&self, reason: &str) {
+        self.lock().cold_starts += 1;
+        metrics::record_pool_cold_start(&self.pool);
+        self.transition(PoolState::Starting, reason);
+    }
+
+    /// The server answered its probe `took` after it was started.
+    fn ready(&self, took: Duration) {
+        {
+            let mut inner = self.lock();
+            inner.last_cold_start = Some(took);
+            inner.recent.push_back(took);
+            if inner.recent.len() > RECENT_STARTS {
+                inner.recent.pop_front();
+            }
+        }
+        metrics::record_pool_cold_start_duration(&self.pool, took);
+        let reason = format!("ready after {:.3} s", took.as_secs_f64());
+        self.transition(PoolState::Ready, &reason);
+    }
+
+    /// The start failed: back to cold, and held requests give up.
+    fn start_failed(&self, reason: &str) {
+        self.lock().failures += 1;
+        self.transition(PoolState::Cold, reason);
+    }
+
+    /// Moves a ready pool to draining when it has been idle long enough:
+    /// nothing in flight or held, no answer for `idle_timeout_s`, up for
+    /// `min_up_s`. Returns whether it did.
+    fn drain_if_idle(&self) -> bool {
+        if self.config.min_replicas > 0 {
+            return false;
+        }
+        let idle = Duration::from_secs(self.config.idle_timeout_s);
+        let min_up = Duration::from_secs(self.config.min_up_s);
+        let idle_for = {
+            let mut inner = self.lock();
+            let now = Instant::now();
+            let idle_for = now.duration_since(inner.last_done);
+            let quiet = inner.in_flight == 0 && inner.held == 0;
+            let up_long_enough = now.duration_since(inner.since) >= min_up;
+            if !(inner.state == PoolState::Ready && quiet && up_long_enough && idle_for >= idle) {
+                return false;
+            }
+            // Set under the lock that `admit` takes: no request gets in
+            // from here on.
+            inner.enter(PoolState::Draining);
+            idle_for
+        };
+        let reason = format!("idle for {} s", idle_for.as_secs());
+        self.announce(PoolState::Ready, PoolState::Draining, &reason);
+        true
+    }
+}
+
+impl Inner {
+    /// Sets the state; returns the one it replaced.
+    fn enter(&mut self, state: PoolState) -> PoolState {
+        let from = self.state;
+        self.state = state;
+        self.since = Instant::now();
+        if state == PoolState::Ready {
+            self.last_done = self.since;
+        }
+        from
+    }
+
+    /// The expected cold start: the 90th percentile of recent starts,
+    /// else `cold_start_estimate_s`, else `ready_timeout_s`.
+    fn estimate(&self, config: &ScalerConfig) -> Duration {
+        if self.recent.is_empty() {
+            let seconds = config
+                .cold_start_estimate_s
+                .unwrap_or(config.ready_timeout_s);
+            return Duration::from_secs(seconds);
+        }
+        let mut sorted: Vec<Duration> = self.recent.iter().copied().collect();
+        sorted.sort();
+        let rank = (sorted.len() * 9).div_ceil(10).saturating_sub(1);
+        sorted.get(rank).copied().unwrap_or_default()
+    }
+
+    /// Time from `now` until the pool is expected to be ready.
+    fn expected_ready(&self, config: &ScalerConfig, now: Instant) -> Duration {
+        let estimate = self.estimate(config);
+        match self.state {
+            PoolState::Ready => Duration::ZERO,
+            PoolState::Starting => estimate.saturating_sub(now.duration_since(self.since)),
+            PoolState::Cold | PoolState::Draining => estimate,
+        }
+    }
+}
+
+/// Counts a held request until it is let through or gives up.
+struct Held(Arc<Shared>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut inner = self.0.lock();
+        inner.held = inner.held.saturating_sub(1);
+    }
+}
+
+/// A request let through to a scaled pool; counted in flight until
+/// dropped, and the idle timeout counts from the last drop.
+#[derive(Debug)]
+pub struct Busy(Arc<Shared>);
+
+impl Busy {
+    fn new(shared: Arc<Shared>) -> Self {
+        Self(shared)
+    }
+
+    /// Wraps a response body so that the request stays in flight until
+    /// the body ends or the client drops it: a long stream keeps the pool
+    /// up.
+    pub fn hold(self, body: Body) -> Body {
+        BusyBody {
+            inner: body,
+            _busy: self,
+        }
+        .boxed()
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let mut inner = self.0.lock();
+        inner.in_flight = inner.in_flight.saturating_sub(1);
+        inner.last_done = Instant::now();
+    }
+}
+
+/// A response body that keeps its request counted in flight.
+#[derive(Debug)]
+struct BusyBody {
+    inner: Body,
+    _busy: Busy,
+}
+
+impl HttpBody for BusyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Publishes the pool's state (1 for the current one, 0 for the others)
+/// and the replicas it wants.
+fn publish_state(pool: &str, state: PoolState) {
+    for each in PoolState::ALL {
+        metrics::record_pool_state(pool, each.label(), each == state);
+    }
+    metrics::record_pool_desired_replicas(pool, state.desired_replicas());
+}
+
+/// Whether the supervisor goes on or was told to stop.
+#[derive(Debug, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Stop,
+}
+
+/// Resolves when the scaler is told to stop or is dropped.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // An error means the sender is gone: the scaler was dropped.
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
+/// The supervisor: waits for demand while cold, then runs one life of the
+/// server, until told to stop.
+async fn supervise(shared: Arc<Shared>, pool: Arc<Pool>, mut stop: watch::Receiver<bool>) {
+    let always_up = shared.config.min_replicas > 0;
+    loop {
+        // Cold: an always-up pool starts at once, the others on demand.
+        let reason = if always_up {
+            "min_replicas = 1"
+        } else {
+            tokio::select! {
+                () = shared.demand.notified() => "request for a cold pool",
+                () = stopped(&mut stop) => return,
+            }
+        };
+        let flow = match shared.config.kind {
+            ScalerKind::Process => run_process(&shared, &pool, &mut stop, reason).await,
+            ScalerKind::None => follow(&shared, &pool, &mut stop, reason).await,
+        };
+        if flow == Flow::Stop {
+            return;
+        }
+        if always_up {
+            tokio::select! {
+                () = tokio::time::sleep(RESTART_BACKOFF) => {}
+                () = stopped(&mut stop) => return,
+            }
+        }
+    }
+}
+
+/// How waiting for readiness ended.
+enum Startup {
+    Ready,
+    TimedOut,
+    Exited(std::io::Result<ExitStatus>),
+    Stopped,
+}
+
+/// One life of a `process` server: start it, wait for its probe, serve
+/// until it exits, idles out, or the scaler stops.
+async fn run_process(
+    shared: &Shared,
+    pool: &Pool,
+    stop: &mut watch::Receiver<bool>,
+    reason: &str,
+) -> Flow {
+    shared.starting(reason);
+    let started = Instant::now();
+    let mut child = match spawn(shared) {
+        Ok(child) => child,
+        Err(message) => {
+            tracing::error!(pool = %shared.pool, error = %message, "cannot start the pool's server");
+            shared.start_failed("the command could not be started");
+            return Flow::Continue;
+        }
+    };
+
+    // Starting: probe until ready, while watching the child and the clock.
+    let ready_timeout = Duration::from_secs(shared.config.ready_timeout_s);
+    let startup = tokio::select! {
+        ready = tokio::time::timeout(ready_timeout, wait_ready(pool, &shared.config)) => {
+            match ready {
+                Ok(()) => Startup::Ready,
+                Err(_) => Startup::TimedOut,
+            }
+        }
+        status = child.wait() => Startup::Exited(status),
+        () = stopped(stop) => Startup::Stopped,
+    };
+    match startup {
+        Startup::Ready => shared.ready(started.elapsed()),
+        Startup::TimedOut => {
+            tracing::error!(
+                pool = %shared.pool,
+                ready_timeout_s = shared.config.ready_timeout_s,
+                probe_path = %shared.config.probe_path,
+                "the pool's server did not answer its probe within \
+                 scaler.ready_timeout_s; stopping it"
+            );
+            shared.transition(PoolState::Draining, "start timed out");
+            stop_child(shared, &mut child).await;
+            shared.start_failed("start timed out");
+            return Flow::Continue;
+        }
+        Startup::Exited(status) => {
+            log_exit(shared, &status, "while starting");
+            shared.start_failed("server exited while starting");
+            return Flow::Continue;
+        }
+        Startup::Stopped => {
+            shared.transition(PoolState::Draining, "scaler stopped");
+            stop_child(shared, &mut child).await;
+            shared.transition(PoolState::Cold, "scaler stopped");
+            return Flow::Stop;
+        }
+    }
+
+    // Ready: serve until the child exits, the pool idles out, or stop.
+    let check = idle_check_interval(&shared.config);
+    loop {
+        tokio::select! {
+            status = child.wait() => {
+                log_exit(shared, &status, "while ready");
+                shared.transition(PoolState::Cold, "server exited");
+                return Flow::Continue;
+            }
+            () = tokio::time::sleep(check) => {
+                if shared.drain_if_idle() {
+                    stop_child(shared, &mut child).await;
+                    shared.transition(PoolState::Cold, "server stopped after idling");
+                    return Flow::Continue;
+                }
+            }
+            () = stopped(stop) => {
+                shared.transition(PoolState::Draining, "scaler stopped");
+                stop_child(shared, &mut child).await;
+                shared.transition(PoolState::Cold, "scaler stopped");
+                return Flow::Stop;
+            }
+        }
+    }
+}
+
+/// One life of a server something else runs (`kind = "none"`): wait for
+/// its probe, then call it cold again when the probe fails.
+// Limitation: with kind = "none" nothing is started or stopped, so the
+// idle timeout only logs the pool as draining; scaling it down is the
+// job of whatever runs the server.
+async fn follow(
+    shared: &Shared,
+    pool: &Pool,
+    stop: &mut watch::Receiver<bool>,
+    reason: &str,
+) -> Flow {
+    shared.starting(reason);
+    let started = Instant::now();
+    let ready_timeout = Duration::from_secs(shared.config.ready_timeout_s);
+    tokio::select! {
+        ready = tokio::time::timeout(ready_timeout, wait_ready(pool, &shared.config)) => {
+            if ready.is_err() {
+                shared.start_failed("server did not become ready");
+                return Flow::Continue;
+            }
+        }
+        () = stopped(stop) => return Flow::Stop,
+    }
+    shared.ready(started.elapsed());
+
+    let interval = Duration::from_millis(shared.config.probe_interval_ms);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {
+                if !pool.probe(&shared.config.probe_path, PROBE_TIMEOUT).await {
+                    shared.transition(PoolState::Cold, "readiness probe failed");
+                    return Flow::Continue;
+                }
+            }
+            () = stopped(stop) => return Flow::Stop,
+        }
+    }
+}
+
+/// Probes the pool until it answers: every `probe_interval_ms` at first,
+/// the gap growing by half after each failure, up to four times it.
+async fn wait_ready(pool: &Pool, config: &ScalerConfig) {
+    let first = Duration::from_millis(config.probe_interval_ms);
+    let cap = first * 4;
+    let mut gap = first;
+    loop {
+        if pool.probe(&config.probe_path, PROBE_TIMEOUT).await {
+            return;
+        }
+        tokio::time::sleep(gap).await;
+        gap = (gap + gap / 2).min(cap);
+    }
+}
+
+/// How often a ready pool checks whether it idled out: a quarter of the
+/// idle timeout, between 50 ms and 1 s.
+fn idle_check_interval(config: &ScalerConfig) -> Duration {
+    let quarter = Duration::from_secs(config.idle_timeout_s) / 4;
+    quarter.clamp(Duration::from_millis(50), Duration::from_secs(1))
+}
+
+/// Starts the command, its output going to the log line by line.
+fn spawn(shared: &Shared) -> Result<Child, String> {
+    let config = &shared.config;
+    let Some((program, args)) = config.command.split_first() else {
+        return Err("pool.scaler.command is empty".to_string());
+    };
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .envs(&config.env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(cwd) = &config.cwd {
+        command.current_dir(cwd);
+    }
+    let mut child = command.spawn().map_err(|e| {
+        format!("pool.scaler.command: cannot run {program:?}: {e} (is it installed and on PATH?)")
+    })?;
+    tracing::info!(
+        pool = %shared.pool,
+        pid = child.id(),
+        command = %config.command.join(" "),
+        "started the pool's server"
+    );
+    if let Some(stdout) = child.stdout.take() {
+        tokio::spawn(forward_lines(shared.pool.clone(), "stdout", stdout));
+    }
+    if let Some(stderr) = child.stderr.take() {
+        tokio::spawn(forward_lines(shared.pool.clone(), "stderr", stderr));
+    }
+    Ok(child)
+}
+
+/// Logs each line the server writes, naming the pool, until it closes
+/// the stream.
+async fn forward_lines(pool: String, stream: &'static str, output: impl AsyncRead + Unpin) {
+    let mut lines = BufReader::new(output).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        tracing::info!(pool = %pool, stream, line = %line, "pool server output");
+    }
+}
+
+/// Stops the server: SIGTERM, then SIGKILL after `stop_grace_s`.
+async fn stop_child(shared: &Shared, child: &mut Child) {
+    let grace = Duration::from_secs(shared.config.stop_grace_s);
+    let pid = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .and_then(rustix::process::Pid::from_raw);
+    if let Some(pid) = pid {
+        if let Err(e) = rustix::process::kill_process(pid, rustix::process::Signal::TERM) {
+            tracing::warn!(pool = %shared.pool, error = %e, "cannot send SIGTERM to the pool's server");
+        }
+    }
+    match tokio::time::timeout(grace, child.wait()).await {
+        Ok(status) => log_exit(shared, &status, "after SIGTERM"),
+        Err(_) => {
+            tracing::warn!(
+                pool = %shared.pool,
+                stop_grace_s = shared.config.stop_grace_s,
+                "the pool's server ignored SIGTERM for scaler.stop_grace_s; killing it"
+            );
+            if let Err(e) = child.kill().await {
+                tracing::error!(pool = %shared.pool, error = %e, "cannot kill the pool's server");
+            }
+        }
+    }
+}
+
+fn log_exit(shared: &Shared, status: &std::io::Result<ExitStatus>, when: &'static str) {
+    match status {
+        Ok(status) => {
+            tracing::info!(pool = %shared.pool, status = %status, when, "the pool's server exited")
+        }
+        Err(e) => {
+            tracing::warn!(pool = %shared.pool, error = %e, when, "cannot wait for the pool's server")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> ScalerConfig {
+        let toml = "command = [\"true\"]\nready_timeout_s = 30\n";
+        toml::from_str(toml).unwrap()
+    }
+
+    fn inner(recent: &[u64]) -> Inner {
+        let now = Instant::now();
+        Inner {
+            state: PoolState::Cold,
+            since: now,
+            in_flight: 0,
+            held: 0,
+            last_done: now,
+            failures: 0,
+            recent: recent.iter().map(|s| Duration::from_secs(*s)).collect(),
+            last_cold_start: None,
+            cold_starts: 0,
+        }
+    }
+
+    #[test]
+    fn estimate_is_ready_timeout_before_any_start() {
+        assert_eq!(inner(&[]).estimate(&config()), Duration::from_secs(30));
+        let mut with_estimate = config();
+        with_estimate.cold_start_estimate_s = Some(4);
+        assert_eq!(inner(&[]).estimate(&with_estimate), Duration::from_secs(4));
+    }
+
+    #[test]
+    fn estimate_is_the_90th_percentile_of_recent_starts() {
+        let recent: Vec<u64> = (1..=10).collect();
+        assert_eq!(inner(&recent).estimate(&config()), Duration::from_secs(9));
+        assert_eq!(inner(&[7]).estimate(&config()), Duration::from_secs(7));
+    }
+
+    #[test]
+    fn only_deadline_and_failed_start_may_fall_back() {
+        assert!(DivertReason::Deadline.may_fall_back());
+        assert!(DivertReason::StartFailed.may_fall_back());
+        assert!(!DivertReason::TooManyHeld.may_fall_back());
+        assert!(!DivertReason::Stopped.may_fall_back());
+    }
+}
