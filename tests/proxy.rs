@@ -53,6 +53,8 @@ mod python_client;
 mod resilience;
 #[path = "proxy/routing.rs"]
 mod routing;
+#[path = "proxy/scaling.rs"]
+mod scaling;
 #[path = "proxy/shutdown.rs"]
 mod shutdown;
 #[path = "proxy/streaming.rs"]

@@ -1,0 +1,415 @@
+//! Scale to zero: a pool whose model server (`tests/support/scaled_server.py`,
+//! run by the `process` scaler) starts on the first request, holds a
+//! burst while it starts and starts it once, sends requests that cannot
+//! wait to the fallback pool, stops after the idle timeout but not under
+//! traffic or a long stream, and starts again after the server dies.
+//!
+//! Needs `python3` on PATH; without it each test is skipped with a note.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::support::{
+    chat_body, http1_client, metric_lines, metrics_text, post, send, server_toml, workspace_root,
+    MockUpstream, Switchyard,
+};
+
+const SKIP_NOTE: &str = "skipping scale-to-zero test: python3 is not on PATH";
+
+/// A scaled pool's server as a test sees it: the port it listens on and
+/// the file each start appends its pid to.
+struct ScaledServer {
+    port: u16,
+    starts_file: PathBuf,
+}
+
+impl ScaledServer {
+    /// A free loopback port and a fresh starts file, or `None` (with a
+    /// note) when python3 is missing.
+    fn new(tag: &str) -> Option<Self> {
+        let python = std::process::Command::new("python3")
+            .arg("--version")
+            .output();
+        if !python.is_ok_and(|out| out.status.success()) {
+            eprintln!("{SKIP_NOTE}");
+            return None;
+        }
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let starts_file = std::env::temp_dir().join(format!(
+            "switchyard-scaled-{tag}-{}-{port}.starts",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&starts_file);
+        Some(Self { port, starts_file })
+    }
+
+    /// The `[[pool]]` table of pool `big` on this server, with a
+    /// `[pool.scaler]` of `ready_delay_s` and the extra `scaler` keys.
+    fn pool_toml(&self, ready_delay_s: f64, pool_extra: &str, scaler_extra: &str) -> String {
+        let script = workspace_root().join("tests/support/scaled_server.py");
+        format!(
+            "\n[[pool]]\nname = \"big\"\nendpoints = [\"http://127.0.0.1:{port}\"]\n\
+             request_timeout_ms = 20000\n{pool_extra}\n\
+             [pool.scaler]\n\
+             command = [\"python3\", \"{script}\", \"--port\", \"{port}\", \
+             \"--ready-delay-s\", \"{ready_delay_s}\", \"--starts-file\", \"{starts}\", \
+             \"--stream-s\", \"6\"]\n\
+             ready_timeout_s = 20\nprobe_interval_ms = 100\nstop_grace_s = 3\n{scaler_extra}\n",
+            port = self.port,
+            script = script.display(),
+            starts = self.starts_file.display(),
+        )
+    }
+
+    /// The pids of the server's starts so far, in order.
+    fn starts(&self) -> Vec<u32> {
+        std::fs::read_to_string(&self.starts_file)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| line.trim().parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for ScaledServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.starts_file);
+    }
+}
+
+/// Whether process `pid` still exists (a zombie counts as gone).
+fn alive(pid: u32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    !status.is_empty() && !status.contains("State:\tZ")
+}
+
+/// Pool `big`'s entry in `GET /admin/pools`.
+async fn pool_report(sw: &Switchyard) -> Value {
+    let reply = send(http1_client().get(format!("{}/admin/pools", sw.admin_url()))).await;
+    reply.assert_status(200);
+    let pools = reply.json["pools"].as_array().cloned().unwrap_or_default();
+    pools
+        .into_iter()
+        .find(|p| p["name"] == "big")
+        .unwrap_or_else(|| panic!("no pool big in /admin/pools: {}", reply.text))
+}
+
+/// Polls `/admin/pools` until pool `big` is in `state`, for up to
+/// `within`; fails showing the last report.
+async fn wait_for_state(sw: &Switchyard, state: &str, within: Duration) -> Value {
+    let end = Instant::now() + within;
+    loop {
+        let report = pool_report(sw).await;
+        if report["state"] == state {
+            return report;
+        }
+        assert!(
+            Instant::now() < end,
+            "pool big not {state} within {within:?}: {report}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Stops Switchyard with SIGTERM, so that it stops its children, and
+/// checks that it exits cleanly.
+async fn stop(mut sw: Switchyard) {
+    sw.terminate();
+    assert_eq!(sw.wait_exit(Duration::from_secs(15)).await, Some(0));
+}
+
+/// The 99th percentile of `samples`, in milliseconds.
+fn p99_ms(samples: &mut [Duration]) -> f64 {
+    samples.sort();
+    let rank = (samples.len() * 99).div_ceil(100).saturating_sub(1);
+    samples[rank].as_secs_f64() * 1000.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn burst_against_a_cold_pool_starts_one_server_and_all_succeed() {
+    let Some(server) = ScaledServer::new("burst") else {
+        return;
+    };
+    let config = format!("{}{}", server_toml(), server.pool_toml(1.0, "", ""));
+    let sw = Switchyard::start(&config).await;
+    assert_eq!(pool_report(&sw).await["state"], "cold");
+    assert!(server.starts().is_empty(), "started before any request");
+
+    // A burst of 100 at a cold pool: one start, every request answered.
+    let client = http1_client();
+    let url = sw.api_url();
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let client = client.clone();
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let body = chat_body("big", &format!("burst {i}"));
+            let started = Instant::now();
+            let reply = post(&client, &url, "/v1/chat/completions", &body).await;
+            (reply, started.elapsed())
+        }));
+    }
+    let mut held = Vec::new();
+    for task in tasks {
+        let (reply, took) = task.await.unwrap();
+        reply.assert_status(200);
+        assert_eq!(reply.pool(), "big");
+        held.push(took);
+    }
+    assert_eq!(server.starts().len(), 1, "a burst must start one server");
+
+    let report = pool_report(&sw).await;
+    assert_eq!(report["state"], "ready");
+    assert_eq!(report["desired_replicas"], 1);
+    assert_eq!(report["cold_starts"], 1);
+    assert!(
+        report["last_cold_start_s"].as_f64().unwrap() > 0.5,
+        "{report}"
+    );
+    let metrics = metrics_text(&sw).await;
+    let starts = metric_lines(&metrics, "switchyard_pool_cold_starts_total");
+    assert!(starts.iter().any(|l| l.ends_with(" 1")), "{starts:?}");
+    let state = metric_lines(&metrics, "switchyard_pool_state");
+    assert!(
+        state
+            .iter()
+            .any(|l| l.contains("state=\"ready\"") && l.ends_with(" 1")),
+        "{state:?}"
+    );
+    eprintln!(
+        "cold pool, held until ready (burst of 100, 1 s start): p99 time to first byte {:.0} ms",
+        p99_ms(&mut held)
+    );
+    stop(sw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_that_cannot_wait_is_served_by_the_fallback() {
+    let Some(server) = ScaledServer::new("fallback") else {
+        return;
+    };
+    let mock = MockUpstream::start().await;
+    let config = format!(
+        "{}{}\n[[pool]]\nname = \"small\"\nendpoints = [\"{}\"]\n",
+        server_toml(),
+        server.pool_toml(3.0, "fallback = \"small\"", "cold_start_estimate_s = 4"),
+        mock.url()
+    );
+    let sw = Switchyard::start(&config).await;
+    let client = http1_client();
+    let url = format!("{}/v1/chat/completions", sw.api_url());
+
+    // Short deadlines first: they go to the fallback at once, and the
+    // first of them starts the pool. Then long deadlines wait for it.
+    let send_one = |deadline_ms: u64| {
+        let request = client
+            .post(&url)
+            .header("x-switchyard-deadline-ms", deadline_ms.to_string())
+            .json(&chat_body("big", "hello"));
+        async move {
+            let started = Instant::now();
+            let reply = send(request).await;
+            (reply, started.elapsed())
+        }
+    };
+    let short: Vec<_> = (0..20).map(|_| tokio::spawn(send_one(1000))).collect();
+    let long: Vec<_> = (0..20).map(|_| tokio::spawn(send_one(30_000))).collect();
+
+    let mut fallback_ttfb = Vec::new();
+    for task in short {
+        let (reply, took) = task.await.unwrap();
+        reply.assert_status(200);
+        assert_eq!(reply.header("x-switchyard-served-by"), Some("fallback"));
+        assert_eq!(reply.pool(), "small");
+        fallback_ttfb.push(took);
+    }
+    let mut held_ttfb = Vec::new();
+    for task in long {
+        let (reply, took) = task.await.unwrap();
+        reply.assert_status(200);
+        assert_eq!(reply.header("x-switchyard-served-by"), None);
+        assert_eq!(reply.pool(), "big");
+        held_ttfb.push(took);
+    }
+    let fallback_p99 = p99_ms(&mut fallback_ttfb);
+    let held_p99 = p99_ms(&mut held_ttfb);
+    eprintln!(
+        "cold pool (3 s start), p99 time to first byte: {fallback_p99:.0} ms with the fallback \
+         (1 s deadline), {held_p99:.0} ms held until ready (30 s deadline)"
+    );
+    assert!(fallback_p99 < 3000.0, "fallback took {fallback_p99:.0} ms");
+    assert!(
+        fallback_p99 < held_p99,
+        "the fallback answered after the held requests"
+    );
+    assert_eq!(server.starts().len(), 1);
+    assert_eq!(mock.request_count(), 20);
+    let metrics = metrics_text(&sw).await;
+    let fallbacks = metric_lines(&metrics, "switchyard_pool_fallbacks_total");
+    assert!(
+        fallbacks.iter().any(|l| l.ends_with(" 20")),
+        "{fallbacks:?}"
+    );
+    stop(sw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_a_fallback_a_request_that_cannot_wait_gets_503() {
+    let Some(server) = ScaledServer::new("nofallback") else {
+        return;
+    };
+    let config = format!(
+        "{}{}",
+        server_toml(),
+        server.pool_toml(0.5, "", "cold_start_estimate_s = 5")
+    );
+    let sw = Switchyard::start(&config).await;
+    let request = http1_client()
+        .post(format!("{}/v1/chat/completions", sw.api_url()))
+        .header("x-switchyard-deadline-ms", "100")
+        .json(&chat_body("big", "hello"));
+    let reply = send(request).await;
+    let message = reply.assert_openai_error(503);
+    assert!(message.contains("pool.fallback"), "{message}");
+    assert_eq!(reply.json["error"]["code"], "pool_cold");
+    assert!(reply.header("retry-after").is_some(), "{:?}", reply.headers);
+
+    // It still started the pool, so the next request finds it up.
+    wait_for_state(&sw, "ready", Duration::from_secs(15)).await;
+    let client = http1_client();
+    let body = chat_body("big", "again");
+    post(&client, &sw.api_url(), "/v1/chat/completions", &body)
+        .await
+        .assert_status(200);
+    stop(sw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_timeout_stops_the_server_but_traffic_keeps_it_up() {
+    let Some(server) = ScaledServer::new("idle") else {
+        return;
+    };
+    let scaler = "idle_timeout_s = 2\nmin_up_s = 0";
+    let config = format!("{}{}", server_toml(), server.pool_toml(0.3, "", scaler));
+    let sw = Switchyard::start(&config).await;
+    let client = http1_client();
+    let url = sw.api_url();
+    let body = chat_body("big", "hello");
+
+    // A request every 0.5 s for 4 s, twice the idle timeout: one start,
+    // the pool never leaves ready.
+    for _ in 0..8 {
+        post(&client, &url, "/v1/chat/completions", &body)
+            .await
+            .assert_status(200);
+        assert_eq!(pool_report(&sw).await["state"], "ready");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let starts = server.starts();
+    assert_eq!(starts.len(), 1, "traffic must keep the server up");
+    assert!(alive(starts[0]));
+
+    // Then quiet: back to cold, the process gone.
+    let report = wait_for_state(&sw, "cold", Duration::from_secs(15)).await;
+    assert_eq!(report["desired_replicas"], 0);
+    let end = Instant::now() + Duration::from_secs(5);
+    while alive(starts[0]) {
+        assert!(Instant::now() < end, "server {} still runs", starts[0]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let logs = sw.logs();
+    let drained = logs.iter().any(|line| {
+        line["fields"]["to"] == "draining"
+            && line["fields"]["reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("idle for"))
+    });
+    assert!(drained, "no idle transition logged");
+    stop(sw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_long_stream_outlives_a_shorter_idle_timeout() {
+    let Some(server) = ScaledServer::new("stream") else {
+        return;
+    };
+    let scaler = "idle_timeout_s = 2\nmin_up_s = 0";
+    let config = format!("{}{}", server_toml(), server.pool_toml(0.3, "", scaler));
+    let sw = Switchyard::start(&config).await;
+
+    // The server streams for 6 s; the idle timeout is 2 s.
+    let mut body = chat_body("big", "tell me a long story");
+    body["stream"] = json!(true);
+    let reply = post(
+        &http1_client(),
+        &sw.api_url(),
+        "/v1/chat/completions",
+        &body,
+    )
+    .await;
+    reply.assert_status(200);
+    assert!(
+        reply.text.trim_end().ends_with("data: [DONE]"),
+        "the stream was cut: {}",
+        reply.text
+    );
+    assert!(reply.text.matches("data: ").count() > 10, "{}", reply.text);
+
+    // Idle time counts from the stream's end: still up right after it.
+    assert_eq!(pool_report(&sw).await["state"], "ready");
+    assert_eq!(server.starts().len(), 1);
+    stop(sw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_server_that_dies_is_started_again_by_the_next_request() {
+    let Some(server) = ScaledServer::new("dies") else {
+        return;
+    };
+    let config = format!("{}{}", server_toml(), server.pool_toml(0.3, "", ""));
+    let sw = Switchyard::start(&config).await;
+    let client = http1_client();
+    let url = sw.api_url();
+    let body = chat_body("big", "hello");
+    post(&client, &url, "/v1/chat/completions", &body)
+        .await
+        .assert_status(200);
+    let first = server.starts()[0];
+
+    // The server crashes: the pool goes cold, with the exit logged.
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &first.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    wait_for_state(&sw, "cold", Duration::from_secs(10)).await;
+    sw.wait_for_log("server exit", |line| {
+        line["fields"]["message"] == "the pool's server exited"
+    })
+    .await;
+
+    // The next request starts it again.
+    post(&client, &url, "/v1/chat/completions", &body)
+        .await
+        .assert_status(200);
+    let starts = server.starts();
+    assert_eq!(starts.len(), 2, "{starts:?}");
+    assert_ne!(starts[0], starts[1]);
+    assert_eq!(pool_report(&sw).await["cold_starts"], 2);
+
+    // Shutdown stops the child.
+    stop(sw).await;
+    let end = Instant::now() + Duration::from_secs(5);
+    while alive(starts[1]) {
+        assert!(
+            Instant::now() < end,
+            "server {} outlived switchyard",
+            starts[1]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
