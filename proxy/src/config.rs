@@ -1880,6 +1880,71 @@ model = "big"
     }
 
     #[test]
+    fn scaler_tables_are_validated_with_their_key_paths() {
+        let scaler = "[pool.scaler]\ncommand = [\"serve\"]\n";
+        let cases = [
+            (
+                "[pool.scaler]\nidle_timeout_s = 5\n",
+                "pool[1].scaler.command",
+            ),
+            (
+                "[pool.scaler]\ncommand = [\"\"]\n",
+                "pool[1].scaler.command",
+            ),
+            (
+                "[pool.scaler]\nkind = \"none\"\ncommand = [\"serve\"]\n",
+                "pool[1].scaler.command",
+            ),
+            (
+                &format!("{scaler}min_replicas = 2\n"),
+                "pool[1].scaler.min_replicas",
+            ),
+            (
+                &format!("{scaler}idle_timeout_s = 0\n"),
+                "pool[1].scaler.idle_timeout_s",
+            ),
+            (
+                &format!("{scaler}probe_path = \"v1\"\n"),
+                "pool[1].scaler.probe_path",
+            ),
+            (
+                &format!("{scaler}max_held = 0\n"),
+                "pool[1].scaler.max_held",
+            ),
+            (&format!("{scaler}kind = \"k8s\"\n"), "pool[1].scaler.kind"),
+            ("fallback = \"small\"\n", "pool[1].fallback"),
+            ("default_deadline_ms = 100\n", "pool[1].default_deadline_ms"),
+            (
+                &format!("fallback = \"none\"\n{scaler}"),
+                "pool[1].fallback",
+            ),
+            (
+                &format!("fallback = \"large\"\n{scaler}"),
+                "pool[1].fallback",
+            ),
+        ];
+        for (extra, key) in cases {
+            let text = format!("{EXAMPLE}{extra}");
+            let err = Config::parse(&text).unwrap_err();
+            assert!(err.key.starts_with(key), "{extra}: {err}");
+        }
+
+        // Defaults, and a fallback that is always up.
+        let text = format!("{EXAMPLE}fallback = \"small\"\n{scaler}");
+        let config = Config::parse(&text).unwrap();
+        let scaler = config.pool[1].scaler.clone().unwrap();
+        assert_eq!(scaler.kind, ScalerKind::Process);
+        assert_eq!(scaler.idle_timeout_s, 300);
+        assert_eq!(scaler.min_up_s, 60);
+        assert_eq!(scaler.min_replicas, 0);
+        assert_eq!(scaler.ready_timeout_s, 600);
+        assert_eq!(scaler.probe_path, "/v1/models");
+        assert_eq!(scaler.probe_interval_ms, 500);
+        assert_eq!(scaler.max_held, 256);
+        assert_eq!(config.pool[1].fallback.as_deref(), Some("small"));
+    }
+
+    #[test]
     fn bad_endpoint_url_is_rejected() {
         let text = EXAMPLE.replace("http://127.0.0.1:8002", "127.0.0.1:8002");
         let err = Config::parse(&text).unwrap_err();

@@ -662,6 +662,9 @@ async fn run_process(
     let check = idle_check_interval(&shared.config);
     loop {
         tokio::select! {
+            // Limitation: requests in flight when the server dies fail,
+            // and under load they may open the pool's circuit breaker,
+            // which then refuses for circuit.open_ms after the restart.
             status = child.wait() => {
                 log_exit(shared, &status, "while ready");
                 shared.transition(PoolState::Cold, "server exited");
@@ -686,9 +689,9 @@ async fn run_process(
 
 /// One life of a server something else runs (`kind = "none"`): wait for
 /// its probe, then call it cold again when the probe fails.
-// Limitation: with kind = "none" nothing is started or stopped, so the
-// idle timeout only logs the pool as draining; scaling it down is the
-// job of whatever runs the server.
+// Limitation: with kind = "none" nothing is started or stopped, so
+// idle_timeout_s and min_up_s do not apply; scaling the server down is the
+// job of whatever runs it, and the pool turns cold when its probe fails.
 async fn follow(
     shared: &Shared,
     pool: &Pool,

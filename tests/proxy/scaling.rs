@@ -413,3 +413,49 @@ async fn a_server_that_dies_is_started_again_by_the_next_request() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_keeps_an_unchanged_scaled_pool_and_stops_a_removed_one() {
+    let Some(server) = ScaledServer::new("reload") else {
+        return;
+    };
+    let mock = MockUpstream::start().await;
+    let big = server.pool_toml(0.3, "", "");
+    let small = format!(
+        "\n[[pool]]\nname = \"small\"\nendpoints = [\"{}\"]\n",
+        mock.url()
+    );
+    let sw = Switchyard::start(&format!("{}{big}", server_toml())).await;
+    let client = http1_client();
+    let body = chat_body("big", "hello");
+    post(&client, &sw.api_url(), "/v1/chat/completions", &body)
+        .await
+        .assert_status(200);
+    let pid = server.starts()[0];
+
+    // Another pool added: the scaled pool is taken over running.
+    sw.rewrite_config(&format!("{}{big}{small}", server_toml()));
+    sw.hangup();
+    let reloaded = |l: &Value| {
+        l["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("configuration reloaded"))
+    };
+    sw.wait_for_logs("first reload", 1, reloaded).await;
+    assert_eq!(pool_report(&sw).await["state"], "ready");
+    post(&client, &sw.api_url(), "/v1/chat/completions", &body)
+        .await
+        .assert_status(200);
+    assert_eq!(server.starts(), vec![pid], "the server was restarted");
+
+    // The scaled pool removed: its server is stopped.
+    sw.rewrite_config(&format!("{}{small}", server_toml()));
+    sw.hangup();
+    sw.wait_for_logs("second reload", 2, reloaded).await;
+    let end = Instant::now() + Duration::from_secs(10);
+    while alive(pid) {
+        assert!(Instant::now() < end, "server {pid} outlived its pool");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop(sw).await;
+}
