@@ -459,3 +459,89 @@ async fn a_reload_keeps_an_unchanged_scaled_pool_and_stops_a_removed_one() {
     }
     stop(sw).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn past_max_held_a_cold_pool_answers_503_with_retry_after() {
+    let Some(server) = ScaledServer::new("maxheld") else {
+        return;
+    };
+    let config = format!(
+        "{}{}",
+        server_toml(),
+        server.pool_toml(3.0, "", "max_held = 3")
+    );
+    let sw = Switchyard::start(&config).await;
+    let client = http1_client();
+    let url = sw.api_url();
+    let tasks: Vec<_> = (0..10)
+        .map(|i| {
+            let client = client.clone();
+            let url = url.clone();
+            let body = chat_body("big", &format!("held {i}"));
+            tokio::spawn(async move { post(&client, &url, "/v1/chat/completions", &body).await })
+        })
+        .collect();
+
+    // Three are held and served; the rest, arriving while it starts, are
+    // turned away (those that arrive once it is up are served).
+    let (mut served, mut refused) = (0, 0);
+    for task in tasks {
+        let reply = task.await.unwrap();
+        if reply.status == 200 {
+            served += 1;
+            continue;
+        }
+        let message = reply.assert_openai_error(503);
+        assert!(message.contains("max_held"), "{message}");
+        assert_eq!(reply.json["error"]["code"], "pool_cold");
+        assert!(reply.header("retry-after").is_some(), "{:?}", reply.headers);
+        refused += 1;
+    }
+    assert!(served >= 3, "{served} served");
+    assert!(refused >= 1, "none refused past max_held");
+    assert_eq!(server.starts().len(), 1);
+    stop(sw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_start_sends_held_requests_to_the_fallback() {
+    let Some(server) = ScaledServer::new("fails") else {
+        return;
+    };
+    let mock = MockUpstream::start().await;
+    let config = format!(
+        "{}\n[[pool]]\nname = \"big\"\nendpoints = [\"http://127.0.0.1:{}\"]\n\
+         fallback = \"small\"\n[pool.scaler]\n\
+         command = [\"python3\", \"-c\", \"import sys; sys.exit(3)\"]\n\
+         probe_interval_ms = 100\n\
+         \n[[pool]]\nname = \"small\"\nendpoints = [\"{}\"]\n",
+        server_toml(),
+        server.port,
+        mock.url()
+    );
+    let sw = Switchyard::start(&config).await;
+
+    // No deadline: held, then sent on when the server exits at start.
+    let body = chat_body("big", "hello");
+    let reply = post(
+        &http1_client(),
+        &sw.api_url(),
+        "/v1/chat/completions",
+        &body,
+    )
+    .await;
+    reply.assert_status(200);
+    assert_eq!(reply.header("x-switchyard-served-by"), Some("fallback"));
+    assert_eq!(reply.pool(), "small");
+    sw.wait_for_log("the exit status", |line| {
+        line["fields"]["message"] == "the pool's server exited"
+            && line["fields"]["status"]
+                .as_str()
+                .is_some_and(|s| s.contains('3'))
+    })
+    .await;
+    let report = pool_report(&sw).await;
+    assert_eq!(report["state"], "cold");
+    assert_eq!(report["failed_starts"], 1);
+    stop(sw).await;
+}
