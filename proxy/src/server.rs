@@ -75,6 +75,9 @@ fn batch_summary(batch: &BatchConfig) -> String {
 /// Pause after a failed accept (out of file descriptors, say) before the
 /// next, so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How long a connection that has sent nothing yet may still send its
+/// first request once shutdown has begun.
+const SHUTDOWN_FIRST_BYTE: Duration = Duration::from_millis(500);
 
 /// Runs Switchyard until `shutdown` resolves, then drains. `path` is the
 /// file `config` came from, reloaded on SIGHUP, when it changes and on
@@ -414,12 +417,12 @@ struct Conn {
 /// byte within `first_byte`: hyper's own header timeout starts only once
 /// it has seen a request line, so a silent connection would otherwise be
 /// held for ever.
-async fn serve<F, Fut>(stream: TcpStream, conn: Conn, service: F, first_byte: Duration)
+async fn serve<F, Fut>(stream: TcpStream, mut conn: Conn, service: F, first_byte: Duration)
 where
     F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send + 'static,
 {
-    let Some(_) = first_byte_of(&stream, first_byte, conn.listener).await else {
+    let Some(_) = first_byte_of(&stream, first_byte, &mut conn).await else {
         return;
     };
     serve_io(stream, conn, service).await;
@@ -431,7 +434,7 @@ where
 /// closed, and the client sees its handshake fail.
 async fn serve_captured<F, Fut>(
     stream: TcpStream,
-    conn: Conn,
+    mut conn: Conn,
     service: F,
     first_byte: Duration,
     capture: &Capture,
@@ -439,7 +442,7 @@ async fn serve_captured<F, Fut>(
     F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send + 'static,
 {
-    let Some(first) = first_byte_of(&stream, first_byte, conn.listener).await else {
+    let Some(first) = first_byte_of(&stream, first_byte, &mut conn).await else {
         return;
     };
     if transparent::starts_tls(&[first]) {
@@ -460,20 +463,55 @@ async fn serve_captured<F, Fut>(
     serve_io(stream, conn, service).await;
 }
 
-/// Waits up to `timeout` for the client's first byte, without consuming
-/// it; `None` when the client closed or sent nothing in time.
-async fn first_byte_of(
-    stream: &TcpStream,
-    timeout: Duration,
-    listener: &'static str,
-) -> Option<u8> {
-    let mut probe = [0u8; 1];
-    match tokio::time::timeout(timeout, stream.peek(&mut probe)).await {
-        Ok(Ok(read)) if read > 0 => Some(probe[0]),
-        Ok(Ok(_)) | Ok(Err(_)) => None,
-        Err(_) => {
-            tracing::debug!(listener, "client sent nothing in time; closing");
+/// Waits for the client's first byte, without consuming it; `None` when
+/// the client closed or sent nothing in time (see [`before_first_byte`]).
+async fn first_byte_of(stream: &TcpStream, timeout: Duration, conn: &mut Conn) -> Option<u8> {
+    let peek = async {
+        let mut probe = [0u8; 1];
+        match stream.peek(&mut probe).await {
+            Ok(read) if read > 0 => Some(probe[0]),
+            Ok(_) | Err(_) => None,
+        }
+    };
+    match before_first_byte(peek, timeout, &mut conn.stopping).await {
+        Some(byte) => byte,
+        None => {
+            tracing::debug!(
+                listener = conn.listener,
+                "client sent nothing in time; closing"
+            );
             None
+        }
+    }
+}
+
+/// Waits for `read`, the client's first bytes, up to `timeout`. Once
+/// shutdown begins it waits `SHUTDOWN_FIRST_BYTE` more at most: a
+/// connection a client opened but never used (HTTP clients open spares)
+/// must not hold the drain for the whole header timeout. `None` when the
+/// time ran out.
+async fn before_first_byte<T>(
+    read: impl Future<Output = T>,
+    timeout: Duration,
+    stopping: &mut watch::Receiver<bool>,
+) -> Option<T> {
+    tokio::pin!(read);
+    let limit = tokio::time::sleep(timeout);
+    tokio::pin!(limit);
+    let mut shortened = false;
+    loop {
+        tokio::select! {
+            value = &mut read => return Some(value),
+            () = &mut limit => return None,
+            // An error means the sender is gone, which happens only after
+            // shutdown began.
+            _ = stopping.changed(), if !shortened => {
+                shortened = true;
+                let sooner = tokio::time::Instant::now() + SHUTDOWN_FIRST_BYTE;
+                if sooner < limit.deadline() {
+                    limit.as_mut().reset(sooner);
+                }
+            }
         }
     }
 }
@@ -528,7 +566,7 @@ fn count_handshake_failure(reason: &'static str) {
 /// waits for it is where hyper then reads from, so nothing is lost.
 async fn serve_tls<F, Fut>(
     stream: tokio_rustls::server::TlsStream<TcpStream>,
-    conn: Conn,
+    mut conn: Conn,
     service: F,
     first_byte: Duration,
 ) where
@@ -536,10 +574,11 @@ async fn serve_tls<F, Fut>(
     Fut: Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send + 'static,
 {
     let mut stream = BufReader::new(stream);
-    match tokio::time::timeout(first_byte, stream.fill_buf()).await {
-        Ok(Ok(read)) if !read.is_empty() => {}
-        Ok(Ok(_)) | Ok(Err(_)) => return,
-        Err(_) => {
+    let fill = async { stream.fill_buf().await.is_ok_and(|read| !read.is_empty()) };
+    match before_first_byte(fill, first_byte, &mut conn.stopping).await {
+        Some(true) => {}
+        Some(false) => return,
+        None => {
             tracing::debug!(listener = "api", "client sent nothing in time; closing");
             return;
         }

@@ -119,7 +119,17 @@ async fn wait_for_state(sw: &Switchyard, state: &str, within: Duration) -> Value
 /// checks that it exits cleanly.
 async fn stop(mut sw: Switchyard) {
     sw.terminate();
-    assert_eq!(sw.wait_exit(Duration::from_secs(15)).await, Some(0));
+    let exit = sw.wait_exit(Duration::from_secs(15)).await;
+    if exit != Some(0) {
+        for line in sw.logs().iter().rev().take(30).rev() {
+            eprintln!("{line}");
+        }
+    }
+    assert_eq!(
+        exit,
+        Some(0),
+        "exit after SIGTERM; its last log lines above"
+    );
 }
 
 /// The 99th percentile of `samples`, in milliseconds.

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::support::{
-    chat_body, http1_client, post, send, server_toml, small_pool_config, sse_data, MockUpstream,
-    Switchyard,
+    chat_body, http1_client, pool_toml, post, send, server_toml, small_pool_config, sse_data,
+    MockUpstream, Switchyard,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -177,4 +177,33 @@ async fn send_whole(request: reqwest::RequestBuilder) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_never_sent_a_request_does_not_hold_the_drain() {
+    let mock = MockUpstream::start().await;
+    // Both far longer than the exit this test waits for.
+    let config = format!(
+        "{}shutdown_grace_s = 120\nheader_read_timeout_ms = 120000\n{}",
+        server_toml(),
+        pool_toml("small", &mock.url(), "smollm2")
+    );
+    let mut sw = Switchyard::start(&config).await;
+
+    // A spare connection, as HTTP clients open and then leave unused.
+    let mut spare = tokio::net::TcpStream::connect(sw.api_addr())
+        .await
+        .expect("connect");
+    let served = send(http1_client().get(format!("{}/v1/models", sw.api_url()))).await;
+    served.assert_status(200);
+
+    sw.terminate();
+    assert_eq!(
+        sw.wait_exit(Duration::from_secs(30)).await,
+        Some(0),
+        "an unused connection held the shutdown"
+    );
+    let mut byte = [0u8; 1];
+    let read = tokio::io::AsyncReadExt::read(&mut spare, &mut byte).await;
+    assert!(matches!(read, Ok(0) | Err(_)), "the spare stayed open");
 }
