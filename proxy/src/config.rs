@@ -32,6 +32,8 @@ pub const MIN_MAX_HEADER_BYTES: u64 = 8 * 1024;
 pub const DEFAULT_MAX_HEADERS: usize = 100;
 /// Default time an idle client connection is kept: 60 s.
 pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
+/// Default time a response waits for a client that stopped reading: 30 s.
+pub const DEFAULT_WRITE_TIMEOUT_MS: u64 = 30_000;
 /// Default most open connections on the API listener: 10,000.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Default most concurrent HTTP/2 streams on one connection: 100.
@@ -222,6 +224,12 @@ pub struct ServerConfig {
     /// GOAWAY). Default 60000.
     #[serde(default = "default_idle_timeout_ms")]
     pub idle_timeout_ms: u64,
+    /// Time a response may wait to be written to a client that stopped
+    /// reading it, in milliseconds; past it the connection is closed and
+    /// what the response held upstream is let go. Waiting on the upstream
+    /// never counts. Default 30000.
+    #[serde(default = "default_write_timeout_ms")]
+    pub write_timeout_ms: u64,
     /// Most connections open at once on the API listener; past it a new
     /// connection is accepted and closed at once. The admin listener is
     /// not counted. Default 10000.
@@ -309,6 +317,7 @@ impl Default for ServerConfig {
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
             max_headers: DEFAULT_MAX_HEADERS,
             idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
+            write_timeout_ms: DEFAULT_WRITE_TIMEOUT_MS,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_ip: None,
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
@@ -1207,6 +1216,7 @@ fn validate_server_limits(server: &ServerConfig) -> Result<(), ConfigError> {
     let nonzero = [
         ("server.max_headers", server.max_headers as u64),
         ("server.idle_timeout_ms", server.idle_timeout_ms),
+        ("server.write_timeout_ms", server.write_timeout_ms),
         ("server.max_connections", server.max_connections as u64),
         (
             "server.max_concurrent_streams",
@@ -1603,6 +1613,10 @@ fn default_max_headers() -> usize {
 
 fn default_idle_timeout_ms() -> u64 {
     DEFAULT_IDLE_TIMEOUT_MS
+}
+
+fn default_write_timeout_ms() -> u64 {
+    DEFAULT_WRITE_TIMEOUT_MS
 }
 
 fn default_max_connections() -> usize {

@@ -115,7 +115,8 @@ impl Drop for Slot {
 }
 
 /// Whether a connection has a request in flight, and since when it has
-/// had none, for the idle timeout.
+/// had none, for the idle timeout; and whether its client still reads
+/// what it is sent, for the write timeout.
 #[derive(Debug)]
 pub struct Activity {
     started: Instant,
@@ -123,6 +124,12 @@ pub struct Activity {
     /// Milliseconds from `started` to the last time a request began or
     /// ended.
     last_change_ms: AtomicU64,
+    /// Response bodies that handed out a frame the connection has not yet
+    /// written: it asks for the next frame only once the last is out.
+    unwritten: AtomicUsize,
+    /// Milliseconds from `started` to the last time any response body was
+    /// asked for a frame.
+    last_write_ms: AtomicU64,
 }
 
 impl Activity {
@@ -131,7 +138,58 @@ impl Activity {
             started: Instant::now(),
             in_flight: AtomicUsize::new(0),
             last_change_ms: AtomicU64::new(0),
+            unwritten: AtomicUsize::new(0),
+            last_write_ms: AtomicU64::new(0),
         })
+    }
+
+    /// Whether a request is in flight.
+    pub fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::SeqCst) > 0
+    }
+
+    /// Records that a response body was asked for its next frame, so the
+    /// frame it gave before (`had_unwritten`) is written out.
+    pub fn wrote(&self, had_unwritten: bool) {
+        if had_unwritten {
+            self.unwritten.fetch_sub(1, Ordering::SeqCst);
+        }
+        let now = self.started.elapsed().as_millis() as u64;
+        self.last_write_ms.store(now, Ordering::SeqCst);
+    }
+
+    /// Records that a response body handed out a frame to write.
+    pub fn handed_out(&self) {
+        self.unwritten.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Records that a body was dropped with its last frame handed out
+    /// and not asked past.
+    pub fn dropped_unwritten(&self) {
+        self.unwritten.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Resolves once a frame has waited `timeout` to be written with no
+    /// response body on the connection asked for another meanwhile: the
+    /// client stopped reading. A body waiting on its upstream is not
+    /// waiting to be written, so slow generation never counts.
+    pub async fn stalled_for(&self, timeout: Duration) {
+        loop {
+            let wait = if self.unwritten.load(Ordering::SeqCst) == 0 {
+                timeout
+            } else {
+                let last = self.last_write_ms.load(Ordering::SeqCst);
+                let quiet = self
+                    .started
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(last));
+                if quiet >= timeout {
+                    return;
+                }
+                timeout - quiet
+            };
+            tokio::time::sleep(wait).await;
+        }
     }
 
     /// Marks a request in flight until the returned guard drops (when

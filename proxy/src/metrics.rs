@@ -34,6 +34,7 @@ pub const TLS_RELOADS: &str = "switchyard_tls_certificate_reloads_total";
 pub const CONFIG_RELOADS: &str = "switchyard_config_reloads_total";
 pub const CONNECTIONS_OPEN: &str = "switchyard_connections_open";
 pub const CONNECTIONS_REJECTED: &str = "switchyard_connections_rejected_total";
+pub const WRITE_TIMEOUTS: &str = "switchyard_client_write_timeouts_total";
 pub const ENDPOINT_HEALTHY: &str = "switchyard_upstream_endpoint_healthy";
 pub const EJECTIONS: &str = "switchyard_upstream_ejections_total";
 pub const RETRIES: &str = "switchyard_upstream_retries_total";
@@ -222,6 +223,11 @@ fn describe() {
         CAPTURE_FAILURES,
         "connections on the transparent listener that no pool serves, by \
          reason (unknown_destination, not_redirected, tls)"
+    );
+    describe_counter!(
+        WRITE_TIMEOUTS,
+        "client connections closed because the client stopped reading its \
+         response for server.write_timeout_ms"
     );
     describe_counter!(
         TLS_HANDSHAKE_FAILURES,

@@ -435,6 +435,10 @@ fn keep_restart_settings(running: &ServerConfig, new: &mut Config) -> Vec<&'stat
             running.idle_timeout_ms == next.idle_timeout_ms,
         ),
         (
+            "server.write_timeout_ms",
+            running.write_timeout_ms == next.write_timeout_ms,
+        ),
+        (
             "server.max_connections",
             running.max_connections == next.max_connections,
         ),

@@ -78,6 +78,9 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// How long a connection that has sent nothing yet may still send its
 /// first request once shutdown has begun.
 const SHUTDOWN_FIRST_BYTE: Duration = Duration::from_millis(500);
+/// How long a closing connection with nothing in flight is left for its
+/// client to close before it is cut off.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs Switchyard until `shutdown` resolves, then drains. `path` is the
 /// file `config` came from, reloaded on SIGHUP, when it changes and on
@@ -218,6 +221,7 @@ pub async fn run(
     let builder = connection_builder(&config.server);
     let first_byte = Duration::from_millis(config.server.header_read_timeout_ms);
     let idle = Duration::from_millis(config.server.idle_timeout_ms);
+    let write_timeout = Duration::from_millis(config.server.write_timeout_ms);
     let limits = ConnectionLimits::new(
         config.server.max_connections,
         config
@@ -253,6 +257,7 @@ pub async fn run(
                     builder: builder.clone(),
                     stopping: stopping.clone(),
                     idle,
+                    write_timeout,
                     listener: "api",
                 };
                 let service = api_service.clone();
@@ -297,6 +302,7 @@ pub async fn run(
                     builder: builder.clone(),
                     stopping: stopping.clone(),
                     idle,
+                    write_timeout,
                     listener: "transparent",
                 };
                 let service = captured_service(Arc::clone(&capture));
@@ -313,6 +319,7 @@ pub async fn run(
                     builder: builder.clone(),
                     stopping: stopping.clone(),
                     idle,
+                    write_timeout,
                     listener: "admin",
                 };
                 let service = admin_service.clone();
@@ -410,6 +417,8 @@ struct Conn {
     stopping: watch::Receiver<bool>,
     /// Time with no request in flight after which the connection closes.
     idle: Duration,
+    /// Time a response may wait for a client that stopped reading.
+    write_timeout: Duration,
     listener: &'static str,
 }
 
@@ -600,6 +609,7 @@ where
         builder,
         mut stopping,
         idle,
+        write_timeout,
         listener,
     } = conn;
 
@@ -610,12 +620,15 @@ where
     let service = Arc::new(service);
     let service = service_fn(move |request: Request<Incoming>| {
         let guard = tracked.begin();
+        let activity = Arc::clone(&tracked);
         let service = Arc::clone(&service);
         async move {
             let response = service(request).await?;
             Ok::<_, std::convert::Infallible>(response.map(|inner| {
                 TrackedBody {
                     inner,
+                    activity,
+                    unwritten: false,
                     _guard: guard,
                 }
                 .boxed()
@@ -626,6 +639,11 @@ where
     let connection = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
     let mut closing = false;
+    // Once closing, a client that keeps the connection open with nothing
+    // in flight (an h2 client that ignores GOAWAY, a half-sent header
+    // block) is cut off after CLOSE_GRACE.
+    let cut_off = tokio::time::sleep(Duration::MAX);
+    tokio::pin!(cut_off);
     loop {
         tokio::select! {
             result = connection.as_mut() => {
@@ -642,12 +660,33 @@ where
                 );
                 connection.as_mut().graceful_shutdown();
                 closing = true;
+                cut_off.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE);
             }
             // An error means the sender is gone, which happens only
             // after shutdown began; either way, close.
             _ = stopping.changed(), if !closing => {
                 connection.as_mut().graceful_shutdown();
                 closing = true;
+                cut_off.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE);
+            }
+            () = &mut cut_off, if closing => {
+                if !activity.busy() {
+                    tracing::debug!(listener, "client kept a closing connection open; cutting it off");
+                    return;
+                }
+                cut_off.as_mut().reset(tokio::time::Instant::now() + CLOSE_GRACE);
+            }
+            () = activity.stalled_for(write_timeout) => {
+                // Dropping the connection drops its response bodies, and
+                // with them the upstream requests and queue places they
+                // hold.
+                tracing::warn!(
+                    listener,
+                    write_timeout_ms = write_timeout.as_millis() as u64,
+                    "client stopped reading its response; closing the connection"
+                );
+                metrics::counter!(crate::metrics::WRITE_TIMEOUTS).increment(1);
+                return;
             }
         }
     }
@@ -658,7 +697,18 @@ where
 /// so a fixed-length answer keeps its `content-length`.
 struct TrackedBody {
     inner: Body,
+    activity: Arc<Activity>,
+    /// The last frame handed out has not been asked past yet.
+    unwritten: bool,
     _guard: InFlight,
+}
+
+impl Drop for TrackedBody {
+    fn drop(&mut self) {
+        if self.unwritten {
+            self.activity.dropped_unwritten();
+        }
+    }
 }
 
 impl hyper::body::Body for TrackedBody {
@@ -669,7 +719,15 @@ impl hyper::body::Body for TrackedBody {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
-        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+        // Being asked for a frame means the one before is written out.
+        let had_unwritten = std::mem::take(&mut self.unwritten);
+        self.activity.wrote(had_unwritten);
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(_))) = &polled {
+            self.unwritten = true;
+            self.activity.handed_out();
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

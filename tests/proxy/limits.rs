@@ -249,6 +249,7 @@ fn zero_limits_are_rejected_with_their_key() {
     let keys = [
         "max_headers",
         "idle_timeout_ms",
+        "write_timeout_ms",
         "max_connections",
         "max_connections_per_ip",
         "max_concurrent_streams",
@@ -266,4 +267,65 @@ fn zero_limits_are_rejected_with_their_key() {
         stderr.contains("server.max_header_bytes: must be >= 8192"),
         "{stderr}"
     );
+}
+
+#[tokio::test]
+async fn an_h2_client_that_ignores_goaway_is_cut_off() {
+    let mock = MockUpstream::start().await;
+    let sw = Switchyard::start(&config_with(&mock, "idle_timeout_ms = 300\n")).await;
+
+    // The h2 preface and an empty SETTINGS frame, then silence: the
+    // client never acknowledges anything and never closes.
+    let mut stream = TcpStream::connect(sw.api_addr()).await.unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    stream.write_all(&hello).await.unwrap();
+
+    // Idle after 300 ms, GOAWAY, then 5 s for the client to close.
+    let (_, closed) = read_until_closed(&mut stream, Duration::from_secs(30)).await;
+    assert!(closed, "a client ignoring GOAWAY kept its connection 30 s");
+    wait_for_open(&sw, 0).await;
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_and_frees_its_place() {
+    let mock = MockUpstream::start().await;
+    let config = format!(
+        "{}write_timeout_ms = 500\n{}[pool.batch]\nmax_inflight = 1\n",
+        server_toml(),
+        pool_toml("small", &mock.url(), "smollm2")
+    );
+    let sw = Switchyard::start(&config).await;
+
+    // A stream of 300,000 events (the mock echoes one per word) to a
+    // client with a small receive buffer that never reads: the pool's
+    // one in-flight place is held while the answer cannot be written.
+    let words = "w ".repeat(300_000);
+    let body = serde_json::json!({
+        "model": "small",
+        "stream": true,
+        "messages": [{"role": "user", "content": words}],
+    })
+    .to_string();
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stuck = socket.connect(sw.api_addr()).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: test\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    stuck.write_all(head.as_bytes()).await.unwrap();
+    stuck.write_all(body.as_bytes()).await.unwrap();
+
+    // Another caller of the same pool is served once the reader that
+    // stopped is cut off.
+    let url = format!("{}/v1/chat/completions", sw.api_url());
+    let other = http1_client().post(&url).json(&chat_body("small", "next"));
+    let reply = tokio::time::timeout(Duration::from_secs(30), send(other))
+        .await
+        .expect("the stuck reader kept the pool's place for 30 s");
+    reply.assert_status(200);
+    wait_for_metric(&sw, "switchyard_client_write_timeouts_total", &[]).await;
+    drop(stuck);
 }
