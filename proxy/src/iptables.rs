@@ -269,6 +269,10 @@ impl CaptureRules {
     }
 }
 
+/// Why a loopback destination is refused, here and in `pool.capture`.
+pub const LOOPBACK_NEVER_CAPTURED: &str = "is loopback, which the rules never \
+     capture (the app reaches Switchyard itself there)";
+
 /// Why a rule set with neither ports nor destinations is refused.
 const NOTHING_TO_CAPTURE: &str = "give --ports, --destinations or both: \
      capturing every outbound connection would send traffic that no pool \
@@ -305,10 +309,7 @@ fn parse_block(text: &str) -> Result<(Family, String), String> {
         )
     })?;
     if ip.is_loopback() {
-        return Err(format!(
-            "--destinations: {text:?} is loopback, which the rules never \
-             capture (the app reaches Switchyard itself there)"
-        ));
+        return Err(format!("--destinations: {text:?} {LOOPBACK_NEVER_CAPTURED}"));
     }
     let (family, max) = match ip {
         IpAddr::V4(_) => (Family::V4, 32),
