@@ -309,7 +309,9 @@ fn parse_block(text: &str) -> Result<(Family, String), String> {
         )
     })?;
     if ip.is_loopback() {
-        return Err(format!("--destinations: {text:?} {LOOPBACK_NEVER_CAPTURED}"));
+        return Err(format!(
+            "--destinations: {text:?} {LOOPBACK_NEVER_CAPTURED}"
+        ));
     }
     let (family, max) = match ip {
         IpAddr::V4(_) => (Family::V4, 32),

@@ -32,11 +32,20 @@ async fn a_pool_pointed_at_switchyard_itself_gets_508() {
 
     let started = Instant::now();
     let client = http1_client();
-    let reply = post(&client, &sw.api_url(), "/v1/chat/completions", &chat_body("small", "hi"))
-        .await;
+    let reply = post(
+        &client,
+        &sw.api_url(),
+        "/v1/chat/completions",
+        &chat_body("small", "hi"),
+    )
+    .await;
     assert!(started.elapsed() < QUICK, "took {:?}", started.elapsed());
     let message = reply.assert_openai_error(508);
-    assert_eq!(reply.json["error"]["code"], "loop_detected", "{}", reply.text);
+    assert_eq!(
+        reply.json["error"]["code"], "loop_detected",
+        "{}",
+        reply.text
+    );
     assert!(message.contains("switchyard iptables --uid"), "{message}");
 
     let line = sw
