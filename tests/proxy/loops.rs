@@ -23,10 +23,14 @@ fn free_port() -> u16 {
 
 #[tokio::test]
 async fn a_pool_pointed_at_switchyard_itself_gets_508() {
+    // The pool is named for the model it sends, so the request that
+    // comes back is routed to the same pool again: a real loop. A low
+    // connection limit ends it soon should detection fail.
     let port = free_port();
     let config = format!(
-        "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin = \"127.0.0.1:0\"\n{}",
-        pool_toml("small", &format!("http://127.0.0.1:{port}"), "smollm2")
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin = \"127.0.0.1:0\"\n\
+         max_connections = 32\n{}",
+        pool_toml("smollm2", &format!("http://127.0.0.1:{port}"), "smollm2")
     );
     let sw = Switchyard::start(&config).await;
 
@@ -36,7 +40,7 @@ async fn a_pool_pointed_at_switchyard_itself_gets_508() {
         &client,
         &sw.api_url(),
         "/v1/chat/completions",
-        &chat_body("small", "hi"),
+        &chat_body("smollm2", "hi"),
     )
     .await;
     assert!(started.elapsed() < QUICK, "took {:?}", started.elapsed());
