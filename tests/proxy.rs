@@ -41,6 +41,8 @@ mod limits;
 mod local;
 #[path = "proxy/logs.rs"]
 mod logs;
+#[path = "proxy/loops.rs"]
+mod loops;
 #[path = "proxy/merged_streams.rs"]
 mod merged_streams;
 #[path = "proxy/metrics.rs"]

@@ -10,8 +10,15 @@ use switchyard_policy::{Endpoint, Message, RouteRequest};
 
 use crate::error::ApiError;
 
-/// Headers the routing policy is not shown: they carry credentials.
-const PRIVATE_HEADERS: [&str; 4] = ["authorization", "proxy-authorization", "cookie", "api-key"];
+/// Headers the routing policy is not shown: they carry credentials, or
+/// (the hop list) Switchyard's own loop detection.
+const PRIVATE_HEADERS: [&str; 5] = [
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "api-key",
+    crate::upstream::hop::HOP_HEADER,
+];
 
 /// A parsed API request.
 #[derive(Debug, Clone)]
@@ -403,6 +410,7 @@ mod tests {
         let mut headers = http::HeaderMap::new();
         headers.insert("authorization", "Bearer secret".parse().unwrap());
         headers.insert("x-tier", "premium".parse().unwrap());
+        headers.insert("x-switchyard-hop", "0123456789abcdef".parse().unwrap());
         let summary = request.route_request(&headers);
         assert_eq!(summary.prompt_chars, 5);
         let names: Vec<&str> = summary

@@ -30,7 +30,7 @@ use crate::metrics;
 use crate::routing::Router;
 use crate::scaling::{Busy, Scaler, SERVED_BY_HEADER};
 use crate::transparent::{Capture, CaptureTable};
-use crate::upstream::{copy_response_headers, Pool};
+use crate::upstream::{copy_response_headers, hop, Pool};
 
 /// Names the pool that served a response.
 pub const POOL_HEADER: &str = "x-switchyard-pool";
@@ -41,6 +41,14 @@ pub const BATCH_SIZE_HEADER: &str = "x-switchyard-batch-size";
 pub const COST_HEADER: &str = "x-switchyard-cost-usd";
 /// What the baseline pool would have charged for the served answer.
 pub const BASELINE_COST_HEADER: &str = "x-switchyard-baseline-cost-usd";
+
+/// Why a request that came back to the process that sent it upstream
+/// is refused.
+const LOOP_MESSAGE: &str = "request loop: this request was sent upstream by this \
+     Switchyard and came back to it; most likely its own upstream traffic is \
+     being redirected back to it; run Switchyard as the uid given to \
+     `switchyard iptables --uid` (or a pool's endpoint is Switchyard's own \
+     address)";
 
 /// Everything the request path needs, shared by all connections.
 #[derive(Debug)]
@@ -288,6 +296,14 @@ impl App {
         let refused = match capture {
             Some(Capture::Refused(error)) => Some(error.clone()),
             _ => None,
+        };
+        // Answered at once: forwarding it again would only go round until
+        // the connection limit.
+        let refused = if hop::is_own_loop(request.headers()) {
+            tracing::error!(%method, path, "{LOOP_MESSAGE}");
+            Some(ApiError::new(ErrorKind::LoopDetected, LOOP_MESSAGE))
+        } else {
+            refused
         };
 
         let result = match (refused, &method, path.as_str(), endpoint) {

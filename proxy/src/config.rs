@@ -1162,8 +1162,9 @@ fn validate_fallbacks(config: &Config) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// `server.transparent` and every `pool.capture`: each entry parses, no
-/// destination is claimed twice, and the listener differs from the
+/// `server.transparent` and every `pool.capture`: each entry parses, is
+/// not on loopback, no destination is claimed twice (overlapping blocks
+/// are allowed: the narrowest wins), and the listener differs from the
 /// others.
 fn validate_capture(config: &Config) -> Result<(), ConfigError> {
     use crate::transparent::CaptureTarget;
@@ -1175,7 +1176,7 @@ fn validate_capture(config: &Config) -> Result<(), ConfigError> {
             ("server.admin", config.server.admin),
         ];
         for (key, addr) in taken {
-            if addr == listen && listen.port() != 0 {
+            if same_socket(addr, listen) {
                 let message = format!("must differ from {key} ({addr})");
                 return Err(invalid("server.transparent.listen", &message));
             }
@@ -1194,6 +1195,10 @@ fn validate_capture(config: &Config) -> Result<(), ConfigError> {
                 ));
             }
             let target = CaptureTarget::parse(text).map_err(|e| invalid(&key, &e))?;
+            if target.is_loopback() {
+                let never = crate::iptables::LOOPBACK_NEVER_CAPTURED;
+                return Err(invalid(&key, &format!("{text:?} {never}")));
+            }
             if let Some((_, other)) = seen.iter().find(|(t, _)| *t == target) {
                 let message = format!("{target} is already captured by pool {other:?}");
                 return Err(invalid(&key, &message));
@@ -1202,6 +1207,14 @@ fn validate_capture(config: &Config) -> Result<(), ConfigError> {
         }
     }
     Ok(())
+}
+
+/// Whether two listeners would take the same socket: the same port (not
+/// 0, which the OS picks) on the same address, or on the wildcard.
+fn same_socket(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 /// The connection and header limits: none may be 0, and the head limit
@@ -2127,6 +2140,34 @@ max_header_bytes = 100
         );
         let err = Config::parse(&clash).unwrap_err();
         assert_eq!(err.key, "server.transparent.listen", "{err}");
+    }
+
+    #[test]
+    fn capture_on_loopback_is_refused() {
+        let text = EXAMPLE.replace(
+            "admin = \"127.0.0.1:9901\"\n",
+            "admin = \"127.0.0.1:9901\"\n[server.transparent]\n",
+        );
+        for loopback in ["127.0.0.1:8000", "127.0.0.0/8:8000", "[::1]:8000"] {
+            let captured = text.replace(
+                "model = \"big\"",
+                &format!("model = \"big\"\ncapture = [\"10.0.0.5:8000\", \"{loopback}\"]"),
+            );
+            let err = Config::parse(&captured).unwrap_err();
+            assert_eq!(err.key, "pool[1].capture[1]", "{err}");
+            assert!(err.message.contains("is loopback"), "{err}");
+        }
+    }
+
+    #[test]
+    fn transparent_listen_on_the_wildcard_of_another_port_is_refused() {
+        let text = EXAMPLE.replace(
+            "admin = \"127.0.0.1:9901\"\n",
+            "admin = \"127.0.0.1:9901\"\n[server.transparent]\nlisten = \"0.0.0.0:9901\"\n",
+        );
+        let err = Config::parse(&text).unwrap_err();
+        assert_eq!(err.key, "server.transparent.listen", "{err}");
+        assert!(err.message.contains("server.admin"), "{err}");
     }
 
     #[test]

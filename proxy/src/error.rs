@@ -58,6 +58,9 @@ pub enum ErrorKind {
     /// A connection reached the transparent listener without being
     /// redirected there.
     NotRedirected,
+    /// The request carries this process's own hop id: it was sent
+    /// upstream by this process and came back.
+    LoopDetected,
     /// Switchyard is shutting down.
     ShuttingDown,
     /// A bug or an exhausted resource inside Switchyard.
@@ -87,6 +90,7 @@ impl ErrorKind {
             Self::NotRedirected => StatusCode::MISDIRECTED_REQUEST,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::CircuitOpen => StatusCode::SERVICE_UNAVAILABLE,
+            Self::LoopDetected => StatusCode::LOOP_DETECTED,
             Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -117,7 +121,8 @@ impl ErrorKind {
             | Self::ShuttingDown
             | Self::Internal
             | Self::PoolUnavailable
-            | Self::PoolCold => "server_error",
+            | Self::PoolCold
+            | Self::LoopDetected => "server_error",
             Self::DeadlineExceeded => "timeout_error",
             Self::UpstreamUnavailable
             | Self::UpstreamTimeout
@@ -150,6 +155,7 @@ impl ErrorKind {
             Self::UpstreamInvalid => "upstream_invalid_response",
             Self::UnknownDestination => "unknown_destination",
             Self::NotRedirected => "not_redirected",
+            Self::LoopDetected => "loop_detected",
             Self::ShuttingDown => "shutting_down",
             Self::Internal => "internal_error",
         }

@@ -118,14 +118,24 @@ impl CaptureRules {
             return Err(NOTHING_TO_CAPTURE.to_string());
         }
         if let Some(port) = self.ports.iter().find(|p| **p == 0) {
-            return Err(format!("--ports: {port} is not a port (1 to 65535)"));
+            return Err(format!("--ports: {}", not_a_port(&port.to_string())));
         }
         if self.proxy_port == 0 {
-            return Err("--proxy-port must be 1 to 65535".to_string());
+            return Err(format!("--proxy-port: {}", not_a_port("0")));
         }
         let mut blocks = Vec::new();
         for text in &self.destinations {
-            blocks.push(parse_block(text)?);
+            let block = parse_block(text)?;
+            // A /0 block without ports is every outbound connection,
+            // which is refused above when asked for plainly.
+            if self.ports.is_empty() && block.1.ends_with("/0") {
+                return Err(format!(
+                    "--destinations: {text:?} is every address, and without \
+                     --ports it captures {EVERYTHING}; give --ports or \
+                     narrower blocks"
+                ));
+            }
+            blocks.push(block);
         }
 
         // Ports alone capture IPv4; IPv6 is captured where a block asks.
@@ -259,10 +269,32 @@ impl CaptureRules {
     }
 }
 
+/// Why a loopback destination is refused, here and in `pool.capture`.
+pub const LOOPBACK_NEVER_CAPTURED: &str = "is loopback, which the rules never \
+     capture (the app reaches Switchyard itself there)";
+
 /// Why a rule set with neither ports nor destinations is refused.
 const NOTHING_TO_CAPTURE: &str = "give --ports, --destinations or both: \
      capturing every outbound connection would send traffic that no pool \
      serves (DNS over TCP, databases, the API server) to Switchyard";
+
+/// What capturing everything does, for the refusal of a /0 block alone.
+const EVERYTHING: &str = "every outbound connection, which would send \
+     traffic that no pool serves (DNS over TCP, databases, the API server) \
+     to Switchyard";
+
+/// Parses one `--ports` or `--proxy-port` value; 0 and values past 65535
+/// are refused with the same message.
+pub fn parse_port(text: &str) -> Result<u16, String> {
+    match text.trim().parse::<u16>() {
+        Ok(port) if port > 0 => Ok(port),
+        _ => Err(not_a_port(text)),
+    }
+}
+
+fn not_a_port(text: &str) -> String {
+    format!("{text} is not a port (1 to 65535)")
+}
 
 /// A destination block: `10.0.0.0/16`, `fd00::/64` or an address alone.
 fn parse_block(text: &str) -> Result<(Family, String), String> {
@@ -278,8 +310,7 @@ fn parse_block(text: &str) -> Result<(Family, String), String> {
     })?;
     if ip.is_loopback() {
         return Err(format!(
-            "--destinations: {text:?} is loopback, which the rules never \
-             capture (the app reaches Switchyard itself there)"
+            "--destinations: {text:?} {LOOPBACK_NEVER_CAPTURED}"
         ));
     }
     let (family, max) = match ip {
@@ -417,6 +448,32 @@ mod tests {
         assert!(err.contains("0 to 32"), "{err}");
         let err = capture(vec![0], vec![]).rules().unwrap_err();
         assert!(err.contains("--ports"), "{err}");
+    }
+
+    #[test]
+    fn a_zero_prefix_without_ports_is_refused_like_no_options() {
+        let capture = |ports: Vec<u16>, destination: &str| CaptureRules {
+            proxy_port: 15001,
+            uid: 1337,
+            ports,
+            destinations: vec![destination.to_string()],
+        };
+        for everything in ["0.0.0.0/0", "::/0", "10.0.0.0/0"] {
+            let err = capture(vec![], everything).rules().unwrap_err();
+            assert!(err.contains("every outbound connection"), "{err}");
+            assert!(err.contains("--ports"), "{err}");
+        }
+        // With ports, /0 only says which family's ports.
+        assert!(capture(vec![8000], "0.0.0.0/0").rules().is_ok());
+    }
+
+    #[test]
+    fn ports_out_of_range_get_one_message() {
+        assert_eq!(parse_port("8000"), Ok(8000));
+        let zero = parse_port("0").unwrap_err();
+        let big = parse_port("70000").unwrap_err();
+        assert_eq!(zero, "0 is not a port (1 to 65535)");
+        assert_eq!(big, "70000 is not a port (1 to 65535)");
     }
 
     #[test]

@@ -66,13 +66,21 @@ enum Command {
         #[arg(long)]
         apply: bool,
         /// Port of `server.transparent.listen`.
-        #[arg(long, default_value_t = switchyard::iptables::DEFAULT_PROXY_PORT)]
+        #[arg(
+            long,
+            default_value_t = switchyard::iptables::DEFAULT_PROXY_PORT,
+            value_parser = switchyard::iptables::parse_port
+        )]
         proxy_port: u16,
         /// User Switchyard runs as; its own connections are not captured.
         #[arg(long, default_value_t = switchyard::iptables::DEFAULT_UID)]
         uid: u32,
         /// Destination ports to capture, comma-separated (8000,8080).
-        #[arg(long, value_delimiter = ',')]
+        #[arg(
+            long,
+            value_delimiter = ',',
+            value_parser = switchyard::iptables::parse_port
+        )]
         ports: Vec<u16>,
         /// Destination addresses or CIDR blocks to capture,
         /// comma-separated (10.0.0.0/16,fd00::/64). IPv6 blocks get

@@ -121,7 +121,7 @@ impl AdminToken {
                 message,
             });
         };
-        let given = authorization.and_then(|v| v.strip_prefix("Bearer "));
+        let given = authorization.and_then(bearer_token);
         if given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
             return Ok(());
         }
@@ -130,6 +130,15 @@ impl AdminToken {
             message: "missing or wrong bearer token".into(),
         })
     }
+}
+
+/// The token of an `Authorization: Bearer TOKEN` value. The scheme is
+/// case-insensitive and may be followed by several spaces (RFC 7235).
+fn bearer_token(authorization: &str) -> Option<&str> {
+    let (scheme, token) = authorization.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start_matches(' '))
 }
 
 /// What a successful reload did, for the log and `POST /admin/reload`.
@@ -503,6 +512,18 @@ mod tests {
         assert_eq!(new.server.max_connections, running.server.max_connections);
         assert_eq!(new.server.max_body_bytes, 100);
         assert_eq!(new.server.shutdown_grace_s, 1);
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        let config = Config::parse("[admin]\ntoken = \"s3cret\"\n").unwrap();
+        let token = AdminToken::new(&config);
+        for given in ["Bearer s3cret", "bearer s3cret", "BEARER  s3cret"] {
+            assert!(token.authorize(Some(given)).is_ok(), "{given}");
+        }
+        for given in ["Basic s3cret", "Bearers3cret", "bearer S3CRET"] {
+            assert!(token.authorize(Some(given)).is_err(), "{given}");
+        }
     }
 
     #[test]

@@ -84,6 +84,12 @@ impl CaptureTarget {
         })
     }
 
+    /// Whether the entry's network is on loopback (127.0.0.0/8, ::1),
+    /// whose connections the iptables rules never redirect.
+    pub fn is_loopback(&self) -> bool {
+        canonical(self.network).is_loopback()
+    }
+
     /// Whether a connection opened to `dst` is one of this entry's.
     pub fn matches(&self, dst: SocketAddr) -> bool {
         let ip = canonical(dst.ip());

@@ -114,6 +114,30 @@ fn switchyard_iptables_prints_the_rules_and_refuses_an_empty_capture() {
     assert!(stderr.contains("--ports"), "{stderr}");
 }
 
+/// `switchyard iptables` refuses a /0 block without ports as it refuses
+/// no options, and says the same of every port out of range.
+#[test]
+fn switchyard_iptables_refuses_everything_and_bad_ports_alike() {
+    let refusal = |args: &[&str]| {
+        let output = Command::new(BINARY)
+            .arg("iptables")
+            .args(args)
+            .output()
+            .expect("run switchyard iptables");
+        assert!(!output.status.success(), "{args:?} was accepted");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    for everything in ["0.0.0.0/0", "::/0"] {
+        let stderr = refusal(&["--destinations", everything]);
+        assert!(stderr.contains("every outbound connection"), "{stderr}");
+    }
+    for port in ["0", "70000"] {
+        let stderr = refusal(&["--ports", port]);
+        let want = format!("{port} is not a port (1 to 65535)");
+        assert!(stderr.contains(&want), "{stderr}");
+    }
+}
+
 /// An app in its own network namespace talks to its model server's
 /// address; iptables sends the connection to Switchyard, which serves it
 /// by the pool that captures that address, the `model` as sent.

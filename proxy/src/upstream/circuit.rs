@@ -128,6 +128,11 @@ impl Circuit {
     }
 
     fn record(&self, probe: bool, ok: bool, now: Instant) {
+        // A 0 percent breaker is off: it never opens, so it never logs or
+        // publishes an open state either.
+        if self.config.failure_percent == 0 {
+            return;
+        }
         let Ok(mut inner) = self.inner.lock() else {
             return;
         };
@@ -291,6 +296,25 @@ mod tests {
         tokio::time::advance(Duration::from_millis(1_001)).await;
         send(&circuit, false);
         assert!(matches!(circuit.state(), State::Open(_)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_zero_percent_breaker_never_opens() {
+        let circuit = Circuit::new(
+            "p",
+            &CircuitConfig {
+                failure_percent: 0,
+                min_requests: 1,
+                window_ms: 10_000,
+                open_ms: 1_000,
+                half_open_requests: 2,
+            },
+        );
+        for _ in 0..4 {
+            send(&circuit, true);
+            send(&circuit, false);
+        }
+        assert_eq!(circuit.state(), State::Closed);
     }
 
     #[tokio::test(start_paused = true)]

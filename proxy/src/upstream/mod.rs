@@ -15,6 +15,7 @@ mod budget;
 mod circuit;
 mod endpoints;
 mod health;
+pub mod hop;
 mod window;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -438,6 +439,7 @@ impl Pool {
         };
         let mut request = Request::new(Full::new(Bytes::new()));
         *request.uri_mut() = uri;
+        hop::mark(request.headers_mut());
         match tokio::time::timeout(timeout, self.client.request(request)).await {
             Ok(Ok(response)) => response.status().is_success(),
             Ok(Err(error)) => {
@@ -492,6 +494,8 @@ impl Pool {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        // Says this process sent it, should it come back round.
+        hop::mark(forwarded);
         Ok(request)
     }
 
