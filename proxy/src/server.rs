@@ -392,7 +392,9 @@ fn connection_builder(server: &ServerConfig) -> auto::Builder<TokioExecutor> {
     // Limitation: over max_header_bytes or max_headers, hyper answers
     // HTTP/1 with a bare 431 (no body) and closes the connection; the
     // service never sees the request, so the answer cannot carry the
-    // OpenAI error JSON. On h2 the h2 crate sends the bare 431.
+    // OpenAI error JSON. On h2 the h2 crate sends the bare 431 and then
+    // resets the stream with REFUSED_STREAM, which clients such as curl
+    // take as safe to retry.
     // Hyper's header timer also runs while a keep-alive connection waits
     // for its next request, so an idle HTTP/1 connection closes after
     // the shorter of header_read_timeout_ms and idle_timeout_ms.
