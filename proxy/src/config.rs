@@ -461,6 +461,20 @@ pub enum ScalerKind {
     /// Something else starts and stops the server; Switchyard only
     /// follows its readiness and holds requests while it is not ready.
     None,
+    /// Switchyard POSTs the replicas it wants to `url` (an autoscaler,
+    /// a deploy hook) and follows readiness as with `none`.
+    Webhook,
+}
+
+impl ScalerKind {
+    /// The kind as written in the configuration.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Process => "process",
+            Self::None => "none",
+            Self::Webhook => "webhook",
+        }
+    }
 }
 
 /// `[pool.scaler]`: the pool's model server runs only while it has work.
@@ -469,9 +483,19 @@ pub enum ScalerKind {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScalerConfig {
-    /// `"process"` (default) or `"none"`.
+    /// `"process"` (default), `"none"` or `"webhook"`.
     #[serde(default)]
     pub kind: ScalerKind,
+    /// `webhook`: the `http://` or `https://` URL that is POSTed
+    /// `{"pool", "replicas", "reason"}` when the pool should come up
+    /// (replicas 1) or go down (0).
+    pub url: Option<String>,
+    /// `webhook`: headers added to each POST. Default: none.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// `webhook`: environment variable holding a token sent as
+    /// `Authorization: Bearer <token>`, read at each call. Default: none.
+    pub token_env: Option<String>,
     /// `process`: the program and its arguments, run without a shell.
     #[serde(default)]
     pub command: Vec<String>,
@@ -1070,15 +1094,16 @@ fn validate_pool(i: usize, pool: &PoolConfig) -> Result<(), ConfigError> {
 /// `[pool.scaler]`: a process scaler has a command, and no duration that
 /// would mean "never" is 0.
 fn validate_scaler(key: &dyn Fn(&str) -> String, scaler: &ScalerConfig) -> Result<(), ConfigError> {
-    let process_only = scaler.kind == ScalerKind::None
+    let process_only = scaler.kind != ScalerKind::Process
         && (!scaler.command.is_empty() || !scaler.env.is_empty() || scaler.cwd.is_some());
     if process_only {
         return Err(invalid(
             &key("scaler.command"),
             "command, env and cwd apply only to kind = \"process\"; with \
-             kind = \"none\" something else runs the server",
+             kind = \"none\" or \"webhook\" something else runs the server",
         ));
     }
+    validate_webhook(key, scaler)?;
     let blank = scaler
         .command
         .first()
@@ -1109,6 +1134,60 @@ fn validate_scaler(key: &dyn Fn(&str) -> String, scaler: &ScalerConfig) -> Resul
         if value == 0 {
             return Err(invalid(&key(&format!("scaler.{field}")), "must be > 0"));
         }
+    }
+    Ok(())
+}
+
+/// `[pool.scaler]` of `kind = "webhook"`: an http(s) URL, headers that
+/// are valid HTTP, and the webhook keys on no other kind.
+fn validate_webhook(
+    key: &dyn Fn(&str) -> String,
+    scaler: &ScalerConfig,
+) -> Result<(), ConfigError> {
+    if scaler.kind != ScalerKind::Webhook {
+        let set = [
+            ("url", scaler.url.is_some()),
+            ("headers", !scaler.headers.is_empty()),
+            ("token_env", scaler.token_env.is_some()),
+        ];
+        if let Some((field, _)) = set.iter().find(|(_, set)| *set) {
+            return Err(invalid(
+                &key(&format!("scaler.{field}")),
+                "applies only to kind = \"webhook\"",
+            ));
+        }
+        return Ok(());
+    }
+    let Some(url) = &scaler.url else {
+        return Err(invalid(
+            &key("scaler.url"),
+            "is required with kind = \"webhook\": the URL to POST the wanted replicas to",
+        ));
+    };
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| invalid(&key("scaler.url"), &format!("is not a URL: {e}")))?;
+    let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
+    if !scheme_ok || uri.host().is_none() {
+        return Err(invalid(
+            &key("scaler.url"),
+            "must be an absolute http:// or https:// URL with a host",
+        ));
+    }
+    for (name, value) in &scaler.headers {
+        let field = key(&format!("scaler.headers.{name}"));
+        if http::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return Err(invalid(&field, "is not a valid HTTP header name"));
+        }
+        if http::header::HeaderValue::from_str(value).is_err() {
+            return Err(invalid(&field, "is not a valid HTTP header value"));
+        }
+    }
+    if scaler.token_env.as_deref().is_some_and(str::is_empty) {
+        return Err(invalid(
+            &key("scaler.token_env"),
+            "must name an environment variable",
+        ));
     }
     Ok(())
 }
@@ -1912,6 +1991,28 @@ model = "big"
                 "pool[1].scaler.max_held",
             ),
             (&format!("{scaler}kind = \"k8s\"\n"), "pool[1].scaler.kind"),
+            ("[pool.scaler]\nkind = \"webhook\"\n", "pool[1].scaler.url"),
+            (
+                "[pool.scaler]\nkind = \"webhook\"\nurl = \"ftp://h/x\"\n",
+                "pool[1].scaler.url",
+            ),
+            (
+                "[pool.scaler]\nkind = \"webhook\"\nurl = \"http://h/\"\n\
+                 headers = { \"bad name\" = \"v\" }\n",
+                "pool[1].scaler.headers.bad name",
+            ),
+            (
+                "[pool.scaler]\nkind = \"webhook\"\nurl = \"http://h/\"\ntoken_env = \"\"\n",
+                "pool[1].scaler.token_env",
+            ),
+            (
+                "[pool.scaler]\nkind = \"webhook\"\nurl = \"http://h/\"\ncommand = [\"x\"]\n",
+                "pool[1].scaler.command",
+            ),
+            (
+                &format!("{scaler}url = \"http://h/\"\n"),
+                "pool[1].scaler.url",
+            ),
             ("fallback = \"small\"\n", "pool[1].fallback"),
             ("default_deadline_ms = 100\n", "pool[1].default_deadline_ms"),
             (

@@ -8,6 +8,9 @@
 //! only reads the state, counts its requests (held and in flight) and
 //! wakes the supervisor when a request finds the pool cold.
 //!
+//! With `kind = "webhook"` the supervisor POSTs the replicas it wants to
+//! a URL (`webhook`) and then follows readiness by the probe.
+//!
 //! This module decides when to start and stop and whether a request may
 //! wait; it does not send requests (`app` does, to the pool or to its
 //! fallback) and does not parse them.
@@ -33,6 +36,10 @@ use crate::body::{Body, BoxError};
 use crate::config::{ScalerConfig, ScalerKind};
 use crate::metrics;
 use crate::upstream::Pool;
+
+mod webhook;
+
+use self::webhook::Webhook;
 
 /// Response header set on an answer that the pool's fallback gave in its
 /// place: `fallback`.
@@ -309,12 +316,8 @@ impl Scaler {
     /// The pool's lifecycle for `GET /admin/pools`.
     pub fn report(&self) -> Value {
         let inner = self.shared.lock();
-        let kind = match self.shared.config.kind {
-            ScalerKind::Process => "process",
-            ScalerKind::None => "none",
-        };
         json!({
-            "scaler": kind,
+            "scaler": self.shared.config.kind.label(),
             "state": inner.state.label(),
             "state_for_s": inner.since.elapsed().as_secs_f64(),
             "desired_replicas": inner.state.desired_replicas(),
@@ -565,6 +568,13 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 /// server, until told to stop.
 async fn supervise(shared: Arc<Shared>, pool: Arc<Pool>, mut stop: watch::Receiver<bool>) {
     let always_up = shared.config.min_replicas > 0;
+
+    // The webhook client is built once; a broken one fails every start
+    // with the reason in the log.
+    let webhook = match shared.config.kind {
+        ScalerKind::Webhook => Webhook::new(&shared.pool, &shared.config),
+        ScalerKind::Process | ScalerKind::None => Err("not a webhook scaler".to_string()),
+    };
     loop {
         // Cold: an always-up pool starts at once, the others on demand.
         let reason = if always_up {
@@ -578,6 +588,9 @@ async fn supervise(shared: Arc<Shared>, pool: Arc<Pool>, mut stop: watch::Receiv
         let flow = match shared.config.kind {
             ScalerKind::Process => run_process(&shared, &pool, &mut stop, reason).await,
             ScalerKind::None => follow(&shared, &pool, &mut stop, reason).await,
+            ScalerKind::Webhook => {
+                run_webhook(&shared, &pool, webhook.as_ref(), &mut stop, reason).await
+            }
         };
         if flow == Flow::Stop {
             return;
@@ -718,6 +731,91 @@ async fn follow(
             () = tokio::time::sleep(interval) => {
                 if !pool.probe(&shared.config.probe_path, PROBE_TIMEOUT).await {
                     shared.transition(PoolState::Cold, "readiness probe failed");
+                    return Flow::Continue;
+                }
+            }
+            () = stopped(stop) => return Flow::Stop,
+        }
+    }
+}
+
+/// One life of a `webhook` pool: POST replicas 1, wait for the probe,
+/// serve until the probe fails or the pool idles out (then POST replicas
+/// 0), or the scaler stops.
+// Limitation: when Switchyard stops or a reload removes the pool, no
+// replicas 0 is sent: a restarting sidecar should not take the model
+// server down with it, so a pool left up is scaled down by whatever
+// runs it, not by Switchyard.
+async fn run_webhook(
+    shared: &Shared,
+    pool: &Pool,
+    webhook: Result<&Webhook, &String>,
+    stop: &mut watch::Receiver<bool>,
+    reason: &str,
+) -> Flow {
+    shared.starting(reason);
+    let started = Instant::now();
+    let webhook = match webhook {
+        Ok(webhook) => webhook,
+        Err(message) => {
+            tracing::error!(pool = %shared.pool, error = %message, "cannot set up the scaler webhook");
+            shared.start_failed("the scaler webhook could not be set up");
+            return Flow::Continue;
+        }
+    };
+
+    // Starting: the call and the wait for readiness share ready_timeout_s.
+    let ready_timeout = Duration::from_secs(shared.config.ready_timeout_s);
+    let up = async {
+        webhook.scale(1, reason).await?;
+        wait_ready(pool, &shared.config).await;
+        Ok::<(), String>(())
+    };
+    tokio::select! {
+        up = tokio::time::timeout(ready_timeout, up) => match up {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                shared.start_failed("the scaler webhook failed");
+                return Flow::Continue;
+            }
+            Err(_) => {
+                tracing::error!(
+                    pool = %shared.pool,
+                    ready_timeout_s = shared.config.ready_timeout_s,
+                    probe_path = %shared.config.probe_path,
+                    "the pool did not answer its probe within scaler.ready_timeout_s \
+                     after the webhook call"
+                );
+                shared.start_failed("server did not become ready");
+                return Flow::Continue;
+            }
+        },
+        () = stopped(stop) => return Flow::Stop,
+    }
+    shared.ready(started.elapsed());
+
+    // Ready: probe, and check for idleness, on their own clocks.
+    let mut probes = tokio::time::interval(Duration::from_millis(shared.config.probe_interval_ms));
+    let mut checks = tokio::time::interval(idle_check_interval(&shared.config));
+    probes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    probes.reset();
+    checks.reset();
+    loop {
+        tokio::select! {
+            _ = probes.tick() => {
+                if !pool.probe(&shared.config.probe_path, PROBE_TIMEOUT).await {
+                    shared.transition(PoolState::Cold, "readiness probe failed");
+                    return Flow::Continue;
+                }
+            }
+            _ = checks.tick() => {
+                if shared.drain_if_idle() {
+                    // Cold even when the call failed: the pool cannot
+                    // tell, and the next request asks for replicas 1.
+                    let reason = "idle for scaler.idle_timeout_s";
+                    let _ = webhook.scale(0, reason).await;
+                    shared.transition(PoolState::Cold, "scaled down after idling");
                     return Flow::Continue;
                 }
             }
