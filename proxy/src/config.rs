@@ -542,6 +542,33 @@ pub struct ScalerConfig {
     /// Default 10.
     #[serde(default = "default_scaler_stop_grace_s")]
     pub stop_grace_s: u64,
+    /// `[[pool.scaler.schedule]]`: windows in which the pool is kept up
+    /// (started if cold, never idled down). Default: none.
+    #[serde(default)]
+    pub schedule: Vec<ScheduleConfig>,
+}
+
+/// `[[pool.scaler.schedule]]`: a weekly window in which the pool wants at
+/// least `min_replicas`; outside every window the scaler's own
+/// `min_replicas` applies.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleConfig {
+    /// Days the window starts on: `"mon"` to `"sun"`. Default: every day.
+    #[serde(default = "default_schedule_days")]
+    pub days: Vec<String>,
+    /// Local start time, `"HH:MM"`.
+    pub start: String,
+    /// Local end time, `"HH:MM"` (`"24:00"` for midnight); at or before
+    /// `start`, the window ends on the next day.
+    pub end: String,
+    /// IANA time zone of `start` and `end`, such as `"Europe/Berlin"`;
+    /// daylight saving is followed. Default `"UTC"`.
+    #[serde(default = "default_schedule_timezone")]
+    pub timezone: String,
+    /// Replicas wanted inside the window: 0 or 1. Default 1.
+    #[serde(default = "default_schedule_min_replicas")]
+    pub min_replicas: u32,
 }
 
 /// `[pool.retry]`: a request that never reached an upstream (connection
@@ -1104,6 +1131,12 @@ fn validate_scaler(key: &dyn Fn(&str) -> String, scaler: &ScalerConfig) -> Resul
         ));
     }
     validate_webhook(key, scaler)?;
+    for (i, window) in scaler.schedule.iter().enumerate() {
+        crate::scaling::Window::parse(window).map_err(|e| {
+            let field = format!("scaler.schedule[{i}].{}", e.field);
+            invalid(&key(&field), &e.message)
+        })?;
+    }
     let blank = scaler
         .command
         .first()
@@ -1776,6 +1809,20 @@ fn default_scaler_stop_grace_s() -> u64 {
     10
 }
 
+fn default_schedule_days() -> Vec<String> {
+    ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+        .map(String::from)
+        .to_vec()
+}
+
+fn default_schedule_timezone() -> String {
+    "UTC".to_string()
+}
+
+fn default_schedule_min_replicas() -> u32 {
+    1
+}
+
 fn default_health_path() -> String {
     "/v1/models".to_string()
 }
@@ -2012,6 +2059,24 @@ model = "big"
             (
                 &format!("{scaler}url = \"http://h/\"\n"),
                 "pool[1].scaler.url",
+            ),
+            (
+                &format!(
+                    "{scaler}[[pool.scaler.schedule]]\ndays = [\"mon\", \"caturday\"]\n\
+                     start = \"09:00\"\nend = \"18:00\"\n"
+                ),
+                "pool[1].scaler.schedule[0].days",
+            ),
+            (
+                &format!("{scaler}[[pool.scaler.schedule]]\nstart = \"9am\"\nend = \"18:00\"\n"),
+                "pool[1].scaler.schedule[0].start",
+            ),
+            (
+                &format!(
+                    "{scaler}[[pool.scaler.schedule]]\nstart = \"09:00\"\nend = \"18:00\"\n\
+                     timezone = \"Mars/Olympus\"\n"
+                ),
+                "pool[1].scaler.schedule[0].timezone",
             ),
             ("fallback = \"small\"\n", "pool[1].fallback"),
             ("default_deadline_ms = 100\n", "pool[1].default_deadline_ms"),

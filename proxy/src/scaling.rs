@@ -8,6 +8,9 @@
 //! only reads the state, counts its requests (held and in flight) and
 //! wakes the supervisor when a request finds the pool cold.
 //!
+//! `[[pool.scaler.schedule]]` windows (`schedule`) keep a pool up at
+//! set times of the week, read by an injected clock.
+//!
 //! With `kind = "webhook"` the supervisor POSTs the replicas it wants to
 //! a URL (`webhook`) and then follows readiness by the probe.
 //!
@@ -37,8 +40,10 @@ use crate::config::{ScalerConfig, ScalerKind};
 use crate::metrics;
 use crate::upstream::Pool;
 
+mod schedule;
 mod webhook;
 
+pub use self::schedule::{system_clock, Clock, Schedule, ScheduleError, Window};
 use self::webhook::Webhook;
 
 /// Response header set on an answer that the pool's fallback gave in its
@@ -55,6 +60,9 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// its server exited or failed to start, so that a server that crashes at
 /// once does not spin.
 const RESTART_BACKOFF: Duration = Duration::from_secs(1);
+
+/// How often a cold pool with a schedule checks whether a window began.
+const SCHEDULE_CHECK: Duration = Duration::from_secs(1);
 
 /// Where a scaled pool is in its lifecycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,10 +150,12 @@ pub struct Scaler {
     supervisor: Mutex<Option<JoinHandle<()>>>,
 }
 
-#[derive(Debug)]
 struct Shared {
     pool: String,
     config: ScalerConfig,
+    /// The replicas wanted at each time, read by `clock`.
+    schedule: Schedule,
+    clock: Clock,
     default_deadline: Option<Duration>,
     inner: Mutex<Inner>,
     /// Bumped on every transition and failed start; held requests wait on
@@ -174,19 +184,48 @@ struct Inner {
     cold_starts: u64,
 }
 
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("pool", &self.pool)
+            .field("config", &self.config)
+            .field("schedule", &self.schedule)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Scaler {
-    /// Starts the supervisor of `pool`'s server. With `min_replicas = 1`
-    /// the server starts now; else on the first request. Must run inside
-    /// a tokio runtime.
+    /// Starts the supervisor of `pool`'s server. With `min_replicas = 1`,
+    /// or inside a schedule window, the server starts now; else on the
+    /// first request. Must run inside a tokio runtime.
     pub fn start(
         pool: Arc<Pool>,
         config: ScalerConfig,
         default_deadline_ms: Option<u64>,
     ) -> Arc<Self> {
+        Self::start_with_clock(pool, config, default_deadline_ms, system_clock())
+    }
+
+    /// [`Scaler::start`] with schedules read by `clock`.
+    pub fn start_with_clock(
+        pool: Arc<Pool>,
+        config: ScalerConfig,
+        default_deadline_ms: Option<u64>,
+        clock: Clock,
+    ) -> Arc<Self> {
         let now = Instant::now();
+
+        // Validation parsed the schedule already; a failure here cannot
+        // happen, and would leave the pool with min_replicas only.
+        let schedule = Schedule::parse(&config.schedule, config.min_replicas).unwrap_or_else(|e| {
+            tracing::error!(pool = %pool.name, error = %e, "ignoring the pool's scaler.schedule");
+            Schedule::fixed(config.min_replicas)
+        });
         let shared = Arc::new(Shared {
             pool: pool.name.clone(),
             config,
+            schedule,
+            clock,
             default_deadline: default_deadline_ms.map(Duration::from_millis),
             inner: Mutex::new(Inner {
                 state: PoolState::Cold,
@@ -321,6 +360,7 @@ impl Scaler {
             "state": inner.state.label(),
             "state_for_s": inner.since.elapsed().as_secs_f64(),
             "desired_replicas": inner.state.desired_replicas(),
+            "min_replicas_now": self.shared.min_replicas_now(),
             "in_flight": inner.in_flight,
             "held": inner.held,
             "cold_starts": inner.cold_starts,
@@ -358,6 +398,37 @@ impl Drop for Scaler {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The least replicas wanted now: a schedule window's, else
+    /// `min_replicas`.
+    fn min_replicas_now(&self) -> u32 {
+        self.schedule.min_replicas_at((self.clock)())
+    }
+
+    /// Why the pool starts without a request, when it wants to be up.
+    fn always_up_reason(&self) -> Option<&'static str> {
+        if self.min_replicas_now() == 0 {
+            None
+        } else if self.config.min_replicas > 0 {
+            Some("min_replicas = 1")
+        } else {
+            Some("inside a scaler.schedule window")
+        }
+    }
+
+    /// Resolves when a schedule window that wants the pool up begins;
+    /// never without a schedule.
+    async fn window_opened(&self) {
+        if !self.schedule.is_timed() {
+            return std::future::pending().await;
+        }
+        loop {
+            tokio::time::sleep(SCHEDULE_CHECK).await;
+            if self.min_replicas_now() > 0 {
+                return;
+            }
+        }
     }
 
     /// Moves to `state`, logs why, publishes it and wakes held requests.
@@ -412,7 +483,7 @@ impl Shared {
     /// nothing in flight or held, no answer for `idle_timeout_s`, up for
     /// `min_up_s`. Returns whether it did.
     fn drain_if_idle(&self) -> bool {
-        if self.config.min_replicas > 0 {
+        if self.min_replicas_now() > 0 {
             return false;
         }
         let idle = Duration::from_secs(self.config.idle_timeout_s);
@@ -567,8 +638,6 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 /// The supervisor: waits for demand while cold, then runs one life of the
 /// server, until told to stop.
 async fn supervise(shared: Arc<Shared>, pool: Arc<Pool>, mut stop: watch::Receiver<bool>) {
-    let always_up = shared.config.min_replicas > 0;
-
     // The webhook client is built once; a broken one fails every start
     // with the reason in the log.
     let webhook = match shared.config.kind {
@@ -576,14 +645,15 @@ async fn supervise(shared: Arc<Shared>, pool: Arc<Pool>, mut stop: watch::Receiv
         ScalerKind::Process | ScalerKind::None => Err("not a webhook scaler".to_string()),
     };
     loop {
-        // Cold: an always-up pool starts at once, the others on demand.
-        let reason = if always_up {
-            "min_replicas = 1"
-        } else {
-            tokio::select! {
+        // Cold: a pool that wants to be up starts at once, the others
+        // on demand or when a schedule window begins.
+        let reason = match shared.always_up_reason() {
+            Some(reason) => reason,
+            None => tokio::select! {
                 () = shared.demand.notified() => "request for a cold pool",
+                () = shared.window_opened() => "a scaler.schedule window began",
                 () = stopped(&mut stop) => return,
-            }
+            },
         };
         let flow = match shared.config.kind {
             ScalerKind::Process => run_process(&shared, &pool, &mut stop, reason).await,
@@ -595,7 +665,7 @@ async fn supervise(shared: Arc<Shared>, pool: Arc<Pool>, mut stop: watch::Receiv
         if flow == Flow::Stop {
             return;
         }
-        if always_up {
+        if shared.always_up_reason().is_some() {
             tokio::select! {
                 () = tokio::time::sleep(RESTART_BACKOFF) => {}
                 () = stopped(&mut stop) => return,
@@ -965,6 +1035,77 @@ mod tests {
         let recent: Vec<u64> = (1..=10).collect();
         assert_eq!(inner(&recent).estimate(&config()), Duration::from_secs(9));
         assert_eq!(inner(&[7]).estimate(&config()), Duration::from_secs(7));
+    }
+
+    /// A loopback server that answers 200 to everything: the probe
+    /// target of a pool whose "server" is `sleep`.
+    async fn always_ready() -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let service = hyper::service::service_fn(|_req| async {
+                    let body = http_body_util::Full::new(Bytes::from_static(b"{}"));
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+                });
+                tokio::spawn(async move {
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// Polls until the scaler is in `state`, for up to 10 s.
+    async fn wait_for(scaler: &Scaler, state: PoolState) {
+        let end = Instant::now() + Duration::from_secs(10);
+        while scaler.state() != state {
+            assert!(Instant::now() < end, "not {state:?}: {}", scaler.report());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_schedule_window_keeps_the_pool_up_past_its_idle_timeout() {
+        let addr = always_ready().await;
+        let text = format!(
+            "[[pool]]\nname = \"big\"\nendpoints = [\"http://{addr}\"]\n\
+             [pool.scaler]\ncommand = [\"sleep\", \"600\"]\n\
+             idle_timeout_s = 1\nmin_up_s = 0\nprobe_interval_ms = 50\nstop_grace_s = 2\n\
+             [[pool.scaler.schedule]]\ndays = [\"mon\"]\nstart = \"09:00\"\n\
+             end = \"18:00\"\ntimezone = \"Europe/Berlin\"\n"
+        );
+        let config = crate::config::Config::parse(&text).unwrap();
+        let pool_config = &config.pool[0];
+        let pool = Arc::new(Pool::new(pool_config).unwrap());
+        let now = Arc::new(Mutex::new("2026-01-11T12:00:00Z".parse().unwrap()));
+        let read = Arc::clone(&now);
+        let clock: Clock = Arc::new(move || *read.lock().unwrap());
+        let scaler_config = pool_config.scaler.clone().unwrap();
+        let scaler = Scaler::start_with_clock(pool, scaler_config, None, clock);
+        let set = |at: &str| *now.lock().unwrap() = at.parse().unwrap();
+
+        // Sunday: no window, no request, the pool stays cold.
+        tokio::time::sleep(SCHEDULE_CHECK + Duration::from_millis(500)).await;
+        assert_eq!(scaler.state(), PoolState::Cold);
+
+        // Monday 09:30 in Berlin (08:30 UTC in winter): it starts, and
+        // stays up well past its 1 s idle timeout.
+        set("2026-01-12T08:30:00Z");
+        wait_for(&scaler, PoolState::Ready).await;
+        assert_eq!(scaler.report()["min_replicas_now"], 1);
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert_eq!(scaler.state(), PoolState::Ready);
+
+        // 18:30 in Berlin: the window closed, the idle pool is let go.
+        set("2026-01-12T17:30:00Z");
+        wait_for(&scaler, PoolState::Cold).await;
+        assert_eq!(scaler.report()["cold_starts"], 1);
+        assert_eq!(scaler.report()["min_replicas_now"], 0);
+        scaler.shutdown().await;
     }
 
     #[test]
