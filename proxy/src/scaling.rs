@@ -771,10 +771,13 @@ async fn run_process(
 }
 
 /// One life of a server something else runs (`kind = "none"`): wait for
-/// its probe, then call it cold again when the probe fails.
-// Limitation: with kind = "none" nothing is started or stopped, so
-// idle_timeout_s and min_up_s do not apply; scaling the server down is the
-// job of whatever runs it, and the pool turns cold when its probe fails.
+/// its probe, then call it cold again when the probe fails or the pool
+/// idles out. Idling out stops nothing; it sets desired replicas to 0,
+/// which an autoscaler reading `switchyard_pool_desired_replicas` (KEDA)
+/// acts on.
+// Limitation: with kind = "none" Switchyard cannot tell whether the server
+// was really scaled down; while it still runs, the next request finds the
+// pool cold and is held for one passing probe.
 async fn follow(
     shared: &Shared,
     pool: &Pool,
@@ -795,16 +798,51 @@ async fn follow(
     }
     shared.ready(started.elapsed());
 
-    let interval = Duration::from_millis(shared.config.probe_interval_ms);
+    match watch_ready(shared, pool, stop).await {
+        Watched::ProbeFailed => shared.transition(PoolState::Cold, "readiness probe failed"),
+        Watched::Idle => shared.transition(PoolState::Cold, "idled out; desired replicas 0"),
+        Watched::Stopped => return Flow::Stop,
+    }
+    Flow::Continue
+}
+
+/// How a ready pool that Switchyard does not run stopped being ready.
+enum Watched {
+    /// Its probe failed.
+    ProbeFailed,
+    /// It idled out and is now draining.
+    Idle,
+    /// The scaler was told to stop.
+    Stopped,
+}
+
+/// Watches a ready `none` or `webhook` pool: probes it every
+/// `probe_interval_ms` and checks for idleness, each on its own clock.
+async fn watch_ready(shared: &Shared, pool: &Pool, stop: &mut watch::Receiver<bool>) -> Watched {
+    use tokio::time::MissedTickBehavior;
+
+    let probe_every = Duration::from_millis(shared.config.probe_interval_ms);
+    let mut probes = tokio::time::interval(probe_every);
+    let mut checks = tokio::time::interval(idle_check_interval(&shared.config));
+    probes.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    checks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+
+    // An interval ticks at once; the pool just passed its probe.
+    probes.reset();
+    checks.reset();
     loop {
         tokio::select! {
-            () = tokio::time::sleep(interval) => {
+            _ = probes.tick() => {
                 if !pool.probe(&shared.config.probe_path, PROBE_TIMEOUT).await {
-                    shared.transition(PoolState::Cold, "readiness probe failed");
-                    return Flow::Continue;
+                    return Watched::ProbeFailed;
                 }
             }
-            () = stopped(stop) => return Flow::Stop,
+            _ = checks.tick() => {
+                if shared.drain_if_idle() {
+                    return Watched::Idle;
+                }
+            }
+            () = stopped(stop) => return Watched::Stopped,
         }
     }
 }
@@ -864,34 +902,17 @@ async fn run_webhook(
     }
     shared.ready(started.elapsed());
 
-    // Ready: probe, and check for idleness, on their own clocks.
-    let mut probes = tokio::time::interval(Duration::from_millis(shared.config.probe_interval_ms));
-    let mut checks = tokio::time::interval(idle_check_interval(&shared.config));
-    probes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    probes.reset();
-    checks.reset();
-    loop {
-        tokio::select! {
-            _ = probes.tick() => {
-                if !pool.probe(&shared.config.probe_path, PROBE_TIMEOUT).await {
-                    shared.transition(PoolState::Cold, "readiness probe failed");
-                    return Flow::Continue;
-                }
-            }
-            _ = checks.tick() => {
-                if shared.drain_if_idle() {
-                    // Cold even when the call failed: the pool cannot
-                    // tell, and the next request asks for replicas 1.
-                    let reason = "idle for scaler.idle_timeout_s";
-                    let _ = webhook.scale(0, reason).await;
-                    shared.transition(PoolState::Cold, "scaled down after idling");
-                    return Flow::Continue;
-                }
-            }
-            () = stopped(stop) => return Flow::Stop,
+    match watch_ready(shared, pool, stop).await {
+        Watched::ProbeFailed => shared.transition(PoolState::Cold, "readiness probe failed"),
+        Watched::Idle => {
+            // Cold even when the call failed: the pool cannot tell, and
+            // the next request asks for replicas 1.
+            let _ = webhook.scale(0, "idle for scaler.idle_timeout_s").await;
+            shared.transition(PoolState::Cold, "scaled down after idling");
         }
+        Watched::Stopped => return Flow::Stop,
     }
+    Flow::Continue
 }
 
 /// Probes the pool until it answers: every `probe_interval_ms` at first,

@@ -702,3 +702,33 @@ async fn webhook_scaler_asks_for_one_replica_on_demand_and_zero_when_idle() {
     assert_eq!(hook.calls().len(), 3, "one call per change");
     stop(sw).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_none_pool_goes_cold_and_wants_zero_replicas() {
+    // The server stays up throughout: with kind = "none" something else
+    // (KEDA reading desired replicas) would scale it.
+    let upstream = MockUpstream::start().await;
+    let config = format!(
+        "{}\n[[pool]]\nname = \"big\"\nendpoints = [\"{}\"]\n\
+         [pool.scaler]\nkind = \"none\"\n\
+         idle_timeout_s = 1\nmin_up_s = 0\nready_timeout_s = 20\nprobe_interval_ms = 100\n",
+        server_toml(),
+        upstream.url(),
+    );
+    let sw = Switchyard::start(&config).await;
+    let client = http1_client();
+    let body = chat_body("big", "hi");
+    post(&client, &sw.api_url(), "/v1/chat/completions", &body)
+        .await
+        .assert_status(200);
+    assert_eq!(pool_report(&sw).await["desired_replicas"], 1);
+
+    // Idle: cold, wanting 0; the next request finds it again.
+    let report = wait_for_state(&sw, "cold", Duration::from_secs(15)).await;
+    assert_eq!(report["desired_replicas"], 0);
+    post(&client, &sw.api_url(), "/v1/chat/completions", &body)
+        .await
+        .assert_status(200);
+    assert_eq!(pool_report(&sw).await["cold_starts"], 2);
+    stop(sw).await;
+}
