@@ -464,6 +464,9 @@ pub enum ScalerKind {
     /// Switchyard POSTs the replicas it wants to `url` (an autoscaler,
     /// a deploy hook) and follows readiness as with `none`.
     Webhook,
+    /// Switchyard sets the replicas of a Deployment through the
+    /// Kubernetes scale subresource and follows readiness as with `none`.
+    Kubernetes,
 }
 
 impl ScalerKind {
@@ -473,6 +476,7 @@ impl ScalerKind {
             Self::Process => "process",
             Self::None => "none",
             Self::Webhook => "webhook",
+            Self::Kubernetes => "kubernetes",
         }
     }
 }
@@ -483,7 +487,7 @@ impl ScalerKind {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScalerConfig {
-    /// `"process"` (default), `"none"` or `"webhook"`.
+    /// `"process"` (default), `"none"`, `"webhook"` or `"kubernetes"`.
     #[serde(default)]
     pub kind: ScalerKind,
     /// `webhook`: the `http://` or `https://` URL that is POSTed
@@ -493,9 +497,22 @@ pub struct ScalerConfig {
     /// `webhook`: headers added to each POST. Default: none.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
-    /// `webhook`: environment variable holding a token sent as
-    /// `Authorization: Bearer <token>`, read at each call. Default: none.
+    /// `webhook`, `kubernetes`: environment variable holding a token sent
+    /// as `Authorization: Bearer <token>`, read at each call. Default:
+    /// none (`kubernetes`: the pod's service-account token).
     pub token_env: Option<String>,
+    /// `kubernetes`: the Deployment whose replicas are set.
+    pub deployment: Option<String>,
+    /// `kubernetes`: the Deployment's namespace. Default: the pod's own.
+    pub namespace: Option<String>,
+    /// `kubernetes`: the API server's `https://` (or `http://`) URL.
+    /// Default: the cluster's own, from `KUBERNETES_SERVICE_HOST` and
+    /// `KUBERNETES_SERVICE_PORT`.
+    pub api_url: Option<String>,
+    /// `kubernetes`: PEM file of the CA that signed the API server's
+    /// certificate. Default: the service account's `ca.crt` in a pod,
+    /// else the platform's roots.
+    pub ca_path: Option<PathBuf>,
     /// `process`: the program and its arguments, run without a shell.
     #[serde(default)]
     pub command: Vec<String>,
@@ -1177,11 +1194,24 @@ fn validate_webhook(
     key: &dyn Fn(&str) -> String,
     scaler: &ScalerConfig,
 ) -> Result<(), ConfigError> {
+    let calls = matches!(scaler.kind, ScalerKind::Webhook | ScalerKind::Kubernetes);
+    if !calls && scaler.token_env.is_some() {
+        return Err(invalid(
+            &key("scaler.token_env"),
+            "applies only to kind = \"webhook\" or \"kubernetes\"",
+        ));
+    }
+    if scaler.token_env.as_deref().is_some_and(str::is_empty) {
+        return Err(invalid(
+            &key("scaler.token_env"),
+            "must name an environment variable",
+        ));
+    }
+    validate_kubernetes(key, scaler)?;
     if scaler.kind != ScalerKind::Webhook {
         let set = [
             ("url", scaler.url.is_some()),
             ("headers", !scaler.headers.is_empty()),
-            ("token_env", scaler.token_env.is_some()),
         ];
         if let Some((field, _)) = set.iter().find(|(_, set)| *set) {
             return Err(invalid(
@@ -1216,11 +1246,68 @@ fn validate_webhook(
             return Err(invalid(&field, "is not a valid HTTP header value"));
         }
     }
-    if scaler.token_env.as_deref().is_some_and(str::is_empty) {
+    Ok(())
+}
+
+/// `[pool.scaler]` of `kind = "kubernetes"`: a Deployment named as
+/// Kubernetes names things, an http(s) `api_url`, and these keys on no
+/// other kind.
+fn validate_kubernetes(
+    key: &dyn Fn(&str) -> String,
+    scaler: &ScalerConfig,
+) -> Result<(), ConfigError> {
+    if scaler.kind != ScalerKind::Kubernetes {
+        let set = [
+            ("deployment", scaler.deployment.is_some()),
+            ("namespace", scaler.namespace.is_some()),
+            ("api_url", scaler.api_url.is_some()),
+            ("ca_path", scaler.ca_path.is_some()),
+        ];
+        if let Some((field, _)) = set.iter().find(|(_, set)| *set) {
+            return Err(invalid(
+                &key(&format!("scaler.{field}")),
+                "applies only to kind = \"kubernetes\"",
+            ));
+        }
+        return Ok(());
+    }
+    let Some(deployment) = &scaler.deployment else {
         return Err(invalid(
-            &key("scaler.token_env"),
-            "must name an environment variable",
+            &key("scaler.deployment"),
+            "is required with kind = \"kubernetes\": the Deployment to scale",
         ));
+    };
+    let names = [
+        ("deployment", Some(deployment)),
+        ("namespace", scaler.namespace.as_ref()),
+    ];
+    for (field, name) in names {
+        let Some(name) = name else { continue };
+        let dns_name = !name.is_empty()
+            && name.len() <= 253
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+            && !name.starts_with(['-', '.'])
+            && !name.ends_with(['-', '.']);
+        if !dns_name {
+            return Err(invalid(
+                &key(&format!("scaler.{field}")),
+                "must be a Kubernetes name: lowercase letters, digits, '-' and '.'",
+            ));
+        }
+    }
+    if let Some(url) = &scaler.api_url {
+        let uri: Result<http::Uri, _> = url.parse();
+        let ok = uri
+            .is_ok_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some());
+        if !ok {
+            return Err(invalid(
+                &key("scaler.api_url"),
+                "must be an absolute https:// (or http://) URL, e.g. \
+                 \"https://10.96.0.1:443\"",
+            ));
+        }
     }
     Ok(())
 }
@@ -2059,6 +2146,28 @@ model = "big"
             (
                 &format!("{scaler}url = \"http://h/\"\n"),
                 "pool[1].scaler.url",
+            ),
+            (
+                "[pool.scaler]\nkind = \"kubernetes\"\n",
+                "pool[1].scaler.deployment",
+            ),
+            (
+                "[pool.scaler]\nkind = \"kubernetes\"\ndeployment = \"Big_Model\"\n",
+                "pool[1].scaler.deployment",
+            ),
+            (
+                "[pool.scaler]\nkind = \"kubernetes\"\ndeployment = \"vllm\"\n\
+                 api_url = \"10.0.0.1\"\n",
+                "pool[1].scaler.api_url",
+            ),
+            (
+                "[pool.scaler]\nkind = \"kubernetes\"\ndeployment = \"vllm\"\n\
+                 url = \"http://h/\"\n",
+                "pool[1].scaler.url",
+            ),
+            (
+                &format!("{scaler}deployment = \"vllm\"\n"),
+                "pool[1].scaler.deployment",
             ),
             (
                 &format!(

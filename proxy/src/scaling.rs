@@ -12,7 +12,9 @@
 //! set times of the week, read by an injected clock.
 //!
 //! With `kind = "webhook"` the supervisor POSTs the replicas it wants to
-//! a URL (`webhook`) and then follows readiness by the probe.
+//! a URL, and with `kind = "kubernetes"` PATCHes a Deployment's scale
+//! subresource (both in `webhook`); then it follows readiness by the
+//! probe.
 //!
 //! This module decides when to start and stop and whether a request may
 //! wait; it does not send requests (`app` does, to the pool or to its
@@ -641,7 +643,7 @@ async fn supervise(shared: Arc<Shared>, pool: Arc<Pool>, mut stop: watch::Receiv
     // The webhook client is built once; a broken one fails every start
     // with the reason in the log.
     let webhook = match shared.config.kind {
-        ScalerKind::Webhook => Webhook::new(&shared.pool, &shared.config),
+        ScalerKind::Webhook | ScalerKind::Kubernetes => Webhook::new(&shared.pool, &shared.config),
         ScalerKind::Process | ScalerKind::None => Err("not a webhook scaler".to_string()),
     };
     loop {
@@ -658,7 +660,7 @@ async fn supervise(shared: Arc<Shared>, pool: Arc<Pool>, mut stop: watch::Receiv
         let flow = match shared.config.kind {
             ScalerKind::Process => run_process(&shared, &pool, &mut stop, reason).await,
             ScalerKind::None => follow(&shared, &pool, &mut stop, reason).await,
-            ScalerKind::Webhook => {
+            ScalerKind::Webhook | ScalerKind::Kubernetes => {
                 run_webhook(&shared, &pool, webhook.as_ref(), &mut stop, reason).await
             }
         };
@@ -847,9 +849,9 @@ async fn watch_ready(shared: &Shared, pool: &Pool, stop: &mut watch::Receiver<bo
     }
 }
 
-/// One life of a `webhook` pool: POST replicas 1, wait for the probe,
-/// serve until the probe fails or the pool idles out (then POST replicas
-/// 0), or the scaler stops.
+/// One life of a `webhook` or `kubernetes` pool: ask for replicas 1, wait for the probe,
+/// serve until the probe fails or the pool idles out (then ask for
+/// replicas 0), or the scaler stops.
 // Limitation: when Switchyard stops or a reload removes the pool, no
 // replicas 0 is sent: a restarting sidecar should not take the model
 // server down with it, so a pool left up is scaled down by whatever
@@ -866,8 +868,8 @@ async fn run_webhook(
     let webhook = match webhook {
         Ok(webhook) => webhook,
         Err(message) => {
-            tracing::error!(pool = %shared.pool, error = %message, "cannot set up the scaler webhook");
-            shared.start_failed("the scaler webhook could not be set up");
+            tracing::error!(pool = %shared.pool, error = %message, "cannot set up the scaler's calls");
+            shared.start_failed("the scaler's calls could not be set up");
             return Flow::Continue;
         }
     };
@@ -883,7 +885,7 @@ async fn run_webhook(
         up = tokio::time::timeout(ready_timeout, up) => match up {
             Ok(Ok(())) => {}
             Ok(Err(_)) => {
-                shared.start_failed("the scaler webhook failed");
+                shared.start_failed("the scale call failed");
                 return Flow::Continue;
             }
             Err(_) => {

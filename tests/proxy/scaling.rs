@@ -552,6 +552,7 @@ struct WebhookCall {
     method: String,
     path: String,
     authorization: Option<String>,
+    content_type: Option<String>,
     tenant: Option<String>,
     body: Value,
 }
@@ -591,6 +592,7 @@ impl WebhookReceiver {
                                 method: req.method().to_string(),
                                 path: req.uri().path().to_string(),
                                 authorization: header("authorization"),
+                                content_type: header("content-type"),
                                 tenant: header("x-tenant"),
                                 body: Value::Null,
                             };
@@ -687,7 +689,7 @@ async fn webhook_scaler_asks_for_one_replica_on_demand_and_zero_when_idle() {
         assert!(call.body["reason"].is_string(), "{:?}", call.body);
     }
     let retried = sw.logs().iter().any(|line| {
-        line["fields"]["message"] == "scaler webhook failed; retrying"
+        line["fields"]["message"] == "scale call failed; retrying"
             && line["fields"]["replicas"] == 1
     });
     assert!(retried, "the failed call was not logged");
@@ -730,5 +732,59 @@ async fn an_idle_none_pool_goes_cold_and_wants_zero_replicas() {
         .await
         .assert_status(200);
     assert_eq!(pool_report(&sw).await["cold_starts"], 2);
+    stop(sw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kubernetes_scaler_patches_the_deployments_scale_subresource() {
+    // A stand-in API server on loopback; the first call fails, as a
+    // restarting API server would.
+    let api = WebhookReceiver::start(1).await;
+    let upstream = MockUpstream::start().await;
+    let config = format!(
+        "{}\n[[pool]]\nname = \"big\"\nendpoints = [\"{}\"]\n\
+         [pool.scaler]\nkind = \"kubernetes\"\napi_url = \"http://{}\"\n\
+         namespace = \"models\"\ndeployment = \"vllm\"\n\
+         token_env = \"SWITCHYARD_TEST_KUBE_TOKEN\"\n\
+         idle_timeout_s = 1\nmin_up_s = 0\nready_timeout_s = 20\nprobe_interval_ms = 100\n",
+        server_toml(),
+        upstream.url(),
+        api.addr,
+    );
+    let env = [("SWITCHYARD_TEST_KUBE_TOKEN", "kube-t0ken")];
+    let sw = Switchyard::start_with_env(&config, &env).await;
+    assert_eq!(pool_report(&sw).await["scaler"], "kubernetes");
+
+    // A cold request: replicas 1 on the scale subresource.
+    let client = http1_client();
+    post(
+        &client,
+        &sw.api_url(),
+        "/v1/chat/completions",
+        &chat_body("big", "hi"),
+    )
+    .await
+    .assert_status(200);
+    let calls = api.calls();
+    assert_eq!(calls.len(), 2, "one failed call and its retry: {calls:?}");
+    for call in &calls {
+        assert_eq!(call.method, "PATCH");
+        assert_eq!(
+            call.path,
+            "/apis/apps/v1/namespaces/models/deployments/vllm/scale"
+        );
+        assert_eq!(call.authorization.as_deref(), Some("Bearer kube-t0ken"));
+        assert_eq!(
+            call.content_type.as_deref(),
+            Some("application/merge-patch+json")
+        );
+        assert_eq!(call.body, json!({ "spec": { "replicas": 1 } }));
+    }
+
+    // Idle: replicas 0.
+    let calls = api.wait_calls(3, Duration::from_secs(15)).await;
+    assert_eq!(calls[2].method, "PATCH");
+    assert_eq!(calls[2].body, json!({ "spec": { "replicas": 0 } }));
+    wait_for_state(&sw, "cold", Duration::from_secs(15)).await;
     stop(sw).await;
 }

@@ -1,10 +1,12 @@
-//! `kind = "webhook"`: tells something else (an autoscaler, a deploy
-//! hook) how many replicas a pool wants, by POSTing
-//! `{"pool", "replicas", "reason"}` to `pool.scaler.url`.
+//! The scale calls: `kind = "webhook"` tells something else (an
+//! autoscaler, a deploy hook) how many replicas a pool wants by POSTing
+//! `{"pool", "replicas", "reason"}` to `pool.scaler.url`; `kind =
+//! "kubernetes"` PATCHes the scale subresource of a Deployment.
 //!
 //! This module only sends the calls and retries them; when to call and
 //! what readiness means is the supervisor's (`scaling`).
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,7 +18,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde_json::json;
 
-use crate::config::ScalerConfig;
+use crate::config::{ScalerConfig, ScalerKind};
+
+/// Where a pod finds its service account's token, CA and namespace.
+const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
 /// Time one call has to answer, connection included.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -30,26 +35,42 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 /// Longest pause between two calls.
 const MAX_BACKOFF: Duration = Duration::from_secs(4);
 
-/// The webhook of one scaled pool: where to POST and with which headers.
+/// Where a call's bearer token comes from.
+#[derive(Debug, Clone)]
+enum Token {
+    None,
+    /// An environment variable, read at each call.
+    Env(String),
+    /// A file, read at each call (the kubelet rotates service-account
+    /// tokens).
+    File(PathBuf),
+}
+
+/// The scale calls of one scaled pool: where, how, and with which
+/// headers.
 #[derive(Debug)]
 pub(super) struct Webhook {
     pool: String,
+    kind: ScalerKind,
+    method: Method,
     uri: Uri,
     headers: Vec<(HeaderName, HeaderValue)>,
-    token_env: Option<String>,
+    token: Token,
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
 }
 
 impl Webhook {
-    /// The webhook of `pool`'s scaler; fails when the URL, a header or
-    /// the TLS setup is unusable (validation catches the first two).
+    /// The calls of `pool`'s `webhook` or `kubernetes` scaler; fails when
+    /// the URL, a header, the token's source or the TLS setup is unusable.
     pub(super) fn new(pool: &str, config: &ScalerConfig) -> Result<Self, String> {
-        let Some(url) = &config.url else {
-            return Err("pool.scaler.url is not set".to_string());
+        let target = match config.kind {
+            ScalerKind::Kubernetes => kubernetes_target(config)?,
+            ScalerKind::Webhook | ScalerKind::Process | ScalerKind::None => webhook_target(config)?,
         };
-        let uri: Uri = url
+        let uri: Uri = target
+            .url
             .parse()
-            .map_err(|e| format!("pool.scaler.url {url:?} is not a URL: {e}"))?;
+            .map_err(|e| format!("the scale URL {:?} is not a URL: {e}", target.url))?;
         let mut headers = Vec::with_capacity(config.headers.len());
         for (name, value) in &config.headers {
             let name = HeaderName::from_bytes(name.as_bytes())
@@ -59,9 +80,14 @@ impl Webhook {
             headers.push((name, value));
         }
 
-        // Only an https URL needs the platform's roots.
+        // Only an https URL needs roots: the configured CA, else the
+        // platform's.
         let tls = if uri.scheme_str() == Some("https") {
-            crate::tls::client_config(pool, None)?
+            let roots = match &target.ca_path {
+                Some(path) => Some(crate::tls::read_roots(path)?),
+                None => None,
+            };
+            client_config(pool, roots)?
         } else {
             crate::tls::empty_client_config()
                 .map_err(|e| format!("pool {pool:?}: tls setup failed: {e}"))?
@@ -80,9 +106,11 @@ impl Webhook {
             .build(connector);
         Ok(Self {
             pool: pool.to_string(),
+            kind: config.kind,
+            method: target.method,
             uri,
             headers,
-            token_env: config.token_env.clone(),
+            token: target.token,
             client,
         })
     }
@@ -101,7 +129,7 @@ impl Webhook {
                         replicas,
                         reason,
                         attempt,
-                        "scaler webhook accepted"
+                        "scale call accepted"
                     );
                     return Ok(());
                 }
@@ -114,7 +142,7 @@ impl Webhook {
                     attempts = attempt,
                     error = %error,
                     url = %self.uri,
-                    "scaler webhook failed; giving up"
+                    "scale call failed; giving up"
                 );
                 return Err(error);
             }
@@ -124,7 +152,7 @@ impl Webhook {
                 attempt,
                 retry_in_ms = backoff.as_millis() as u64,
                 error = %error,
-                "scaler webhook failed; retrying"
+                "scale call failed; retrying"
             );
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -134,11 +162,20 @@ impl Webhook {
 
     /// One POST; a 2xx answer is success.
     async fn call(&self, replicas: u32, reason: &str) -> Result<(), String> {
-        let body = json!({ "pool": self.pool, "replicas": replicas, "reason": reason });
+        let (body, content_type) = match self.kind {
+            ScalerKind::Kubernetes => (
+                json!({ "spec": { "replicas": replicas } }),
+                "application/merge-patch+json",
+            ),
+            ScalerKind::Webhook | ScalerKind::Process | ScalerKind::None => (
+                json!({ "pool": self.pool, "replicas": replicas, "reason": reason }),
+                "application/json",
+            ),
+        };
         let mut request = Request::builder()
-            .method(Method::POST)
+            .method(self.method.clone())
             .uri(self.uri.clone())
-            .header(header::CONTENT_TYPE, "application/json");
+            .header(header::CONTENT_TYPE, content_type);
         for (name, value) in &self.headers {
             request = request.header(name, value);
         }
@@ -172,18 +209,126 @@ impl Webhook {
             .map_err(|_| format!("{} did not answer within {CALL_TIMEOUT:?}", self.uri))?
     }
 
-    /// `Bearer <token>` from `token_env`, when set.
+    /// `Bearer <token>` from `token_env` or the token file, when set.
     fn token(&self) -> Result<Option<HeaderValue>, String> {
-        let Some(name) = &self.token_env else {
-            return Ok(None);
+        let (token, from) = match &self.token {
+            Token::None => return Ok(None),
+            Token::Env(name) => {
+                let token = std::env::var(name).map_err(|_| {
+                    format!("pool.scaler.token_env names {name:?}, which is not set or not UTF-8")
+                })?;
+                (token, format!("{name:?} (pool.scaler.token_env)"))
+            }
+            Token::File(path) => {
+                let token = std::fs::read_to_string(path).map_err(|e| {
+                    format!(
+                        "cannot read the service-account token {}: {e}",
+                        path.display()
+                    )
+                })?;
+                (token.trim().to_string(), path.display().to_string())
+            }
         };
-        let token = std::env::var(name).map_err(|_| {
-            format!("pool.scaler.token_env names {name:?}, which is not set or not UTF-8")
-        })?;
-        let mut value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
-            format!("the token in {name:?} (pool.scaler.token_env) is not a valid header value")
-        })?;
+        let mut value = HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| format!("the token in {from} is not a valid header value"))?;
         value.set_sensitive(true);
         Ok(Some(value))
     }
+}
+
+/// Where and how a scaler's calls go.
+struct Target {
+    url: String,
+    method: Method,
+    token: Token,
+    ca_path: Option<PathBuf>,
+}
+
+/// `kind = "webhook"`: POST to `url`, with the token from `token_env`.
+fn webhook_target(config: &ScalerConfig) -> Result<Target, String> {
+    let Some(url) = &config.url else {
+        return Err("pool.scaler.url is not set".to_string());
+    };
+    Ok(Target {
+        url: url.clone(),
+        method: Method::POST,
+        token: config.token_env.clone().map_or(Token::None, Token::Env),
+        ca_path: None,
+    })
+}
+
+/// `kind = "kubernetes"`: PATCH the Deployment's scale subresource, on
+/// `api_url` or the cluster's own API server, with the token from
+/// `token_env` or the pod's service account.
+// Limitation: this speaks to the scale subresource with Switchyard's own
+// HTTP client rather than a Kubernetes client crate (kube-rs): kube and
+// k8s-openapi would add a large dependency tree for one PATCH. There is
+// no kubeconfig support, no watch of the Deployment's status (readiness
+// comes from the probe), and a conflicting writer (an HPA) is not
+// detected.
+fn kubernetes_target(config: &ScalerConfig) -> Result<Target, String> {
+    let account = Path::new(SERVICE_ACCOUNT_DIR);
+    let Some(deployment) = &config.deployment else {
+        return Err("pool.scaler.deployment is not set".to_string());
+    };
+    let namespace = match &config.namespace {
+        Some(namespace) => namespace.clone(),
+        None => std::fs::read_to_string(account.join("namespace"))
+            .map(|ns| ns.trim().to_string())
+            .map_err(|e| {
+                format!(
+                    "pool.scaler.namespace is not set and the pod's namespace file \
+                     cannot be read ({e}); set pool.scaler.namespace"
+                )
+            })?,
+    };
+
+    // Outside a cluster everything comes from the configuration; inside,
+    // from the environment and the service account.
+    let (base, in_cluster) = match &config.api_url {
+        Some(url) => (url.trim_end_matches('/').to_string(), false),
+        None => {
+            let host = std::env::var("KUBERNETES_SERVICE_HOST").map_err(|_| {
+                "pool.scaler.api_url is not set and KUBERNETES_SERVICE_HOST is not \
+                 either (not running in a pod?); set pool.scaler.api_url"
+                    .to_string()
+            })?;
+            let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
+            let host = if host.contains(':') {
+                format!("[{host}]")
+            } else {
+                host
+            };
+            (format!("https://{host}:{port}"), true)
+        }
+    };
+    let token = match &config.token_env {
+        Some(name) => Token::Env(name.clone()),
+        None => Token::File(account.join("token")),
+    };
+    let ca_path = match &config.ca_path {
+        Some(path) => Some(path.clone()),
+        None if in_cluster => Some(account.join("ca.crt")),
+        None => None,
+    };
+    Ok(Target {
+        url: format!("{base}/apis/apps/v1/namespaces/{namespace}/deployments/{deployment}/scale"),
+        method: Method::PATCH,
+        token,
+        ca_path,
+    })
+}
+
+/// A client configuration that trusts `roots`, else the platform's store.
+fn client_config(
+    pool: &str,
+    roots: Option<rustls::RootCertStore>,
+) -> Result<rustls::ClientConfig, String> {
+    let Some(roots) = roots else {
+        return crate::tls::client_config(pool, None);
+    };
+    rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map(|builder| builder.with_root_certificates(roots).with_no_client_auth())
+        .map_err(|e| format!("pool {pool:?}: tls setup failed: {e}"))
 }
