@@ -470,6 +470,24 @@ pub enum ScalerKind {
     /// Something else starts and stops the server; Switchyard only
     /// follows its readiness and holds requests while it is not ready.
     None,
+    /// Switchyard POSTs the replicas it wants to `url` (an autoscaler,
+    /// a deploy hook) and follows readiness as with `none`.
+    Webhook,
+    /// Switchyard sets the replicas of a Deployment through the
+    /// Kubernetes scale subresource and follows readiness as with `none`.
+    Kubernetes,
+}
+
+impl ScalerKind {
+    /// The kind as written in the configuration.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Process => "process",
+            Self::None => "none",
+            Self::Webhook => "webhook",
+            Self::Kubernetes => "kubernetes",
+        }
+    }
 }
 
 /// `[pool.scaler]`: the pool's model server runs only while it has work.
@@ -478,9 +496,32 @@ pub enum ScalerKind {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScalerConfig {
-    /// `"process"` (default) or `"none"`.
+    /// `"process"` (default), `"none"`, `"webhook"` or `"kubernetes"`.
     #[serde(default)]
     pub kind: ScalerKind,
+    /// `webhook`: the `http://` or `https://` URL that is POSTed
+    /// `{"pool", "replicas", "reason"}` when the pool should come up
+    /// (replicas 1) or go down (0).
+    pub url: Option<String>,
+    /// `webhook`: headers added to each POST. Default: none.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// `webhook`, `kubernetes`: environment variable holding a token sent
+    /// as `Authorization: Bearer <token>`, read at each call. Default:
+    /// none (`kubernetes`: the pod's service-account token).
+    pub token_env: Option<String>,
+    /// `kubernetes`: the Deployment whose replicas are set.
+    pub deployment: Option<String>,
+    /// `kubernetes`: the Deployment's namespace. Default: the pod's own.
+    pub namespace: Option<String>,
+    /// `kubernetes`: the API server's `https://` (or `http://`) URL.
+    /// Default: the cluster's own, from `KUBERNETES_SERVICE_HOST` and
+    /// `KUBERNETES_SERVICE_PORT`.
+    pub api_url: Option<String>,
+    /// `kubernetes`: PEM file of the CA that signed the API server's
+    /// certificate. Default: the service account's `ca.crt` in a pod,
+    /// else the platform's roots.
+    pub ca_path: Option<PathBuf>,
     /// `process`: the program and its arguments, run without a shell.
     #[serde(default)]
     pub command: Vec<String>,
@@ -527,6 +568,33 @@ pub struct ScalerConfig {
     /// Default 10.
     #[serde(default = "default_scaler_stop_grace_s")]
     pub stop_grace_s: u64,
+    /// `[[pool.scaler.schedule]]`: windows in which the pool is kept up
+    /// (started if cold, never idled down). Default: none.
+    #[serde(default)]
+    pub schedule: Vec<ScheduleConfig>,
+}
+
+/// `[[pool.scaler.schedule]]`: a weekly window in which the pool wants at
+/// least `min_replicas`; outside every window the scaler's own
+/// `min_replicas` applies.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleConfig {
+    /// Days the window starts on: `"mon"` to `"sun"`. Default: every day.
+    #[serde(default = "default_schedule_days")]
+    pub days: Vec<String>,
+    /// Local start time, `"HH:MM"`.
+    pub start: String,
+    /// Local end time, `"HH:MM"` (`"24:00"` for midnight); at or before
+    /// `start`, the window ends on the next day.
+    pub end: String,
+    /// IANA time zone of `start` and `end`, such as `"Europe/Berlin"`;
+    /// daylight saving is followed. Default `"UTC"`.
+    #[serde(default = "default_schedule_timezone")]
+    pub timezone: String,
+    /// Replicas wanted inside the window: 0 or 1. Default 1.
+    #[serde(default = "default_schedule_min_replicas")]
+    pub min_replicas: u32,
 }
 
 /// `[pool.retry]`: a request that never reached an upstream (connection
@@ -1079,14 +1147,21 @@ fn validate_pool(i: usize, pool: &PoolConfig) -> Result<(), ConfigError> {
 /// `[pool.scaler]`: a process scaler has a command, and no duration that
 /// would mean "never" is 0.
 fn validate_scaler(key: &dyn Fn(&str) -> String, scaler: &ScalerConfig) -> Result<(), ConfigError> {
-    let process_only = scaler.kind == ScalerKind::None
+    let process_only = scaler.kind != ScalerKind::Process
         && (!scaler.command.is_empty() || !scaler.env.is_empty() || scaler.cwd.is_some());
     if process_only {
         return Err(invalid(
             &key("scaler.command"),
             "command, env and cwd apply only to kind = \"process\"; with \
-             kind = \"none\" something else runs the server",
+             kind = \"none\" or \"webhook\" something else runs the server",
         ));
+    }
+    validate_webhook(key, scaler)?;
+    for (i, window) in scaler.schedule.iter().enumerate() {
+        crate::scaling::Window::parse(window).map_err(|e| {
+            let field = format!("scaler.schedule[{i}].{}", e.field);
+            invalid(&key(&field), &e.message)
+        })?;
     }
     let blank = scaler
         .command
@@ -1117,6 +1192,130 @@ fn validate_scaler(key: &dyn Fn(&str) -> String, scaler: &ScalerConfig) -> Resul
     for (field, value) in positive {
         if value == 0 {
             return Err(invalid(&key(&format!("scaler.{field}")), "must be > 0"));
+        }
+    }
+    Ok(())
+}
+
+/// `[pool.scaler]` of `kind = "webhook"`: an http(s) URL, headers that
+/// are valid HTTP, and the webhook keys on no other kind.
+fn validate_webhook(
+    key: &dyn Fn(&str) -> String,
+    scaler: &ScalerConfig,
+) -> Result<(), ConfigError> {
+    let calls = matches!(scaler.kind, ScalerKind::Webhook | ScalerKind::Kubernetes);
+    if !calls && scaler.token_env.is_some() {
+        return Err(invalid(
+            &key("scaler.token_env"),
+            "applies only to kind = \"webhook\" or \"kubernetes\"",
+        ));
+    }
+    if scaler.token_env.as_deref().is_some_and(str::is_empty) {
+        return Err(invalid(
+            &key("scaler.token_env"),
+            "must name an environment variable",
+        ));
+    }
+    validate_kubernetes(key, scaler)?;
+    if scaler.kind != ScalerKind::Webhook {
+        let set = [
+            ("url", scaler.url.is_some()),
+            ("headers", !scaler.headers.is_empty()),
+        ];
+        if let Some((field, _)) = set.iter().find(|(_, set)| *set) {
+            return Err(invalid(
+                &key(&format!("scaler.{field}")),
+                "applies only to kind = \"webhook\"",
+            ));
+        }
+        return Ok(());
+    }
+    let Some(url) = &scaler.url else {
+        return Err(invalid(
+            &key("scaler.url"),
+            "is required with kind = \"webhook\": the URL to POST the wanted replicas to",
+        ));
+    };
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| invalid(&key("scaler.url"), &format!("is not a URL: {e}")))?;
+    let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
+    if !scheme_ok || uri.host().is_none() {
+        return Err(invalid(
+            &key("scaler.url"),
+            "must be an absolute http:// or https:// URL with a host",
+        ));
+    }
+    for (name, value) in &scaler.headers {
+        let field = key(&format!("scaler.headers.{name}"));
+        if http::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return Err(invalid(&field, "is not a valid HTTP header name"));
+        }
+        if http::header::HeaderValue::from_str(value).is_err() {
+            return Err(invalid(&field, "is not a valid HTTP header value"));
+        }
+    }
+    Ok(())
+}
+
+/// `[pool.scaler]` of `kind = "kubernetes"`: a Deployment named as
+/// Kubernetes names things, an http(s) `api_url`, and these keys on no
+/// other kind.
+fn validate_kubernetes(
+    key: &dyn Fn(&str) -> String,
+    scaler: &ScalerConfig,
+) -> Result<(), ConfigError> {
+    if scaler.kind != ScalerKind::Kubernetes {
+        let set = [
+            ("deployment", scaler.deployment.is_some()),
+            ("namespace", scaler.namespace.is_some()),
+            ("api_url", scaler.api_url.is_some()),
+            ("ca_path", scaler.ca_path.is_some()),
+        ];
+        if let Some((field, _)) = set.iter().find(|(_, set)| *set) {
+            return Err(invalid(
+                &key(&format!("scaler.{field}")),
+                "applies only to kind = \"kubernetes\"",
+            ));
+        }
+        return Ok(());
+    }
+    let Some(deployment) = &scaler.deployment else {
+        return Err(invalid(
+            &key("scaler.deployment"),
+            "is required with kind = \"kubernetes\": the Deployment to scale",
+        ));
+    };
+    let names = [
+        ("deployment", Some(deployment)),
+        ("namespace", scaler.namespace.as_ref()),
+    ];
+    for (field, name) in names {
+        let Some(name) = name else { continue };
+        let dns_name = !name.is_empty()
+            && name.len() <= 253
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+            && !name.starts_with(['-', '.'])
+            && !name.ends_with(['-', '.']);
+        if !dns_name {
+            return Err(invalid(
+                &key(&format!("scaler.{field}")),
+                "must be a Kubernetes name: lowercase letters, digits, '-' and '.'",
+            ));
+        }
+    }
+    if let Some(url) = &scaler.api_url {
+        let uri: Result<http::Uri, _> = url.parse();
+        let ok = uri
+            .is_ok_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some());
+        if !ok {
+            return Err(invalid(
+                &key("scaler.api_url"),
+                "must be an absolute https:// (or http://) URL, e.g. \
+                 \"https://10.96.0.1:443\"",
+            ));
         }
     }
     Ok(())
@@ -1724,6 +1923,20 @@ fn default_scaler_stop_grace_s() -> u64 {
     10
 }
 
+fn default_schedule_days() -> Vec<String> {
+    ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+        .map(String::from)
+        .to_vec()
+}
+
+fn default_schedule_timezone() -> String {
+    "UTC".to_string()
+}
+
+fn default_schedule_min_replicas() -> u32 {
+    1
+}
+
 fn default_health_path() -> String {
     "/v1/models".to_string()
 }
@@ -1939,6 +2152,68 @@ model = "big"
                 "pool[1].scaler.max_held",
             ),
             (&format!("{scaler}kind = \"k8s\"\n"), "pool[1].scaler.kind"),
+            ("[pool.scaler]\nkind = \"webhook\"\n", "pool[1].scaler.url"),
+            (
+                "[pool.scaler]\nkind = \"webhook\"\nurl = \"ftp://h/x\"\n",
+                "pool[1].scaler.url",
+            ),
+            (
+                "[pool.scaler]\nkind = \"webhook\"\nurl = \"http://h/\"\n\
+                 headers = { \"bad name\" = \"v\" }\n",
+                "pool[1].scaler.headers.bad name",
+            ),
+            (
+                "[pool.scaler]\nkind = \"webhook\"\nurl = \"http://h/\"\ntoken_env = \"\"\n",
+                "pool[1].scaler.token_env",
+            ),
+            (
+                "[pool.scaler]\nkind = \"webhook\"\nurl = \"http://h/\"\ncommand = [\"x\"]\n",
+                "pool[1].scaler.command",
+            ),
+            (
+                &format!("{scaler}url = \"http://h/\"\n"),
+                "pool[1].scaler.url",
+            ),
+            (
+                "[pool.scaler]\nkind = \"kubernetes\"\n",
+                "pool[1].scaler.deployment",
+            ),
+            (
+                "[pool.scaler]\nkind = \"kubernetes\"\ndeployment = \"Big_Model\"\n",
+                "pool[1].scaler.deployment",
+            ),
+            (
+                "[pool.scaler]\nkind = \"kubernetes\"\ndeployment = \"vllm\"\n\
+                 api_url = \"10.0.0.1\"\n",
+                "pool[1].scaler.api_url",
+            ),
+            (
+                "[pool.scaler]\nkind = \"kubernetes\"\ndeployment = \"vllm\"\n\
+                 url = \"http://h/\"\n",
+                "pool[1].scaler.url",
+            ),
+            (
+                &format!("{scaler}deployment = \"vllm\"\n"),
+                "pool[1].scaler.deployment",
+            ),
+            (
+                &format!(
+                    "{scaler}[[pool.scaler.schedule]]\ndays = [\"mon\", \"caturday\"]\n\
+                     start = \"09:00\"\nend = \"18:00\"\n"
+                ),
+                "pool[1].scaler.schedule[0].days",
+            ),
+            (
+                &format!("{scaler}[[pool.scaler.schedule]]\nstart = \"9am\"\nend = \"18:00\"\n"),
+                "pool[1].scaler.schedule[0].start",
+            ),
+            (
+                &format!(
+                    "{scaler}[[pool.scaler.schedule]]\nstart = \"09:00\"\nend = \"18:00\"\n\
+                     timezone = \"Mars/Olympus\"\n"
+                ),
+                "pool[1].scaler.schedule[0].timezone",
+            ),
             ("fallback = \"small\"\n", "pool[1].fallback"),
             ("default_deadline_ms = 100\n", "pool[1].default_deadline_ms"),
             (

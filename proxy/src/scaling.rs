@@ -8,6 +8,14 @@
 //! only reads the state, counts its requests (held and in flight) and
 //! wakes the supervisor when a request finds the pool cold.
 //!
+//! `[[pool.scaler.schedule]]` windows (`schedule`) keep a pool up at
+//! set times of the week, read by an injected clock.
+//!
+//! With `kind = "webhook"` the supervisor POSTs the replicas it wants to
+//! a URL, and with `kind = "kubernetes"` PATCHes a Deployment's scale
+//! subresource (both in `webhook`); then it follows readiness by the
+//! probe.
+//!
 //! This module decides when to start and stop and whether a request may
 //! wait; it does not send requests (`app` does, to the pool or to its
 //! fallback) and does not parse them.
@@ -34,6 +42,12 @@ use crate::config::{ScalerConfig, ScalerKind};
 use crate::metrics;
 use crate::upstream::Pool;
 
+mod schedule;
+mod webhook;
+
+pub use self::schedule::{system_clock, Clock, Schedule, ScheduleError, Window};
+use self::webhook::Webhook;
+
 /// Response header set on an answer that the pool's fallback gave in its
 /// place: `fallback`.
 pub const SERVED_BY_HEADER: &str = "x-switchyard-served-by";
@@ -48,6 +62,9 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// its server exited or failed to start, so that a server that crashes at
 /// once does not spin.
 const RESTART_BACKOFF: Duration = Duration::from_secs(1);
+
+/// How often a cold pool with a schedule checks whether a window began.
+const SCHEDULE_CHECK: Duration = Duration::from_secs(1);
 
 /// Where a scaled pool is in its lifecycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,10 +152,12 @@ pub struct Scaler {
     supervisor: Mutex<Option<JoinHandle<()>>>,
 }
 
-#[derive(Debug)]
 struct Shared {
     pool: String,
     config: ScalerConfig,
+    /// The replicas wanted at each time, read by `clock`.
+    schedule: Schedule,
+    clock: Clock,
     default_deadline: Option<Duration>,
     inner: Mutex<Inner>,
     /// Bumped on every transition and failed start; held requests wait on
@@ -167,19 +186,48 @@ struct Inner {
     cold_starts: u64,
 }
 
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("pool", &self.pool)
+            .field("config", &self.config)
+            .field("schedule", &self.schedule)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Scaler {
-    /// Starts the supervisor of `pool`'s server. With `min_replicas = 1`
-    /// the server starts now; else on the first request. Must run inside
-    /// a tokio runtime.
+    /// Starts the supervisor of `pool`'s server. With `min_replicas = 1`,
+    /// or inside a schedule window, the server starts now; else on the
+    /// first request. Must run inside a tokio runtime.
     pub fn start(
         pool: Arc<Pool>,
         config: ScalerConfig,
         default_deadline_ms: Option<u64>,
     ) -> Arc<Self> {
+        Self::start_with_clock(pool, config, default_deadline_ms, system_clock())
+    }
+
+    /// [`Scaler::start`] with schedules read by `clock`.
+    pub fn start_with_clock(
+        pool: Arc<Pool>,
+        config: ScalerConfig,
+        default_deadline_ms: Option<u64>,
+        clock: Clock,
+    ) -> Arc<Self> {
         let now = Instant::now();
+
+        // Validation parsed the schedule already; a failure here cannot
+        // happen, and would leave the pool with min_replicas only.
+        let schedule = Schedule::parse(&config.schedule, config.min_replicas).unwrap_or_else(|e| {
+            tracing::error!(pool = %pool.name, error = %e, "ignoring the pool's scaler.schedule");
+            Schedule::fixed(config.min_replicas)
+        });
         let shared = Arc::new(Shared {
             pool: pool.name.clone(),
             config,
+            schedule,
+            clock,
             default_deadline: default_deadline_ms.map(Duration::from_millis),
             inner: Mutex::new(Inner {
                 state: PoolState::Cold,
@@ -309,15 +357,12 @@ impl Scaler {
     /// The pool's lifecycle for `GET /admin/pools`.
     pub fn report(&self) -> Value {
         let inner = self.shared.lock();
-        let kind = match self.shared.config.kind {
-            ScalerKind::Process => "process",
-            ScalerKind::None => "none",
-        };
         json!({
-            "scaler": kind,
+            "scaler": self.shared.config.kind.label(),
             "state": inner.state.label(),
             "state_for_s": inner.since.elapsed().as_secs_f64(),
             "desired_replicas": inner.state.desired_replicas(),
+            "min_replicas_now": self.shared.min_replicas_now(),
             "in_flight": inner.in_flight,
             "held": inner.held,
             "cold_starts": inner.cold_starts,
@@ -355,6 +400,37 @@ impl Drop for Scaler {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The least replicas wanted now: a schedule window's, else
+    /// `min_replicas`.
+    fn min_replicas_now(&self) -> u32 {
+        self.schedule.min_replicas_at((self.clock)())
+    }
+
+    /// Why the pool starts without a request, when it wants to be up.
+    fn always_up_reason(&self) -> Option<&'static str> {
+        if self.min_replicas_now() == 0 {
+            None
+        } else if self.config.min_replicas > 0 {
+            Some("min_replicas = 1")
+        } else {
+            Some("inside a scaler.schedule window")
+        }
+    }
+
+    /// Resolves when a schedule window that wants the pool up begins;
+    /// never without a schedule.
+    async fn window_opened(&self) {
+        if !self.schedule.is_timed() {
+            return std::future::pending().await;
+        }
+        loop {
+            tokio::time::sleep(SCHEDULE_CHECK).await;
+            if self.min_replicas_now() > 0 {
+                return;
+            }
+        }
     }
 
     /// Moves to `state`, logs why, publishes it and wakes held requests.
@@ -409,7 +485,7 @@ impl Shared {
     /// nothing in flight or held, no answer for `idle_timeout_s`, up for
     /// `min_up_s`. Returns whether it did.
     fn drain_if_idle(&self) -> bool {
-        if self.config.min_replicas > 0 {
+        if self.min_replicas_now() > 0 {
             return false;
         }
         let idle = Duration::from_secs(self.config.idle_timeout_s);
@@ -564,25 +640,34 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
 /// The supervisor: waits for demand while cold, then runs one life of the
 /// server, until told to stop.
 async fn supervise(shared: Arc<Shared>, pool: Arc<Pool>, mut stop: watch::Receiver<bool>) {
-    let always_up = shared.config.min_replicas > 0;
+    // The webhook client is built once; a broken one fails every start
+    // with the reason in the log.
+    let webhook = match shared.config.kind {
+        ScalerKind::Webhook | ScalerKind::Kubernetes => Webhook::new(&shared.pool, &shared.config),
+        ScalerKind::Process | ScalerKind::None => Err("not a webhook scaler".to_string()),
+    };
     loop {
-        // Cold: an always-up pool starts at once, the others on demand.
-        let reason = if always_up {
-            "min_replicas = 1"
-        } else {
-            tokio::select! {
+        // Cold: a pool that wants to be up starts at once, the others
+        // on demand or when a schedule window begins.
+        let reason = match shared.always_up_reason() {
+            Some(reason) => reason,
+            None => tokio::select! {
                 () = shared.demand.notified() => "request for a cold pool",
+                () = shared.window_opened() => "a scaler.schedule window began",
                 () = stopped(&mut stop) => return,
-            }
+            },
         };
         let flow = match shared.config.kind {
             ScalerKind::Process => run_process(&shared, &pool, &mut stop, reason).await,
             ScalerKind::None => follow(&shared, &pool, &mut stop, reason).await,
+            ScalerKind::Webhook | ScalerKind::Kubernetes => {
+                run_webhook(&shared, &pool, webhook.as_ref(), &mut stop, reason).await
+            }
         };
         if flow == Flow::Stop {
             return;
         }
-        if always_up {
+        if shared.always_up_reason().is_some() {
             tokio::select! {
                 () = tokio::time::sleep(RESTART_BACKOFF) => {}
                 () = stopped(&mut stop) => return,
@@ -688,10 +773,13 @@ async fn run_process(
 }
 
 /// One life of a server something else runs (`kind = "none"`): wait for
-/// its probe, then call it cold again when the probe fails.
-// Limitation: with kind = "none" nothing is started or stopped, so
-// idle_timeout_s and min_up_s do not apply; scaling the server down is the
-// job of whatever runs it, and the pool turns cold when its probe fails.
+/// its probe, then call it cold again when the probe fails or the pool
+/// idles out. Idling out stops nothing; it sets desired replicas to 0,
+/// which an autoscaler reading `switchyard_pool_desired_replicas` (KEDA)
+/// acts on.
+// Limitation: with kind = "none" Switchyard cannot tell whether the server
+// was really scaled down; while it still runs, the next request finds the
+// pool cold and is held for one passing probe.
 async fn follow(
     shared: &Shared,
     pool: &Pool,
@@ -712,18 +800,121 @@ async fn follow(
     }
     shared.ready(started.elapsed());
 
-    let interval = Duration::from_millis(shared.config.probe_interval_ms);
+    match watch_ready(shared, pool, stop).await {
+        Watched::ProbeFailed => shared.transition(PoolState::Cold, "readiness probe failed"),
+        Watched::Idle => shared.transition(PoolState::Cold, "idled out; desired replicas 0"),
+        Watched::Stopped => return Flow::Stop,
+    }
+    Flow::Continue
+}
+
+/// How a ready pool that Switchyard does not run stopped being ready.
+enum Watched {
+    /// Its probe failed.
+    ProbeFailed,
+    /// It idled out and is now draining.
+    Idle,
+    /// The scaler was told to stop.
+    Stopped,
+}
+
+/// Watches a ready `none` or `webhook` pool: probes it every
+/// `probe_interval_ms` and checks for idleness, each on its own clock.
+async fn watch_ready(shared: &Shared, pool: &Pool, stop: &mut watch::Receiver<bool>) -> Watched {
+    use tokio::time::MissedTickBehavior;
+
+    let probe_every = Duration::from_millis(shared.config.probe_interval_ms);
+    let mut probes = tokio::time::interval(probe_every);
+    let mut checks = tokio::time::interval(idle_check_interval(&shared.config));
+    probes.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    checks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+
+    // An interval ticks at once; the pool just passed its probe.
+    probes.reset();
+    checks.reset();
     loop {
         tokio::select! {
-            () = tokio::time::sleep(interval) => {
+            _ = probes.tick() => {
                 if !pool.probe(&shared.config.probe_path, PROBE_TIMEOUT).await {
-                    shared.transition(PoolState::Cold, "readiness probe failed");
-                    return Flow::Continue;
+                    return Watched::ProbeFailed;
                 }
             }
-            () = stopped(stop) => return Flow::Stop,
+            _ = checks.tick() => {
+                if shared.drain_if_idle() {
+                    return Watched::Idle;
+                }
+            }
+            () = stopped(stop) => return Watched::Stopped,
         }
     }
+}
+
+/// One life of a `webhook` or `kubernetes` pool: ask for replicas 1, wait for the probe,
+/// serve until the probe fails or the pool idles out (then ask for
+/// replicas 0), or the scaler stops.
+// Limitation: when Switchyard stops or a reload removes the pool, no
+// replicas 0 is sent: a restarting sidecar should not take the model
+// server down with it, so a pool left up is scaled down by whatever
+// runs it, not by Switchyard.
+async fn run_webhook(
+    shared: &Shared,
+    pool: &Pool,
+    webhook: Result<&Webhook, &String>,
+    stop: &mut watch::Receiver<bool>,
+    reason: &str,
+) -> Flow {
+    shared.starting(reason);
+    let started = Instant::now();
+    let webhook = match webhook {
+        Ok(webhook) => webhook,
+        Err(message) => {
+            tracing::error!(pool = %shared.pool, error = %message, "cannot set up the scaler's calls");
+            shared.start_failed("the scaler's calls could not be set up");
+            return Flow::Continue;
+        }
+    };
+
+    // Starting: the call and the wait for readiness share ready_timeout_s.
+    let ready_timeout = Duration::from_secs(shared.config.ready_timeout_s);
+    let up = async {
+        webhook.scale(1, reason).await?;
+        wait_ready(pool, &shared.config).await;
+        Ok::<(), String>(())
+    };
+    tokio::select! {
+        up = tokio::time::timeout(ready_timeout, up) => match up {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                shared.start_failed("the scale call failed");
+                return Flow::Continue;
+            }
+            Err(_) => {
+                tracing::error!(
+                    pool = %shared.pool,
+                    ready_timeout_s = shared.config.ready_timeout_s,
+                    probe_path = %shared.config.probe_path,
+                    "the pool did not answer its probe within scaler.ready_timeout_s \
+                     after the webhook call"
+                );
+                shared.start_failed("server did not become ready");
+                return Flow::Continue;
+            }
+        },
+        () = stopped(stop) => return Flow::Stop,
+    }
+    shared.ready(started.elapsed());
+
+    match watch_ready(shared, pool, stop).await {
+        Watched::ProbeFailed => shared.transition(PoolState::Cold, "readiness probe failed"),
+        Watched::Idle => {
+            // Cold even when the call failed: the pool cannot tell, and
+            // the next request asks for replicas 1.
+            let _ = webhook.scale(0, "idle for scaler.idle_timeout_s").await;
+            shared.transition(PoolState::Cold, "scaled down after idling");
+        }
+        Watched::Stopped => return Flow::Stop,
+    }
+    Flow::Continue
 }
 
 /// Probes the pool until it answers: every `probe_interval_ms` at first,
@@ -867,6 +1058,77 @@ mod tests {
         let recent: Vec<u64> = (1..=10).collect();
         assert_eq!(inner(&recent).estimate(&config()), Duration::from_secs(9));
         assert_eq!(inner(&[7]).estimate(&config()), Duration::from_secs(7));
+    }
+
+    /// A loopback server that answers 200 to everything: the probe
+    /// target of a pool whose "server" is `sleep`.
+    async fn always_ready() -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let service = hyper::service::service_fn(|_req| async {
+                    let body = http_body_util::Full::new(Bytes::from_static(b"{}"));
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+                });
+                tokio::spawn(async move {
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// Polls until the scaler is in `state`, for up to 10 s.
+    async fn wait_for(scaler: &Scaler, state: PoolState) {
+        let end = Instant::now() + Duration::from_secs(10);
+        while scaler.state() != state {
+            assert!(Instant::now() < end, "not {state:?}: {}", scaler.report());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_schedule_window_keeps_the_pool_up_past_its_idle_timeout() {
+        let addr = always_ready().await;
+        let text = format!(
+            "[[pool]]\nname = \"big\"\nendpoints = [\"http://{addr}\"]\n\
+             [pool.scaler]\ncommand = [\"sleep\", \"600\"]\n\
+             idle_timeout_s = 1\nmin_up_s = 0\nprobe_interval_ms = 50\nstop_grace_s = 2\n\
+             [[pool.scaler.schedule]]\ndays = [\"mon\"]\nstart = \"09:00\"\n\
+             end = \"18:00\"\ntimezone = \"Europe/Berlin\"\n"
+        );
+        let config = crate::config::Config::parse(&text).unwrap();
+        let pool_config = &config.pool[0];
+        let pool = Arc::new(Pool::new(pool_config).unwrap());
+        let now = Arc::new(Mutex::new("2026-01-11T12:00:00Z".parse().unwrap()));
+        let read = Arc::clone(&now);
+        let clock: Clock = Arc::new(move || *read.lock().unwrap());
+        let scaler_config = pool_config.scaler.clone().unwrap();
+        let scaler = Scaler::start_with_clock(pool, scaler_config, None, clock);
+        let set = |at: &str| *now.lock().unwrap() = at.parse().unwrap();
+
+        // Sunday: no window, no request, the pool stays cold.
+        tokio::time::sleep(SCHEDULE_CHECK + Duration::from_millis(500)).await;
+        assert_eq!(scaler.state(), PoolState::Cold);
+
+        // Monday 09:30 in Berlin (08:30 UTC in winter): it starts, and
+        // stays up well past its 1 s idle timeout.
+        set("2026-01-12T08:30:00Z");
+        wait_for(&scaler, PoolState::Ready).await;
+        assert_eq!(scaler.report()["min_replicas_now"], 1);
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert_eq!(scaler.state(), PoolState::Ready);
+
+        // 18:30 in Berlin: the window closed, the idle pool is let go.
+        set("2026-01-12T17:30:00Z");
+        wait_for(&scaler, PoolState::Cold).await;
+        assert_eq!(scaler.report()["cold_starts"], 1);
+        assert_eq!(scaler.report()["min_replicas_now"], 0);
+        scaler.shutdown().await;
     }
 
     #[test]

@@ -555,3 +555,246 @@ async fn a_failed_start_sends_held_requests_to_the_fallback() {
     assert_eq!(report["failed_starts"], 1);
     stop(sw).await;
 }
+
+/// One call a [`WebhookReceiver`] got.
+#[derive(Debug, Clone)]
+struct WebhookCall {
+    method: String,
+    path: String,
+    authorization: Option<String>,
+    content_type: Option<String>,
+    tenant: Option<String>,
+    body: Value,
+}
+
+/// A scaler webhook on loopback that records each call and answers 503
+/// to the first `failures` of them, 200 after.
+struct WebhookReceiver {
+    addr: std::net::SocketAddr,
+    calls: std::sync::Arc<std::sync::Mutex<Vec<WebhookCall>>>,
+}
+
+impl WebhookReceiver {
+    async fn start(failures: usize) -> Self {
+        use http_body_util::BodyExt;
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let recorded = std::sync::Arc::clone(&calls);
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let recorded = std::sync::Arc::clone(&recorded);
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let recorded = std::sync::Arc::clone(&recorded);
+                        async move {
+                            let header = |name: &str| {
+                                req.headers()
+                                    .get(name)
+                                    .and_then(|v| v.to_str().ok())
+                                    .map(str::to_string)
+                            };
+                            let mut call = WebhookCall {
+                                method: req.method().to_string(),
+                                path: req.uri().path().to_string(),
+                                authorization: header("authorization"),
+                                content_type: header("content-type"),
+                                tenant: header("x-tenant"),
+                                body: Value::Null,
+                            };
+                            let bytes = req.into_body().collect().await?.to_bytes();
+                            call.body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                            let status = {
+                                let mut calls = recorded.lock().unwrap();
+                                calls.push(call);
+                                if calls.len() <= failures {
+                                    503
+                                } else {
+                                    200
+                                }
+                            };
+                            let body = http_body_util::Full::new(bytes::Bytes::from_static(b"{}"));
+                            let mut response = hyper::Response::new(body);
+                            *response.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                            Ok::<_, hyper::Error>(response)
+                        }
+                    },
+                );
+                tokio::spawn(async move {
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service)
+                        .await;
+                });
+            }
+        });
+        Self { addr, calls }
+    }
+
+    fn calls(&self) -> Vec<WebhookCall> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    /// Waits until `n` calls came, for up to `within`.
+    async fn wait_calls(&self, n: usize, within: Duration) -> Vec<WebhookCall> {
+        let end = Instant::now() + within;
+        loop {
+            let calls = self.calls();
+            if calls.len() >= n {
+                return calls;
+            }
+            assert!(
+                Instant::now() < end,
+                "{n} webhook calls not made within {within:?}: {calls:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn webhook_scaler_asks_for_one_replica_on_demand_and_zero_when_idle() {
+    // The first call fails: it is retried, and the retry is logged.
+    let hook = WebhookReceiver::start(1).await;
+    let upstream = MockUpstream::start().await;
+    let config = format!(
+        "{}\n[[pool]]\nname = \"big\"\nendpoints = [\"{}\"]\n\
+         [pool.scaler]\nkind = \"webhook\"\nurl = \"http://{}/hooks/scale\"\n\
+         token_env = \"SWITCHYARD_TEST_SCALER_TOKEN\"\n\
+         headers = {{ x-tenant = \"team-a\" }}\n\
+         idle_timeout_s = 1\nmin_up_s = 0\nready_timeout_s = 20\nprobe_interval_ms = 100\n",
+        server_toml(),
+        upstream.url(),
+        hook.addr,
+    );
+    let env = [("SWITCHYARD_TEST_SCALER_TOKEN", "s3cret")];
+    let sw = Switchyard::start_with_env(&config, &env).await;
+    assert_eq!(pool_report(&sw).await["state"], "cold");
+    assert_eq!(pool_report(&sw).await["scaler"], "webhook");
+    assert!(hook.calls().is_empty(), "called before any request");
+
+    // A cold request: replicas 1 (failed once, then retried), then ready.
+    let client = http1_client();
+    post(
+        &client,
+        &sw.api_url(),
+        "/v1/chat/completions",
+        &chat_body("big", "hi"),
+    )
+    .await
+    .assert_status(200);
+    let calls = hook.calls();
+    assert_eq!(calls.len(), 2, "one failed call and its retry: {calls:?}");
+    for call in &calls {
+        assert_eq!(call.method, "POST");
+        assert_eq!(call.path, "/hooks/scale");
+        assert_eq!(call.authorization.as_deref(), Some("Bearer s3cret"));
+        assert_eq!(call.tenant.as_deref(), Some("team-a"));
+        assert_eq!(call.body["pool"], "big");
+        assert_eq!(call.body["replicas"], 1);
+        assert!(call.body["reason"].is_string(), "{:?}", call.body);
+    }
+    let retried = sw.logs().iter().any(|line| {
+        line["fields"]["message"] == "scale call failed; retrying"
+            && line["fields"]["replicas"] == 1
+    });
+    assert!(retried, "the failed call was not logged");
+
+    // Quiet past the idle timeout: replicas 0, and the pool is cold.
+    let calls = hook.wait_calls(3, Duration::from_secs(15)).await;
+    assert_eq!(calls[2].body["replicas"], 0);
+    assert_eq!(calls[2].body["pool"], "big");
+    let report = wait_for_state(&sw, "cold", Duration::from_secs(15)).await;
+    assert_eq!(report["desired_replicas"], 0);
+    assert_eq!(report["cold_starts"], 1);
+    assert_eq!(hook.calls().len(), 3, "one call per change");
+    stop(sw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idle_none_pool_goes_cold_and_wants_zero_replicas() {
+    // The server stays up throughout: with kind = "none" something else
+    // (KEDA reading desired replicas) would scale it.
+    let upstream = MockUpstream::start().await;
+    let config = format!(
+        "{}\n[[pool]]\nname = \"big\"\nendpoints = [\"{}\"]\n\
+         [pool.scaler]\nkind = \"none\"\n\
+         idle_timeout_s = 1\nmin_up_s = 0\nready_timeout_s = 20\nprobe_interval_ms = 100\n",
+        server_toml(),
+        upstream.url(),
+    );
+    let sw = Switchyard::start(&config).await;
+    let client = http1_client();
+    let body = chat_body("big", "hi");
+    post(&client, &sw.api_url(), "/v1/chat/completions", &body)
+        .await
+        .assert_status(200);
+    assert_eq!(pool_report(&sw).await["desired_replicas"], 1);
+
+    // Idle: cold, wanting 0; the next request finds it again.
+    let report = wait_for_state(&sw, "cold", Duration::from_secs(15)).await;
+    assert_eq!(report["desired_replicas"], 0);
+    post(&client, &sw.api_url(), "/v1/chat/completions", &body)
+        .await
+        .assert_status(200);
+    assert_eq!(pool_report(&sw).await["cold_starts"], 2);
+    stop(sw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kubernetes_scaler_patches_the_deployments_scale_subresource() {
+    // A stand-in API server on loopback; the first call fails, as a
+    // restarting API server would.
+    let api = WebhookReceiver::start(1).await;
+    let upstream = MockUpstream::start().await;
+    let config = format!(
+        "{}\n[[pool]]\nname = \"big\"\nendpoints = [\"{}\"]\n\
+         [pool.scaler]\nkind = \"kubernetes\"\napi_url = \"http://{}\"\n\
+         namespace = \"models\"\ndeployment = \"vllm\"\n\
+         token_env = \"SWITCHYARD_TEST_KUBE_TOKEN\"\n\
+         idle_timeout_s = 1\nmin_up_s = 0\nready_timeout_s = 20\nprobe_interval_ms = 100\n",
+        server_toml(),
+        upstream.url(),
+        api.addr,
+    );
+    let env = [("SWITCHYARD_TEST_KUBE_TOKEN", "kube-t0ken")];
+    let sw = Switchyard::start_with_env(&config, &env).await;
+    assert_eq!(pool_report(&sw).await["scaler"], "kubernetes");
+
+    // A cold request: replicas 1 on the scale subresource.
+    let client = http1_client();
+    post(
+        &client,
+        &sw.api_url(),
+        "/v1/chat/completions",
+        &chat_body("big", "hi"),
+    )
+    .await
+    .assert_status(200);
+    let calls = api.calls();
+    assert_eq!(calls.len(), 2, "one failed call and its retry: {calls:?}");
+    for call in &calls {
+        assert_eq!(call.method, "PATCH");
+        assert_eq!(
+            call.path,
+            "/apis/apps/v1/namespaces/models/deployments/vllm/scale"
+        );
+        assert_eq!(call.authorization.as_deref(), Some("Bearer kube-t0ken"));
+        assert_eq!(
+            call.content_type.as_deref(),
+            Some("application/merge-patch+json")
+        );
+        assert_eq!(call.body, json!({ "spec": { "replicas": 1 } }));
+    }
+
+    // Idle: replicas 0.
+    let calls = api.wait_calls(3, Duration::from_secs(15)).await;
+    assert_eq!(calls[2].method, "PATCH");
+    assert_eq!(calls[2].body, json!({ "spec": { "replicas": 0 } }));
+    wait_for_state(&sw, "cold", Duration::from_secs(15)).await;
+    stop(sw).await;
+}
