@@ -467,6 +467,23 @@ impl App {
         json!({ "pools": pools })
     }
 
+    /// Tells every scaled pool to take no more work: what is held for a
+    /// cold pool leaves now (to its fallback, or 503), what runs finishes.
+    pub fn retire_scalers(&self) {
+        for scaled in self.scaled.values() {
+            scaled.scaler.retire();
+        }
+    }
+
+    /// Retires the scaled pools among `names` (see `retire_scalers`).
+    pub fn retire_scalers_of(&self, names: &[String]) {
+        for name in names {
+            if let Some(scaled) = self.scaled.get(name) {
+                scaled.scaler.retire();
+            }
+        }
+    }
+
     /// Stops every scaled pool's server and waits for them: Switchyard is
     /// shutting down.
     pub async fn stop_scalers(&self) {

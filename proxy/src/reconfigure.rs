@@ -307,6 +307,9 @@ impl Reloader {
         }
         app.ledger().reprice(&config);
         self.live.replace(Arc::new(app));
+        // Requests held for a removed or replaced pool's cold start would
+        // wait on a server that no longer serves new work.
+        old.retire_scalers_of(&changes.stopped);
         self.policy.reconfigure(&config);
         drop(exclusive);
         self.token.set(&config);

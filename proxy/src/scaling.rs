@@ -130,7 +130,7 @@ impl DivertReason {
     /// turned away for too many held is refused outright: the fallback is
     /// meant for the odd request that cannot wait, not for a flood.
     pub fn may_fall_back(self) -> bool {
-        matches!(self, Self::Deadline | Self::StartFailed)
+        matches!(self, Self::Deadline | Self::StartFailed | Self::Stopped)
     }
 }
 
@@ -184,6 +184,9 @@ struct Inner {
     recent: VecDeque<Duration>,
     last_cold_start: Option<Duration>,
     cold_starts: u64,
+    /// The pool no longer takes new work (shutdown, or a reload removed
+    /// or replaced it): held requests leave, none are held anew.
+    retired: bool,
 }
 
 impl std::fmt::Debug for Shared {
@@ -239,6 +242,7 @@ impl Scaler {
                 recent: VecDeque::new(),
                 last_cold_start: None,
                 cold_starts: 0,
+                retired: false,
             }),
             changed: watch::Sender::new(0),
             demand: Notify::new(),
@@ -276,6 +280,14 @@ impl Scaler {
                 inner.in_flight += 1;
                 return Ok(Busy::new(Arc::clone(shared)));
             }
+            if inner.retired {
+                let reason = DivertReason::Stopped;
+                let retry_after = Duration::from_secs(1);
+                return Err(Diverted {
+                    reason,
+                    retry_after,
+                });
+            }
             let expected = inner.expected_ready(&shared.config, arrived);
             if inner.held >= shared.config.max_held {
                 let reason = DivertReason::TooManyHeld;
@@ -312,6 +324,13 @@ impl Scaler {
                 if inner.state == PoolState::Ready {
                     inner.in_flight += 1;
                     true
+                } else if inner.retired {
+                    let reason = DivertReason::Stopped;
+                    let retry_after = Duration::from_secs(1);
+                    return Err(Diverted {
+                        reason,
+                        retry_after,
+                    });
                 } else if inner.failures > seen_failures {
                     let retry_after = inner.expected_ready(&shared.config, Instant::now());
                     let reason = DivertReason::StartFailed;
@@ -370,6 +389,15 @@ impl Scaler {
             "last_cold_start_s": inner.last_cold_start.map(|d| d.as_secs_f64()),
             "expected_cold_start_s": inner.estimate(&self.shared.config).as_secs_f64(),
         })
+    }
+
+    /// Takes no more work: requests held for the pool leave at once (to
+    /// the fallback, or with 503) and none are held anew, while requests
+    /// already let through finish. For shutdown and for a reload that
+    /// removed or replaced the pool.
+    pub fn retire(&self) {
+        self.shared.lock().retired = true;
+        self.shared.changed.send_modify(|n| *n += 1);
     }
 
     /// Stops the server (SIGTERM, then SIGKILL after `stop_grace_s`) and
@@ -952,6 +980,9 @@ fn spawn(shared: &Shared) -> Result<Child, String> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        // Its own process group, so that stopping it reaches what a
+        // wrapper script started too.
+        .process_group(0)
         .kill_on_drop(true);
     if let Some(cwd) = &config.cwd {
         command.current_dir(cwd);
@@ -991,7 +1022,8 @@ async fn stop_child(shared: &Shared, child: &mut Child) {
         .and_then(|id| i32::try_from(id).ok())
         .and_then(rustix::process::Pid::from_raw);
     if let Some(pid) = pid {
-        if let Err(e) = rustix::process::kill_process(pid, rustix::process::Signal::TERM) {
+        let signal = rustix::process::Signal::TERM;
+        if let Err(e) = rustix::process::kill_process_group(pid, signal) {
             tracing::warn!(pool = %shared.pool, error = %e, "cannot send SIGTERM to the pool's server");
         }
     }
@@ -1003,6 +1035,10 @@ async fn stop_child(shared: &Shared, child: &mut Child) {
                 stop_grace_s = shared.config.stop_grace_s,
                 "the pool's server ignored SIGTERM for scaler.stop_grace_s; killing it"
             );
+            if let Some(pid) = pid {
+                // Whatever the server started; the server itself below.
+                let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+            }
             if let Err(e) = child.kill().await {
                 tracing::error!(pool = %shared.pool, error = %e, "cannot kill the pool's server");
             }
@@ -1042,6 +1078,7 @@ mod tests {
             recent: recent.iter().map(|s| Duration::from_secs(*s)).collect(),
             last_cold_start: None,
             cold_starts: 0,
+            retired: false,
         }
     }
 

@@ -333,6 +333,9 @@ pub async fn run(
 
     // Stop taking connections, then let the ones we have finish.
     ready.store(false, Ordering::SeqCst);
+    // Requests held for a cold pool would keep the drain waiting for a
+    // start; they go to the fallback or get 503 now.
+    live.app().retire_scalers();
     drop(api_listener);
     drop(admin_listener);
     drop(transparent_listener);

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use crate::support::{
     chat_body, http1_client, metric_lines, metrics_text, post, send, server_toml, workspace_root,
-    MockUpstream, Switchyard,
+    MockUpstream, Reply, Switchyard,
 };
 
 const SKIP_NOTE: &str = "skipping scale-to-zero test: python3 is not on PATH";
@@ -796,5 +796,123 @@ async fn kubernetes_scaler_patches_the_deployments_scale_subresource() {
     assert_eq!(calls[2].method, "PATCH");
     assert_eq!(calls[2].body, json!({ "spec": { "replicas": 0 } }));
     wait_for_state(&sw, "cold", Duration::from_secs(15)).await;
+    stop(sw).await;
+}
+
+/// Sends a chat for pool `big` in the background; the reply and how long
+/// it took.
+fn spawn_chat(sw: &Switchyard) -> tokio::task::JoinHandle<(Reply, Duration)> {
+    let request = http1_client()
+        .post(format!("{}/v1/chat/completions", sw.api_url()))
+        .json(&chat_body("big", "held"));
+    tokio::spawn(async move {
+        let started = Instant::now();
+        (send(request).await, started.elapsed())
+    })
+}
+
+/// A `big` pool whose server never becomes ready, with pool `small` on
+/// `mock` as its fallback; the two tables apart.
+fn never_ready(server: &ScaledServer, mock: &MockUpstream) -> (String, String) {
+    let big = server.pool_toml(1000.0, "fallback = \"small\"", "");
+    let small = format!(
+        "\n[[pool]]\nname = \"small\"\nendpoints = [\"{}\"]\n",
+        mock.url()
+    );
+    (big, small)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn held_requests_go_to_the_fallback_when_shutdown_begins() {
+    let Some(server) = ScaledServer::new("shutdown-held") else {
+        return;
+    };
+    let mock = MockUpstream::start().await;
+    let (big, small) = never_ready(&server, &mock);
+    let mut sw = Switchyard::start(&format!("{}{big}{small}", server_toml())).await;
+
+    // Held: no deadline, and the server needs 1000 s.
+    let held = spawn_chat(&sw);
+    wait_for_state(&sw, "starting", Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Shutdown answers it from the fallback rather than holding the
+    // drain until the start gives up (ready_timeout_s = 20).
+    sw.terminate();
+    let (reply, took) = held.await.unwrap();
+    reply.assert_status(200);
+    assert_eq!(reply.header("x-switchyard-served-by"), Some("fallback"));
+    assert!(took < Duration::from_secs(15), "answered after {took:?}");
+    assert_eq!(sw.wait_exit(Duration::from_secs(15)).await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reload_that_removes_a_starting_pool_releases_its_held_requests() {
+    let Some(server) = ScaledServer::new("reload-held") else {
+        return;
+    };
+    let mock = MockUpstream::start().await;
+    let (big, small) = never_ready(&server, &mock);
+    let sw = Switchyard::start(&format!("{}{big}{small}", server_toml())).await;
+
+    let held = spawn_chat(&sw);
+    wait_for_state(&sw, "starting", Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = server.starts()[0];
+
+    sw.rewrite_config(&format!("{}{small}", server_toml()));
+    sw.hangup();
+    let (reply, took) = held.await.unwrap();
+    reply.assert_status(200);
+    assert_eq!(reply.header("x-switchyard-served-by"), Some("fallback"));
+    assert!(took < Duration::from_secs(15), "answered after {took:?}");
+
+    // With its last request gone, the removed pool's server stops too.
+    let end = Instant::now() + Duration::from_secs(10);
+    while alive(pid) {
+        assert!(Instant::now() < end, "server {pid} outlived its pool");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop(sw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stopping_a_wrapped_server_stops_what_the_wrapper_started() {
+    let Some(server) = ScaledServer::new("wrapped") else {
+        return;
+    };
+    // The server two shells deep, as launcher scripts start theirs:
+    // SIGTERM to the outer shell alone would leave the inner one and the
+    // server running (the test server exits with its parent, so one
+    // shell would not show it).
+    let plain = server.pool_toml(0.3, "", "idle_timeout_s = 1\nmin_up_s = 0");
+    let wrapped = plain.replacen(
+        "command = [\"python3\", ",
+        "command = [\"sh\", \"-c\", \"(python3 \\\"$@\\\" & wait) & wait\", \"sh\", ",
+        1,
+    );
+    assert_ne!(plain, wrapped, "the command line changed shape");
+    let sw = Switchyard::start(&format!("{}{wrapped}", server_toml())).await;
+
+    let body = chat_body("big", "hello");
+    post(
+        &http1_client(),
+        &sw.api_url(),
+        "/v1/chat/completions",
+        &body,
+    )
+    .await
+    .assert_status(200);
+    let pid = server.starts()[0];
+
+    wait_for_state(&sw, "cold", Duration::from_secs(15)).await;
+    let end = Instant::now() + Duration::from_secs(10);
+    while alive(pid) {
+        assert!(
+            Instant::now() < end,
+            "the wrapped server {pid} outlived its stop"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     stop(sw).await;
 }
