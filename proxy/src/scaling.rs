@@ -1169,10 +1169,10 @@ mod tests {
     }
 
     #[test]
-    fn only_deadline_and_failed_start_may_fall_back() {
+    fn all_but_too_many_held_may_fall_back() {
         assert!(DivertReason::Deadline.may_fall_back());
         assert!(DivertReason::StartFailed.may_fall_back());
+        assert!(DivertReason::Stopped.may_fall_back());
         assert!(!DivertReason::TooManyHeld.may_fall_back());
-        assert!(!DivertReason::Stopped.may_fall_back());
     }
 }
