@@ -1,6 +1,6 @@
-//! Body types: the boxed response body every handler returns, and the
+//! Body types: the boxed response body every handler returns, the
 //! wrapper that passes an upstream body through while watching it for
-//! stalls and breaks.
+//! stalls and breaks, and the one that holds a guard until a body ends.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -23,6 +23,43 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())
         .map_err(|never| match never {})
         .boxed()
+}
+
+/// Wraps `body` so that `guard` is dropped only with it, when the body
+/// ends or its client goes away: a streamed answer keeps what the guard
+/// stands for (a queue slot, a request counted in flight) while it
+/// streams.
+pub fn with_guard<G: Send + Sync + Unpin + 'static>(body: Body, guard: G) -> Body {
+    Guarded {
+        inner: body,
+        _guard: guard,
+    }
+    .boxed()
+}
+
+struct Guarded<G> {
+    inner: Body,
+    _guard: G,
+}
+
+impl<G: Unpin> HttpBody for Guarded<G> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// The upstream sent nothing for longer than its pool allows.

@@ -21,15 +21,10 @@
 //! fallback) and does not parse them.
 
 use std::collections::VecDeque;
-use std::pin::Pin;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body::{Body as HttpBody, Frame, SizeHint};
-use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
@@ -37,7 +32,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::body::{Body, BoxError};
+use crate::body::Body;
 use crate::config::{ScalerConfig, ScalerKind};
 use crate::metrics;
 use crate::upstream::Pool;
@@ -600,11 +595,7 @@ impl Busy {
     /// the body ends or the client drops it: a long stream keeps the pool
     /// up.
     pub fn hold(self, body: Body) -> Body {
-        BusyBody {
-            inner: body,
-            _busy: self,
-        }
-        .boxed()
+        crate::body::with_guard(body, self)
     }
 }
 
@@ -613,33 +604,6 @@ impl Drop for Busy {
         let mut inner = self.0.lock();
         inner.in_flight = inner.in_flight.saturating_sub(1);
         inner.last_done = Instant::now();
-    }
-}
-
-/// A response body that keeps its request counted in flight.
-#[derive(Debug)]
-struct BusyBody {
-    inner: Body,
-    _busy: Busy,
-}
-
-impl HttpBody for BusyBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 
@@ -1105,7 +1069,7 @@ mod tests {
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let service = hyper::service::service_fn(|_req| async {
-                    let body = http_body_util::Full::new(Bytes::from_static(b"{}"));
+                    let body = http_body_util::Full::new(bytes::Bytes::from_static(b"{}"));
                     Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
                 });
                 tokio::spawn(async move {

@@ -43,7 +43,7 @@ use serde_json::{json, Value};
 use crate::app::App;
 use crate::body::{full, Body};
 use crate::config::{BatchConfig, BatchMode, Config, PoolKind, ServerConfig};
-use crate::connections::{Activity, ConnectionLimits, InFlight};
+use crate::connections::{Activity, ConnectionLimits, InFlight, Slot};
 use crate::metrics::{CAPTURE_FAILURES, TLS_HANDSHAKE_FAILURES};
 use crate::reconfigure::{AdminToken, Live, Reloader};
 use crate::reload::{PolicyControl, Refusal, MAX_PLUGIN_BYTES};
@@ -233,6 +233,13 @@ pub async fn run(
         tls.watch();
         (TlsAcceptor::from(Arc::clone(&tls.config)), handshake)
     });
+    let conn_for = |listener| Conn {
+        builder: builder.clone(),
+        stopping: stopping.clone(),
+        idle,
+        write_timeout,
+        listener,
+    };
     let mut accept_errors = AcceptErrors::default();
     loop {
         tokio::select! {
@@ -242,24 +249,10 @@ pub async fn run(
                 };
 
                 // Over a limit, dropping the stream closes it now.
-                let slot = match limits.admit(peer.ip()) {
-                    Ok(slot) => slot,
-                    Err(refused) => {
-                        tracing::debug!(
-                            peer = %peer,
-                            limit = refused.key(),
-                            "connection limit reached; closing the new connection"
-                        );
-                        continue;
-                    }
+                let Some(slot) = admit(&limits, peer, "api") else {
+                    continue;
                 };
-                let conn = Conn {
-                    builder: builder.clone(),
-                    stopping: stopping.clone(),
-                    idle,
-                    write_timeout,
-                    listener: "api",
-                };
+                let conn = conn_for("api");
                 let service = api_service.clone();
                 let tls = tls.clone();
                 tokio::spawn(async move {
@@ -283,28 +276,13 @@ pub async fn run(
 
                 // Captured connections count against the API limits: to
                 // the client they are the same requests, only redirected.
-                let slot = match limits.admit(peer.ip()) {
-                    Ok(slot) => slot,
-                    Err(refused) => {
-                        tracing::debug!(
-                            peer = %peer,
-                            limit = refused.key(),
-                            listener = "transparent",
-                            "connection limit reached; closing the new connection"
-                        );
-                        continue;
-                    }
+                let Some(slot) = admit(&limits, peer, "transparent") else {
+                    continue;
                 };
                 // The pool is chosen once per connection, by the capture
                 // lists of the configuration serving when it opened.
                 let capture = Arc::new(Capture::of(&stream, live.app().captures()));
-                let conn = Conn {
-                    builder: builder.clone(),
-                    stopping: stopping.clone(),
-                    idle,
-                    write_timeout,
-                    listener: "transparent",
-                };
+                let conn = conn_for("transparent");
                 let service = captured_service(Arc::clone(&capture));
                 tokio::spawn(async move {
                     let _slot = slot;
@@ -315,13 +293,7 @@ pub async fn run(
                 let Some((stream, _peer)) = accept_errors.check(accepted).await else {
                     continue;
                 };
-                let conn = Conn {
-                    builder: builder.clone(),
-                    stopping: stopping.clone(),
-                    idle,
-                    write_timeout,
-                    listener: "admin",
-                };
+                let conn = conn_for("admin");
                 let service = admin_service.clone();
                 tokio::spawn(async move {
                     serve(stream, conn, service, first_byte).await;
@@ -381,6 +353,23 @@ fn local_addr(listener: &TcpListener) -> Result<SocketAddr, String> {
     listener
         .local_addr()
         .map_err(|e| format!("cannot read the listening address: {e}"))
+}
+
+/// A place in `limits` for a connection from `peer`, or `None` (logged)
+/// when a limit is full.
+fn admit(limits: &Arc<ConnectionLimits>, peer: SocketAddr, listener: &'static str) -> Option<Slot> {
+    match limits.admit(peer.ip()) {
+        Ok(slot) => Some(slot),
+        Err(refused) => {
+            tracing::debug!(
+                peer = %peer,
+                limit = refused.key(),
+                listener,
+                "connection limit reached; closing the new connection"
+            );
+            None
+        }
+    }
 }
 
 /// The HTTP settings every client connection is served with: the header

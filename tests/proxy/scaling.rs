@@ -87,6 +87,16 @@ fn alive(pid: u32) -> bool {
     !status.is_empty() && !status.contains("State:\tZ")
 }
 
+/// Waits up to `within` for process `pid` to be gone; fails saying
+/// `what` outlived it.
+async fn wait_gone(pid: u32, within: Duration, what: &str) {
+    let end = Instant::now() + within;
+    while alive(pid) {
+        assert!(Instant::now() < end, "server {pid} outlived {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Pool `big`'s entry in `GET /admin/pools`.
 async fn pool_report(sw: &Switchyard) -> Value {
     let reply = send(http1_client().get(format!("{}/admin/pools", sw.admin_url()))).await;
@@ -326,11 +336,7 @@ async fn idle_timeout_stops_the_server_but_traffic_keeps_it_up() {
     // Then quiet: back to cold, the process gone.
     let report = wait_for_state(&sw, "cold", Duration::from_secs(15)).await;
     assert_eq!(report["desired_replicas"], 0);
-    let end = Instant::now() + Duration::from_secs(5);
-    while alive(starts[0]) {
-        assert!(Instant::now() < end, "server {} still runs", starts[0]);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_gone(starts[0], Duration::from_secs(5), "its idle stop").await;
     let logs = sw.logs();
     let drained = logs.iter().any(|line| {
         line["fields"]["to"] == "draining"
@@ -413,15 +419,7 @@ async fn a_server_that_dies_is_started_again_by_the_next_request() {
 
     // Shutdown stops the child.
     stop(sw).await;
-    let end = Instant::now() + Duration::from_secs(5);
-    while alive(starts[1]) {
-        assert!(
-            Instant::now() < end,
-            "server {} outlived switchyard",
-            starts[1]
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_gone(starts[1], Duration::from_secs(5), "switchyard").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -462,11 +460,7 @@ async fn a_reload_keeps_an_unchanged_scaled_pool_and_stops_a_removed_one() {
     sw.rewrite_config(&format!("{}{small}", server_toml()));
     sw.hangup();
     sw.wait_for_logs("second reload", 2, reloaded).await;
-    let end = Instant::now() + Duration::from_secs(10);
-    while alive(pid) {
-        assert!(Instant::now() < end, "server {pid} outlived its pool");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_gone(pid, Duration::from_secs(10), "its pool").await;
     stop(sw).await;
 }
 
@@ -868,11 +862,7 @@ async fn a_reload_that_removes_a_starting_pool_releases_its_held_requests() {
     assert!(took < Duration::from_secs(15), "answered after {took:?}");
 
     // With its last request gone, the removed pool's server stops too.
-    let end = Instant::now() + Duration::from_secs(10);
-    while alive(pid) {
-        assert!(Instant::now() < end, "server {pid} outlived its pool");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_gone(pid, Duration::from_secs(10), "its pool").await;
     stop(sw).await;
 }
 
@@ -906,13 +896,6 @@ async fn stopping_a_wrapped_server_stops_what_the_wrapper_started() {
     let pid = server.starts()[0];
 
     wait_for_state(&sw, "cold", Duration::from_secs(15)).await;
-    let end = Instant::now() + Duration::from_secs(10);
-    while alive(pid) {
-        assert!(
-            Instant::now() < end,
-            "the wrapped server {pid} outlived its stop"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_gone(pid, Duration::from_secs(10), "its stop").await;
     stop(sw).await;
 }

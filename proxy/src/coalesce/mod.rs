@@ -26,15 +26,12 @@ mod stream;
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName};
-use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use switchyard_policy::Endpoint;
@@ -48,7 +45,7 @@ pub use stream::StreamReply;
 use stream::{CallerStream, Sink};
 
 use crate::api::ApiRequest;
-use crate::body::{Body, BoxError};
+use crate::body::Body;
 use crate::config::{BatchConfig, BatchMode, DEFAULT_PRIORITY};
 use crate::error::{ApiError, ErrorKind};
 use crate::upstream::Pool;
@@ -317,37 +314,7 @@ impl Drop for Permit {
 /// A response body that holds `permit` until it ends or is dropped, so
 /// that a streamed answer keeps its slot while it streams.
 pub fn hold(body: Body, permit: Permit) -> Body {
-    Held {
-        inner: body,
-        _permit: permit,
-    }
-    .boxed()
-}
-
-#[derive(Debug)]
-struct Held {
-    inner: Body,
-    _permit: Permit,
-}
-
-impl HttpBody for Held {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
+    crate::body::with_guard(body, permit)
 }
 
 /// Tells the scheduler, when a caller's future is dropped before its
