@@ -6,6 +6,7 @@ CARGO ?= cargo
 # Empty: the embedded default (the small model in-process, no policy).
 CONFIG ?=
 VENV := .venv
+NVRTC_VENV := .venv-nvrtc
 WASM_TARGET := wasm32-wasip2
 CARGO_DENY_VERSION := 0.20.2
 CARGO_FUZZ_VERSION := 0.13.2
@@ -20,7 +21,7 @@ LLAMA_VENV := .venv-llama
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON \
 	-DGGML_F16C=ON -DGGML_AVX512=ON
 
-.PHONY: run build plugins setup wasm-target python model test lint deny \
+.PHONY: run build plugins setup wasm-target python nvrtc model test lint deny \
 	audit deny-tool fuzz fuzz-tool bench iptables \
 	bench-coalescing bench-llama-venv clean
 
@@ -42,7 +43,7 @@ wasm-target:
 		|| rustup target add $(WASM_TARGET)
 
 ## setup: everything the tests need besides the Rust toolchain
-setup: wasm-target python model iptables
+setup: wasm-target python nvrtc model iptables
 
 ## iptables: the `iptables` binary, which the transparent-capture test runs
 ## inside a network namespace of its own; installed with apt-get only when
@@ -70,6 +71,19 @@ $(VENV)/.installed: tests/python/requirements.txt
 		-r tests/python/requirements.txt
 	touch $@
 
+## nvrtc: NVIDIA's run-time CUDA compiler (no GPU needed) in its own
+## venv, so that the tests compile the executor's CUDA kernels
+nvrtc: $(NVRTC_VENV)/.installed
+
+$(NVRTC_VENV)/.installed: proxy/executor/tests/nvrtc-requirements.txt
+	python3 -m venv $(NVRTC_VENV)
+	$(NVRTC_VENV)/bin/pip install --quiet --disable-pip-version-check \
+		-r proxy/executor/tests/nvrtc-requirements.txt
+	touch $@
+
+# Where that venv keeps libnvrtc.so.12, for the loader.
+NVRTC_LIB = $(shell ls -d $(CURDIR)/$(NVRTC_VENV)/lib/python3*/site-packages/nvidia/cuda_nvrtc/lib 2>/dev/null)
+
 ## model: SmolLM2-135M-Instruct at $(MODEL), checksums verified; the script
 ## keeps a file whose checksum matches
 model: $(MODEL)
@@ -82,6 +96,8 @@ $(MODEL): scripts/fetch-model.sh
 ## namespace)
 test: setup plugins lint deny
 	SWITCHYARD_REQUIRE_PYTHON=1 SWITCHYARD_REQUIRE_MODEL=1 \
+		SWITCHYARD_REQUIRE_NVRTC=1 \
+		LD_LIBRARY_PATH=$(NVRTC_LIB)$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH} \
 		$(if $(filter 0,$(shell id -u)),SWITCHYARD_REQUIRE_NETNS=1) \
 		$(CARGO) test --workspace
 

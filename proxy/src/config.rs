@@ -392,6 +392,11 @@ pub struct PoolConfig {
     /// `local` pools: threads for the model's arithmetic. Default: the
     /// machine's cores, at most 8.
     pub threads: Option<usize>,
+    /// `local` pools: where the model runs: `"auto"` (the first GPU when
+    /// a driver and a device are usable, else the CPU), `"cpu"`, `"cuda"`
+    /// or `"cuda:N"` (that GPU, or the pool does not start). Default
+    /// `"auto"`.
+    pub device: Option<String>,
     /// `local` pools: most sequences decoded at once. Default 8.
     pub max_batch: Option<usize>,
     /// `local` pools: most tokens per sequence, prompt and answer
@@ -456,6 +461,12 @@ impl PoolConfig {
             context: self.context.unwrap_or(DEFAULT_LOCAL_CONTEXT),
             max_queue: self.max_queue.unwrap_or(DEFAULT_LOCAL_MAX_QUEUE),
             prefill_chunk: switchyard_executor::engine::DEFAULT_PREFILL_CHUNK,
+            // Checked by `validate_local_pool`.
+            device: self
+                .device
+                .as_deref()
+                .and_then(|d| d.parse().ok())
+                .unwrap_or_default(),
         }
     }
 }
@@ -1097,6 +1108,7 @@ fn validate_pool(i: usize, pool: &PoolConfig) -> Result<(), ConfigError> {
     let local_keys = [
         ("model_path", pool.model_path.is_some()),
         ("threads", pool.threads.is_some()),
+        ("device", pool.device.is_some()),
         ("max_batch", pool.max_batch.is_some()),
         ("context", pool.context.is_some()),
         ("max_queue", pool.max_queue.is_some()),
@@ -1646,6 +1658,11 @@ fn validate_local_pool(i: usize, pool: &PoolConfig) -> Result<(), ConfigError> {
             ));
         }
     }
+    if let Some(device) = &pool.device {
+        if let Err(message) = device.parse::<switchyard_executor::device::DeviceChoice>() {
+            return Err(invalid(&key("device"), &message));
+        }
+    }
     let path = pool.model_path();
     if !path.is_file() {
         let message = format!(
@@ -2031,6 +2048,17 @@ model = "big"
             config.pool[1].request_timeout_ms,
             DEFAULT_REQUEST_TIMEOUT_MS
         );
+    }
+
+    #[test]
+    fn a_local_pools_device_is_checked_by_name() {
+        let local = "[[pool]]\nname = \"small\"\nkind = \"local\"\ndevice = \"gpu\"\n";
+        let err = Config::parse(local).unwrap_err();
+        assert_eq!(err.key, "pool[0].device", "{err}");
+        assert!(err.message.contains("\"cuda:N\""), "{err}");
+        let http = EXAMPLE.replace("model = \"big\"", "model = \"big\"\ndevice = \"cpu\"");
+        let err = Config::parse(&http).unwrap_err();
+        assert_eq!(err.key, "pool[1].device", "{err}");
     }
 
     #[test]

@@ -317,6 +317,15 @@ async fn a_client_that_stops_reading_is_cut_off_and_frees_its_place() {
     );
     stuck.write_all(head.as_bytes()).await.unwrap();
     stuck.write_all(body.as_bytes()).await.unwrap();
+    // The stuck request holds the place before the next one asks for it.
+    let end = tokio::time::Instant::now() + Duration::from_secs(20);
+    while mock.request_count() == 0 {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "the stuck request never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // Another caller of the same pool is served once the reader that
     // stopped is cut off.

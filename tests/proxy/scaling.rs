@@ -73,6 +73,22 @@ impl ScaledServer {
             .filter_map(|line| line.trim().parse().ok())
             .collect()
     }
+
+    /// The process id of the first server started, waiting up to 10 s
+    /// for it to record itself (a loaded machine starts Python slowly).
+    async fn first_start(&self) -> u32 {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(&pid) = self.starts().first() {
+                return pid;
+            }
+            assert!(
+                Instant::now() < end,
+                "no server recorded its start within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 impl Drop for ScaledServer {
@@ -394,7 +410,7 @@ async fn a_server_that_dies_is_started_again_by_the_next_request() {
     post(&client, &url, "/v1/chat/completions", &body)
         .await
         .assert_status(200);
-    let first = server.starts()[0];
+    let first = server.first_start().await;
 
     // The server crashes: the pool goes cold, with the exit logged.
     let status = std::process::Command::new("kill")
@@ -439,7 +455,7 @@ async fn a_reload_keeps_an_unchanged_scaled_pool_and_stops_a_removed_one() {
     post(&client, &sw.api_url(), "/v1/chat/completions", &body)
         .await
         .assert_status(200);
-    let pid = server.starts()[0];
+    let pid = server.first_start().await;
 
     // Another pool added: the scaled pool is taken over running.
     sw.rewrite_config(&format!("{}{big}{small}", server_toml()));
@@ -852,7 +868,7 @@ async fn a_reload_that_removes_a_starting_pool_releases_its_held_requests() {
     let held = spawn_chat(&sw);
     wait_for_state(&sw, "starting", Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let pid = server.starts()[0];
+    let pid = server.first_start().await;
 
     sw.rewrite_config(&format!("{}{small}", server_toml()));
     sw.hangup();
@@ -893,7 +909,7 @@ async fn stopping_a_wrapped_server_stops_what_the_wrapper_started() {
     )
     .await
     .assert_status(200);
-    let pid = server.starts()[0];
+    let pid = server.first_start().await;
 
     wait_for_state(&sw, "cold", Duration::from_secs(15)).await;
     wait_gone(pid, Duration::from_secs(10), "its stop").await;

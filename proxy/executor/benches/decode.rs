@@ -8,7 +8,11 @@
 //! Prints one JSON line per batch size. Arguments (all optional):
 //! `--threads T --batch 1,8 --steps N --model PATH`.
 
+mod common;
+
 use std::time::Instant;
+
+use common::{Args, PROMPT};
 
 use switchyard_executor::gguf::GgufFile;
 use switchyard_executor::model::{Model, Row, Scratch, SeqCache};
@@ -16,10 +20,6 @@ use switchyard_executor::pool::ThreadPool;
 use switchyard_executor::sampler::argmax;
 use switchyard_executor::tokenizer::Tokenizer;
 
-/// The same prompt as the llama.cpp script's default.
-const PROMPT: &str = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, \
-trained by Hugging Face<|im_end|>\n<|im_start|>user\nWrite a Python function that adds \
-two numbers.<|im_end|>\n<|im_start|>assistant\n";
 /// Measured runs per batch size, after one warm-up; the median is reported.
 const RUNS: usize = 3;
 
@@ -31,27 +31,11 @@ fn main() {
 }
 
 fn run() -> Result<(), String> {
-    let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
-    let threads: usize = arg("--threads").and_then(|t| t.parse().ok()).unwrap_or(1);
-    let steps: usize = arg("--steps").and_then(|t| t.parse().ok()).unwrap_or(128);
-    let batches: Vec<usize> = arg("--batch")
-        .unwrap_or_else(|| "1,8".to_string())
-        .split(',')
-        .filter_map(|b| b.parse().ok())
-        .collect();
-    let model_path = arg("--model").unwrap_or_else(|| {
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../models/SmolLM2-135M-Instruct.Q4_1.gguf"
-        )
-        .to_string()
-    });
+    let args = Args::from_env();
+    let threads = args.number("--threads", 1);
+    let steps = args.number("--steps", 128);
+    let batches = args.batches("1,8");
+    let model_path = args.model();
 
     let file = GgufFile::open(std::path::Path::new(&model_path)).map_err(|e| e.to_string())?;
     let model = Model::load(&file).map_err(|e| e.to_string())?;

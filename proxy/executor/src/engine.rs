@@ -17,8 +17,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc as tokio_mpsc;
 
 use crate::chat::{ChatError, ChatMessage, ChatTemplate};
+use crate::compute::{Compute, Need, Next};
+use crate::cuda::model::{device_bytes, CudaModel};
+use crate::device::{self, DeviceChoice, Selected};
 use crate::gguf::GgufFile;
-use crate::model::{Model, ModelError, ModelShape, Row, Scratch, SeqCache};
+use crate::model::{Model, ModelError, ModelShape, Row};
 use crate::pool::ThreadPool;
 use crate::sampler::{self, Sampler, SamplingParams, TokenLogprob};
 use crate::tokenizer::{Tokenizer, TokenizerError};
@@ -49,6 +52,8 @@ pub struct EngineConfig {
     pub max_queue: usize,
     /// Prompt tokens run per step. Default [`DEFAULT_PREFILL_CHUNK`].
     pub prefill_chunk: usize,
+    /// Where the model runs. Default [`DeviceChoice::Auto`].
+    pub device: DeviceChoice,
 }
 
 /// Why an engine did not start.
@@ -64,6 +69,8 @@ pub enum EngineError {
     Config(String),
     #[error("cannot start the executor's threads: {0}")]
     Thread(std::io::Error),
+    #[error("pool {pool}: {reason}")]
+    Device { pool: String, reason: String },
 }
 
 /// What to generate.
@@ -203,6 +210,63 @@ struct Job {
     submitted: Instant,
 }
 
+/// Opens the device `config` asks for and loads the model there, logging
+/// the choice and the reason. With `device = "auto"`, a GPU that cannot
+/// hold the model leaves it on the CPU; with `"cuda"` that is an error.
+fn load_compute(config: &EngineConfig, file: &GgufFile) -> Result<Compute, EngineError> {
+    let pool = &config.name;
+    let device_error = |reason: String| EngineError::Device {
+        pool: pool.clone(),
+        reason,
+    };
+    let on_cpu = |reason: &str| -> Result<Compute, EngineError> {
+        tracing::info!(pool = %pool, threads = config.threads, reason, "executor runs on the CPU");
+        let model = Model::load(file)?;
+        let threads = ThreadPool::new(config.threads).map_err(EngineError::Thread)?;
+        Ok(Compute::cpu(model, threads))
+    };
+    let (gpu, reason) = match device::select(config.device).map_err(device_error)? {
+        Selected::Cpu { reason } => return on_cpu(&reason),
+        Selected::Gpu { gpu, reason } => (gpu, reason),
+    };
+    let (name, total, free) = (gpu.name.clone(), gpu.total_memory, gpu.free_memory);
+    let (major, minor) = gpu.capability;
+    tracing::info!(
+        pool = %pool,
+        gpu = %name,
+        ordinal = gpu.ordinal,
+        memory_mib = total >> 20,
+        free_mib = free >> 20,
+        compute_capability = %format!("{major}.{minor}"),
+        reason,
+        "executor runs on a GPU"
+    );
+    let rows = config.prefill_chunk.max(1) + config.max_batch;
+    match CudaModel::load(*gpu, file, config.max_batch, config.context, rows) {
+        Ok(model) => {
+            let tied = file.tensor_info("output.weight").is_none();
+            let bytes = device_bytes(model.shape(), tied, config.max_batch, config.context, rows);
+            tracing::info!(
+                pool = %pool,
+                weights_mib = bytes.weights >> 20,
+                kv_cache_mib = bytes.kv_cache >> 20,
+                buffers_mib = bytes.buffers >> 20,
+                max_batch = config.max_batch,
+                context = config.context,
+                "model and KV cache are on the GPU"
+            );
+            Ok(Compute::Gpu(Box::new(model)))
+        }
+        Err(e) if config.device == DeviceChoice::Auto => {
+            tracing::warn!(pool = %pool, gpu = %name, error = %e, "the model does not fit the GPU");
+            on_cpu(&format!(
+                "device = \"auto\" and {name} cannot hold the model: {e}"
+            ))
+        }
+        Err(e) => Err(device_error(e.to_string())),
+    }
+}
+
 impl Engine {
     /// Loads the model and starts the scheduler thread.
     pub fn start(config: EngineConfig) -> Result<Engine, EngineError> {
@@ -214,10 +278,10 @@ impl Engine {
             )));
         }
         let file = GgufFile::open(&config.model_path).map_err(ModelError::from)?;
-        let model = Model::load(&file)?;
         let tokenizer = Arc::new(Tokenizer::from_gguf(&file)?);
         let template = ChatTemplate::from_gguf(&file)?;
-        let shape = model.shape().clone();
+        let compute = load_compute(&config, &file)?;
+        let shape = compute.shape().clone();
 
         let kv_bytes_per_token = 2 * shape.n_layer * shape.kv_dim() * 4;
         tracing::info!(
@@ -226,6 +290,7 @@ impl Engine {
             layers = shape.n_layer,
             width = shape.n_embd,
             vocab = shape.vocab,
+            device = %compute.device(),
             threads = config.threads,
             max_batch = config.max_batch,
             context = config.context,
@@ -236,18 +301,14 @@ impl Engine {
 
         let (tx, rx) = mpsc::channel();
         let shared = Arc::new(Shared::default());
-        let pool = ThreadPool::new(config.threads).map_err(EngineError::Thread)?;
         let scheduler = Scheduler {
             config: config.clone(),
-            model,
+            compute,
             tokenizer: tokenizer.clone(),
-            pool,
             shared: shared.clone(),
             jobs: rx,
             waiting: VecDeque::new(),
             running: Vec::new(),
-            caches: Vec::new(),
-            scratch: Scratch::default(),
             tokens_per_s: Rate::default(),
         };
         let thread = std::thread::Builder::new()
@@ -427,15 +488,13 @@ struct Seq {
 
 struct Scheduler {
     config: EngineConfig,
-    model: Model,
+    /// The model and the running sequences' caches, numbered as `running`.
+    compute: Compute,
     tokenizer: Arc<Tokenizer>,
-    pool: ThreadPool,
     shared: Arc<Shared>,
     jobs: mpsc::Receiver<Job>,
     waiting: VecDeque<Job>,
     running: Vec<Seq>,
-    caches: Vec<SeqCache>,
-    scratch: Scratch,
     tokens_per_s: Rate,
 }
 
@@ -496,6 +555,12 @@ impl Scheduler {
             let Some(job) = self.waiting.pop_front() else {
                 break;
             };
+            if let Err(e) = self.compute.add_sequence() {
+                tracing::error!(pool = %self.config.name, error = %e, "no cache for a sequence");
+                let _ = job.events.send(Event::Failed(e.to_string()));
+                self.shared.accepted.fetch_sub(1, Ordering::AcqRel);
+                continue;
+            }
             let max_stop = job.request.stop.iter().map(String::len).max().unwrap_or(0);
             self.running.push(Seq {
                 sampler: Sampler::new(job.request.sampling),
@@ -511,12 +576,11 @@ impl Scheduler {
                 first_token: true,
                 peak_batch: 0,
             });
-            self.caches.push(SeqCache::new(self.model.shape()));
         }
     }
 
     fn remove(&mut self, i: usize) -> Seq {
-        self.caches.swap_remove(i);
+        self.compute.remove_sequence(i);
         let seq = self.running.swap_remove(i);
         self.shared.accepted.fetch_sub(1, Ordering::AcqRel);
         seq
@@ -558,32 +622,29 @@ impl Scheduler {
             budget -= take;
         }
 
-        let logits =
-            match self
-                .model
-                .forward(&self.pool, &rows, &mut self.caches, &mut self.scratch)
-            {
-                Ok(logits) => logits,
-                Err(e) => {
-                    // Shapes were checked at load, so this is a bug; fail the
-                    // batch rather than the process.
-                    tracing::error!(pool = %self.config.name, error = %e, "executor step failed");
-                    let failed = self.running.len();
-                    for seq in self.running.drain(..) {
-                        let _ = seq.job.events.send(Event::Failed(e.to_string()));
-                    }
-                    self.caches.clear();
-                    self.shared.accepted.fetch_sub(failed, Ordering::AcqRel);
-                    return;
+        let running = &self.running;
+        let logits = match self.compute.forward(&rows, |i| need(&running[i])) {
+            Ok(logits) => logits,
+            Err(e) => {
+                // Shapes were checked at load, so this is a bug; fail the
+                // batch rather than the process.
+                tracing::error!(pool = %self.config.name, error = %e, "executor step failed");
+                let failed = self.running.len();
+                for seq in self.running.drain(..) {
+                    let _ = seq.job.events.send(Event::Failed(e.to_string()));
                 }
-            };
+                self.compute.clear();
+                self.shared.accepted.fetch_sub(failed, Ordering::AcqRel);
+                return;
+            }
+        };
 
         // Each row that asked for logits belongs to a distinct sequence.
-        let vocab = self.model.shape().vocab;
         let batch = self.running.len();
         let mut finished = Vec::new();
         let with_logits = rows.iter().filter(|r| r.logits);
-        for (row, logits) in with_logits.zip(logits.chunks_exact(vocab)) {
+        for (k, row) in with_logits.enumerate() {
+            let Some(logits) = logits.get(k) else { break };
             let seq = &mut self.running[row.seq];
             seq.peak_batch = seq.peak_batch.max(batch);
             if let Some(reason) = advance(seq, logits, &self.tokenizer, &self.config) {
@@ -649,23 +710,49 @@ fn gone(job: &Job) -> bool {
 
 /// Samples a sequence's next token from its logits, sends it, and says
 /// whether the sequence is done.
+/// What a sequence's next token needs from its logits: the best token
+/// alone when it samples greedily and wants no alternatives.
+fn need(seq: &Seq) -> Need {
+    let top = seq.job.request.logprobs.unwrap_or(0);
+    match seq.sampler.is_greedy() && top == 0 {
+        true => Need::Best,
+        false => Need::Full,
+    }
+}
+
 fn advance(
     seq: &mut Seq,
-    logits: &[f32],
+    next: Next<'_>,
     tokenizer: &Tokenizer,
     config: &EngineConfig,
 ) -> Option<FinishReason> {
-    let token = seq.sampler.sample(logits);
-    let info = seq.job.request.logprobs.map(|k| {
-        let lse = sampler::log_sum_exp(logits);
-        TokenInfo {
-            token: TokenLogprob {
-                id: token,
-                logprob: logits[token as usize] - lse,
-            },
-            top: sampler::top_logprobs(logits, lse, k.min(MAX_TOP_LOGPROBS)),
+    let (token, info) = match next {
+        Next::Logits(logits) => {
+            let token = seq.sampler.sample(logits);
+            let info = seq.job.request.logprobs.map(|k| {
+                let lse = sampler::log_sum_exp(logits);
+                TokenInfo {
+                    token: TokenLogprob {
+                        id: token,
+                        logprob: logits[token as usize] - lse,
+                    },
+                    top: sampler::top_logprobs(logits, lse, k.min(MAX_TOP_LOGPROBS)),
+                }
+            });
+            (token, info)
         }
-    });
+        // Only asked for when no alternatives are wanted (see `need`).
+        Next::Best { token, logit, lse } => {
+            let info = seq.job.request.logprobs.map(|_| TokenInfo {
+                token: TokenLogprob {
+                    id: token,
+                    logprob: logit - lse,
+                },
+                top: Vec::new(),
+            });
+            (token, info)
+        }
+    };
     if seq.first_token {
         seq.first_token = false;
         metrics::histogram!(
@@ -813,8 +900,18 @@ mod tests {
             context: 256,
             max_queue,
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
+            device: test_device(),
         })
         .unwrap()
+    }
+
+    /// The device the engine tests run on: `SWITCHYARD_TEST_DEVICE`
+    /// (`cuda` in `scripts/gpu-check.sh`), else the CPU.
+    fn test_device() -> DeviceChoice {
+        match std::env::var("SWITCHYARD_TEST_DEVICE") {
+            Ok(name) => name.parse().unwrap(),
+            Err(_) => DeviceChoice::Cpu,
+        }
     }
 
     fn request(engine: &Engine, text: &str, max_tokens: usize) -> GenerateRequest {

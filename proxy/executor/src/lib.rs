@@ -5,10 +5,15 @@
 //! holds the block formats and the matrix kernels, [`math`] the elementwise
 //! functions, [`tokenizer`] and [`chat`] turn text and messages into token
 //! ids, [`model`] runs the forward pass over a KV cache, [`sampler`] picks
-//! tokens, and [`engine`] schedules many sequences into one running batch.
+//! tokens, and [`engine`] schedules many sequences into one running batch
+//! over a [`compute`] backend: the CPU, or an NVIDIA GPU through [`cuda`]
+//! (chosen by [`device`]).
 //! Nothing here knows about HTTP.
 
 pub mod chat;
+pub mod compute;
+pub mod cuda;
+pub mod device;
 pub mod engine;
 pub mod gguf;
 pub mod math;

@@ -48,6 +48,8 @@ pub enum ModelError {
     Shape(String),
     #[error(transparent)]
     Kernel(#[from] KernelError),
+    #[error("GPU: {0}")]
+    Gpu(String),
 }
 
 #[derive(Debug)]
@@ -193,14 +195,7 @@ impl Model {
             });
         }
 
-        let half = shape.head_dim / 2;
-        let inv_freq = (0..half)
-            .map(|i| {
-                shape
-                    .rope_base
-                    .powf(-(2.0 * i as f32) / shape.head_dim as f32)
-            })
-            .collect();
+        let inv_freq = rotary_frequencies(&shape);
         Ok(Model {
             shape,
             tok_embd,
@@ -602,7 +597,18 @@ mod x86 {
     }
 }
 
-fn read_shape(file: &GgufFile) -> Result<ModelShape, ModelError> {
+/// Rotary frequencies, one per pair of a head's dimensions.
+pub(crate) fn rotary_frequencies(shape: &ModelShape) -> Vec<f32> {
+    (0..shape.head_dim / 2)
+        .map(|i| {
+            shape
+                .rope_base
+                .powf(-(2.0 * i as f32) / shape.head_dim as f32)
+        })
+        .collect()
+}
+
+pub(crate) fn read_shape(file: &GgufFile) -> Result<ModelShape, ModelError> {
     let u = |key: &str| -> Result<usize, ModelError> {
         Ok(file.get_u32(&format!("llama.{key}"))? as usize)
     };
@@ -645,7 +651,12 @@ fn read_shape(file: &GgufFile) -> Result<ModelShape, ModelError> {
     Ok(shape)
 }
 
-fn expect_shape(m: &QMatrix, name: &str, rows: usize, cols: usize) -> Result<(), ModelError> {
+pub(crate) fn expect_shape(
+    m: &QMatrix,
+    name: &str,
+    rows: usize,
+    cols: usize,
+) -> Result<(), ModelError> {
     if m.rows == rows && m.cols == cols {
         return Ok(());
     }
@@ -655,7 +666,7 @@ fn expect_shape(m: &QMatrix, name: &str, rows: usize, cols: usize) -> Result<(),
     )))
 }
 
-fn norm(file: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
+pub(crate) fn norm(file: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
     let v = file.vector_f32(name)?;
     if v.len() != len {
         return Err(ModelError::Shape(format!(
@@ -781,82 +792,14 @@ mod tests {
         }
     }
 
-    use crate::sampler::{argmax, log_sum_exp, top_logprobs};
-    use crate::test_support::open_model_or_skip;
-    use serde_json::Value;
-
-    /// One reference prompt and what llama.cpp computed at each step.
-    struct Case {
-        prompt: Vec<u32>,
-        greedy: Vec<u32>,
-        margin: Vec<f32>,
-        top1_logprob: Vec<f32>,
-        top5: Vec<Vec<(u32, f32)>>,
-    }
-
-    fn cases() -> Vec<Case> {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/data/smollm2/greedy.jsonl"
-        );
-        let text = std::fs::read_to_string(path).unwrap();
-        let ids = |v: &Value| -> Vec<u32> {
-            v.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as u32)
-                .collect()
-        };
-        let floats = |v: &Value| -> Vec<f32> {
-            v.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect()
-        };
-        text.lines()
-            .filter(|l| !l.trim().is_empty())
-            .map(|line| {
-                let v: Value = serde_json::from_str(line).unwrap();
-                let top5 = v["top5"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|step| {
-                        step.as_array()
-                            .unwrap()
-                            .iter()
-                            .map(|e| (e[0].as_u64().unwrap() as u32, e[1].as_f64().unwrap() as f32))
-                            .collect()
-                    })
-                    .collect();
-                Case {
-                    prompt: ids(&v["prompt_ids"]),
-                    greedy: ids(&v["greedy_ids"]),
-                    margin: floats(&v["top1_margin"]),
-                    top1_logprob: floats(&v["top1_logprob"]),
-                    top5,
-                }
-            })
-            .collect()
-    }
+    use crate::sampler::argmax;
+    use crate::test_support::{check_against_reference, open_model_or_skip, synthetic, Case};
 
     /// Logits for every step of a case with teacher forcing: the prompt and
     /// the reference continuation run as one prefill, logits from the
     /// prompt's last token on.
     fn forced_logits(model: &Model, pool: &ThreadPool, case: &Case) -> Vec<Vec<f32>> {
-        let mut tokens = case.prompt.clone();
-        tokens.extend(&case.greedy[..case.greedy.len().saturating_sub(1)]);
-        let first = case.prompt.len() - 1;
-        let rows: Vec<Row> = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, &token)| Row {
-                seq: 0,
-                token,
-                logits: i >= first,
-            })
-            .collect();
+        let rows = case.forced_rows();
         let mut caches = vec![SeqCache::new(model.shape())];
         let logits = model
             .forward(pool, &rows, &mut caches, &mut Scratch::default())
@@ -874,65 +817,7 @@ mod tests {
         };
         let model = Model::load(&file).unwrap();
         let pool = ThreadPool::new(2).unwrap();
-
-        let (mut steps, mut confident, mut agree_confident) = (0, 0, 0);
-        let (mut lp_sum, mut lp_max) = (0.0f64, 0.0f32);
-        let (mut top5_sum, mut top5_steps) = (0.0f64, 0);
-        for (c, case) in cases().iter().enumerate() {
-            let logits = forced_logits(&model, &pool, case);
-            assert_eq!(logits.len(), case.greedy.len());
-            for (i, row) in logits.iter().enumerate() {
-                let lse = log_sum_exp(row);
-                let best = argmax(row);
-                let want = case.greedy[i];
-                let margin = case.margin[i];
-                steps += 1;
-
-                assert!(
-                    margin < 1.0 || best == want,
-                    "case {c} step {i}: best token {best}, llama.cpp {want} (margin {margin})"
-                );
-                if margin > 0.5 {
-                    confident += 1;
-                    agree_confident += usize::from(best == want);
-                }
-
-                let diff = (row[want as usize] - lse - case.top1_logprob[i]).abs();
-                assert!(
-                    diff <= 0.5,
-                    "case {c} step {i}: greedy log-prob off by {diff}"
-                );
-                lp_sum += f64::from(diff);
-                lp_max = lp_max.max(diff);
-
-                let mut step_sum = 0.0;
-                for &(id, reference) in &case.top5[i] {
-                    let d = (row[id as usize] - lse - reference).abs();
-                    if reference >= -4.0 {
-                        assert!(d <= 0.75, "case {c} step {i}: top-5 token {id} off by {d}");
-                    }
-                    step_sum += f64::from(d);
-                }
-                top5_sum += step_sum / case.top5[i].len() as f64;
-                top5_steps += 1;
-                // Our own top-5 is well formed.
-                assert_eq!(top_logprobs(row, lse, 5)[0].id, best);
-            }
-        }
-
-        let share = agree_confident as f64 / confident.max(1) as f64;
-        let lp_mean = lp_sum / steps as f64;
-        let top5_mean = top5_sum / top5_steps as f64;
-        eprintln!(
-            "reference: {steps} steps; confident agreement {agree_confident}/{confident}; \
-             greedy log-prob diff mean {lp_mean:.4} max {lp_max:.4}; top-5 mean {top5_mean:.4}"
-        );
-        assert!(
-            share >= 0.97,
-            "best token agrees at {share:.3} of confident steps"
-        );
-        assert!(lp_mean <= 0.08, "mean greedy log-prob difference {lp_mean}");
-        assert!(top5_mean < 0.15, "mean top-5 difference {top5_mean}");
+        check_against_reference(|case| forced_logits(&model, &pool, case));
     }
 
     #[test]
@@ -1017,248 +902,18 @@ mod tests {
         assert_eq!(together, alone);
     }
 
-    /// A tiny llama model written as a GGUF file with every weight matrix
-    /// in `ty`, and the same weights dequantized for the reference.
-    mod synthetic {
-        use crate::gguf::MetaValue;
-        use crate::quant::dequantize_row;
-        use crate::quant::{quantize_row_q4_0, quantize_row_q4_1, quantize_row_q8_0};
-        use crate::tensor::GgmlType;
-        use crate::test_support::{GgufBuilder, TempFile};
-
-        pub const VOCAB: usize = 32;
-        pub const D: usize = 64;
-        pub const FF: usize = 96;
-        pub const HEADS: usize = 4;
-        pub const KV_HEADS: usize = 2;
-        pub const LAYERS: usize = 2;
-
-        /// Deterministic weights in [-scale, scale).
-        fn weights(seed: u64, len: usize, scale: f32) -> Vec<f32> {
-            let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-            (0..len)
-                .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-                })
-                .collect()
-        }
-
-        /// `values` (rows of `cols`) encoded as `ty`, and decoded back.
-        fn encode(ty: GgmlType, values: &[f32], cols: usize) -> (u32, Vec<u8>, Vec<f32>) {
-            let row_bytes = ty.row_bytes(cols).unwrap();
-            let rows = values.len() / cols;
-            let mut bytes = vec![0u8; rows * row_bytes];
-            for (row, out) in values
-                .chunks_exact(cols)
-                .zip(bytes.chunks_exact_mut(row_bytes))
-            {
-                match ty {
-                    GgmlType::F32 => {
-                        for (v, o) in row.iter().zip(out.chunks_exact_mut(4)) {
-                            o.copy_from_slice(&v.to_le_bytes());
-                        }
-                    }
-                    GgmlType::F16 => {
-                        for (v, o) in row.iter().zip(out.chunks_exact_mut(2)) {
-                            o.copy_from_slice(&half::f16::from_f32(*v).to_le_bytes());
-                        }
-                    }
-                    GgmlType::Q4_0 => quantize_row_q4_0(row, out).unwrap(),
-                    GgmlType::Q4_1 => quantize_row_q4_1(row, out).unwrap(),
-                    GgmlType::Q8_0 => quantize_row_q8_0(row, out).unwrap(),
-                }
-            }
-            let mut decoded = vec![0.0; values.len()];
-            for (b, out) in bytes
-                .chunks_exact(row_bytes)
-                .zip(decoded.chunks_exact_mut(cols))
-            {
-                dequantize_row(ty, b, out).unwrap();
-            }
-            let id = match ty {
-                GgmlType::F32 => 0,
-                GgmlType::F16 => 1,
-                GgmlType::Q4_0 => 2,
-                GgmlType::Q4_1 => 3,
-                GgmlType::Q8_0 => 8,
-            };
-            (id, bytes, decoded)
-        }
-
-        /// The weights by tensor name, as the reference reads them.
-        pub type Weights = std::collections::HashMap<String, Vec<f32>>;
-
-        pub fn build(ty: GgmlType) -> (TempFile, Weights) {
-            let kv = D / HEADS * KV_HEADS;
-            let mut builder = GgufBuilder::new(3)
-                .kv("general.architecture", MetaValue::Str("llama".into()))
-                .kv("llama.block_count", MetaValue::U32(LAYERS as u32))
-                .kv("llama.embedding_length", MetaValue::U32(D as u32))
-                .kv("llama.attention.head_count", MetaValue::U32(HEADS as u32))
-                .kv(
-                    "llama.attention.head_count_kv",
-                    MetaValue::U32(KV_HEADS as u32),
-                )
-                .kv("llama.feed_forward_length", MetaValue::U32(FF as u32))
-                .kv("llama.context_length", MetaValue::U32(64))
-                .kv("llama.vocab_size", MetaValue::U32(VOCAB as u32))
-                .kv("llama.rope.freq_base", MetaValue::F32(10_000.0))
-                .kv(
-                    "llama.attention.layer_norm_rms_epsilon",
-                    MetaValue::F32(1e-5),
-                );
-            let mut reference = Weights::new();
-            let mut seed = 1;
-            let mut add = |builder: GgufBuilder, name: String, rows: usize, cols: usize| {
-                seed += 1;
-                let values = weights(seed, rows * cols, 0.3);
-                let (id, bytes, decoded) = encode(ty, &values, cols);
-                reference.insert(name.clone(), decoded);
-                builder.tensor(&name, &[cols as u64, rows as u64], id, bytes)
-            };
-            builder = add(builder, "token_embd.weight".into(), VOCAB, D);
-            for l in 0..LAYERS {
-                builder = add(builder, format!("blk.{l}.attn_q.weight"), D, D);
-                builder = add(builder, format!("blk.{l}.attn_k.weight"), kv, D);
-                builder = add(builder, format!("blk.{l}.attn_v.weight"), kv, D);
-                builder = add(builder, format!("blk.{l}.attn_output.weight"), D, D);
-                builder = add(builder, format!("blk.{l}.ffn_gate.weight"), FF, D);
-                builder = add(builder, format!("blk.{l}.ffn_up.weight"), FF, D);
-                builder = add(builder, format!("blk.{l}.ffn_down.weight"), D, FF);
-            }
-            let mut norms = vec!["output_norm.weight".to_string()];
-            for l in 0..LAYERS {
-                norms.push(format!("blk.{l}.attn_norm.weight"));
-                norms.push(format!("blk.{l}.ffn_norm.weight"));
-            }
-            for (k, name) in norms.into_iter().enumerate() {
-                let values: Vec<f32> = weights(100 + k as u64, D, 0.5)
-                    .iter()
-                    .map(|w| 1.0 + w)
-                    .collect();
-                let (id, bytes, decoded) = encode(GgmlType::F32, &values, D);
-                reference.insert(name.clone(), decoded);
-                builder = builder.tensor(&name, &[D as u64], id, bytes);
-            }
-            (builder.write(), reference)
-        }
-
-        /// The model in plain f64 arithmetic over the decoded weights: the
-        /// logits after each of `tokens`.
-        pub fn reference_logits(w: &Weights, tokens: &[u32]) -> Vec<Vec<f64>> {
-            let hd = D / HEADS;
-            let kv = hd * KV_HEADS;
-            let matvec = |name: &str, x: &[f64], rows: usize| -> Vec<f64> {
-                let m = &w[name];
-                let cols = x.len();
-                (0..rows)
-                    .map(|r| (0..cols).map(|c| f64::from(m[r * cols + c]) * x[c]).sum())
-                    .collect()
-            };
-            let norm = |name: &str, x: &[f64]| -> Vec<f64> {
-                let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
-                let inv = 1.0 / (ms + 1e-5).sqrt();
-                x.iter()
-                    .zip(&w[name])
-                    .map(|(v, g)| v * inv * f64::from(*g))
-                    .collect()
-            };
-            let rope = |x: &mut [f64], pos: usize| {
-                for head in x.chunks_exact_mut(hd) {
-                    for (i, pair) in head.chunks_exact_mut(2).enumerate() {
-                        let theta = pos as f64 * 10_000f64.powf(-(2.0 * i as f64) / hd as f64);
-                        let (a, b) = (pair[0], pair[1]);
-                        pair[0] = a * theta.cos() - b * theta.sin();
-                        pair[1] = a * theta.sin() + b * theta.cos();
-                    }
-                }
-            };
-
-            let mut keys = vec![Vec::<Vec<f64>>::new(); LAYERS];
-            let mut values = vec![Vec::<Vec<f64>>::new(); LAYERS];
-            let mut out = Vec::new();
-            for (pos, &token) in tokens.iter().enumerate() {
-                let embd = &w["token_embd.weight"][token as usize * D..][..D];
-                let mut x: Vec<f64> = embd.iter().map(|&v| f64::from(v)).collect();
-                for l in 0..LAYERS {
-                    let p = |n: &str| format!("blk.{l}.{n}.weight");
-                    let xn = norm(&p("attn_norm"), &x);
-                    let mut q = matvec(&p("attn_q"), &xn, D);
-                    let mut k = matvec(&p("attn_k"), &xn, kv);
-                    let v = matvec(&p("attn_v"), &xn, kv);
-                    rope(&mut q, pos);
-                    rope(&mut k, pos);
-                    keys[l].push(k);
-                    values[l].push(v);
-                    let mut att = vec![0.0; D];
-                    for h in 0..HEADS {
-                        let g = h / (HEADS / KV_HEADS);
-                        let qh = &q[h * hd..][..hd];
-                        let scores: Vec<f64> = keys[l]
-                            .iter()
-                            .map(|k| {
-                                let kh = &k[g * hd..][..hd];
-                                qh.iter().zip(kh).map(|(a, b)| a * b).sum::<f64>()
-                                    / (hd as f64).sqrt()
-                            })
-                            .collect();
-                        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                        let exp: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-                        let total: f64 = exp.iter().sum();
-                        for (t, e) in exp.iter().enumerate() {
-                            for i in 0..hd {
-                                att[h * hd + i] += e / total * values[l][t][g * hd + i];
-                            }
-                        }
-                    }
-                    let o = matvec(&p("attn_output"), &att, D);
-                    x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
-                    let xn = norm(&p("ffn_norm"), &x);
-                    let gate = matvec(&p("ffn_gate"), &xn, FF);
-                    let up = matvec(&p("ffn_up"), &xn, FF);
-                    let h: Vec<f64> = gate
-                        .iter()
-                        .zip(&up)
-                        .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
-                        .collect();
-                    let down = matvec(&p("ffn_down"), &h, D);
-                    x.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
-                }
-                let xn = norm("output_norm.weight", &x);
-                out.push(matvec("token_embd.weight", &xn, VOCAB));
-            }
-            out
-        }
-    }
-
     #[test]
     fn synthetic_models_of_every_type_match_a_plain_reference() {
         use crate::tensor::GgmlType;
         let pool = ThreadPool::new(2).unwrap();
-        let tokens = [3u32, 17, 4, 29, 11, 0, 8];
-        for ty in [
-            GgmlType::F32,
-            GgmlType::F16,
-            GgmlType::Q8_0,
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-        ] {
+        let tokens = synthetic::TOKENS;
+        for ty in synthetic::TYPES {
             let (file, weights) = synthetic::build(ty);
             let model = Model::load(&GgufFile::open(&file.0).unwrap()).unwrap();
             let want = synthetic::reference_logits(&weights, &tokens);
 
             // All tokens as one prefill, logits for every position.
-            let rows: Vec<Row> = tokens
-                .iter()
-                .map(|&token| Row {
-                    seq: 0,
-                    token,
-                    logits: true,
-                })
-                .collect();
+            let rows = synthetic::rows(0, &tokens);
             let mut caches = vec![SeqCache::new(model.shape())];
             let prefill = model
                 .forward(&pool, &rows, &mut caches, &mut Scratch::default())

@@ -51,6 +51,11 @@ impl Sampler {
         }
     }
 
+    /// Whether this sampler always picks the most likely token.
+    pub fn is_greedy(&self) -> bool {
+        self.params.temperature <= 0.0
+    }
+
     /// Picks a token from `logits` (one per vocabulary entry).
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         if self.params.temperature <= 0.0 {

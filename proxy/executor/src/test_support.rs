@@ -6,6 +6,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::gguf::{GgufFile, MetaValue};
 
+pub mod synthetic;
+
+use serde_json::Value;
+
 /// The model the reference vectors were made with.
 const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
@@ -202,4 +206,148 @@ pub fn str_array(items: &[&str]) -> MetaValue {
             .map(|s| MetaValue::Str(s.to_string()))
             .collect(),
     }
+}
+
+// The reference vectors (tests/data/smollm2/greedy.jsonl) and the
+// tolerances the forward pass is held to, for every backend.
+
+/// One reference prompt and what llama.cpp computed at each step.
+pub struct Case {
+    pub prompt: Vec<u32>,
+    pub greedy: Vec<u32>,
+    pub margin: Vec<f32>,
+    pub top1_logprob: Vec<f32>,
+    pub top5: Vec<Vec<(u32, f32)>>,
+}
+
+pub fn cases() -> Vec<Case> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/smollm2/greedy.jsonl"
+    );
+    let text = std::fs::read_to_string(path).unwrap();
+    let ids = |v: &Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let floats = |v: &Value| -> Vec<f32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect()
+    };
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let v: Value = serde_json::from_str(line).unwrap();
+            let top5 = v["top5"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|step| {
+                    step.as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|e| (e[0].as_u64().unwrap() as u32, e[1].as_f64().unwrap() as f32))
+                        .collect()
+                })
+                .collect();
+            Case {
+                prompt: ids(&v["prompt_ids"]),
+                greedy: ids(&v["greedy_ids"]),
+                margin: floats(&v["top1_margin"]),
+                top1_logprob: floats(&v["top1_logprob"]),
+                top5,
+            }
+        })
+        .collect()
+}
+
+impl Case {
+    /// Teacher forcing as one prefill: the prompt and the reference
+    /// continuation, logits from the prompt's last token on.
+    pub fn forced_rows(&self) -> Vec<crate::model::Row> {
+        let mut tokens = self.prompt.clone();
+        tokens.extend(&self.greedy[..self.greedy.len().saturating_sub(1)]);
+        let first = self.prompt.len() - 1;
+        tokens
+            .iter()
+            .enumerate()
+            .map(|(i, &token)| crate::model::Row {
+                seq: 0,
+                token,
+                logits: i >= first,
+            })
+            .collect()
+    }
+}
+
+/// Holds a backend's teacher-forced logits (`logits_for(case)`, one row
+/// per step) to llama.cpp's, at the tolerances in
+/// tests/data/smollm2/README.md.
+pub fn check_against_reference(logits_for: impl Fn(&Case) -> Vec<Vec<f32>>) {
+    use crate::sampler::{argmax, log_sum_exp, top_logprobs};
+
+    let (mut steps, mut confident, mut agree_confident) = (0, 0, 0);
+    let (mut lp_sum, mut lp_max) = (0.0f64, 0.0f32);
+    let (mut top5_sum, mut top5_steps) = (0.0f64, 0);
+    for (c, case) in cases().iter().enumerate() {
+        let logits = logits_for(case);
+        assert_eq!(logits.len(), case.greedy.len());
+        for (i, row) in logits.iter().enumerate() {
+            let lse = log_sum_exp(row);
+            let best = argmax(row);
+            let want = case.greedy[i];
+            let margin = case.margin[i];
+            steps += 1;
+
+            assert!(
+                margin < 1.0 || best == want,
+                "case {c} step {i}: best token {best}, llama.cpp {want} (margin {margin})"
+            );
+            if margin > 0.5 {
+                confident += 1;
+                agree_confident += usize::from(best == want);
+            }
+
+            let diff = (row[want as usize] - lse - case.top1_logprob[i]).abs();
+            assert!(
+                diff <= 0.5,
+                "case {c} step {i}: greedy log-prob off by {diff}"
+            );
+            lp_sum += f64::from(diff);
+            lp_max = lp_max.max(diff);
+
+            let mut step_sum = 0.0;
+            for &(id, reference) in &case.top5[i] {
+                let d = (row[id as usize] - lse - reference).abs();
+                if reference >= -4.0 {
+                    assert!(d <= 0.75, "case {c} step {i}: top-5 token {id} off by {d}");
+                }
+                step_sum += f64::from(d);
+            }
+            top5_sum += step_sum / case.top5[i].len() as f64;
+            top5_steps += 1;
+            // Our own top-5 is well formed.
+            assert_eq!(top_logprobs(row, lse, 5)[0].id, best);
+        }
+    }
+
+    let share = agree_confident as f64 / confident.max(1) as f64;
+    let lp_mean = lp_sum / steps as f64;
+    let top5_mean = top5_sum / top5_steps as f64;
+    eprintln!(
+        "reference: {steps} steps; confident agreement {agree_confident}/{confident}; \
+         greedy log-prob diff mean {lp_mean:.4} max {lp_max:.4}; top-5 mean {top5_mean:.4}"
+    );
+    assert!(
+        share >= 0.97,
+        "best token agrees at {share:.3} of confident steps"
+    );
+    assert!(lp_mean <= 0.08, "mean greedy log-prob difference {lp_mean}");
+    assert!(top5_mean < 0.15, "mean top-5 difference {top5_mean}");
 }
