@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use crate::support::{
     http1_client, local_pool_config, metrics_text, model_file, post, send, sse_data,
-    switchyard_check, wait_for_metric, Switchyard,
+    switchyard_check, switchyard_run_refused, wait_for_metric, Switchyard,
 };
 
 fn greedy_chat(content: &str, max_tokens: u64) -> Value {
@@ -548,6 +548,37 @@ async fn run_without_config_serves_the_embedded_default_or_says_how_to_fetch() {
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("make model"), "{text}");
     assert!(!text.contains("panicked"), "{text}");
+}
+
+#[tokio::test]
+async fn a_gpu_pool_without_a_gpu_says_why_and_auto_serves_on_the_cpu() {
+    let Some(model) = model_file() else { return };
+    if let Ok(gpu) = switchyard_executor::cuda::Gpu::open(0) {
+        eprintln!("skipped: this machine has a usable GPU ({})", gpu.name);
+        return;
+    }
+
+    // An explicit GPU that is not there: the pool does not start, and the
+    // error says which device and what was missing.
+    let (code, out) = switchyard_run_refused(&local_pool_config(&model, "device = \"cuda\"\n"));
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("cuda:0") && out.contains("but"), "{out}");
+    assert!(out.contains("cannot be loaded"), "{out}");
+    assert!(!out.contains("panicked"), "{out}");
+
+    // `auto` serves on the CPU and logs why.
+    let sw = Switchyard::start(&local_pool_config(&model, "device = \"auto\"\n")).await;
+    let line = sw
+        .wait_for_log("device choice", |l| {
+            l["fields"]["message"] == "executor runs on the CPU"
+        })
+        .await;
+    let reason = line["fields"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("no usable GPU"), "{line}");
+    let client = http1_client();
+    let chat = greedy_chat("Hi", 2);
+    let reply = post(&client, &sw.api_url(), "/v1/chat/completions", &chat).await;
+    reply.assert_status(200);
 }
 
 #[tokio::test]

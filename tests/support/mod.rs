@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub use mock_upstream::{closed_port_url, MockUpstream, RecordedRequest};
-pub use switchyard::{switchyard_check, Switchyard};
+pub use switchyard::{switchyard_check, switchyard_run_refused, Switchyard};
 
 const PLUGIN_MISSING: &str = "policy plugin not built; run `make plugins`";
 

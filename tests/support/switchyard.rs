@@ -317,6 +317,38 @@ pub fn switchyard_check(config_toml: &str) -> (i32, String) {
     (output.status.code().unwrap_or(-1), stderr)
 }
 
+/// Runs `switchyard run --config FILE` on `config_toml` for a
+/// configuration that must not start: its exit code (-1 when killed by a
+/// signal) and its output, stdout and stderr together. Killed after 60 s.
+pub fn switchyard_run_refused(config_toml: &str) -> (i32, String) {
+    let path = write_temp_config(config_toml);
+    let mut child = Command::new(BINARY)
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {BINARY} run: {e}"));
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    while child.try_wait().ok().flatten().is_none() && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let output = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("wait for {BINARY}: {e}"));
+    let _ = std::fs::remove_file(&path);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.code().unwrap_or(-1), text)
+}
+
 /// A field of a JSON log line: the event's `fields` first, then the top
 /// level, then the current `span` and the `spans` list.
 pub fn log_field<'a>(line: &'a Value, key: &str) -> Option<&'a Value> {

@@ -69,8 +69,10 @@ pub enum EngineError {
     Config(String),
     #[error("cannot start the executor's threads: {0}")]
     Thread(std::io::Error),
-    #[error("pool {pool}: {reason}")]
-    Device { pool: String, reason: String },
+    /// The device asked for is not usable (logged with the pool's name
+    /// by the caller).
+    #[error("{0}")]
+    Device(String),
 }
 
 /// What to generate.
@@ -215,10 +217,7 @@ struct Job {
 /// hold the model leaves it on the CPU; with `"cuda"` that is an error.
 fn load_compute(config: &EngineConfig, file: &GgufFile) -> Result<Compute, EngineError> {
     let pool = &config.name;
-    let device_error = |reason: String| EngineError::Device {
-        pool: pool.clone(),
-        reason,
-    };
+    let device_error = EngineError::Device;
     let on_cpu = |reason: &str| -> Result<Compute, EngineError> {
         tracing::info!(pool = %pool, threads = config.threads, reason, "executor runs on the CPU");
         let model = Model::load(file)?;
