@@ -102,10 +102,11 @@ extern "C" __global__ void dequant_f16(const unsigned char* src, float* dst, lon
 }
 
 // x[i] = table[token[i]], a token past the table reading its last row.
-extern "C" __global__ void embed(const float* table, const unsigned* tokens, float* x, int d, int vocab) {
+extern "C" __global__ void embed(const float* table, const int* tokens, float* x, int d, int vocab) {
     int i = blockIdx.x;
-    unsigned t = tokens[i];
-    if (t >= (unsigned)vocab) t = vocab - 1;
+    // Ids arrive as int: one past i32's range reads as negative.
+    int t = tokens[i];
+    if (t < 0 || t >= vocab) t = vocab - 1;
     for (int j = threadIdx.x; j < d; j += blockDim.x) x[(long long)i * d + j] = table[(long long)t * d + j];
 }
 

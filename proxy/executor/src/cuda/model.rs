@@ -49,11 +49,11 @@ struct Buffers {
     h: CudaSlice<f32>,
     logits: CudaSlice<f32>,
     summary: CudaSlice<f32>,
-    tokens: CudaSlice<u32>,
-    pos: CudaSlice<i32>,
-    slot: CudaSlice<i32>,
+    /// The step's row data in one buffer, so that one copy brings it:
+    /// tokens, positions and cache slots, `rows` each, then the indices
+    /// of the rows that want logits.
+    meta: CudaSlice<i32>,
     rot: CudaSlice<f32>,
-    wanted: CudaSlice<i32>,
 }
 
 /// A sequence in the running batch: its cache slot and positions held.
@@ -212,13 +212,8 @@ impl CudaModel {
             h: alloc(max_rows * ff, "allocating buffers")?,
             logits: alloc(logit_rows * shape.vocab, "allocating buffers")?,
             summary: alloc(logit_rows * 3, "allocating buffers")?,
-            tokens: s
-                .alloc_zeros::<u32>(max_rows)
-                .map_err(gpu_err("allocating buffers"))?,
-            pos: ints(max_rows)?,
-            slot: ints(max_rows)?,
+            meta: ints(3 * max_rows + logit_rows)?,
             rot: alloc(max_rows * shape.head_dim, "allocating buffers")?,
-            wanted: ints(logit_rows)?,
         };
         let attention_shared = attention_shared_bytes(&shape, context);
         if attention_shared > 48 * 1024 {
@@ -309,7 +304,8 @@ impl CudaModel {
         // rotary angles (computed as the CPU path does, so both rotate by
         // the same numbers), and which rows want logits.
         let mut next: Vec<usize> = self.running.iter().map(|s| s.len).collect();
-        let (mut tokens, mut pos, mut slot) = (Vec::new(), Vec::new(), Vec::new());
+        let r = self.buffers.rows;
+        let mut meta = vec![0i32; 3 * r];
         let mut rot = Vec::with_capacity(n * sh.head_dim);
         let mut wanted = Vec::new();
         for (i, row) in rows.iter().enumerate() {
@@ -324,9 +320,9 @@ impl CudaModel {
                 )));
             }
             next[row.seq] += 1;
-            tokens.push(row.token);
-            pos.push(p as i32);
-            slot.push(seq.slot as i32);
+            meta[i] = row.token as i32;
+            meta[r + i] = p as i32;
+            meta[2 * r + i] = seq.slot as i32;
             for &f in &self.inv_freq {
                 let (sin, cos) = (p as f32 * f).sin_cos();
                 rot.extend([sin, cos]);
@@ -351,16 +347,15 @@ impl CudaModel {
         let k = &gpu.kernels;
         let b = &mut self.buffers;
         let upload = gpu_err("copying the step's rows to the device");
-        s.memcpy_htod(&tokens, &mut b.tokens.slice_mut(..n))
-            .map_err(&upload)?;
-        s.memcpy_htod(&pos, &mut b.pos.slice_mut(..n))
-            .map_err(&upload)?;
-        s.memcpy_htod(&slot, &mut b.slot.slice_mut(..n))
+        meta.extend(&wanted);
+        s.memcpy_htod(&meta, &mut b.meta.slice_mut(..meta.len()))
             .map_err(&upload)?;
         s.memcpy_htod(&rot, &mut b.rot.slice_mut(..rot.len()))
             .map_err(&upload)?;
-        s.memcpy_htod(&wanted, &mut b.wanted.slice_mut(..m))
-            .map_err(&upload)?;
+        let tokens = b.meta.slice(..r);
+        let pos = b.meta.slice(r..2 * r);
+        let slot = b.meta.slice(2 * r..3 * r);
+        let wanted_rows = b.meta.slice(3 * r..);
 
         let launch_err = gpu_err("launching a kernel");
         let (d_i, vocab_i) = (d as i32, sh.vocab as i32);
@@ -371,7 +366,7 @@ impl CudaModel {
         };
         {
             let mut l = s.launch_builder(&k.embed);
-            l.arg(&self.embed).arg(&b.tokens).arg(&mut b.x);
+            l.arg(&self.embed).arg(&tokens).arg(&mut b.x);
             l.arg(&d_i).arg(&vocab_i);
             // SAFETY: tokens holds n ids (clamped to the table in the
             // kernel); x holds n rows of d.
@@ -399,7 +394,7 @@ impl CudaModel {
             )?;
             {
                 let mut l = s.launch_builder(&k.rope_store);
-                l.arg(&mut b.qkv).arg(&b.rot).arg(&b.pos).arg(&b.slot);
+                l.arg(&mut b.qkv).arg(&b.rot).arg(&pos).arg(&slot);
                 l.arg(&mut self.k_cache).arg(&mut self.v_cache);
                 l.arg(&n_head).arg(&n_head_kv).arg(&head_dim);
                 l.arg(&n_layer).arg(&layer_i).arg(&context);
@@ -412,7 +407,7 @@ impl CudaModel {
             {
                 let mut l = s.launch_builder(&k.attention);
                 l.arg(&b.qkv).arg(&self.k_cache).arg(&self.v_cache);
-                l.arg(&b.pos).arg(&b.slot).arg(&mut b.att);
+                l.arg(&pos).arg(&slot).arg(&mut b.att);
                 l.arg(&n_head).arg(&n_head_kv).arg(&head_dim);
                 l.arg(&n_layer).arg(&layer_i).arg(&context).arg(&scale);
                 let cfg = LaunchConfig {
@@ -477,7 +472,7 @@ impl CudaModel {
         norm_rows(
             gpu,
             &b.x,
-            Some(&b.wanted),
+            Some(&wanted_rows),
             &self.output_norm,
             &mut b.xn,
             m,
@@ -587,7 +582,7 @@ fn matmul(
 fn norm_rows(
     gpu: &Gpu,
     x: &CudaSlice<f32>,
-    rows: Option<&CudaSlice<i32>>,
+    rows: Option<&CudaView<'_, i32>>,
     w: &CudaSlice<f32>,
     out: &mut CudaSlice<f32>,
     n: usize,
