@@ -625,8 +625,11 @@ impl Scheduler {
         let logits = match self.compute.forward(&rows, |i| need(&running[i])) {
             Ok(logits) => logits,
             Err(e) => {
-                // Shapes were checked at load, so this is a bug; fail the
-                // batch rather than the process.
+                // On the CPU shapes were checked at load, so this is a
+                // bug; on a GPU the device may have failed. Either way the
+                // batch fails, not the process. Limitation: a GPU that
+                // keeps failing fails every later batch too; the pool
+                // does not move to the CPU while it runs.
                 tracing::error!(pool = %self.config.name, error = %e, "executor step failed");
                 let failed = self.running.len();
                 for seq in self.running.drain(..) {
