@@ -213,8 +213,9 @@ struct Job {
 }
 
 /// Opens the device `config` asks for and loads the model there, logging
-/// the choice and the reason. With `device = "auto"`, a GPU that cannot
-/// hold the model leaves it on the CPU; with `"cuda"` that is an error.
+/// the choice and the reason. A GPU must hold the model and agree with the
+/// CPU on a short start-up check; with `device = "auto"` one that does not
+/// leaves the model on the CPU, with `"cuda"` that is an error.
 fn load_compute(config: &EngineConfig, file: &GgufFile) -> Result<Compute, EngineError> {
     let pool = &config.name;
     let device_error = EngineError::Device;
@@ -241,7 +242,16 @@ fn load_compute(config: &EngineConfig, file: &GgufFile) -> Result<Compute, Engin
         "executor runs on a GPU"
     );
     let rows = config.prefill_chunk.max(1) + config.max_batch;
-    match CudaModel::load(*gpu, file, config.max_batch, config.context, rows) {
+    let loaded = CudaModel::load(*gpu, file, config.max_batch, config.context, rows).and_then(
+        |mut model| {
+            let cpu = Model::load(file)?;
+            let threads =
+                ThreadPool::new(config.threads).map_err(|e| ModelError::Gpu(e.to_string()))?;
+            model.check_against(&cpu, &threads)?;
+            Ok(model)
+        },
+    );
+    match loaded {
         Ok(model) => {
             let tied = file.tensor_info("output.weight").is_none();
             let bytes = device_bytes(model.shape(), tied, config.max_batch, config.context, rows);

@@ -701,3 +701,83 @@ pub(crate) fn dequantize_into(
     // `src` is freed on return: let the kernel finish reading it first.
     s.synchronize().map_err(|e| e.to_string())
 }
+
+/// Tokens of the start-up check: spread over the vocabulary, so that
+/// different embeddings and positions take part.
+const CHECK_TOKENS: usize = 12;
+
+impl CudaModel {
+    /// Runs a short prompt through this model and through `cpu` and
+    /// compares their logits at the tolerances the reference vectors hold
+    /// the executor to: a device or a kernel that computes something else
+    /// is refused at start-up rather than serving wrong answers.
+    pub fn check_against(
+        &mut self,
+        cpu: &crate::model::Model,
+        pool: &crate::pool::ThreadPool,
+    ) -> Result<(), ModelError> {
+        let vocab = self.shape.vocab;
+        let tokens = CHECK_TOKENS.min(self.context).min(self.buffers.rows);
+        let rows: Vec<Row> = (0..tokens)
+            .map(|i| Row {
+                seq: 0,
+                token: ((i * 7919 + 1) % vocab) as u32,
+                logits: true,
+            })
+            .collect();
+        let mut caches = vec![crate::model::SeqCache::new(cpu.shape())];
+        let want = cpu.forward(
+            pool,
+            &rows,
+            &mut caches,
+            &mut crate::model::Scratch::default(),
+        )?;
+
+        if !self.running.is_empty() {
+            return Err(ModelError::Gpu("the check needs an idle model".to_string()));
+        }
+        self.add_sequence()?;
+        let got = self.forward(&rows, |_| Need::Full);
+        self.clear();
+        let got = got?;
+        for (pos, want) in want.chunks_exact(vocab).enumerate() {
+            let Some(crate::compute::Next::Logits(got)) = got.get(pos) else {
+                return Err(ModelError::Gpu(format!(
+                    "the check got no logits at position {pos}"
+                )));
+            };
+            logits_agree(want, got).map_err(|e| {
+                ModelError::Gpu(format!(
+                    "the GPU's answer differs from the CPU's at position {pos} of the start-up check: {e}"
+                ))
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether `got` is `want` (one row of logits) within the reference
+/// tolerances: the same best token where the best leads the runner-up by
+/// at least 1, and the best token's log-probability within 0.5.
+pub(crate) fn logits_agree(want: &[f32], got: &[f32]) -> Result<(), String> {
+    use crate::sampler::{argmax, log_sum_exp};
+    if want.len() != got.len() || got.iter().any(|v| !v.is_finite()) {
+        return Err("logits of the wrong length or not finite".to_string());
+    }
+    let best = argmax(want) as usize;
+    let runner_up = want
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != best)
+        .map(|(_, &v)| v)
+        .fold(f32::NEG_INFINITY, f32::max);
+    let got_best = argmax(got) as usize;
+    if want[best] - runner_up >= 1.0 && got_best != best {
+        return Err(format!("best token {got_best}, expected {best}"));
+    }
+    let diff = (want[best] - log_sum_exp(want)) - (got[best] - log_sum_exp(got));
+    if diff.abs() > 0.5 {
+        return Err(format!("token {best}'s log-probability is off by {diff}"));
+    }
+    Ok(())
+}

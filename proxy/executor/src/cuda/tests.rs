@@ -318,3 +318,29 @@ fn a_model_too_big_for_the_gpu_is_a_clear_error() {
     assert!(message.contains("out of device memory"), "{message}");
     assert!(message.contains("lower max_batch or context"), "{message}");
 }
+
+#[test]
+fn the_start_up_check_refuses_logits_that_differ() {
+    use super::model::logits_agree;
+    let want = random(21, 1000, 4.0);
+    assert_eq!(logits_agree(&want, &want), Ok(()));
+
+    // Noise well inside the tolerances passes.
+    let near: Vec<f32> = want
+        .iter()
+        .zip(random(22, 1000, 0.02))
+        .map(|(w, e)| w + e)
+        .collect();
+    assert_eq!(logits_agree(&want, &near), Ok(()));
+
+    // Another best token, a shifted distribution, garbage: refused.
+    let mut other = want.clone();
+    let best = argmax(&want) as usize;
+    other[(best + 1) % 1000] = want[best] + 5.0;
+    assert!(logits_agree(&want, &other).is_err());
+    let flat = vec![0.0f32; 1000];
+    assert!(logits_agree(&want, &flat).is_err());
+    let nan = vec![f32::NAN; 1000];
+    assert!(logits_agree(&want, &nan).is_err());
+    assert!(logits_agree(&want, &want[..999]).is_err());
+}
