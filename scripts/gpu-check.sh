@@ -38,9 +38,10 @@ export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export SWITCHYARD_REQUIRE_GPU=1 SWITCHYARD_REQUIRE_NVRTC=1 SWITCHYARD_REQUIRE_MODEL=1
 
 echo "== executor tests (CPU and GPU)"
-cargo test -p switchyard-executor -- --nocapture 2>&1 | grep -E \
-    '^test |test result|reference:|panicked|skipping' || true
-cargo test -p switchyard-executor --quiet
+# Every test's name and result, the reference comparison's figures, and
+# any failure; a failed test stops the script (pipefail).
+cargo test -p switchyard-executor -- --nocapture 2>&1 \
+    | grep -E '^test |test result|reference:|panicked|skipping|^failures'
 
 echo "== engine tests on the GPU"
 SWITCHYARD_TEST_DEVICE=cuda cargo test -p switchyard-executor --quiet engine::
