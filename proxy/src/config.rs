@@ -1115,11 +1115,13 @@ fn validate_pool(i: usize, pool: &PoolConfig) -> Result<(), ConfigError> {
         ("default_max_tokens", pool.default_max_tokens.is_some()),
     ];
     if let Some((field, _)) = local_keys.iter().find(|(_, set)| *set) {
-        return Err(invalid(
-            &key(field),
-            "applies only to pools with kind = \"local\" (for an http pool's \
-             coalescing, use pool.batch.max_batch)",
-        ));
+        // Only max_batch has an http pool's counterpart to point to.
+        let hint = match *field {
+            "max_batch" => " (for an http pool's coalescing, use pool.batch.max_batch)",
+            _ => "",
+        };
+        let message = format!("applies only to pools with kind = \"local\"{hint}");
+        return Err(invalid(&key(field), &message));
     }
     if pool.endpoints.is_empty() {
         return Err(invalid(&key("endpoints"), "must list at least one URL"));
@@ -2059,6 +2061,13 @@ model = "big"
         let http = EXAMPLE.replace("model = \"big\"", "model = \"big\"\ndevice = \"cpu\"");
         let err = Config::parse(&http).unwrap_err();
         assert_eq!(err.key, "pool[1].device", "{err}");
+        assert!(err.message.contains("kind = \"local\""), "{err}");
+        // The coalescing hint is for max_batch, not for device.
+        assert!(!err.message.contains("coalescing"), "{err}");
+        let http = EXAMPLE.replace("model = \"big\"", "model = \"big\"\nmax_batch = 4");
+        let err = Config::parse(&http).unwrap_err();
+        assert_eq!(err.key, "pool[1].max_batch", "{err}");
+        assert!(err.message.contains("pool.batch.max_batch"), "{err}");
     }
 
     #[test]

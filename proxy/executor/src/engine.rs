@@ -267,9 +267,9 @@ fn load_compute(config: &EngineConfig, file: &GgufFile) -> Result<Compute, Engin
             Ok(Compute::Gpu(Box::new(model)))
         }
         Err(e) if config.device == DeviceChoice::Auto => {
-            tracing::warn!(pool = %pool, gpu = %name, error = %e, "the model does not fit the GPU");
+            tracing::warn!(pool = %pool, gpu = %name, error = %e, "the GPU cannot serve the model");
             on_cpu(&format!(
-                "device = \"auto\" and {name} cannot hold the model: {e}"
+                "device = \"auto\" and {name} cannot serve the model: {e}"
             ))
         }
         Err(e) => Err(device_error(e.to_string())),

@@ -35,8 +35,8 @@ struct Layer {
     down: CudaSlice<f32>,
 }
 
-/// Device buffers for one step of at most `rows` rows and `logit_rows`
-/// rows of logits.
+/// Device buffers for one step of at most `rows` rows; logits are made
+/// `logit_rows` rows at a time.
 #[derive(Debug)]
 struct Buffers {
     rows: usize,
@@ -51,7 +51,7 @@ struct Buffers {
     summary: CudaSlice<f32>,
     /// The step's row data in one buffer, so that one copy brings it:
     /// tokens, positions and cache slots, `rows` each, then the indices
-    /// of the rows that want logits.
+    /// of the rows that want logits (up to `rows`).
     meta: CudaSlice<i32>,
     rot: CudaSlice<f32>,
 }
@@ -111,7 +111,7 @@ pub fn device_bytes(
     let weights = (v * d + output + d + shape.n_layer * per_layer) * F32;
     let kv_cache = 2 * max_batch * shape.n_layer * kv * context * F32;
     let per_row = 3 * d + (d + 2 * kv) + 3 * ff + 4 + shape.head_dim;
-    let buffers = (rows * per_row + max_batch * (v + 4)) * F32;
+    let buffers = (rows * per_row + max_batch * (v + 3)) * F32;
     DeviceBytes {
         weights,
         kv_cache,
@@ -196,7 +196,7 @@ impl CudaModel {
         let alloc = |n: usize, what: &str| s.alloc_zeros::<f32>(n).map_err(gpu_err(what));
         let k_cache = alloc(cache_len, "allocating the key cache")?;
         let v_cache = alloc(cache_len, "allocating the value cache")?;
-        let logit_rows = max_batch;
+        let logit_rows = max_batch.max(1);
         let ints = |n: usize| {
             s.alloc_zeros::<i32>(n)
                 .map_err(gpu_err("allocating buffers"))
@@ -212,7 +212,7 @@ impl CudaModel {
             h: alloc(max_rows * ff, "allocating buffers")?,
             logits: alloc(logit_rows * shape.vocab, "allocating buffers")?,
             summary: alloc(logit_rows * 3, "allocating buffers")?,
-            meta: ints(3 * max_rows + logit_rows)?,
+            meta: ints(4 * max_rows)?,
             rot: alloc(max_rows * shape.head_dim, "allocating buffers")?,
         };
         let attention_shared = attention_shared_bytes(&shape, context);
@@ -331,12 +331,6 @@ impl CudaModel {
                 wanted.push(i as i32);
             }
         }
-        let m = wanted.len();
-        if m > self.buffers.logit_rows {
-            return Err(ModelError::Gpu(format!(
-                "{m} rows of logits in one step, more than max_batch"
-            )));
-        }
 
         self.gpu
             .ctx
@@ -355,7 +349,6 @@ impl CudaModel {
         let tokens = b.meta.slice(..r);
         let pos = b.meta.slice(r..2 * r);
         let slot = b.meta.slice(2 * r..3 * r);
-        let wanted_rows = b.meta.slice(3 * r..);
 
         let launch_err = gpu_err("launching a kernel");
         let (d_i, vocab_i) = (d as i32, sh.vocab as i32);
@@ -463,64 +456,70 @@ impl CudaModel {
         for seq in self.running.iter_mut().zip(next) {
             seq.0.len = seq.1;
         }
-        if m == 0 {
+        if wanted.is_empty() {
             s.synchronize().map_err(gpu_err("running the step"))?;
             return Ok(StepLogits::with_vocab(sh.vocab));
         }
 
-        // The wanted rows' norms, their logits, and each one's summary.
-        norm_rows(
-            gpu,
-            &b.x,
-            Some(&wanted_rows),
-            &self.output_norm,
-            &mut b.xn,
-            m,
-            d,
-            eps,
-        )?;
-        let output = self.output.as_ref().unwrap_or(&self.embed);
-        matmul(
-            gpu,
-            output,
-            sh.vocab,
-            d,
-            &b.xn.slice(..m * d),
-            m,
-            &mut b.logits.slice_mut(..),
-            false,
-        )?;
-        {
-            let mut l = s.launch_builder(&k.logit_summary);
-            l.arg(&b.logits).arg(&mut b.summary).arg(&vocab_i);
-            let cfg = LaunchConfig {
-                grid_dim: (m as u32, 1, 1),
-                block_dim: (1024, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: m rows of vocab logits in, m rows of 3 out.
-            #[allow(unsafe_code)]
-            unsafe { l.launch(cfg) }.map_err(&launch_err)?;
-        }
+        // The wanted rows' norms, their logits and each one's summary,
+        // `logit_rows` (max_batch) rows at a time: the engine asks for at
+        // most one row a sequence, but a prefill that wants every
+        // position's logits (the start-up check, the tests) takes several.
         let download = gpu_err("copying logits from the device");
-        let mut summary = vec![0.0f32; m * 3];
-        s.memcpy_dtoh(&b.summary.slice(..m * 3), &mut summary)
-            .map_err(&download)?;
+        let output = self.output.as_ref().unwrap_or(&self.embed);
         let mut out = StepLogits::with_vocab(sh.vocab);
         let mut row = vec![0.0f32; sh.vocab];
-        for (j, &i) in wanted.iter().enumerate() {
-            let seq = rows[i as usize].seq;
-            match need(seq) {
-                Need::Best => {
-                    let [token, logit, lse] =
-                        [summary[3 * j], summary[3 * j + 1], summary[3 * j + 2]];
-                    out.push_best(token as u32, logit, lse);
-                }
-                Need::Full => {
-                    let at = j * sh.vocab;
-                    s.memcpy_dtoh(&b.logits.slice(at..at + sh.vocab), &mut row)
-                        .map_err(&download)?;
-                    out.push_full(&row);
+        let mut summary = vec![0.0f32; b.logit_rows * 3];
+        for (c, piece) in wanted.chunks(b.logit_rows).enumerate() {
+            let (len, at) = (piece.len(), 3 * r + c * b.logit_rows);
+            let picked = b.meta.slice(at..at + len);
+            norm_rows(
+                gpu,
+                &b.x,
+                Some(&picked),
+                &self.output_norm,
+                &mut b.xn,
+                len,
+                d,
+                eps,
+            )?;
+            matmul(
+                gpu,
+                output,
+                sh.vocab,
+                d,
+                &b.xn.slice(..len * d),
+                len,
+                &mut b.logits.slice_mut(..),
+                false,
+            )?;
+            {
+                let mut l = s.launch_builder(&k.logit_summary);
+                l.arg(&b.logits).arg(&mut b.summary).arg(&vocab_i);
+                let cfg = LaunchConfig {
+                    grid_dim: (len as u32, 1, 1),
+                    block_dim: (1024, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: len rows of vocab logits in, len rows of 3 out.
+                #[allow(unsafe_code)]
+                unsafe { l.launch(cfg) }.map_err(&launch_err)?;
+            }
+            s.memcpy_dtoh(&b.summary.slice(..len * 3), &mut summary[..len * 3])
+                .map_err(&download)?;
+            for (j, &i) in piece.iter().enumerate() {
+                match need(rows[i as usize].seq) {
+                    Need::Best => {
+                        let [token, logit, lse] =
+                            [summary[3 * j], summary[3 * j + 1], summary[3 * j + 2]];
+                        out.push_best(token as u32, logit, lse);
+                    }
+                    Need::Full => {
+                        let from = j * sh.vocab;
+                        s.memcpy_dtoh(&b.logits.slice(from..from + sh.vocab), &mut row)
+                            .map_err(&download)?;
+                        out.push_full(&row);
+                    }
                 }
             }
         }

@@ -344,3 +344,25 @@ fn the_start_up_check_refuses_logits_that_differ() {
     assert!(logits_agree(&want, &nan).is_err());
     assert!(logits_agree(&want, &want[..999]).is_err());
 }
+
+#[test]
+fn the_start_up_check_passes_with_fewer_sequences_than_its_tokens() {
+    let test = "the_start_up_check_passes_with_fewer_sequences_than_its_tokens";
+    let Some(file) = open_model_or_skip(test) else {
+        return;
+    };
+    let cpu = crate::model::Model::load(&file).unwrap();
+    let pool = crate::pool::ThreadPool::new(2).unwrap();
+    // The check's prompt wants logits at each of its 12 positions; a
+    // pool's max_batch (8 by default) caps the logits of one piece, not of
+    // the step.
+    for max_batch in [1, 8] {
+        let Some(gpu) = gpu_or_skip(test) else {
+            return;
+        };
+        let mut model = CudaModel::load(gpu, &file, max_batch, 64, 256 + max_batch).unwrap();
+        if let Err(e) = model.check_against(&cpu, &pool) {
+            panic!("max_batch {max_batch}: {e}");
+        }
+    }
+}
