@@ -207,3 +207,16 @@ async fn a_connection_that_never_sent_a_request_does_not_hold_the_drain() {
     let read = tokio::io::AsyncReadExt::read(&mut spare, &mut byte).await;
     assert!(matches!(read, Ok(0) | Err(_)), "the spare stayed open");
 }
+
+#[tokio::test]
+async fn a_sigterm_just_after_start_is_a_graceful_shutdown() {
+    // The signal handlers are in place before the server answers /readyz,
+    // so a SIGTERM at once is a clean exit, not a kill (exit 143).
+    let mock = MockUpstream::start().await;
+    for attempt in 0..4 {
+        let mut sw = Switchyard::start(&small_pool_config(&mock)).await;
+        sw.terminate();
+        let code = sw.wait_exit(Duration::from_secs(20)).await;
+        assert_eq!(code, Some(0), "attempt {attempt}: exit code {code:?}");
+    }
+}
