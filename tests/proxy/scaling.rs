@@ -1158,7 +1158,17 @@ async fn load_steps_replicas_up_to_max_and_down_one_at_a_time() {
         .iter()
         .map(|c| c.body["replicas"].as_u64().unwrap())
         .collect();
-    assert_eq!(replicas, [1, 2, 3, 2, 1, 0], "{calls:?}");
+    let changes: Vec<String> = sw
+        .logs()
+        .iter()
+        .filter(|l| {
+            l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("pool "))
+        })
+        .map(|l| l["fields"].to_string())
+        .collect();
+    assert_eq!(replicas, [1, 2, 3, 2, 1, 0], "{calls:?}\n{changes:#?}");
     let stepped = sw.logs().iter().any(|line| {
         line["fields"]["message"] == "pool replicas changed" && line["fields"]["to"] == 3
     });
