@@ -1377,6 +1377,70 @@ mod tests {
         scaler.shutdown().await;
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_freed_place_goes_to_the_earliest_deadline_and_none_is_lost() {
+        let addr = always_ready().await;
+        let text = format!(
+            "[[pool]]\nname = \"big\"\nendpoints = [\"http://{addr}\"]\n\
+             [pool.scaler]\nkind = \"none\"\nmax_in_flight = 1\n\
+             probe_interval_ms = 50\n"
+        );
+        let config = crate::config::Config::parse(&text).unwrap();
+        let pool = Arc::new(Pool::new(&config.pool[0]).unwrap());
+        let scaler_config = config.pool[0].scaler.clone().unwrap();
+        let scaler = Scaler::start(pool, scaler_config, None);
+
+        // The first request starts the pool and takes its one place.
+        let first = scaler.admit(None).await.unwrap();
+        assert_eq!(scaler.state(), PoolState::Ready);
+
+        // Three wait: no deadline, 60 s, and 30 s, in that order.
+        let scaler = Arc::new(scaler);
+        let wait = |deadline: Option<u64>| {
+            let scaler = Arc::clone(&scaler);
+            tokio::spawn(async move {
+                let deadline = deadline.map(Duration::from_secs);
+                scaler.admit(deadline).await
+            })
+        };
+        let unbounded = wait(None);
+        let late = wait(Some(60));
+        let early = wait(Some(30));
+        let held = || scaler.report()["held"].as_u64().unwrap();
+        while held() < 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+
+        // The 60 s one gives up; its place in the queue goes with it.
+        late.abort();
+        assert!(late.await.unwrap_err().is_cancelled());
+        assert_eq!(held(), 2);
+
+        // None gets in while the place is taken.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!early.is_finished() && !unbounded.is_finished());
+
+        // The freed place goes to the 30 s deadline, then to the one
+        // without a deadline.
+        let within = |task| tokio::time::timeout(Duration::from_secs(5), task);
+        drop(first);
+        let second = within(early)
+            .await
+            .expect("the 30 s deadline was not let through");
+        let second = second.unwrap().unwrap();
+        assert!(!unbounded.is_finished());
+        assert_eq!(scaler.report()["in_flight"], 1);
+        drop(second);
+        let third = within(unbounded)
+            .await
+            .expect("the request without a deadline was not let through");
+        let third = third.unwrap().unwrap();
+        drop(third);
+        assert_eq!(scaler.report()["in_flight"], 0);
+        assert_eq!(held(), 0);
+        scaler.shutdown().await;
+    }
+
     #[test]
     fn all_but_too_many_held_may_fall_back() {
         assert!(DivertReason::Deadline.may_fall_back());
