@@ -1266,10 +1266,12 @@ fn validate_replicas(
     scaler: &ScalerConfig,
 ) -> Result<(), ConfigError> {
     if scaler.kind == ScalerKind::Process && scaler.max_replicas > 1 {
-        return Err(invalid(&key("scaler.max_replicas"), PROCESS_ONE_REPLICA));
+        let message = format!("must be 1 {PROCESS_ONE_REPLICA}");
+        return Err(invalid(&key("scaler.max_replicas"), &message));
     }
     if scaler.kind == ScalerKind::Process && scaler.min_replicas > 1 {
-        return Err(invalid(&key("scaler.min_replicas"), PROCESS_ONE_REPLICA));
+        let message = format!("must be 0 or 1 {PROCESS_ONE_REPLICA}");
+        return Err(invalid(&key("scaler.min_replicas"), &message));
     }
     if scaler.max_replicas == 0 {
         return Err(invalid(&key("scaler.max_replicas"), "must be > 0"));
@@ -1284,7 +1286,7 @@ fn validate_replicas(
 }
 
 /// Why the process scaler refuses more than one replica.
-const PROCESS_ONE_REPLICA: &str = "must be 0 or 1 with kind = \"process\": it runs one \
+const PROCESS_ONE_REPLICA: &str = "with kind = \"process\": it runs one \
      server per pool (behind the pool's endpoints); for more replicas let \
      something else run them (kind = \"none\", \"webhook\" or \"kubernetes\")";
 
