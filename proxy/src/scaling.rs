@@ -509,16 +509,25 @@ impl Shared {
     }
 
     /// A start began, asking for the least replicas wanted now (at
-    /// least one). Returns them.
+    /// least one), or as many as before when requests are still in
+    /// flight or held (the pool went cold on a failed probe): work in
+    /// flight is never scaled down. Returns them.
     fn starting(&self, reason: &str) -> u32 {
-        let replicas = self.min_replicas_now().max(1);
-        {
+        let floor = self.min_replicas_now().max(1);
+        let replicas = {
             let mut inner = self.lock();
+            let busy = inner.in_flight > 0 || !inner.waiting.is_empty();
+            let replicas = if busy {
+                floor.max(inner.replicas)
+            } else {
+                floor
+            };
             inner.cold_starts += 1;
             inner.replicas = replicas;
             inner.serving = replicas;
             inner.last_scaled = Instant::now();
-        }
+            replicas
+        };
         metrics::record_pool_cold_start(&self.pool);
         self.transition(PoolState::Starting, reason);
         replicas
@@ -666,8 +675,9 @@ impl Shared {
                 return false;
             }
             // Set under the lock that `admit` takes: no request gets in
-            // from here on.
+            // from here on. The next start asks for the least replicas.
             inner.enter(PoolState::Draining);
+            inner.replicas = 0;
             idle_for
         };
         let reason = format!("idle for {} s", idle_for.as_secs());

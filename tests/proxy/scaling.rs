@@ -1178,6 +1178,51 @@ async fn load_steps_replicas_up_to_max_and_down_one_at_a_time() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pool_that_goes_cold_under_load_keeps_its_replicas() {
+    let hook = WebhookReceiver::start(0).await;
+    let upstream = MockUpstream::start().await;
+    let config = format!(
+        "{}\n[[pool]]\nname = \"big\"\nendpoints = [\"{}\"]\n\
+         [pool.scaler]\nkind = \"webhook\"\nurl = \"http://{}/scale\"\n\
+         max_replicas = 3\nmax_in_flight = 1\nscale_down_after_s = 60\n\
+         idle_timeout_s = 60\nmin_up_s = 0\nready_timeout_s = 20\nprobe_interval_ms = 100\n",
+        server_toml(),
+        upstream.url(),
+        hook.addr,
+    );
+    let sw = Switchyard::start(&config).await;
+
+    // Slow requests step the pool up to 3 replicas.
+    let client = http1_client();
+    let url = format!("{}/v1/chat/completions", sw.api_url());
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let request = client
+                .post(&url)
+                .header("x-mock-delay-ms", "6000")
+                .json(&chat_body("big", "slow"));
+            tokio::spawn(send(request))
+        })
+        .collect();
+    hook.wait_calls(3, Duration::from_secs(15)).await;
+
+    // Its probe fails with requests in flight: cold, then started again
+    // with the replicas it had, not with one.
+    upstream.fail_with(Some(503));
+    let calls = hook.wait_calls(4, Duration::from_secs(15)).await;
+    upstream.fail_with(None);
+    let replicas: Vec<u64> = calls
+        .iter()
+        .map(|c| c.body["replicas"].as_u64().unwrap())
+        .collect();
+    assert_eq!(replicas[..4], [1, 2, 3, 3], "{calls:?}");
+    for task in tasks {
+        let _ = task.await.unwrap();
+    }
+    stop(sw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_completion_probe_holds_requests_until_the_server_generates() {
     let Some(server) = ScaledServer::new("generate") else {
         return;
