@@ -844,13 +844,25 @@ async fn kubernetes_scaler_patches_the_deployments_scale_subresource() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kubernetes_scaler_reads_a_kubeconfig_and_its_context() {
+    scales_through_a_kubeconfig(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kubernetes_scaler_reads_the_kubeconfig_the_environment_names() {
+    scales_through_a_kubeconfig(true).await;
+}
+
+/// A kubernetes pool scales up and down on the loopback API server that
+/// a kubeconfig context names, the file given by `pool.scaler.kubeconfig`
+/// or, `from_env`, by `KUBECONFIG`.
+async fn scales_through_a_kubeconfig(from_env: bool) {
     let api = WebhookReceiver::start(0).await;
     let upstream = MockUpstream::start().await;
 
     // Two contexts; the configured one names the loopback server, its
     // namespace and user.
     let kubeconfig = std::env::temp_dir().join(format!(
-        "switchyard-kubeconfig-{}-{}",
+        "switchyard-kubeconfig-{}-{}-{from_env}",
         std::process::id(),
         api.addr.port()
     ));
@@ -869,16 +881,22 @@ async fn kubernetes_scaler_reads_a_kubeconfig_and_its_context() {
         addr = api.addr
     );
     std::fs::write(&kubeconfig, text).unwrap();
+    let path = kubeconfig.display().to_string();
+    let file_key = match from_env {
+        true => String::new(),
+        false => format!("kubeconfig = \"{path}\"\n"),
+    };
     let config = format!(
         "{}\n[[pool]]\nname = \"big\"\nendpoints = [\"{}\"]\n\
          [pool.scaler]\nkind = \"kubernetes\"\ndeployment = \"vllm\"\n\
-         kubeconfig = \"{}\"\ncontext = \"test\"\n\
+         {file_key}context = \"test\"\n\
          idle_timeout_s = 1\nmin_up_s = 0\nready_timeout_s = 20\nprobe_interval_ms = 100\n",
         server_toml(),
         upstream.url(),
-        kubeconfig.display(),
     );
-    let sw = Switchyard::start(&config).await;
+    let env = [("KUBECONFIG", path.as_str())];
+    let env = if from_env { &env[..] } else { &[] };
+    let sw = Switchyard::start_with_env(&config, env).await;
     let client = http1_client();
     let body = chat_body("big", "hi");
     post(&client, &sw.api_url(), "/v1/chat/completions", &body)
