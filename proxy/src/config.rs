@@ -512,7 +512,7 @@ pub struct ScalerConfig {
     pub kind: ScalerKind,
     /// `webhook`: the `http://` or `https://` URL that is POSTed
     /// `{"pool", "replicas", "reason"}` when the pool should come up
-    /// (replicas 1) or go down (0).
+    /// (`min_replicas`, at least 1), step with load, or go down (0).
     pub url: Option<String>,
     /// `webhook`: headers added to each POST. Default: none.
     #[serde(default)]
@@ -526,9 +526,17 @@ pub struct ScalerConfig {
     /// `kubernetes`: the Deployment's namespace. Default: the pod's own.
     pub namespace: Option<String>,
     /// `kubernetes`: the API server's `https://` (or `http://`) URL.
-    /// Default: the cluster's own, from `KUBERNETES_SERVICE_HOST` and
-    /// `KUBERNETES_SERVICE_PORT`.
+    /// Default: the kubeconfig's (`kubeconfig`, else `KUBECONFIG`), else
+    /// the cluster's own, from `KUBERNETES_SERVICE_HOST` and
+    /// `KUBERNETES_SERVICE_PORT` with the pod's service account.
     pub api_url: Option<String>,
+    /// `kubernetes`: a kubeconfig file whose cluster and user are used.
+    /// Default: the files `KUBECONFIG` names, else the pod's service
+    /// account.
+    pub kubeconfig: Option<PathBuf>,
+    /// `kubernetes`: the kubeconfig context to use. Default: its
+    /// `current-context`.
+    pub context: Option<String>,
     /// `kubernetes`: PEM file of the CA that signed the API server's
     /// certificate. Default: the service account's `ca.crt` in a pod,
     /// else the platform's roots.
@@ -550,10 +558,36 @@ pub struct ScalerConfig {
     /// 60.
     #[serde(default = "default_scaler_min_up_s")]
     pub min_up_s: u64,
-    /// 0: start on the first request and stop when idle; 1: start at boot
-    /// and never stop for idleness. Default 0.
+    /// Replicas kept up however idle: 0 starts the server on the first
+    /// request and stops it when idle; 1 or more start at boot and never
+    /// go below it. More than 1 needs `max_replicas` at least as high
+    /// (not with `process`). Default 0.
     #[serde(default)]
     pub min_replicas: u32,
+    /// Most replicas asked for when queue wait or in-flight requests go
+    /// over their targets. Only for `none`, `webhook` and `kubernetes`,
+    /// where replicas are a number that something else acts on; the
+    /// `process` scaler runs one server. Default 1.
+    #[serde(default = "default_scaler_max_replicas")]
+    pub max_replicas: u32,
+    /// Most requests in flight to each replica at once; more wait, held
+    /// like requests for a cold pool, and are let through in deadline
+    /// order as earlier ones finish. The pool's limit is this times the
+    /// replicas asked for. Default 64.
+    #[serde(default = "default_scaler_max_in_flight")]
+    pub max_in_flight: usize,
+    /// Requests in flight per replica at which one more replica is asked
+    /// for (up to `max_replicas`). Default: `max_in_flight`.
+    pub target_in_flight: Option<usize>,
+    /// Milliseconds the longest-held request of a ready pool may wait
+    /// before one more replica is asked for. Default 1000.
+    #[serde(default = "default_scaler_target_queue_wait_ms")]
+    pub target_queue_wait_ms: u64,
+    /// Seconds with nothing in flight or held, and since the last change
+    /// of replicas, before one replica fewer is asked for; each further
+    /// step waits as long again. Default 60.
+    #[serde(default = "default_scaler_scale_down_after_s")]
+    pub scale_down_after_s: u64,
     /// Seconds a start has to answer the readiness probe; past it the
     /// start has failed. Default 600.
     #[serde(default = "default_scaler_ready_timeout_s")]
@@ -562,14 +596,25 @@ pub struct ScalerConfig {
     /// Default `/v1/models`.
     #[serde(default = "default_health_path")]
     pub probe_path: String,
+    /// What readiness means: `"get"`, a 2xx answer to a GET of
+    /// `probe_path`; `"completion"`, that and then a one-token
+    /// `/v1/completions` request that answers 2xx. Default `"get"`.
+    #[serde(default)]
+    pub probe: ProbeKind,
+    /// Seconds the one-token completion of `probe = "completion"` has to
+    /// answer (a first generation may compile kernels). Default 30.
+    #[serde(default = "default_scaler_completion_probe_timeout_s")]
+    pub completion_probe_timeout_s: u64,
     /// Milliseconds between readiness probes while starting; the gap
     /// grows by half after each failed probe, up to 4 times this.
     /// Default 500.
     #[serde(default = "default_scaler_probe_interval_ms")]
     pub probe_interval_ms: u64,
     /// Expected cold start, in seconds, until starts have been measured
-    /// (then the 90th percentile of recent starts is used). Default:
-    /// `ready_timeout_s`.
+    /// (then the 90th percentile of recent starts is used): requests
+    /// whose deadline ends sooner go to the fallback, and refused ones
+    /// are told to retry after it. Default: `ready_timeout_s` for
+    /// deadlines; for `Retry-After`, the longest gap between two probes.
     pub cold_start_estimate_s: Option<u64>,
     /// Most requests held while the server starts; past it requests get
     /// 503 with `Retry-After`. Default 256.
@@ -583,6 +628,19 @@ pub struct ScalerConfig {
     /// (started if cold, never idled down). Default: none.
     #[serde(default)]
     pub schedule: Vec<ScheduleConfig>,
+}
+
+/// What a scaled pool's readiness probe asks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeKind {
+    /// A GET of `probe_path` answers 2xx. The default.
+    #[default]
+    Get,
+    /// That, and then a `/v1/completions` request for the pool's model
+    /// with `max_tokens: 1` answers 2xx: the weights are loaded and the
+    /// server generates.
+    Completion,
 }
 
 /// `[[pool.scaler.schedule]]`: a weekly window in which the pool wants at
@@ -1187,13 +1245,7 @@ fn validate_scaler(key: &dyn Fn(&str) -> String, scaler: &ScalerConfig) -> Resul
             "must name the program to run, e.g. [\"vllm\", \"serve\", \"model\"]",
         ));
     }
-    if scaler.min_replicas > 1 {
-        return Err(invalid(
-            &key("scaler.min_replicas"),
-            "must be 0 (scale to zero) or 1 (always up); one process per \
-             pool is all the process scaler runs",
-        ));
-    }
+    validate_replicas(key, scaler)?;
     if !scaler.probe_path.starts_with('/') {
         return Err(invalid(&key("scaler.probe_path"), "must start with '/'"));
     }
@@ -1202,6 +1254,16 @@ fn validate_scaler(key: &dyn Fn(&str) -> String, scaler: &ScalerConfig) -> Resul
         ("ready_timeout_s", scaler.ready_timeout_s),
         ("probe_interval_ms", scaler.probe_interval_ms),
         ("max_held", scaler.max_held as u64),
+        ("max_in_flight", scaler.max_in_flight as u64),
+        (
+            "target_in_flight",
+            scaler.target_in_flight.unwrap_or(1) as u64,
+        ),
+        ("target_queue_wait_ms", scaler.target_queue_wait_ms),
+        (
+            "completion_probe_timeout_s",
+            scaler.completion_probe_timeout_s,
+        ),
     ];
     for (field, value) in positive {
         if value == 0 {
@@ -1210,6 +1272,37 @@ fn validate_scaler(key: &dyn Fn(&str) -> String, scaler: &ScalerConfig) -> Resul
     }
     Ok(())
 }
+
+/// `min_replicas` and `max_replicas`: at least one replica at most, no
+/// more at least; more than one only where replicas are a number.
+fn validate_replicas(
+    key: &dyn Fn(&str) -> String,
+    scaler: &ScalerConfig,
+) -> Result<(), ConfigError> {
+    if scaler.kind == ScalerKind::Process && scaler.max_replicas > 1 {
+        let message = format!("must be 1 {PROCESS_ONE_REPLICA}");
+        return Err(invalid(&key("scaler.max_replicas"), &message));
+    }
+    if scaler.kind == ScalerKind::Process && scaler.min_replicas > 1 {
+        let message = format!("must be 0 or 1 {PROCESS_ONE_REPLICA}");
+        return Err(invalid(&key("scaler.min_replicas"), &message));
+    }
+    if scaler.max_replicas == 0 {
+        return Err(invalid(&key("scaler.max_replicas"), "must be > 0"));
+    }
+    if scaler.min_replicas > scaler.max_replicas {
+        return Err(invalid(
+            &key("scaler.min_replicas"),
+            "must be at most scaler.max_replicas",
+        ));
+    }
+    Ok(())
+}
+
+/// Why the process scaler refuses more than one replica.
+const PROCESS_ONE_REPLICA: &str = "with kind = \"process\": it runs one \
+     server per pool (behind the pool's endpoints); for more replicas let \
+     something else run them (kind = \"none\", \"webhook\" or \"kubernetes\")";
 
 /// `[pool.scaler]` of `kind = "webhook"`: an http(s) URL, headers that
 /// are valid HTTP, and the webhook keys on no other kind.
@@ -1285,6 +1378,8 @@ fn validate_kubernetes(
             ("namespace", scaler.namespace.is_some()),
             ("api_url", scaler.api_url.is_some()),
             ("ca_path", scaler.ca_path.is_some()),
+            ("kubeconfig", scaler.kubeconfig.is_some()),
+            ("context", scaler.context.is_some()),
         ];
         if let Some((field, _)) = set.iter().find(|(_, set)| *set) {
             return Err(invalid(
@@ -1293,6 +1388,26 @@ fn validate_kubernetes(
             ));
         }
         return Ok(());
+    }
+    if scaler.kubeconfig.is_some() {
+        let set = [
+            ("api_url", scaler.api_url.is_some()),
+            ("token_env", scaler.token_env.is_some()),
+            ("ca_path", scaler.ca_path.is_some()),
+        ];
+        if let Some((field, _)) = set.iter().find(|(_, set)| *set) {
+            return Err(invalid(
+                &key(&format!("scaler.{field}")),
+                "does not apply with scaler.kubeconfig: the kubeconfig's cluster \
+                 and user are used",
+            ));
+        }
+    }
+    if scaler.api_url.is_some() && scaler.context.is_some() {
+        return Err(invalid(
+            &key("scaler.context"),
+            "applies to a kubeconfig, not to scaler.api_url",
+        ));
     }
     let Some(deployment) = &scaler.deployment else {
         return Err(invalid(
@@ -1942,6 +2057,26 @@ fn default_scaler_stop_grace_s() -> u64 {
     10
 }
 
+fn default_scaler_completion_probe_timeout_s() -> u64 {
+    30
+}
+
+fn default_scaler_max_replicas() -> u32 {
+    1
+}
+
+fn default_scaler_max_in_flight() -> usize {
+    64
+}
+
+fn default_scaler_target_queue_wait_ms() -> u64 {
+    1000
+}
+
+fn default_scaler_scale_down_after_s() -> u64 {
+    60
+}
+
 fn default_schedule_days() -> Vec<String> {
     ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
         .map(String::from)
@@ -2177,6 +2312,26 @@ model = "big"
                 "pool[1].scaler.min_replicas",
             ),
             (
+                &format!("{scaler}max_replicas = 2\n"),
+                "pool[1].scaler.max_replicas",
+            ),
+            (
+                "[pool.scaler]\nkind = \"none\"\nmin_replicas = 3\nmax_replicas = 2\n",
+                "pool[1].scaler.min_replicas",
+            ),
+            (
+                "[pool.scaler]\nkind = \"none\"\nmax_replicas = 0\n",
+                "pool[1].scaler.max_replicas",
+            ),
+            (
+                &format!("{scaler}max_in_flight = 0\n"),
+                "pool[1].scaler.max_in_flight",
+            ),
+            (
+                &format!("{scaler}probe = \"chat\"\n"),
+                "pool[1].scaler.probe",
+            ),
+            (
                 &format!("{scaler}idle_timeout_s = 0\n"),
                 "pool[1].scaler.idle_timeout_s",
             ),
@@ -2234,6 +2389,20 @@ model = "big"
                 "pool[1].scaler.deployment",
             ),
             (
+                &format!("{scaler}kubeconfig = \"/k\"\n"),
+                "pool[1].scaler.kubeconfig",
+            ),
+            (
+                "[pool.scaler]\nkind = \"kubernetes\"\ndeployment = \"vllm\"\n\
+                 kubeconfig = \"/k\"\ntoken_env = \"T\"\n",
+                "pool[1].scaler.token_env",
+            ),
+            (
+                "[pool.scaler]\nkind = \"kubernetes\"\ndeployment = \"vllm\"\n\
+                 api_url = \"https://h\"\ncontext = \"c\"\n",
+                "pool[1].scaler.context",
+            ),
+            (
                 &format!(
                     "{scaler}[[pool.scaler.schedule]]\ndays = [\"mon\", \"caturday\"]\n\
                      start = \"09:00\"\nend = \"18:00\"\n"
@@ -2280,6 +2449,12 @@ model = "big"
         assert_eq!(scaler.probe_path, "/v1/models");
         assert_eq!(scaler.probe_interval_ms, 500);
         assert_eq!(scaler.max_held, 256);
+        assert_eq!(scaler.max_replicas, 1);
+        assert_eq!(scaler.max_in_flight, 64);
+        assert_eq!(scaler.target_in_flight, None);
+        assert_eq!(scaler.target_queue_wait_ms, 1000);
+        assert_eq!(scaler.scale_down_after_s, 60);
+        assert_eq!(scaler.probe, ProbeKind::Get);
         assert_eq!(config.pool[1].fallback.as_deref(), Some("small"));
     }
 

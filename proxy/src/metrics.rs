@@ -47,6 +47,8 @@ pub const POOL_COLD_STARTS: &str = "switchyard_pool_cold_starts_total";
 pub const POOL_COLD_START_DURATION: &str = "switchyard_pool_cold_start_seconds";
 pub const POOL_FALLBACKS: &str = "switchyard_pool_fallbacks_total";
 pub const POOL_DESIRED_REPLICAS: &str = "switchyard_pool_desired_replicas";
+pub const POOL_FAILED_STARTS: &str = "switchyard_pool_failed_starts_total";
+pub const POOL_HELD_REFUSED: &str = "switchyard_pool_held_refused_total";
 
 // Recorded by the executor of `local` pools (switchyard-executor).
 pub const EXECUTOR_TOKENS: &str = "switchyard_executor_tokens_generated_total";
@@ -138,7 +140,15 @@ fn describe() {
     );
     describe_gauge!(
         POOL_DESIRED_REPLICAS,
-        "servers a scaled pool wants running (0 or 1)"
+        "servers a scaled pool wants running (0 when cold, up to max_replicas)"
+    );
+    describe_counter!(
+        POOL_FAILED_STARTS,
+        "starts of a scaled pool's server that failed or timed out"
+    );
+    describe_counter!(
+        POOL_HELD_REFUSED,
+        "requests for a scaled pool refused because max_held requests waited"
     );
     describe_counter!(REQUESTS, "API requests answered, by pool and status");
     describe_histogram!(
@@ -338,6 +348,14 @@ pub fn record_pool_cold_start(pool: &str) {
 
 pub fn record_pool_cold_start_duration(pool: &str, took: Duration) {
     histogram!(POOL_COLD_START_DURATION, &[("pool", pool.to_string())]).record(took.as_secs_f64());
+}
+
+pub fn record_pool_failed_start(pool: &str) {
+    counter!(POOL_FAILED_STARTS, &[("pool", pool.to_string())]).increment(1);
+}
+
+pub fn record_pool_held_refused(pool: &str) {
+    counter!(POOL_HELD_REFUSED, &[("pool", pool.to_string())]).increment(1);
 }
 
 pub fn record_pool_fallback(pool: &str) {

@@ -20,7 +20,7 @@
 //! wait; it does not send requests (`app` does, to the pool or to its
 //! fallback) and does not parse them.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -28,15 +28,16 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
-use tokio::sync::{watch, Notify};
+use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::body::Body;
-use crate::config::{ScalerConfig, ScalerKind};
+use crate::config::{ProbeKind, ScalerConfig, ScalerKind};
 use crate::metrics;
 use crate::upstream::Pool;
 
+mod kubernetes;
 mod schedule;
 mod webhook;
 
@@ -52,6 +53,10 @@ const RECENT_STARTS: usize = 20;
 
 /// Time a single readiness probe has to answer.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How often a ready pool checks whether it wants more or fewer
+/// replicas.
+const SCALE_CHECK: Duration = Duration::from_millis(200);
 
 /// Pause before an always-up pool (`min_replicas = 1`) starts again after
 /// its server exited or failed to start, so that a server that crashes at
@@ -87,14 +92,6 @@ impl PoolState {
             Self::Draining => "draining",
         }
     }
-
-    /// Servers the pool wants running in this state.
-    fn desired_replicas(self) -> u32 {
-        match self {
-            Self::Starting | Self::Ready => 1,
-            Self::Cold | Self::Draining => 0,
-        }
-    }
 }
 
 /// Why a request was not let through to a scaled pool.
@@ -106,6 +103,9 @@ pub enum DivertReason {
     StartFailed,
     /// `max_held` requests are already waiting.
     TooManyHeld,
+    /// It waited until its deadline for one of the `max_in_flight`
+    /// places of a ready pool.
+    Saturated,
     /// The pool is being shut down.
     Stopped,
 }
@@ -116,7 +116,10 @@ impl DivertReason {
         match self {
             Self::Deadline => "its deadline ends before the expected cold start does",
             Self::StartFailed => "the pool's server failed to start",
-            Self::TooManyHeld => "scaler.max_held requests already wait for the cold start",
+            Self::TooManyHeld => "scaler.max_held requests already wait for the pool",
+            Self::Saturated => {
+                "the pool's scaler.max_in_flight places stayed taken for as long as it could wait"
+            }
             Self::Stopped => "the pool is shutting down",
         }
     }
@@ -125,7 +128,7 @@ impl DivertReason {
     /// turned away for too many held is refused outright: the fallback is
     /// meant for the odd request that cannot wait, not for a flood.
     pub fn may_fall_back(self) -> bool {
-        matches!(self, Self::Deadline | Self::StartFailed | Self::Stopped)
+        !matches!(self, Self::TooManyHeld)
     }
 }
 
@@ -135,6 +138,16 @@ impl DivertReason {
 pub struct Diverted {
     pub reason: DivertReason,
     pub retry_after: Duration,
+}
+
+impl Diverted {
+    /// The pool is shutting down or was removed.
+    fn stopped() -> Self {
+        Self {
+            reason: DivertReason::Stopped,
+            retry_after: Duration::from_secs(1),
+        }
+    }
 }
 
 /// A scaled pool's lifecycle, shared by the request path and the
@@ -155,9 +168,6 @@ struct Shared {
     clock: Clock,
     default_deadline: Option<Duration>,
     inner: Mutex<Inner>,
-    /// Bumped on every transition and failed start; held requests wait on
-    /// it.
-    changed: watch::Sender<u64>,
     /// Wakes the supervisor of a cold pool: a request arrived.
     demand: Notify,
 }
@@ -169,8 +179,20 @@ struct Inner {
     since: Instant,
     /// Requests let through whose response body has not been dropped.
     in_flight: usize,
-    /// Requests waiting for the pool to be ready.
-    held: usize,
+    /// Requests waiting for the pool to be ready or for a place among
+    /// its `max_in_flight`, earliest deadline first (ties by arrival).
+    waiting: BTreeMap<(Instant, u64), Waiter>,
+    /// Numbers the waiting requests, so that equal deadlines keep their
+    /// order of arrival.
+    next_ticket: u64,
+    /// Replicas asked for while starting or ready.
+    replicas: u32,
+    /// Replicas counted for the in-flight limit: those asked for, less a
+    /// replica added within the expected cold start (it cannot serve
+    /// yet).
+    serving: u32,
+    /// When `replicas` last changed.
+    last_scaled: Instant,
     /// When the last in-flight request ended (or the pool became ready).
     last_done: Instant,
     /// Failed starts so far; a held request that sees it grow gives up.
@@ -182,6 +204,14 @@ struct Inner {
     /// The pool no longer takes new work (shutdown, or a reload removed
     /// or replaced it): held requests leave, none are held anew.
     retired: bool,
+}
+
+/// A request held for the pool: dispatch sends it its place, a failed
+/// start or a retired pool the reason it must leave.
+#[derive(Debug)]
+struct Waiter {
+    arrived: Instant,
+    grant: oneshot::Sender<Result<Busy, DivertReason>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -231,7 +261,11 @@ impl Scaler {
                 state: PoolState::Cold,
                 since: now,
                 in_flight: 0,
-                held: 0,
+                waiting: BTreeMap::new(),
+                next_ticket: 0,
+                replicas: 0,
+                serving: 0,
+                last_scaled: now,
                 last_done: now,
                 failures: 0,
                 recent: VecDeque::new(),
@@ -239,10 +273,9 @@ impl Scaler {
                 cold_starts: 0,
                 retired: false,
             }),
-            changed: watch::Sender::new(0),
             demand: Notify::new(),
         });
-        publish_state(&shared.pool, PoolState::Cold);
+        publish_state(&shared.pool, PoolState::Cold, 0);
         let (stop, stopping) = watch::channel(false);
         let task = tokio::spawn(supervise(Arc::clone(&shared), pool, stopping));
         Arc::new(Self {
@@ -258,37 +291,39 @@ impl Scaler {
     }
 
     /// Lets a request through to the pool, holding it while the pool is
-    /// not ready; the returned guard counts it in flight until dropped
-    /// (keep it with the response body). `deadline` is the request's own
-    /// (`x-switchyard-deadline-ms`), else the pool's
-    /// `default_deadline_ms` applies.
+    /// not ready or its `max_in_flight` places are taken; the returned
+    /// guard counts it in flight until dropped (keep it with the response
+    /// body). Held requests are let through earliest deadline first.
+    /// `deadline` is the request's own (`x-switchyard-deadline-ms`), else
+    /// the pool's `default_deadline_ms` applies.
     pub async fn admit(&self, deadline: Option<Duration>) -> Result<Busy, Diverted> {
         let shared = &self.shared;
+        let config = &shared.config;
         let arrived = Instant::now();
         let deadline = deadline.or(shared.default_deadline);
+        let limit = deadline.unwrap_or(Duration::from_secs(config.ready_timeout_s));
+        let until = arrived + limit;
 
         // The state check and the count happen under one lock, so the
         // supervisor never drains a pool a request was just let into.
-        let (mut changes, seen_failures) = {
+        let (mut grant, _held, refused) = {
             let mut inner = shared.lock();
-            if inner.state == PoolState::Ready {
+            let free = inner.in_flight < inner.limit(config);
+            if inner.state == PoolState::Ready && inner.waiting.is_empty() && free {
                 inner.in_flight += 1;
                 return Ok(Busy::new(Arc::clone(shared)));
             }
             if inner.retired {
-                let reason = DivertReason::Stopped;
-                let retry_after = Duration::from_secs(1);
-                return Err(Diverted {
-                    reason,
-                    retry_after,
-                });
+                return Err(Diverted::stopped());
             }
-            let expected = inner.expected_ready(&shared.config, arrived);
-            if inner.held >= shared.config.max_held {
+            let expected = inner.expected_ready(config, arrived);
+            let retry_after = inner.retry_after(config, arrived);
+            if inner.waiting.len() >= config.max_held {
+                metrics::record_pool_held_refused(&shared.pool);
                 let reason = DivertReason::TooManyHeld;
                 return Err(Diverted {
                     reason,
-                    retry_after: expected,
+                    retry_after,
                 });
             }
 
@@ -302,65 +337,56 @@ impl Scaler {
             if deadline.is_some_and(|d| d < expected) {
                 return Err(Diverted {
                     reason: DivertReason::Deadline,
-                    retry_after: expected,
+                    retry_after,
                 });
             }
-            inner.held += 1;
-            (shared.changed.subscribe(), inner.failures)
-        };
-        let _held = Held(Arc::clone(shared));
 
-        // Held until ready, a failed start, or the request's own limit.
-        let limit = deadline.unwrap_or(Duration::from_secs(shared.config.ready_timeout_s));
-        let until = arrived + limit;
-        loop {
-            let now_ready = {
-                let mut inner = shared.lock();
-                if inner.state == PoolState::Ready {
-                    inner.in_flight += 1;
-                    true
-                } else if inner.retired {
-                    let reason = DivertReason::Stopped;
-                    let retry_after = Duration::from_secs(1);
-                    return Err(Diverted {
-                        reason,
-                        retry_after,
-                    });
-                } else if inner.failures > seen_failures {
-                    let retry_after = inner.expected_ready(&shared.config, Instant::now());
-                    let reason = DivertReason::StartFailed;
-                    return Err(Diverted {
-                        reason,
-                        retry_after,
-                    });
-                } else {
-                    false
-                }
+            // Held in deadline order; a request without one waits up to
+            // ready_timeout_s and so goes after those that cannot.
+            let (sender, receiver) = oneshot::channel();
+            let key = (until, inner.next_ticket);
+            inner.next_ticket += 1;
+            let waiter = Waiter {
+                arrived,
+                grant: sender,
             };
-            if now_ready {
-                return Ok(Busy::new(Arc::clone(shared)));
-            }
-            tokio::select! {
-                changed = changes.changed() => {
-                    if changed.is_err() {
-                        let retry_after = Duration::from_secs(1);
-                        let reason = DivertReason::Stopped;
-                        return Err(Diverted { reason, retry_after });
-                    }
+            inner.waiting.insert(key, waiter);
+            let held = Held {
+                shared: Arc::clone(shared),
+                key,
+            };
+            let refused = dispatch(shared, &mut inner);
+            (receiver, held, refused)
+        };
+        drop(refused);
+
+        // Held until dispatched, sent away (a failed start, a retired
+        // pool), or the request's own limit. A place sent as the request
+        // gives up is not lost: it is dropped with the receiver, which
+        // frees it.
+        let reason = tokio::select! {
+            biased;
+            granted = &mut grant => match granted {
+                Ok(Ok(busy)) => return Ok(busy),
+                Ok(Err(reason)) => reason,
+                Err(_) => DivertReason::Stopped,
+            },
+            () = tokio::time::sleep_until(until) => {
+                match (deadline, self.state()) {
+                    (Some(_), _) => DivertReason::Deadline,
+                    (None, PoolState::Ready) => DivertReason::Saturated,
+                    (None, _) => DivertReason::StartFailed,
                 }
-                () = tokio::time::sleep_until(until) => {
-                    let retry_after = {
-                        let inner = shared.lock();
-                        inner.expected_ready(&shared.config, Instant::now())
-                    };
-                    let reason = match deadline {
-                        Some(_) => DivertReason::Deadline,
-                        None => DivertReason::StartFailed,
-                    };
-                    return Err(Diverted { reason, retry_after });
-                }
             }
-        }
+        };
+        let retry_after = match reason {
+            DivertReason::Stopped => Duration::from_secs(1),
+            _ => shared.lock().retry_after(config, Instant::now()),
+        };
+        Err(Diverted {
+            reason,
+            retry_after,
+        })
     }
 
     /// Counts a request answered by the fallback in the pool's place.
@@ -375,10 +401,12 @@ impl Scaler {
             "scaler": self.shared.config.kind.label(),
             "state": inner.state.label(),
             "state_for_s": inner.since.elapsed().as_secs_f64(),
-            "desired_replicas": inner.state.desired_replicas(),
+            "desired_replicas": inner.desired_replicas(),
             "min_replicas_now": self.shared.min_replicas_now(),
+            "max_replicas": self.shared.config.max_replicas,
             "in_flight": inner.in_flight,
-            "held": inner.held,
+            "max_in_flight_now": inner.limit(&self.shared.config),
+            "held": inner.waiting.len(),
             "cold_starts": inner.cold_starts,
             "failed_starts": inner.failures,
             "last_cold_start_s": inner.last_cold_start.map(|d| d.as_secs_f64()),
@@ -391,8 +419,12 @@ impl Scaler {
     /// already let through finish. For shutdown and for a reload that
     /// removed or replaced the pool.
     pub fn retire(&self) {
-        self.shared.lock().retired = true;
-        self.shared.changed.send_modify(|n| *n += 1);
+        let waiting = {
+            let mut inner = self.shared.lock();
+            inner.retired = true;
+            std::mem::take(&mut inner.waiting)
+        };
+        send_away(waiting, DivertReason::Stopped);
     }
 
     /// Stops the server (SIGTERM, then SIGKILL after `stop_grace_s`) and
@@ -436,7 +468,7 @@ impl Shared {
         if self.min_replicas_now() == 0 {
             None
         } else if self.config.min_replicas > 0 {
-            Some("min_replicas = 1")
+            Some("scaler.min_replicas > 0")
         } else {
             Some("inside a scaler.schedule window")
         }
@@ -472,19 +504,39 @@ impl Shared {
             reason,
             "pool state changed"
         );
-        publish_state(&self.pool, state);
-        self.changed.send_modify(|n| *n += 1);
+        let desired = self.lock().desired_replicas();
+        publish_state(&self.pool, state, desired);
     }
 
-    /// A start began.
-    fn starting(&self, reason: &str) {
-        self.lock().cold_starts += 1;
+    /// A start began, asking for the least replicas wanted now (at
+    /// least one), or as many as before when requests are still in
+    /// flight or held (the pool went cold on a failed probe): work in
+    /// flight is never scaled down. Returns them.
+    fn starting(&self, reason: &str) -> u32 {
+        let floor = self.min_replicas_now().max(1);
+        let replicas = {
+            let mut inner = self.lock();
+            let busy = inner.in_flight > 0 || !inner.waiting.is_empty();
+            let replicas = if busy {
+                floor.max(inner.replicas)
+            } else {
+                floor
+            };
+            inner.cold_starts += 1;
+            inner.replicas = replicas;
+            inner.serving = replicas;
+            inner.last_scaled = Instant::now();
+            replicas
+        };
         metrics::record_pool_cold_start(&self.pool);
         self.transition(PoolState::Starting, reason);
+        replicas
     }
 
-    /// The server answered its probe `took` after it was started.
-    fn ready(&self, took: Duration) {
+    /// The server answered its probe `took` after it was started: held
+    /// requests are let through, earliest deadline first, up to the
+    /// in-flight limit.
+    fn ready(self: &Arc<Self>, took: Duration) {
         {
             let mut inner = self.lock();
             inner.last_cold_start = Some(took);
@@ -496,12 +548,112 @@ impl Shared {
         metrics::record_pool_cold_start_duration(&self.pool, took);
         let reason = format!("ready after {:.3} s", took.as_secs_f64());
         self.transition(PoolState::Ready, &reason);
+        self.dispatch();
+    }
+
+    /// Lets held requests through while the ready pool has places.
+    fn dispatch(self: &Arc<Self>) {
+        let refused = dispatch(self, &mut self.lock());
+        drop(refused);
     }
 
     /// The start failed: back to cold, and held requests give up.
     fn start_failed(&self, reason: &str) {
-        self.lock().failures += 1;
+        let waiting = {
+            let mut inner = self.lock();
+            inner.failures += 1;
+            std::mem::take(&mut inner.waiting)
+        };
+        metrics::record_pool_failed_start(&self.pool);
         self.transition(PoolState::Cold, reason);
+        send_away(waiting, DivertReason::StartFailed);
+    }
+
+    /// Whether requests wait for the pool: a cold pool with some starts
+    /// again without waiting for another request.
+    fn has_waiting(&self) -> bool {
+        !self.lock().waiting.is_empty()
+    }
+
+    /// Steps the replicas of a ready pool one up or down when its load
+    /// asks for it; returns the new number and why, when it changed.
+    /// One more when the in-flight requests per replica reach
+    /// `target_in_flight` or the longest-held request waited past
+    /// `target_queue_wait_ms`, no sooner than the expected cold start
+    /// after the last step; one fewer, never below the least wanted
+    /// now, only with nothing in flight or held for `scale_down_after_s`
+    /// and as long after the last change.
+    fn rescale(self: &Arc<Self>) -> Option<(u32, &'static str)> {
+        let config = &self.config;
+        let floor = self.min_replicas_now().max(1);
+        let mut inner = self.lock();
+        if inner.state != PoolState::Ready {
+            return None;
+        }
+        let now = Instant::now();
+        let since_change = now.duration_since(inner.last_scaled);
+        let step_up_after = inner
+            .estimate(config)
+            .max(Duration::from_millis(config.probe_interval_ms));
+
+        // A replica added one cold start ago can take its share.
+        // Limitation: that is a guess; the replicas actually ready are
+        // not watched, so a slow one gets its share early (the rest
+        // carry more for a while) and a fast one late.
+        if inner.serving < inner.replicas && since_change >= step_up_after {
+            inner.serving = inner.replicas;
+            let refused = dispatch(self, &mut inner);
+            drop(inner);
+            drop(refused);
+            inner = self.lock();
+        }
+
+        let replicas = inner.replicas;
+        let target = config.target_in_flight.unwrap_or(config.max_in_flight);
+        let busy = inner.in_flight >= target.saturating_mul(replicas as usize);
+        let longest_wait = inner
+            .waiting
+            .values()
+            .map(|w| now.duration_since(w.arrived))
+            .max()
+            .unwrap_or_default();
+        let queued = longest_wait > Duration::from_millis(config.target_queue_wait_ms);
+        let room = replicas < config.max_replicas;
+        if (busy || queued) && room && since_change >= step_up_after {
+            inner.replicas += 1;
+            inner.last_scaled = now;
+            let why = if busy {
+                "in-flight requests reached scaler.target_in_flight per replica"
+            } else {
+                "a held request waited past scaler.target_queue_wait_ms"
+            };
+            return Some((inner.replicas, why));
+        }
+
+        let hold = Duration::from_secs(config.scale_down_after_s);
+        let quiet = inner.in_flight == 0 && inner.waiting.is_empty();
+        let quiet_for = now.duration_since(inner.last_done);
+        if replicas > floor && quiet && quiet_for >= hold && since_change >= hold {
+            inner.replicas -= 1;
+            inner.serving = inner.replicas;
+            inner.last_scaled = now;
+            return Some((
+                inner.replicas,
+                "nothing in flight for scaler.scale_down_after_s",
+            ));
+        }
+        None
+    }
+
+    /// Undoes a step to `replicas` that the scaler could not make: the
+    /// pool keeps the replicas it had.
+    fn rescale_failed(&self, replicas: u32, before: u32) {
+        let mut inner = self.lock();
+        if inner.replicas == replicas {
+            inner.replicas = before;
+            inner.serving = inner.serving.min(before);
+        }
+        metrics::record_pool_desired_replicas(&self.pool, inner.desired_replicas());
     }
 
     /// Moves a ready pool to draining when it has been idle long enough:
@@ -517,14 +669,15 @@ impl Shared {
             let mut inner = self.lock();
             let now = Instant::now();
             let idle_for = now.duration_since(inner.last_done);
-            let quiet = inner.in_flight == 0 && inner.held == 0;
+            let quiet = inner.in_flight == 0 && inner.waiting.is_empty();
             let up_long_enough = now.duration_since(inner.since) >= min_up;
             if !(inner.state == PoolState::Ready && quiet && up_long_enough && idle_for >= idle) {
                 return false;
             }
             // Set under the lock that `admit` takes: no request gets in
-            // from here on.
+            // from here on. The next start asks for the least replicas.
             inner.enter(PoolState::Draining);
+            inner.replicas = 0;
             idle_for
         };
         let reason = format!("idle for {} s", idle_for.as_secs());
@@ -543,6 +696,34 @@ impl Inner {
             self.last_done = self.since;
         }
         from
+    }
+
+    /// Servers the pool wants running.
+    fn desired_replicas(&self) -> u32 {
+        match self.state {
+            PoolState::Starting | PoolState::Ready => self.replicas,
+            PoolState::Cold | PoolState::Draining => 0,
+        }
+    }
+
+    /// Most requests in flight at once: `max_in_flight` per serving
+    /// replica.
+    fn limit(&self, config: &ScalerConfig) -> usize {
+        let serving = self.serving.max(1) as usize;
+        config.max_in_flight.saturating_mul(serving)
+    }
+
+    /// When a refused request may come back: the expected ready time,
+    /// or before any start was measured and without
+    /// `cold_start_estimate_s`, the longest gap between two probes
+    /// (the pool may pass its next one), at least a second.
+    fn retry_after(&self, config: &ScalerConfig, now: Instant) -> Duration {
+        let measured = !self.recent.is_empty() || config.cold_start_estimate_s.is_some();
+        if measured {
+            return self.expected_ready(config, now);
+        }
+        let longest_gap = Duration::from_millis(config.probe_interval_ms) * 4;
+        longest_gap.max(Duration::from_secs(1))
     }
 
     /// The expected cold start: the 90th percentile of recent starts,
@@ -571,13 +752,44 @@ impl Inner {
     }
 }
 
-/// Counts a held request until it is let through or gives up.
-struct Held(Arc<Shared>);
+/// Lets held requests through, earliest deadline first, while the pool
+/// is ready and below its in-flight limit. Returns the places whose
+/// request had left already, to drop once the lock is released (each
+/// drop dispatches again).
+#[must_use = "the refused places must be dropped after the lock"]
+fn dispatch(shared: &Arc<Shared>, inner: &mut Inner) -> Vec<Busy> {
+    let mut refused = Vec::new();
+    let limit = inner.limit(&shared.config);
+    while inner.state == PoolState::Ready && inner.in_flight < limit {
+        let Some((_, waiter)) = inner.waiting.pop_first() else {
+            break;
+        };
+        inner.in_flight += 1;
+        if let Err(Ok(busy)) = waiter.grant.send(Ok(Busy::new(Arc::clone(shared)))) {
+            refused.push(busy);
+        }
+    }
+    refused
+}
+
+/// Tells held requests to leave, for `reason`.
+fn send_away(waiting: BTreeMap<(Instant, u64), Waiter>, reason: DivertReason) {
+    for waiter in waiting.into_values() {
+        // One that left already needs no telling.
+        let _ = waiter.grant.send(Err(reason));
+    }
+}
+
+/// A held request's place in the queue, given up when it leaves before
+/// it was dispatched.
+struct Held {
+    shared: Arc<Shared>,
+    key: (Instant, u64),
+}
 
 impl Drop for Held {
     fn drop(&mut self) {
-        let mut inner = self.0.lock();
-        inner.held = inner.held.saturating_sub(1);
+        self.shared.lock().waiting.remove(&self.key);
     }
 }
 
@@ -601,19 +813,25 @@ impl Busy {
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        let mut inner = self.0.lock();
-        inner.in_flight = inner.in_flight.saturating_sub(1);
-        inner.last_done = Instant::now();
+        // The freed place goes to the held request with the earliest
+        // deadline.
+        let refused = {
+            let mut inner = self.0.lock();
+            inner.in_flight = inner.in_flight.saturating_sub(1);
+            inner.last_done = Instant::now();
+            dispatch(&self.0, &mut inner)
+        };
+        drop(refused);
     }
 }
 
 /// Publishes the pool's state (1 for the current one, 0 for the others)
 /// and the replicas it wants.
-fn publish_state(pool: &str, state: PoolState) {
+fn publish_state(pool: &str, state: PoolState, desired: u32) {
     for each in PoolState::ALL {
         metrics::record_pool_state(pool, each.label(), each == state);
     }
-    metrics::record_pool_desired_replicas(pool, state.desired_replicas());
+    metrics::record_pool_desired_replicas(pool, desired);
 }
 
 /// Whether the supervisor goes on or was told to stop.
@@ -643,6 +861,7 @@ async fn supervise(shared: Arc<Shared>, pool: Arc<Pool>, mut stop: watch::Receiv
         // on demand or when a schedule window begins.
         let reason = match shared.always_up_reason() {
             Some(reason) => reason,
+            None if shared.has_waiting() => "requests held for the pool",
             None => tokio::select! {
                 () = shared.demand.notified() => "request for a cold pool",
                 () = shared.window_opened() => "a scaler.schedule window began",
@@ -679,7 +898,7 @@ enum Startup {
 /// One life of a `process` server: start it, wait for its probe, serve
 /// until it exits, idles out, or the scaler stops.
 async fn run_process(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     pool: &Pool,
     stop: &mut watch::Receiver<bool>,
     reason: &str,
@@ -773,7 +992,7 @@ async fn run_process(
 // was really scaled down; while it still runs, the next request finds the
 // pool cold and is held for one passing probe.
 async fn follow(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     pool: &Pool,
     stop: &mut watch::Receiver<bool>,
     reason: &str,
@@ -792,7 +1011,7 @@ async fn follow(
     }
     shared.ready(started.elapsed());
 
-    match watch_ready(shared, pool, stop).await {
+    match watch_ready(shared, pool, None, stop).await {
         Watched::ProbeFailed => shared.transition(PoolState::Cold, "readiness probe failed"),
         Watched::Idle => shared.transition(PoolState::Cold, "idled out; desired replicas 0"),
         Watched::Stopped => return Flow::Stop,
@@ -810,20 +1029,30 @@ enum Watched {
     Stopped,
 }
 
-/// Watches a ready `none` or `webhook` pool: probes it every
-/// `probe_interval_ms` and checks for idleness, each on its own clock.
-async fn watch_ready(shared: &Shared, pool: &Pool, stop: &mut watch::Receiver<bool>) -> Watched {
+/// Watches a ready `none`, `webhook` or `kubernetes` pool: probes it
+/// every `probe_interval_ms`, checks for idleness, and steps its
+/// replicas with its load (through `webhook` when it has one), each on
+/// its own clock.
+async fn watch_ready(
+    shared: &Arc<Shared>,
+    pool: &Pool,
+    webhook: Option<&Webhook>,
+    stop: &mut watch::Receiver<bool>,
+) -> Watched {
     use tokio::time::MissedTickBehavior;
 
     let probe_every = Duration::from_millis(shared.config.probe_interval_ms);
     let mut probes = tokio::time::interval(probe_every);
     let mut checks = tokio::time::interval(idle_check_interval(&shared.config));
+    let mut scale_checks = tokio::time::interval(SCALE_CHECK);
     probes.set_missed_tick_behavior(MissedTickBehavior::Delay);
     checks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    scale_checks.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
     // An interval ticks at once; the pool just passed its probe.
     probes.reset();
     checks.reset();
+    scale_checks.reset();
     loop {
         tokio::select! {
             _ = probes.tick() => {
@@ -836,26 +1065,40 @@ async fn watch_ready(shared: &Shared, pool: &Pool, stop: &mut watch::Receiver<bo
                     return Watched::Idle;
                 }
             }
+            _ = scale_checks.tick() => {
+                let before = shared.lock().replicas;
+                let Some((replicas, why)) = shared.rescale() else {
+                    continue;
+                };
+                tracing::info!(pool = %shared.pool, from = before, to = replicas, reason = why, "pool replicas changed");
+                metrics::record_pool_desired_replicas(&shared.pool, replicas);
+                if let Some(webhook) = webhook {
+                    if webhook.scale(replicas, why).await.is_err() {
+                        shared.rescale_failed(replicas, before);
+                    }
+                }
+            }
             () = stopped(stop) => return Watched::Stopped,
         }
     }
 }
 
-/// One life of a `webhook` or `kubernetes` pool: ask for replicas 1, wait for the probe,
-/// serve until the probe fails or the pool idles out (then ask for
+/// One life of a `webhook` or `kubernetes` pool: ask for `min_replicas`
+/// (at least 1), wait for the probe, serve (stepping the replicas with
+/// load) until the probe fails or the pool idles out (then ask for
 /// replicas 0), or the scaler stops.
 // Limitation: when Switchyard stops or a reload removes the pool, no
 // replicas 0 is sent: a restarting sidecar should not take the model
 // server down with it, so a pool left up is scaled down by whatever
 // runs it, not by Switchyard.
 async fn run_webhook(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     pool: &Pool,
     webhook: Result<&Webhook, &String>,
     stop: &mut watch::Receiver<bool>,
     reason: &str,
 ) -> Flow {
-    shared.starting(reason);
+    let replicas = shared.starting(reason);
     let started = Instant::now();
     let webhook = match webhook {
         Ok(webhook) => webhook,
@@ -869,7 +1112,7 @@ async fn run_webhook(
     // Starting: the call and the wait for readiness share ready_timeout_s.
     let ready_timeout = Duration::from_secs(shared.config.ready_timeout_s);
     let up = async {
-        webhook.scale(1, reason).await?;
+        webhook.scale(replicas, reason).await?;
         wait_ready(pool, &shared.config).await;
         Ok::<(), String>(())
     };
@@ -896,7 +1139,7 @@ async fn run_webhook(
     }
     shared.ready(started.elapsed());
 
-    match watch_ready(shared, pool, stop).await {
+    match watch_ready(shared, pool, Some(webhook), stop).await {
         Watched::ProbeFailed => shared.transition(PoolState::Cold, "readiness probe failed"),
         Watched::Idle => {
             // Cold even when the call failed: the pool cannot tell, and
@@ -909,14 +1152,22 @@ async fn run_webhook(
     Flow::Continue
 }
 
-/// Probes the pool until it answers: every `probe_interval_ms` at first,
-/// the gap growing by half after each failure, up to four times it.
+/// Probes the pool until it answers (with `probe = "completion"`, until
+/// a one-token completion succeeds too): every `probe_interval_ms` at
+/// first, the gap growing by half after each failure, up to four times
+/// it.
 async fn wait_ready(pool: &Pool, config: &ScalerConfig) {
     let first = Duration::from_millis(config.probe_interval_ms);
     let cap = first * 4;
     let mut gap = first;
+    let completion_timeout = Duration::from_secs(config.completion_probe_timeout_s);
     loop {
-        if pool.probe(&config.probe_path, PROBE_TIMEOUT).await {
+        let ready = pool.probe(&config.probe_path, PROBE_TIMEOUT).await
+            && match config.probe {
+                ProbeKind::Get => true,
+                ProbeKind::Completion => pool.probe_completion(completion_timeout).await,
+            };
+        if ready {
             return;
         }
         tokio::time::sleep(gap).await;
@@ -1036,7 +1287,11 @@ mod tests {
             state: PoolState::Cold,
             since: now,
             in_flight: 0,
-            held: 0,
+            waiting: BTreeMap::new(),
+            next_ticket: 0,
+            replicas: 0,
+            serving: 0,
+            last_scaled: now,
             last_done: now,
             failures: 0,
             recent: recent.iter().map(|s| Duration::from_secs(*s)).collect(),
@@ -1129,6 +1384,70 @@ mod tests {
         wait_for(&scaler, PoolState::Cold).await;
         assert_eq!(scaler.report()["cold_starts"], 1);
         assert_eq!(scaler.report()["min_replicas_now"], 0);
+        scaler.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_freed_place_goes_to_the_earliest_deadline_and_none_is_lost() {
+        let addr = always_ready().await;
+        let text = format!(
+            "[[pool]]\nname = \"big\"\nendpoints = [\"http://{addr}\"]\n\
+             [pool.scaler]\nkind = \"none\"\nmax_in_flight = 1\n\
+             probe_interval_ms = 50\n"
+        );
+        let config = crate::config::Config::parse(&text).unwrap();
+        let pool = Arc::new(Pool::new(&config.pool[0]).unwrap());
+        let scaler_config = config.pool[0].scaler.clone().unwrap();
+        let scaler = Scaler::start(pool, scaler_config, None);
+
+        // The first request starts the pool and takes its one place.
+        let first = scaler.admit(None).await.unwrap();
+        assert_eq!(scaler.state(), PoolState::Ready);
+
+        // Three wait: no deadline, 60 s, and 30 s, in that order.
+        let scaler = Arc::new(scaler);
+        let wait = |deadline: Option<u64>| {
+            let scaler = Arc::clone(&scaler);
+            tokio::spawn(async move {
+                let deadline = deadline.map(Duration::from_secs);
+                scaler.admit(deadline).await
+            })
+        };
+        let unbounded = wait(None);
+        let late = wait(Some(60));
+        let early = wait(Some(30));
+        let held = || scaler.report()["held"].as_u64().unwrap();
+        while held() < 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+
+        // The 60 s one gives up; its place in the queue goes with it.
+        late.abort();
+        assert!(late.await.unwrap_err().is_cancelled());
+        assert_eq!(held(), 2);
+
+        // None gets in while the place is taken.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!early.is_finished() && !unbounded.is_finished());
+
+        // The freed place goes to the 30 s deadline, then to the one
+        // without a deadline.
+        let within = |task| tokio::time::timeout(Duration::from_secs(5), task);
+        drop(first);
+        let second = within(early)
+            .await
+            .expect("the 30 s deadline was not let through");
+        let second = second.unwrap().unwrap();
+        assert!(!unbounded.is_finished());
+        assert_eq!(scaler.report()["in_flight"], 1);
+        drop(second);
+        let third = within(unbounded)
+            .await
+            .expect("the request without a deadline was not let through");
+        let third = third.unwrap().unwrap();
+        drop(third);
+        assert_eq!(scaler.report()["in_flight"], 0);
+        assert_eq!(held(), 0);
         scaler.shutdown().await;
     }
 

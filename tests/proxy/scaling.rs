@@ -50,19 +50,54 @@ impl ScaledServer {
     /// The `[[pool]]` table of pool `big` on this server, with a
     /// `[pool.scaler]` of `ready_delay_s` and the extra `scaler` keys.
     fn pool_toml(&self, ready_delay_s: f64, pool_extra: &str, scaler_extra: &str) -> String {
+        self.pool_toml_args(ready_delay_s, &[], pool_extra, scaler_extra)
+    }
+
+    /// [`ScaledServer::pool_toml`] with `server_args` added to the
+    /// server's command line.
+    fn pool_toml_args(
+        &self,
+        ready_delay_s: f64,
+        server_args: &[&str],
+        pool_extra: &str,
+        scaler_extra: &str,
+    ) -> String {
         let script = workspace_root().join("tests/support/scaled_server.py");
+        let args: String = server_args.iter().map(|a| format!(", \"{a}\"")).collect();
         format!(
             "\n[[pool]]\nname = \"big\"\nendpoints = [\"http://127.0.0.1:{port}\"]\n\
              request_timeout_ms = 20000\n{pool_extra}\n\
              [pool.scaler]\n\
              command = [\"python3\", \"{script}\", \"--port\", \"{port}\", \
              \"--ready-delay-s\", \"{ready_delay_s}\", \"--starts-file\", \"{starts}\", \
-             \"--stream-s\", \"6\"]\n\
+             \"--stream-s\", \"6\"{args}]\n\
              ready_timeout_s = 20\nprobe_interval_ms = 100\nstop_grace_s = 3\n{scaler_extra}\n",
             port = self.port,
             script = script.display(),
             starts = self.starts_file.display(),
         )
+    }
+
+    /// The lines the server wrote to its starts file.
+    fn lines(&self) -> Vec<String> {
+        let text = std::fs::read_to_string(&self.starts_file).unwrap_or_default();
+        text.lines().map(str::to_string).collect()
+    }
+
+    /// The pid of the server's first start, waiting up to `within` for
+    /// it (python takes a while to start on a loaded machine).
+    async fn first_pid(&self, within: Duration) -> u32 {
+        let end = Instant::now() + within;
+        loop {
+            if let Some(pid) = self.starts().first() {
+                return *pid;
+            }
+            assert!(
+                Instant::now() < end,
+                "the server did not start within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// The pids of the server's starts so far, in order.
@@ -72,22 +107,6 @@ impl ScaledServer {
             .lines()
             .filter_map(|line| line.trim().parse().ok())
             .collect()
-    }
-
-    /// The process id of the first server started, waiting up to 10 s
-    /// for it to record itself (a loaded machine starts Python slowly).
-    async fn first_start(&self) -> u32 {
-        let end = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(&pid) = self.starts().first() {
-                return pid;
-            }
-            assert!(
-                Instant::now() < end,
-                "no server recorded its start within 10 s"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
     }
 }
 
@@ -410,7 +429,7 @@ async fn a_server_that_dies_is_started_again_by_the_next_request() {
     post(&client, &url, "/v1/chat/completions", &body)
         .await
         .assert_status(200);
-    let first = server.first_start().await;
+    let first = server.first_pid(Duration::from_secs(10)).await;
 
     // The server crashes: the pool goes cold, with the exit logged.
     let status = std::process::Command::new("kill")
@@ -455,7 +474,7 @@ async fn a_reload_keeps_an_unchanged_scaled_pool_and_stops_a_removed_one() {
     post(&client, &sw.api_url(), "/v1/chat/completions", &body)
         .await
         .assert_status(200);
-    let pid = server.first_start().await;
+    let pid = server.first_pid(Duration::from_secs(10)).await;
 
     // Another pool added: the scaled pool is taken over running.
     sw.rewrite_config(&format!("{}{big}{small}", server_toml()));
@@ -577,8 +596,10 @@ struct WebhookCall {
     body: Value,
 }
 
-/// A scaler webhook on loopback that records each call and answers 503
-/// to the first `failures` of them, 200 after.
+/// A scaler webhook (or Kubernetes API server) on loopback that records
+/// each call and answers 503 to the first `failures` of them, 200 after;
+/// a call to a `/scale` path gets the Scale object an API server would
+/// answer.
 struct WebhookReceiver {
     addr: std::net::SocketAddr,
     calls: std::sync::Arc<std::sync::Mutex<Vec<WebhookCall>>>,
@@ -618,6 +639,17 @@ impl WebhookReceiver {
                             };
                             let bytes = req.into_body().collect().await?.to_bytes();
                             call.body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                            let answer = if call.path.ends_with("/scale") {
+                                json!({
+                                    "apiVersion": "autoscaling/v1",
+                                    "kind": "Scale",
+                                    "metadata": { "name": "vllm", "namespace": "models" },
+                                    "spec": call.body["spec"],
+                                    "status": { "replicas": 0 },
+                                })
+                            } else {
+                                json!({})
+                            };
                             let status = {
                                 let mut calls = recorded.lock().unwrap();
                                 calls.push(call);
@@ -627,7 +659,8 @@ impl WebhookReceiver {
                                     200
                                 }
                             };
-                            let body = http_body_util::Full::new(bytes::Bytes::from_static(b"{}"));
+                            let answer = bytes::Bytes::from(answer.to_string());
+                            let body = http_body_util::Full::new(answer);
                             let mut response = hyper::Response::new(body);
                             *response.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
                             Ok::<_, hyper::Error>(response)
@@ -809,6 +842,90 @@ async fn kubernetes_scaler_patches_the_deployments_scale_subresource() {
     stop(sw).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kubernetes_scaler_reads_a_kubeconfig_and_its_context() {
+    scales_through_a_kubeconfig(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kubernetes_scaler_reads_the_kubeconfig_the_environment_names() {
+    scales_through_a_kubeconfig(true).await;
+}
+
+/// A kubernetes pool scales up and down on the loopback API server that
+/// a kubeconfig context names, the file given by `pool.scaler.kubeconfig`
+/// or, `from_env`, by `KUBECONFIG`.
+async fn scales_through_a_kubeconfig(from_env: bool) {
+    let api = WebhookReceiver::start(0).await;
+    let upstream = MockUpstream::start().await;
+
+    // Two contexts; the configured one names the loopback server, its
+    // namespace and user.
+    let kubeconfig = std::env::temp_dir().join(format!(
+        "switchyard-kubeconfig-{}-{}-{from_env}",
+        std::process::id(),
+        api.addr.port()
+    ));
+    let text = format!(
+        "apiVersion: v1\nkind: Config\ncurrent-context: other\n\
+         clusters:\n\
+         - name: local\n  cluster:\n    server: http://{addr}\n\
+         - name: elsewhere\n  cluster:\n    server: http://127.0.0.1:9\n\
+         users:\n\
+         - name: switchyard\n  user:\n    token: kube-c0nfig-token\n\
+         - name: nobody\n  user:\n    token: wrong\n\
+         contexts:\n\
+         - name: test\n  context:\n    cluster: local\n    user: switchyard\n    \
+         namespace: models\n\
+         - name: other\n  context:\n    cluster: elsewhere\n    user: nobody\n",
+        addr = api.addr
+    );
+    std::fs::write(&kubeconfig, text).unwrap();
+    let path = kubeconfig.display().to_string();
+    let file_key = match from_env {
+        true => String::new(),
+        false => format!("kubeconfig = \"{path}\"\n"),
+    };
+    let config = format!(
+        "{}\n[[pool]]\nname = \"big\"\nendpoints = [\"{}\"]\n\
+         [pool.scaler]\nkind = \"kubernetes\"\ndeployment = \"vllm\"\n\
+         {file_key}context = \"test\"\n\
+         idle_timeout_s = 1\nmin_up_s = 0\nready_timeout_s = 20\nprobe_interval_ms = 100\n",
+        server_toml(),
+        upstream.url(),
+    );
+    let env = [("KUBECONFIG", path.as_str())];
+    let env = if from_env { &env[..] } else { &[] };
+    let sw = Switchyard::start_with_env(&config, env).await;
+    let client = http1_client();
+    let body = chat_body("big", "hi");
+    post(&client, &sw.api_url(), "/v1/chat/completions", &body)
+        .await
+        .assert_status(200);
+
+    // Up, then down after idling, both on the context's server.
+    let calls = api.wait_calls(2, Duration::from_secs(15)).await;
+    let _ = std::fs::remove_file(&kubeconfig);
+    for (call, replicas) in calls.iter().zip([1, 0]) {
+        assert_eq!(call.method, "PATCH");
+        assert_eq!(
+            call.path,
+            "/apis/apps/v1/namespaces/models/deployments/vllm/scale"
+        );
+        assert_eq!(
+            call.authorization.as_deref(),
+            Some("Bearer kube-c0nfig-token")
+        );
+        assert_eq!(
+            call.content_type.as_deref(),
+            Some("application/merge-patch+json")
+        );
+        assert_eq!(call.body, json!({ "spec": { "replicas": replicas } }));
+    }
+    wait_for_state(&sw, "cold", Duration::from_secs(15)).await;
+    stop(sw).await;
+}
+
 /// Sends a chat for pool `big` in the background; the reply and how long
 /// it took.
 fn spawn_chat(sw: &Switchyard) -> tokio::task::JoinHandle<(Reply, Duration)> {
@@ -867,8 +984,7 @@ async fn a_reload_that_removes_a_starting_pool_releases_its_held_requests() {
 
     let held = spawn_chat(&sw);
     wait_for_state(&sw, "starting", Duration::from_secs(10)).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let pid = server.first_start().await;
+    let pid = server.first_pid(Duration::from_secs(10)).await;
 
     sw.rewrite_config(&format!("{}{small}", server_toml()));
     sw.hangup();
@@ -909,9 +1025,276 @@ async fn stopping_a_wrapped_server_stops_what_the_wrapper_started() {
     )
     .await
     .assert_status(200);
-    let pid = server.first_start().await;
+    let pid = server.first_pid(Duration::from_secs(10)).await;
 
     wait_for_state(&sw, "cold", Duration::from_secs(15)).await;
     wait_gone(pid, Duration::from_secs(10), "its stop").await;
+    stop(sw).await;
+}
+
+/// What the test server says about the request it answered: its
+/// arrival number and the requests in progress when it arrived.
+fn served(reply: &Reply) -> (u64, u64) {
+    let content = reply.json["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no content: {}", reply.text));
+    let words: Vec<&str> = content.split_whitespace().collect();
+    let field = |name: &str| -> u64 {
+        let at = words.iter().position(|w| *w == name);
+        let value = at.and_then(|i| words.get(i + 1));
+        value
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {content:?}"))
+    };
+    (field("seq"), field("concurrent"))
+}
+
+/// Switchyard with pool `big` on `server`, started with `server_args`
+/// and the extra `scaler` keys.
+async fn start_big(
+    server: &ScaledServer,
+    ready_delay_s: f64,
+    server_args: &[&str],
+    scaler: &str,
+) -> Switchyard {
+    let big = server.pool_toml_args(ready_delay_s, server_args, "", scaler);
+    Switchyard::start(&format!("{}{big}", server_toml())).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn held_requests_are_released_by_deadline_within_the_in_flight_limit() {
+    let Some(server) = ScaledServer::new("paced") else {
+        return;
+    };
+    // Each answer takes 0.2 s; the pool lets 2 through at once.
+    let scaler = "max_in_flight = 2\ncold_start_estimate_s = 1";
+    let sw = start_big(&server, 1.0, &["--chat-delay-s", "0.2"], scaler).await;
+    let client = http1_client();
+    let url = format!("{}/v1/chat/completions", sw.api_url());
+
+    // 16 requests at the cold pool, their deadlines (10 to 25 s) in a
+    // shuffled order of arrival.
+    let deadlines: Vec<u64> = (0..16).map(|i| 10_000 + (i * 7 % 16) * 1000).collect();
+    let mut tasks = Vec::new();
+    for deadline_ms in &deadlines {
+        let request = client
+            .post(&url)
+            .header("x-switchyard-deadline-ms", deadline_ms.to_string())
+            .json(&chat_body("big", "paced"));
+        tasks.push(tokio::spawn(send(request)));
+    }
+    let mut answers = Vec::new();
+    for (task, deadline_ms) in tasks.into_iter().zip(&deadlines) {
+        let reply = task.await.unwrap();
+        reply.assert_status(200);
+        assert_eq!(reply.pool(), "big");
+        let (seq, concurrent) = served(&reply);
+        answers.push((seq, concurrent, *deadline_ms));
+    }
+    assert_eq!(server.starts().len(), 1);
+
+    // Never more than the limit at the server, and the limit used.
+    let most = answers.iter().map(|a| a.1).max().unwrap();
+    assert_eq!(most, 2, "requests in progress at the server: {answers:?}");
+
+    // Served in deadline order: two let through together may swap.
+    answers.sort_by_key(|a| a.0);
+    let mut by_deadline = deadlines.clone();
+    by_deadline.sort();
+    for (served_rank, answer) in answers.iter().enumerate() {
+        let deadline_rank = by_deadline.iter().position(|d| *d == answer.2).unwrap();
+        assert!(
+            served_rank.abs_diff(deadline_rank) <= 1,
+            "deadline {} ms served as number {served_rank}: {answers:?}",
+            answer.2
+        );
+    }
+    stop(sw).await;
+}
+
+/// The test server run by the test itself, as a model server that
+/// something else runs; killed when dropped.
+struct OwnServer(std::process::Child);
+
+impl OwnServer {
+    fn start(server: &ScaledServer, args: &[&str]) -> Self {
+        let script = workspace_root().join("tests/support/scaled_server.py");
+        let child = std::process::Command::new("python3")
+            .arg(script)
+            .args(["--port", &server.port.to_string()])
+            .arg("--starts-file")
+            .arg(&server.starts_file)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        Self(child)
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn load_steps_replicas_up_to_max_and_down_one_at_a_time() {
+    let Some(server) = ScaledServer::new("replicas") else {
+        return;
+    };
+    // Each answer takes 1.5 s; the replicas are a number the webhook
+    // gets, the one server stands in for all of them.
+    let _running = OwnServer::start(&server, &["--chat-delay-s", "1.5"]);
+    let hook = WebhookReceiver::start(0).await;
+    let config = format!(
+        "{}\n[[pool]]\nname = \"big\"\nendpoints = [\"http://127.0.0.1:{}\"]\n\
+         [pool.scaler]\nkind = \"webhook\"\nurl = \"http://{}/scale\"\n\
+         max_replicas = 3\nmax_in_flight = 2\nscale_down_after_s = 1\n\
+         idle_timeout_s = 5\nmin_up_s = 0\nready_timeout_s = 20\nprobe_interval_ms = 100\n",
+        server_toml(),
+        server.port,
+        hook.addr,
+    );
+    let sw = Switchyard::start(&config).await;
+
+    // 12 requests: 2 per replica fit, the rest queue.
+    let tasks: Vec<_> = (0..12).map(|_| spawn_chat(&sw)).collect();
+    let mut most = 0;
+    for task in tasks {
+        let (reply, _) = task.await.unwrap();
+        reply.assert_status(200);
+        most = most.max(served(&reply).1);
+    }
+    assert_eq!(pool_report(&sw).await["desired_replicas"], 3);
+    assert_eq!(most, 6, "2 in flight per replica, 3 replicas");
+
+    // Quiet: one replica fewer per second, then none after idling.
+    let calls = hook.wait_calls(6, Duration::from_secs(20)).await;
+    let replicas: Vec<u64> = calls
+        .iter()
+        .map(|c| c.body["replicas"].as_u64().unwrap())
+        .collect();
+    let changes: Vec<String> = sw
+        .logs()
+        .iter()
+        .filter(|l| {
+            l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("pool "))
+        })
+        .map(|l| l["fields"].to_string())
+        .collect();
+    assert_eq!(replicas, [1, 2, 3, 2, 1, 0], "{calls:?}\n{changes:#?}");
+    let stepped = sw.logs().iter().any(|line| {
+        line["fields"]["message"] == "pool replicas changed" && line["fields"]["to"] == 3
+    });
+    assert!(stepped, "no replica change logged");
+    wait_for_state(&sw, "cold", Duration::from_secs(10)).await;
+    stop(sw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pool_that_goes_cold_under_load_keeps_its_replicas() {
+    let hook = WebhookReceiver::start(0).await;
+    let upstream = MockUpstream::start().await;
+    let config = format!(
+        "{}\n[[pool]]\nname = \"big\"\nendpoints = [\"{}\"]\n\
+         [pool.scaler]\nkind = \"webhook\"\nurl = \"http://{}/scale\"\n\
+         max_replicas = 3\nmax_in_flight = 1\nscale_down_after_s = 60\n\
+         idle_timeout_s = 60\nmin_up_s = 0\nready_timeout_s = 20\nprobe_interval_ms = 100\n",
+        server_toml(),
+        upstream.url(),
+        hook.addr,
+    );
+    let sw = Switchyard::start(&config).await;
+
+    // Slow requests step the pool up to 3 replicas.
+    let client = http1_client();
+    let url = format!("{}/v1/chat/completions", sw.api_url());
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let request = client
+                .post(&url)
+                .header("x-mock-delay-ms", "6000")
+                .json(&chat_body("big", "slow"));
+            tokio::spawn(send(request))
+        })
+        .collect();
+    hook.wait_calls(3, Duration::from_secs(15)).await;
+
+    // Its probe fails with requests in flight: cold, then started again
+    // with the replicas it had, not with one.
+    upstream.fail_with(Some(503));
+    let calls = hook.wait_calls(4, Duration::from_secs(15)).await;
+    upstream.fail_with(None);
+    let replicas: Vec<u64> = calls
+        .iter()
+        .map(|c| c.body["replicas"].as_u64().unwrap())
+        .collect();
+    assert_eq!(replicas[..4], [1, 2, 3, 3], "{calls:?}");
+    for task in tasks {
+        let _ = task.await.unwrap();
+    }
+    stop(sw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_completion_probe_holds_requests_until_the_server_generates() {
+    let Some(server) = ScaledServer::new("generate") else {
+        return;
+    };
+    // The GET passes after 0.3 s; generating works only after 2 s.
+    let args = ["--generate-ready-delay-s", "2"];
+    let sw = start_big(&server, 0.3, &args, "probe = \"completion\"").await;
+    let (reply, _) = spawn_chat(&sw).await.unwrap();
+    reply.assert_status(200);
+
+    let report = pool_report(&sw).await;
+    let took = report["last_cold_start_s"].as_f64().unwrap();
+    assert!(took >= 2.0, "ready before the server generated: {report}");
+    let lines = server.lines();
+    assert!(
+        lines.iter().any(|l| l == "completion max_tokens=1"),
+        "no one-token completion probe: {lines:?}"
+    );
+    stop(sw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refusals_and_failed_starts_are_counted_with_a_short_retry_after() {
+    let Some(server) = ScaledServer::new("refused") else {
+        return;
+    };
+    // Never ready, one request held at most, a start fails after 3 s.
+    let big = server
+        .pool_toml(1000.0, "", "max_held = 1")
+        .replace("ready_timeout_s = 20", "ready_timeout_s = 3");
+    let sw = Switchyard::start(&format!("{}{big}", server_toml())).await;
+    let held = spawn_chat(&sw);
+    wait_for_state(&sw, "starting", Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // The second is refused; no start was measured and there is no
+    // estimate, so it is told to come back after the next probes, not
+    // after ready_timeout_s.
+    let (refused, _) = spawn_chat(&sw).await.unwrap();
+    let message = refused.assert_openai_error(503);
+    assert!(message.contains("max_held"), "{message}");
+    assert_eq!(refused.json["error"]["code"], "pool_cold");
+    let retry_after: u64 = refused.header("retry-after").unwrap().parse().unwrap();
+    assert!(retry_after <= 2, "Retry-After {retry_after}");
+
+    // The held one gives up with the failed start.
+    let (reply, _) = held.await.unwrap();
+    reply.assert_openai_error(503);
+    let report = wait_for_state(&sw, "cold", Duration::from_secs(10)).await;
+    assert_eq!(report["failed_starts"], 1, "{report}");
+    let metrics = metrics_text(&sw).await;
+    let refusals = metric_lines(&metrics, "switchyard_pool_held_refused_total");
+    assert!(refusals.iter().any(|l| l.ends_with(" 1")), "{refusals:?}");
+    let failed = metric_lines(&metrics, "switchyard_pool_failed_starts_total");
+    assert!(failed.iter().any(|l| l.ends_with(" 1")), "{failed:?}");
     stop(sw).await;
 }

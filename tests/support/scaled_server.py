@@ -5,9 +5,14 @@ Switchyard's `process` scaler runs it as a child. It listens at once but
 answers its readiness path (`GET /v1/models`) with 503 until
 `--ready-delay-s` has passed, as a model server loading weights does. Each
 start appends `<pid>` as a line to `--starts-file`, so a test can count
-starts and find the process. Chat requests get a fixed answer; with
-`"stream": true` the answer streams one chunk every 0.25 s for
-`--stream-s` seconds.
+starts and find the process. Chat requests get a fixed answer after
+`--chat-delay-s`, naming the pid, the request's arrival number (`seq`) and
+how many requests were in progress when it arrived, itself included
+(`concurrent`); with `"stream": true` the answer streams one chunk every
+0.25 s for `--stream-s` seconds. Until `--generate-ready-delay-s` has
+passed, POSTs answer 503 (the weights are still loading) while the GET
+may already pass; each `/v1/completions` request appends
+`completion max_tokens=<n>` to the starts file.
 
 Standard library only: it runs wherever python3 does. It exits when its
 parent does, so a test whose Switchyard was killed leaves nothing behind.
@@ -27,11 +32,19 @@ def main():
     parser.add_argument("--ready-delay-s", type=float, default=0.0)
     parser.add_argument("--starts-file", required=True)
     parser.add_argument("--stream-s", type=float, default=1.0)
+    parser.add_argument("--chat-delay-s", type=float, default=0.0)
+    parser.add_argument("--generate-ready-delay-s", type=float, default=0.0)
     args = parser.parse_args()
 
-    with open(args.starts_file, "a", encoding="utf-8") as starts:
-        starts.write(f"{os.getpid()}\n")
+    def record(line):
+        with open(args.starts_file, "a", encoding="utf-8") as starts:
+            starts.write(f"{line}\n")
+
+    record(os.getpid())
     ready_at = time.monotonic() + args.ready_delay_s
+    generates_at = time.monotonic() + args.generate_ready_delay_s
+    lock = threading.Lock()
+    counts = {"seq": 0, "in_progress": 0}
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, format, *rest):
@@ -54,14 +67,43 @@ def main():
         def do_POST(self):
             length = int(self.headers.get("content-length", "0"))
             request = json.loads(self.rfile.read(length) or b"{}")
+            if self.path == "/v1/completions":
+                record(f"completion max_tokens={request.get('max_tokens')}")
+            if time.monotonic() < generates_at:
+                self.send_json(503, {"error": "weights loading"})
+                return
+            with lock:
+                counts["seq"] += 1
+                counts["in_progress"] += 1
+                seq = counts["seq"]
+                concurrent = counts["in_progress"]
+            leave = threading.Event()
+
+            def done():
+                # Before the last byte goes out: the next request may
+                # arrive as soon as the client has this one.
+                if not leave.is_set():
+                    leave.set()
+                    with lock:
+                        counts["in_progress"] -= 1
+
+            try:
+                self.answer(request, seq, concurrent, done)
+            finally:
+                done()
+
+        def answer(self, request, seq, concurrent, done):
+            time.sleep(args.chat_delay_s)
             if not request.get("stream"):
+                content = f"pid {os.getpid()} seq {seq} concurrent {concurrent}"
+                done()
                 self.send_json(200, {
                     "id": "chatcmpl-scaled",
                     "object": "chat.completion",
                     "model": request.get("model", ""),
                     "choices": [{
                         "index": 0,
-                        "message": {"role": "assistant", "content": f"pid {os.getpid()}"},
+                        "message": {"role": "assistant", "content": content},
                         "finish_reason": "stop",
                     }],
                     "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},

@@ -431,13 +431,53 @@ impl Pool {
         false
     }
 
+    /// Whether any endpoint answers a one-token `/v1/completions`
+    /// request for the pool's model with 2xx within `timeout`: the
+    /// readiness probe that shows the server generates.
+    pub async fn probe_completion(&self, timeout: Duration) -> bool {
+        let body = serde_json::json!({
+            "model": self.model,
+            "prompt": "Hello",
+            "max_tokens": 1,
+        });
+        let body = Bytes::from(body.to_string());
+        for index in 0..self.endpoints.len() {
+            let post = Some(body.clone());
+            if self.probe_ok(index, "/v1/completions", post, timeout).await {
+                return true;
+            }
+        }
+        false
+    }
+
     /// One GET of `path` on endpoint `index`: true for a 2xx answer.
     async fn get_ok(&self, index: usize, path: &str, timeout: Duration) -> bool {
+        self.probe_ok(index, path, None, timeout).await
+    }
+
+    /// One GET of `path` on endpoint `index`, or a POST of the JSON
+    /// `post`: true for a 2xx answer.
+    async fn probe_ok(
+        &self,
+        index: usize,
+        path: &str,
+        post: Option<Bytes>,
+        timeout: Duration,
+    ) -> bool {
         let endpoint = self.endpoints.get(index);
         let Ok(uri) = endpoint.uri(path) else {
             return false;
         };
-        let mut request = Request::new(Full::new(Bytes::new()));
+        let mut request = match post {
+            Some(body) => {
+                let mut request = Request::new(Full::new(body));
+                *request.method_mut() = Method::POST;
+                let json = HeaderValue::from_static("application/json");
+                request.headers_mut().insert(header::CONTENT_TYPE, json);
+                request
+            }
+            None => Request::new(Full::new(Bytes::new())),
+        };
         *request.uri_mut() = uri;
         hop::mark(request.headers_mut());
         match tokio::time::timeout(timeout, self.client.request(request)).await {
