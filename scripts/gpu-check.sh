@@ -16,6 +16,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 log=gpu-check.log
 exec > >(tee "$log") 2>&1
+# The log reaches $OUT however the run ends.
+trap 'if [ -n "${OUT:-}" ]; then cp "$log" "$OUT/"; fi' EXIT
 
 echo "== the GPU"
 if command -v nvidia-smi >/dev/null; then
@@ -49,4 +51,3 @@ SWITCHYARD_TEST_DEVICE=cuda cargo test -p switchyard-executor --quiet engine::
 echo "== decode tokens per second, GPU and CPU"
 cargo bench -p switchyard-executor --bench devices -- --batch 1,8,32,128
 
-if [ -n "${OUT:-}" ]; then cp "$log" "$OUT/"; fi

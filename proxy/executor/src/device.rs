@@ -27,6 +27,7 @@ impl FromStr for DeviceChoice {
             "cuda" => Ok(DeviceChoice::Cuda(0)),
             _ => s
                 .strip_prefix("cuda:")
+                .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
                 .and_then(|n| n.parse().ok())
                 .map(DeviceChoice::Cuda)
                 .ok_or_else(|| {
@@ -89,7 +90,7 @@ mod tests {
         assert_eq!("cpu".parse(), Ok(DeviceChoice::Cpu));
         assert_eq!("cuda".parse(), Ok(DeviceChoice::Cuda(0)));
         assert_eq!("cuda:3".parse(), Ok(DeviceChoice::Cuda(3)));
-        for bad in ["gpu", "cuda:", "cuda:x", "CUDA", ""] {
+        for bad in ["gpu", "cuda:", "cuda:x", "cuda:+1", "cuda: 1", "CUDA", ""] {
             let err = bad.parse::<DeviceChoice>().unwrap_err();
             assert!(err.contains("\"cuda:N\""), "{bad}: {err}");
         }

@@ -217,7 +217,7 @@ extern "C" __global__ void silu_mul(const float* gate_up, float* h, int n, int f
 
 // For each row of logits: the best token (the lowest index on a tie), its
 // logit, and the log-softmax normaliser, as three floats.
-extern "C" __global__ void logit_summary(const float* logits, float* out, int vocab) {
+extern "C" __global__ void __launch_bounds__(1024) logit_summary(const float* logits, float* out, int vocab) {
     __shared__ float scratch[1024];
     __shared__ int at[1024];
     __shared__ double sums[1024];
@@ -245,7 +245,9 @@ extern "C" __global__ void logit_summary(const float* logits, float* out, int vo
         __syncthreads();
     }
     float max = scratch[0];
-    int arg = at[0];
+    // A row with no number above -inf (all NaN, say) picks token 0, as
+    // the CPU's argmax does.
+    int arg = at[0] == 0x7fffffff ? 0 : at[0];
     __syncthreads();
     double sum = 0.0;
     for (int t = threadIdx.x; t < vocab; t += blockDim.x) sum += exp((double)(row[t] - max));

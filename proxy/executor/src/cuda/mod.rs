@@ -52,13 +52,96 @@ pub fn missing_libraries() -> Option<String> {
         .filter(|(_, found)| !found)
         .map(|(name, _)| *name)
         .collect();
-    if missing.is_empty() {
-        return None;
+    if !missing.is_empty() {
+        return Some(format!(
+            "{} cannot be loaded (looked for on the library path)",
+            missing.join(", ")
+        ));
     }
-    Some(format!(
-        "{} cannot be loaded (looked for on the library path)",
-        missing.join(", ")
-    ))
+    missing_symbols()
+}
+
+/// The driver, cuBLAS and NVRTC functions this path calls (cudarc's
+/// destructors included). cudarc looks each up when first called and
+/// panics when it is absent; a panic while a half-made context unwinds
+/// would abort the process, so a library without them is "no GPU" before
+/// anything is called.
+const DRIVER_SYMBOLS: &[&str] = &[
+    "cuInit",
+    "cuDeviceGetCount",
+    "cuDeviceGet",
+    "cuDevicePrimaryCtxRetain",
+    "cuDevicePrimaryCtxRelease_v2",
+    "cuCtxSetCurrent",
+    "cuCtxGetCurrent",
+    "cuCtxSynchronize",
+    "cuStreamCreate",
+    "cuStreamDestroy_v2",
+    "cuStreamSynchronize",
+    "cuMemAllocAsync",
+    "cuMemFreeAsync",
+    "cuMemAlloc_v2",
+    "cuMemFree_v2",
+    "cuMemcpyHtoDAsync_v2",
+    "cuMemcpyDtoHAsync_v2",
+    "cuMemsetD8Async",
+    "cuModuleLoadData",
+    "cuModuleGetFunction",
+    "cuModuleUnload",
+    "cuLaunchKernel",
+    "cuFuncSetAttribute",
+    "cuDeviceGetName",
+    "cuDeviceTotalMem_v2",
+    "cuMemGetInfo_v2",
+    "cuDeviceGetAttribute",
+    "cuGetErrorString",
+    "cuEventCreate",
+    "cuEventDestroy_v2",
+    "cuEventRecord",
+    "cuStreamWaitEvent",
+];
+const CUBLAS_SYMBOLS: &[&str] = &[
+    "cublasCreate_v2",
+    "cublasDestroy_v2",
+    "cublasSetStream_v2",
+    "cublasSgemm_v2",
+];
+const NVRTC_SYMBOLS: &[&str] = &[
+    "nvrtcCreateProgram",
+    "nvrtcCompileProgram",
+    "nvrtcGetPTXSize",
+    "nvrtcGetPTX",
+    "nvrtcDestroyProgram",
+    "nvrtcGetProgramLogSize",
+    "nvrtcGetProgramLog",
+];
+
+/// The first function in [`DRIVER_SYMBOLS`], [`CUBLAS_SYMBOLS`] or
+/// [`NVRTC_SYMBOLS`] that its library lacks, in words.
+fn missing_symbols() -> Option<String> {
+    // SAFETY: only called once every library was found loadable; `culib`
+    // loads it and `get` looks a name up without calling it.
+    #[allow(unsafe_code)]
+    let libraries = unsafe {
+        [
+            ("libcuda", cudarc::driver::sys::culib(), DRIVER_SYMBOLS),
+            ("libcublas", cudarc::cublas::sys::culib(), CUBLAS_SYMBOLS),
+            ("libnvrtc", cudarc::nvrtc::sys::culib(), NVRTC_SYMBOLS),
+        ]
+    };
+    for (name, library, symbols) in libraries {
+        for symbol in symbols {
+            // SAFETY: a lookup; the pointer is never used.
+            #[allow(unsafe_code)]
+            let found = unsafe { library.get::<*const std::ffi::c_void>(symbol.as_bytes()) };
+            if found.is_err() {
+                return Some(format!(
+                    "{name} has no {symbol} (not NVIDIA's, or older than CUDA 12.4)"
+                ));
+            }
+        }
+    }
+    None
 }
 
 /// Compiles [`SOURCE`] with NVRTC. Needs only libnvrtc, not a GPU.

@@ -16,12 +16,15 @@ use cudarc::cublas::{Gemm, GemmConfig};
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 use super::Gpu;
-use crate::compute::{Need, StepLogits};
+use crate::compute::{Need, Next, StepLogits};
 use crate::gguf::GgufFile;
 use crate::model::{self, ModelError, ModelShape, Row};
 use crate::tensor::GgmlType;
 
 const F32: usize = std::mem::size_of::<f32>();
+/// Device memory kept free beyond what the model counts, at least: 256 MiB
+/// or a twentieth of what is free, whichever is more.
+const HEADROOM_MIN: usize = 256 << 20;
 
 #[derive(Debug)]
 struct Layer {
@@ -149,16 +152,20 @@ impl CudaModel {
         }
         let tied = file.tensor_info("output.weight").is_none();
         let need = device_bytes(&shape, tied, max_batch, context, max_rows);
-        if need.total() > gpu.free_memory {
+        // Room beyond what is counted: cuBLAS's workspace, the quantized
+        // weights on their way in, the allocator's rounding.
+        let headroom = (gpu.free_memory / 20).max(HEADROOM_MIN);
+        if need.total() + headroom > gpu.free_memory {
             return Err(ModelError::Gpu(format!(
                 "out of device memory: the model needs {} MiB of weights, \
                  {} MiB of KV cache (max_batch {max_batch} x context {context}) \
-                 and {} MiB of buffers, {} MiB in all, and {} has {} MiB free; \
-                 lower max_batch or context",
+                 and {} MiB of buffers, {} MiB in all with {} MiB to spare, and {} \
+                 has {} MiB free; lower max_batch or context",
                 need.weights >> 20,
                 need.kv_cache >> 20,
                 need.buffers >> 20,
                 need.total() >> 20,
+                headroom >> 20,
                 gpu.name,
                 gpu.free_memory >> 20
             )));
@@ -735,24 +742,54 @@ impl CudaModel {
         if !self.running.is_empty() {
             return Err(ModelError::Gpu("the check needs an idle model".to_string()));
         }
-        self.add_sequence()?;
-        let got = self.forward(&rows, |_| Need::Full);
-        self.clear();
-        let got = got?;
-        for (pos, want) in want.chunks_exact(vocab).enumerate() {
-            let Some(crate::compute::Next::Logits(got)) = got.get(pos) else {
-                return Err(ModelError::Gpu(format!(
-                    "the check got no logits at position {pos}"
-                )));
-            };
-            logits_agree(want, got).map_err(|e| {
-                ModelError::Gpu(format!(
-                    "the GPU's answer differs from the CPU's at position {pos} of the start-up check: {e}"
-                ))
-            })?;
+        // Whole logits (temperature sampling, alternatives), then the
+        // summary greedy rows bring back instead.
+        for need in [Need::Full, Need::Best] {
+            self.add_sequence()?;
+            let got = self.forward(&rows, |_| need);
+            self.clear();
+            let got = got?;
+            for (pos, want) in want.chunks_exact(vocab).enumerate() {
+                let agreed = match got.get(pos) {
+                    Some(Next::Logits(got)) => logits_agree(want, got),
+                    Some(Next::Best { token, logit, lse }) => best_agrees(want, token, logit - lse),
+                    None => Err("no logits".to_string()),
+                };
+                agreed.map_err(|e| {
+                    ModelError::Gpu(format!(
+                        "the GPU's answer differs from the CPU's at position {pos} \
+                         of the start-up check ({need:?}): {e}"
+                    ))
+                })?;
+            }
         }
         Ok(())
     }
+}
+
+/// Whether the GPU's greedy pick `token`, with log-probability
+/// `logprob`, agrees with `want` (the CPU's logits) as [`logits_agree`]
+/// asks of whole rows.
+pub(crate) fn best_agrees(want: &[f32], token: u32, logprob: f32) -> Result<(), String> {
+    use crate::sampler::{argmax, log_sum_exp};
+    let Some(&logit) = want.get(token as usize) else {
+        return Err(format!("token {token} is past the vocabulary"));
+    };
+    let best = argmax(want) as usize;
+    let runner_up = want
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != best)
+        .map(|(_, &v)| v)
+        .fold(f32::NEG_INFINITY, f32::max);
+    if want[best] - runner_up >= 1.0 && token as usize != best {
+        return Err(format!("best token {token}, expected {best}"));
+    }
+    let diff = logit - log_sum_exp(want) - logprob;
+    if !diff.is_finite() || diff.abs() > 0.5 {
+        return Err(format!("token {token}'s log-probability is off by {diff}"));
+    }
+    Ok(())
 }
 
 /// Whether `got` is `want` (one row of logits) within the reference

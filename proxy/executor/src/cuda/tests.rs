@@ -343,6 +343,21 @@ fn the_start_up_check_refuses_logits_that_differ() {
     let nan = vec![f32::NAN; 1000];
     assert!(logits_agree(&want, &nan).is_err());
     assert!(logits_agree(&want, &want[..999]).is_err());
+
+    // A greedy summary: the CPU's own pick and log-probability pass;
+    // another token, a wrong log-probability or garbage do not.
+    use super::model::best_agrees;
+    let lp = want[best] - log_sum_exp(&want);
+    assert_eq!(best_agrees(&want, best as u32, lp), Ok(()));
+    assert_eq!(best_agrees(&want, best as u32, lp + 0.01), Ok(()));
+    assert!(best_agrees(&want, best as u32, lp - 2.0).is_err());
+    assert!(best_agrees(&want, best as u32, f32::NAN).is_err());
+    assert!(best_agrees(&want, 5000, lp).is_err());
+    let mut sharp = want.clone();
+    sharp[best] += 10.0;
+    let other = (best as u32 + 1) % 1000;
+    let other_lp = sharp[other as usize] - log_sum_exp(&sharp);
+    assert!(best_agrees(&sharp, other, other_lp).is_err());
 }
 
 #[test]
