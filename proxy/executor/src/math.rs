@@ -128,6 +128,27 @@ pub fn softmax(x: &mut [f32]) {
     softmax_plain(x);
 }
 
+/// [`softmax`] of each `len`-long row of `x` (the last may be shorter),
+/// with the same results, faster: each row's sum is a chain of dependent
+/// additions that must keep its order, so rows are summed side by side.
+pub fn softmax_rows(x: &mut [f32], len: usize) {
+    if len == 0 {
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if x86::available() {
+        // SAFETY: the CPU supports what the module needs, checked above.
+        #[allow(unsafe_code)]
+        unsafe {
+            x86::softmax_rows(x, len)
+        };
+        return;
+    }
+    for row in x.chunks_mut(len) {
+        softmax_plain(row);
+    }
+}
+
 /// The plain version of [`softmax`].
 pub fn softmax_plain(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -252,17 +273,90 @@ mod x86 {
         });
     }
 
-    /// [`super::softmax_plain`] on AVX2: the exponentials and divisions
-    /// eight at a time, the sum in order.
+    /// [`super::softmax_plain`] on AVX2: the maximum, exponentials and
+    /// divisions eight at a time, the sum in order.
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn softmax(x: &mut [f32]) {
-        let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        exp_less_max(x);
+        let [sum] = in_order_sums([x]);
+        divide(x, sum);
+    }
+
+    /// [`super::softmax_rows`] on AVX2.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn softmax_rows(x: &mut [f32], len: usize) {
+        for row in x.chunks_mut(len) {
+            exp_less_max(row);
+        }
+        for rows in x.chunks_mut(4 * len) {
+            let mut sums = [0.0f32; 4];
+            let mut r = rows.chunks(len);
+            match (r.next(), r.next(), r.next(), r.next()) {
+                (Some(a), Some(b), Some(c), Some(d)) if d.len() == len => {
+                    sums = in_order_sums([a, b, c, d]);
+                }
+                (Some(a), Some(b), Some(c), None) if c.len() == len => {
+                    sums[..3].copy_from_slice(&in_order_sums([a, b, c]));
+                }
+                (Some(a), Some(b), None, None) if b.len() == len => {
+                    sums[..2].copy_from_slice(&in_order_sums([a, b]));
+                }
+                // A shorter last row: each row alone.
+                _ => {
+                    for (sum, row) in sums.iter_mut().zip(rows.chunks(len)) {
+                        [*sum] = in_order_sums([row]);
+                    }
+                }
+            }
+            for (row, &sum) in rows.chunks_mut(len).zip(&sums) {
+                divide(row, sum);
+            }
+        }
+    }
+
+    /// `x[i] = exp(x[i] - max)`. The maximum is taken eight lanes at a
+    /// time: `max_ps(v, m)` keeps `m` when `v` is NaN, as `f32::max`
+    /// keeps the number, and a maximum of either zero's sign gives the
+    /// same differences' exponentials.
+    #[target_feature(enable = "avx2,fma")]
+    fn exp_less_max(x: &mut [f32]) {
+        let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+        let chunks = x.chunks_exact(8);
+        let rest = chunks.remainder();
+        for c in chunks {
+            // SAFETY: `c` holds 8 floats; an unaligned load.
+            m = _mm256_max_ps(unsafe { _mm256_loadu_ps(c.as_ptr()) }, m);
+        }
+        let mut lanes = [0.0f32; 8];
+        // SAFETY: `lanes` holds 8 floats; an unaligned store.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), m) };
+        let max = lanes
+            .iter()
+            .chain(rest)
+            .copied()
+            .fold(f32::NEG_INFINITY, f32::max);
         let m = _mm256_set1_ps(max);
         map8(x, |_, v| exp8(_mm256_sub_ps(v, m)));
-        let mut sum = 0.0f32;
-        for v in x.iter() {
-            sum += *v;
+    }
+
+    /// Each row's sum, element by element in order from 0.0, for `N`
+    /// rows of equal length at once: `N` independent chains of additions.
+    #[inline]
+    fn in_order_sums<const N: usize>(rows: [&[f32]; N]) -> [f32; N] {
+        let len = rows.iter().map(|r| r.len()).min().unwrap_or(0);
+        let rows = rows.map(|r| &r[..len]);
+        let mut sums = [0.0f32; N];
+        for t in 0..len {
+            for (sum, row) in sums.iter_mut().zip(&rows) {
+                *sum += row[t];
+            }
         }
+        sums
+    }
+
+    /// `x[i] /= sum`, eight at a time.
+    #[target_feature(enable = "avx2,fma")]
+    fn divide(x: &mut [f32], sum: f32) {
         let s = _mm256_set1_ps(sum);
         map8(x, |_, v| _mm256_div_ps(v, s));
     }
@@ -332,5 +426,33 @@ mod tests {
             let total: f32 = b.iter().sum();
             assert!((total - 1.0).abs() < 1e-5, "softmax sums to {total}");
         }
+    }
+
+    #[test]
+    fn softmax_rows_equals_softmax_of_each_row() {
+        let x: Vec<f32> = (0..1000)
+            .map(|i| (i * 7919 % 1000) as f32 / 37.0 - 13.0)
+            .collect();
+        for (rows, len) in [(1, 103), (2, 9), (3, 104), (4, 8), (5, 17), (9, 64)] {
+            for cut in [0, 1, 5] {
+                let n = (rows * len - cut).max(1);
+                let mut want = x[..n].to_vec();
+                for row in want.chunks_mut(len) {
+                    softmax_plain(row);
+                }
+                let mut got = x[..n].to_vec();
+                softmax_rows(&mut got, len);
+                assert_eq!(bits(&got), bits(&want), "{rows} rows of {len}, {cut} short");
+            }
+        }
+        let mut nan = vec![1.0, f32::NAN, 3.0, -0.0, 0.0, 2.0, 1.0, 0.5, 0.25, 4.0];
+        let mut want = nan.clone();
+        softmax_plain(&mut want);
+        softmax_rows(&mut nan, 10);
+        let same = nan
+            .iter()
+            .zip(&want)
+            .all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()));
+        assert!(same, "{nan:?} vs {want:?}");
     }
 }

@@ -450,6 +450,12 @@ mod x86 {
     /// The CPU supports AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn attend(heads: &Heads<'_>, out: &mut [f32]) {
+        // SAFETY (both): the caller's guarantee, passed on.
+        match heads.head_dim {
+            64 => return unsafe { attend_fixed::<8>(heads, out) },
+            128 => return unsafe { attend_fixed::<16>(heads, out) },
+            _ => {}
+        }
         let (hd, len, stride) = (heads.head_dim, heads.len, heads.stride);
         let mut scores = vec![0.0f32; heads.q.len() / hd * len];
 
@@ -486,26 +492,127 @@ mod x86 {
             math::softmax(p);
             let mut from = 0;
             while from + 64 <= hd {
-                weigh::<8>(heads, p, from, &mut out[from..from + 64]);
+                weigh::<8, true>(heads, p, from, &mut out[from..from + 64]);
                 from += 64;
             }
             while from + 32 <= hd {
-                weigh::<4>(heads, p, from, &mut out[from..from + 32]);
+                weigh::<4, true>(heads, p, from, &mut out[from..from + 32]);
                 from += 32;
             }
             heads.weigh_values(p, from, &mut out[from..]);
         }
     }
 
-    /// [`Heads::weigh_values`] for `8 * R` dimensions from `from`, in `R`
-    /// registers.
+    /// [`attend`] for heads of `8 * V` dimensions (`V` a multiple of 8),
+    /// every loop over a head's width unrolled: a head's query stays in
+    /// registers while the keys go past. Keys and values are fetched on
+    /// the first head's pass over the keys only; the group's other heads,
+    /// and the weighing, find them in cache. Same arithmetic in the same
+    /// order, so the same results.
+    ///
+    /// # Safety
+    /// The CPU supports AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn attend_fixed<const V: usize>(heads: &Heads<'_>, out: &mut [f32]) {
+        let (hd, len, stride) = (8 * V, heads.len, heads.stride);
+        let keys = heads.keys.as_ptr();
+        let values = heads.values.as_ptr();
+        let scale = _mm256_set1_ps(heads.scale);
+        let mut scores = vec![0.0f32; heads.q.len() / hd * len];
+
+        // The keys' first positions, which the loop below does not fetch
+        // ahead.
+        for p in 0..AHEAD.min(len) {
+            prefetch(keys.wrapping_add(p * stride), hd);
+        }
+        for (h, (q, row)) in heads
+            .q
+            .chunks_exact(hd)
+            .zip(scores.chunks_exact_mut(len))
+            .enumerate()
+        {
+            // Plain loops, not closures, here: a closure would not inherit
+            // this function's target features and calls its intrinsics.
+            let mut qv = [_mm256_setzero_ps(); V];
+            for (i, qv) in qv.iter_mut().enumerate() {
+                // SAFETY: `q` holds 8 * V floats; an unaligned load.
+                *qv = unsafe { _mm256_loadu_ps(q.as_ptr().add(8 * i)) };
+            }
+            let mut t = 0;
+            while t + 8 <= len {
+                // On the first head's pass the values of the same
+                // positions are fetched too, for the weighing after the
+                // softmax: two streams in flight instead of one, and none
+                // when the weighing starts.
+                if h == 0 {
+                    for p in t + AHEAD..t + AHEAD + 8 {
+                        prefetch(keys.wrapping_add(p * stride), hd);
+                    }
+                    for p in t..t + 8 {
+                        prefetch(values.wrapping_add(p * stride), hd);
+                    }
+                }
+                let mut sums = [_mm256_setzero_ps(); 8];
+                for (p, sum) in sums.iter_mut().enumerate() {
+                    *sum = dot_fixed(&qv, &heads.keys[(t + p) * stride..][..hd]);
+                }
+                let s = _mm256_mul_ps(reduce8(sums), scale);
+                // SAFETY: `t + 8 <= len`, the row's length; unaligned.
+                unsafe { _mm256_storeu_ps(row.as_mut_ptr().add(t), s) };
+                t += 8;
+            }
+            for (t, score) in row.iter_mut().enumerate().skip(t) {
+                if h == 0 {
+                    prefetch(values.wrapping_add(t * stride), hd);
+                }
+                *score = dot(q, &heads.keys[t * stride..][..hd]) * heads.scale;
+            }
+        }
+
+        math::softmax_rows(&mut scores, len);
+        for (p, out) in scores.chunks_exact(len).zip(out.chunks_exact_mut(hd)) {
+            for (c, out) in out.chunks_exact_mut(64).enumerate() {
+                weigh::<8, false>(heads, p, 64 * c, out);
+            }
+        }
+    }
+
+    /// [`dot`] of a query held in registers with one key of `8 * V`
+    /// floats, before the final halving: lanes 0..8 and 8..16 of its
+    /// partial sums, added.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    fn weigh<const R: usize>(h: &Heads<'_>, p: &[f32], from: usize, out: &mut [f32]) {
+    fn dot_fixed<const V: usize>(q: &[__m256; V], k: &[f32]) -> __m256 {
+        let k = &k[..8 * V];
+        let (mut lo, mut hi) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for i in 0..V / 2 {
+            // SAFETY: `16 * i + 16 <= 8 * V`, the length of `k`; unaligned.
+            unsafe {
+                let pk = k.as_ptr().add(16 * i);
+                lo = _mm256_add_ps(lo, _mm256_mul_ps(q[2 * i], _mm256_loadu_ps(pk)));
+                hi = _mm256_add_ps(hi, _mm256_mul_ps(q[2 * i + 1], _mm256_loadu_ps(pk.add(8))));
+            }
+        }
+        _mm256_add_ps(lo, hi)
+    }
+
+    /// [`Heads::weigh_values`] for `8 * R` dimensions from `from`, in `R`
+    /// registers, fetching values ahead when `FETCH` (when they are not
+    /// in cache already).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn weigh<const R: usize, const FETCH: bool>(
+        h: &Heads<'_>,
+        p: &[f32],
+        from: usize,
+        out: &mut [f32],
+    ) {
         let values = h.values.as_ptr().wrapping_add(from);
         let mut acc = [_mm256_setzero_ps(); R];
         for (t, &p) in p.iter().enumerate() {
-            prefetch(values.wrapping_add((t + AHEAD) * h.stride), 8 * R);
+            if FETCH {
+                prefetch(values.wrapping_add((t + AHEAD) * h.stride), 8 * R);
+            }
             let v = &h.values[t * h.stride + from..][..8 * R];
             let p = _mm256_set1_ps(p);
             for (k, acc) in acc.iter_mut().enumerate() {
@@ -547,7 +654,14 @@ mod x86 {
             }
             *sum = _mm256_add_ps(lo, hi);
         }
+        reduce8(sums)
+    }
 
+    /// The eight sums of [`dot`]'s halving, one per vector of `sums`
+    /// (each `dot`'s 16 lanes already folded to 8), as one vector.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn reduce8(sums: [__m256; 8]) -> __m256 {
         // Lane k plus lane k + 4, then k + 2, then k + 1, as `dot` halves
         // its sums, for all eight at once: halves of positions p and p + 4
         // share a register, then quarters of p, p + 1 (and p + 4, p + 5).
@@ -691,8 +805,10 @@ fn rope(x: &mut [f32], turns: &[(f32, f32)]) {
     }
 }
 
+/// Makes `v` `len` long. What it held is left in place, not zeroed again:
+/// every buffer is written in full before it is read, and zeroing them
+/// all cost a decode step of 8 sequences a megabyte of stores per layer.
 fn resize(v: &mut Vec<f32>, len: usize) {
-    v.clear();
     v.resize(len, 0.0);
 }
 
@@ -767,6 +883,8 @@ mod tests {
         let cases = [
             (64, 3, 192, 1),
             (64, 3, 192, 103),
+            (64, 3, 64, 16),
+            (128, 2, 128, 37),
             (96, 1, 96, 9),
             (40, 2, 40, 17),
             (8, 4, 24, 5),

@@ -420,6 +420,20 @@ impl SharedOut {
             unsafe { self.ptr.add(idx).write(v) }
         }
     }
+
+    /// Stores `v` at `at..at + v.len()` (nothing if that runs past the
+    /// end): one copy where a group's results are contiguous.
+    ///
+    /// # Safety
+    /// As for [`SharedOut::write`], for every index of the run.
+    #[allow(unsafe_code)]
+    unsafe fn write_run(&self, at: usize, v: &[f32]) {
+        if at.checked_add(v.len()).is_some_and(|end| end <= self.len) {
+            // SAFETY: in bounds; exclusive per the caller's contract;
+            // `v` is the caller's own array, not part of the output.
+            unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), self.ptr.add(at), v.len()) }
+        }
+    }
 }
 
 /// Activation rows multiplied in one kernel call, at most.
@@ -464,14 +478,12 @@ fn matmul_quant(isa: Isa, pool: &ThreadPool, w: &QMatrix, acts: &[BlockQ8], out:
                 let nc = tile.len() / nb;
                 dot_group(isa, w.ty, group, tile, nb, &mut res);
                 for (c, res) in res.iter().enumerate().take(nc) {
-                    for (i, &v) in res.iter().enumerate().take(nr) {
-                        // SAFETY: this task alone owns the rows of its
-                        // groups in every output row, and `out` is not
-                        // used until the job ends.
-                        #[allow(unsafe_code)]
-                        unsafe {
-                            out.write((k * ACTS + c) * rows + r + i, v);
-                        }
+                    // SAFETY: this task alone owns the rows of its groups
+                    // in every output row, and `out` is not used until
+                    // the job ends.
+                    #[allow(unsafe_code)]
+                    unsafe {
+                        out.write_run((k * ACTS + c) * rows + r, &res[..nr]);
                     }
                 }
             }
