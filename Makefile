@@ -17,9 +17,11 @@ PLUGINS := cost-router test-faults confidence-cascade concise tiered
 MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 LLAMA_VENV := .venv-llama
 # llama.cpp's native build enables CPU features these machines do not allow
-# and crashes; name the ones to use instead.
+# and crashes; name the ones to use instead, AVX-512 only where the CPU
+# has it.
+LLAMA_AVX512 := $(if $(shell grep -m1 -ow avx512f /proc/cpuinfo 2>/dev/null),ON,OFF)
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON \
-	-DGGML_F16C=ON -DGGML_AVX512=ON
+	-DGGML_F16C=ON -DGGML_AVX512=$(LLAMA_AVX512)
 
 .PHONY: run build plugins setup wasm-target python nvrtc model test lint deny \
 	audit deny-tool fuzz fuzz-tool bench iptables \

@@ -72,20 +72,31 @@ impl Sampler {
             .map(|(id, &l)| (id as u32, ((l - max) * inv_t).exp()))
             .collect();
         let total: f32 = probs.iter().map(|&(_, p)| p).sum();
+        if self.params.top_p >= 1.0 {
+            // Every token stays: draw in id order, with no sorting (which
+            // would cost milliseconds over a whole vocabulary).
+            return draw(&probs, self.rng.next_f32() * total).unwrap_or_else(|| argmax(logits));
+        }
         let keep = nucleus(&mut probs, self.params.top_p * total);
         let kept = &probs[..keep];
 
         // Draw within the kept mass.
         let mass: f32 = kept.iter().map(|&(_, p)| p).sum();
-        let mut target = self.rng.next_f32() * mass;
-        for &(id, p) in kept {
-            if target < p {
-                return id;
-            }
-            target -= p;
-        }
-        kept.last().map_or_else(|| argmax(logits), |&(id, _)| id)
+        draw(kept, self.rng.next_f32() * mass).unwrap_or_else(|| argmax(logits))
     }
+}
+
+/// The entry of `probs` whose share of the running sum holds `target`
+/// (in `[0, sum)`); the last entry when rounding leaves `target` past the
+/// end, `None` when there are none.
+fn draw(probs: &[(u32, f32)], mut target: f32) -> Option<u32> {
+    for &(id, p) in probs {
+        if target < p {
+            return Some(id);
+        }
+        target -= p;
+    }
+    probs.last().map(|&(id, _)| id)
 }
 
 /// Moves the smallest set of largest entries whose sum reaches `mass` to
@@ -244,12 +255,16 @@ mod tests {
     #[test]
     fn draws_follow_the_distribution() {
         // p = softmax([ln 3, 0]) = [0.75, 0.25].
+        // Both draws: over the whole vocabulary (top_p 1) and over a
+        // nucleus that keeps both tokens.
         let logits = [3.0f32.ln(), 0.0];
-        let mut s = Sampler::new(params(1.0, 1.0, 11));
-        let n = 20_000;
-        let zeros = (0..n).filter(|_| s.sample(&logits) == 0).count();
-        let share = zeros as f64 / n as f64;
-        assert!((share - 0.75).abs() < 0.02, "share {share}");
+        for top_p in [1.0, 0.999] {
+            let mut s = Sampler::new(params(1.0, top_p, 11));
+            let n = 20_000;
+            let zeros = (0..n).filter(|_| s.sample(&logits) == 0).count();
+            let share = zeros as f64 / n as f64;
+            assert!((share - 0.75).abs() < 0.02, "top_p {top_p}: share {share}");
+        }
     }
 
     #[test]
