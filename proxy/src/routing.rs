@@ -384,6 +384,11 @@ impl Router {
 /// takes away from a thread.
 const SLOW_PLUGIN_CALL: Duration = Duration::from_millis(5);
 const OFF_THREAD_AFTER_SLOW: u64 = 100;
+// Limitation: "slow" is wall-clock time, so on a machine with more busy
+// threads than cores a worker descheduled in the middle of a quick call
+// also starts the cool-down; its 100 calls then pay the hand-off (tens to
+// hundreds of microseconds each), which shows in the decision p99. The
+// thread's CPU time would tell the two apart but costs a system call.
 /// Plugins allowed more than this per call (`policy.timeout_ms`) always
 /// run off the workers: a worker held that long would stall the requests
 /// queued on it. The default budget, 50 ms, is within it.
