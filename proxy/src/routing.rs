@@ -378,17 +378,19 @@ impl Router {
     }
 }
 
-/// A plugin call that ran on a worker thread for longer than this sends
-/// the next `OFF_THREAD_AFTER_SLOW` calls off the workers. Well above a
-/// warm call (microseconds) and above most time slices a busy machine
-/// takes away from a thread.
+/// `SLOW_CALLS_IN_A_ROW` plugin calls in a row that each took longer than
+/// this send the next `OFF_THREAD_AFTER_SLOW` calls off the workers. Well
+/// above a warm call (microseconds) and above most time slices a busy
+/// machine takes away from a thread.
 const SLOW_PLUGIN_CALL: Duration = Duration::from_millis(5);
 const OFF_THREAD_AFTER_SLOW: u64 = 100;
-// Limitation: "slow" is wall-clock time, so on a machine with more busy
-// threads than cores a worker descheduled in the middle of a quick call
-// also starts the cool-down; its 100 calls then pay the hand-off (tens to
-// hundreds of microseconds each), which shows in the decision p99. The
-// thread's CPU time would tell the two apart but costs a system call.
+/// Slow is wall-clock time, so a worker descheduled in the middle of a
+/// quick call looks slow too; on a machine with more busy threads than
+/// cores that happens to about one call in a thousand, and each false
+/// alarm would cost 100 hand-offs (tens to hundreds of microseconds
+/// each). A plugin that is slow is slow every time; two in a row tell it
+/// from such chance delays.
+const SLOW_CALLS_IN_A_ROW: u64 = 2;
 /// Plugins allowed more than this per call (`policy.timeout_ms`) always
 /// run off the workers: a worker held that long would stall the requests
 /// queued on it. The default budget, 50 ms, is within it.
@@ -398,23 +400,28 @@ const INLINE_MAX_BUDGET: Duration = Duration::from_millis(50);
 /// another thread (`block_in_place`) costs several times a warm call
 /// (microseconds), so a call within `INLINE_MAX_BUDGET` runs on the
 /// worker thread that made it, each worker with its own warm instance
-/// (see `Policy::route`), never waiting for another call. After a call
-/// that took longer than `SLOW_PLUGIN_CALL`, the next
-/// `OFF_THREAD_AFTER_SLOW` calls move the worker's tasks away first.
-// Limitation: until the first slow call has ended, every worker may be in
-// a slow call at once, so a plugin that turns slow can hold all workers
-// for up to one call's budget (at most `INLINE_MAX_BUDGET`) before the
-// cool-down begins, and again once per `OFF_THREAD_AFTER_SLOW` calls.
+/// (see `Policy::route`), never waiting for another call. After
+/// `SLOW_CALLS_IN_A_ROW` calls that each took longer than
+/// `SLOW_PLUGIN_CALL`, the next `OFF_THREAD_AFTER_SLOW` calls move the
+/// worker's tasks away first.
+// Limitation: until the slow calls that start the cool-down have ended,
+// every worker may be in a slow call, so a plugin that turns slow can
+// hold each worker for up to two calls' budget (at most
+// `INLINE_MAX_BUDGET` each) before the cool-down begins, and again once
+// per `OFF_THREAD_AFTER_SLOW` calls.
 #[derive(Debug)]
 struct InlineGate {
-    /// Calls still to send off the workers after a slow one.
+    /// Calls still to send off the workers after slow ones.
     off_thread: AtomicU64,
+    /// Calls in a row, of any worker, that took over `SLOW_PLUGIN_CALL`.
+    slow_in_a_row: AtomicU64,
 }
 
 impl InlineGate {
     fn new() -> Self {
         InlineGate {
             off_thread: AtomicU64::new(0),
+            slow_in_a_row: AtomicU64::new(0),
         }
     }
 
@@ -428,11 +435,27 @@ impl InlineGate {
         }
         let result = call();
         let took = started.elapsed();
-        if took > SLOW_PLUGIN_CALL {
+        self.count_slow(took > SLOW_PLUGIN_CALL);
+        (result, took)
+    }
+
+    /// Counts an inline call that was `slow` or not, and starts the
+    /// cool-down after `SLOW_CALLS_IN_A_ROW` slow ones.
+    fn count_slow(&self, slow: bool) {
+        if !slow {
+            // A plain load first, as in `inline`: a quick call after a
+            // quick call writes nothing.
+            if self.slow_in_a_row.load(Ordering::Relaxed) != 0 {
+                self.slow_in_a_row.store(0, Ordering::Relaxed);
+            }
+            return;
+        }
+        let in_a_row = self.slow_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
+        if in_a_row >= SLOW_CALLS_IN_A_ROW {
+            self.slow_in_a_row.store(0, Ordering::Relaxed);
             self.off_thread
                 .store(OFF_THREAD_AFTER_SLOW, Ordering::Relaxed);
         }
-        (result, took)
     }
 
     /// Whether a call with `budget` may run on the calling worker thread.
@@ -538,14 +561,30 @@ mod tests {
     }
 
     #[test]
-    fn after_a_slow_plugin_call_calls_leave_the_worker_thread() {
+    fn after_slow_plugin_calls_in_a_row_calls_leave_the_worker_thread() {
         let gate = InlineGate::new();
         let budget = INLINE_MAX_BUDGET;
-        gate.call(budget, || std::thread::sleep(SLOW_PLUGIN_CALL * 2));
+        for _ in 0..SLOW_CALLS_IN_A_ROW {
+            assert!(gate.inline(budget), "before the slow calls end");
+            gate.call(budget, || std::thread::sleep(SLOW_PLUGIN_CALL * 2));
+        }
         for _ in 0..OFF_THREAD_AFTER_SLOW {
             assert!(!gate.inline(budget), "inside the cool-down");
         }
         assert!(gate.inline(budget), "after the cool-down");
+    }
+
+    #[test]
+    fn one_slow_call_between_quick_ones_keeps_calls_on_the_worker_thread() {
+        let gate = InlineGate::new();
+        for _ in 0..SLOW_CALLS_IN_A_ROW * 3 {
+            gate.count_slow(true);
+            gate.count_slow(false);
+        }
+        assert!(
+            gate.inline(INLINE_MAX_BUDGET),
+            "a descheduled worker is not a slow plugin"
+        );
     }
 
     #[test]
