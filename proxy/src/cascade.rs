@@ -392,11 +392,9 @@ impl Reviewer {
             self.elapsed(),
             partial,
         );
-        let started = Instant::now();
         let verdict = app
             .router()
             .call_plugin(&self.policy, || self.policy.review(&self.summary, &answer));
-        metrics::record_policy_call(self.policy.name(), started.elapsed());
 
         let (pool, reason) = match verdict {
             Ok(Verdict::Accept) => (None, None),

@@ -11,8 +11,8 @@
 //! elsewhere.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use http::HeaderMap;
@@ -22,6 +22,13 @@ use crate::api::ApiRequest;
 use crate::config::OnError;
 use crate::error::{ApiError, ErrorKind};
 use crate::metrics;
+
+/// The active policy and the one a rollback returns to.
+#[derive(Debug, Clone, Default)]
+struct Policies {
+    active: Option<Arc<Policy>>,
+    previous: Option<Arc<Policy>>,
+}
 
 /// Where a request goes.
 #[derive(Debug, Clone, Default)]
@@ -62,10 +69,10 @@ pub struct Router {
     pools: HashSet<String>,
     /// Pool names in configuration order, for listings and messages.
     names: Vec<String>,
-    /// The policy new requests are routed by; swapped whole by a reload.
-    policy: RwLock<Option<Arc<Policy>>>,
-    /// The one it replaced, for a rollback.
-    previous: Mutex<Option<Arc<Policy>>>,
+    /// The policy new requests are routed by, swapped whole by a reload,
+    /// and the one it replaced, for a rollback; one lock, so that a
+    /// request reads both at once.
+    policies: RwLock<Policies>,
     /// What a failed plugin call leads to.
     on_error: OnError,
     /// Share of failed calls past which a swapped-in version is rolled
@@ -88,8 +95,10 @@ impl Router {
         Self {
             pools,
             names,
-            policy: RwLock::new(policy.map(Arc::new)),
-            previous: Mutex::new(None),
+            policies: RwLock::new(Policies {
+                active: policy.map(Arc::new),
+                previous: None,
+            }),
             on_error: OnError::DefaultRoute,
             rollback_error_rate: 0.0,
             rollback_min_calls: 0,
@@ -101,9 +110,12 @@ impl Router {
     }
 
     /// Runs a call (`route` or `review`) into `policy`, which may take up
-    /// to its timeout. See [`InlineGate`] for where it runs.
+    /// to its timeout, and records how long it took. See [`InlineGate`]
+    /// for where it runs.
     pub(crate) fn call_plugin<T>(&self, policy: &Policy, call: impl FnOnce() -> T) -> T {
-        self.inline.call(policy.timeout(), call)
+        let (result, took) = self.inline.call(policy.timeout(), call);
+        metrics::record_policy_call(policy.name(), took);
+        result
     }
 
     /// Sets what a failed plugin call leads to, and when a swapped-in
@@ -120,32 +132,35 @@ impl Router {
         &self.names
     }
 
+    fn policies(&self) -> RwLockReadGuard<'_, Policies> {
+        self.policies.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn policies_mut(&self) -> RwLockWriteGuard<'_, Policies> {
+        self.policies
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// The policy new requests are routed by.
     pub fn policy(&self) -> Option<Arc<Policy>> {
-        self.policy
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.policies().active.clone()
     }
 
     /// The policy a rollback would return to.
     pub fn previous_policy(&self) -> Option<Arc<Policy>> {
-        self.previous
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.policies().previous.clone()
     }
 
     /// Routes new requests by `policy`; requests already routed finish on
     /// the version they hold. The replaced one is kept for a rollback.
     pub fn swap_policy(&self, policy: Arc<Policy>) {
-        let mut current = self.policy.write().unwrap_or_else(PoisonError::into_inner);
-        let old = current.replace(policy);
+        let mut policies = self.policies_mut();
+        let old = policies.active.replace(policy);
         self.calls.store(0, Ordering::SeqCst);
         self.errors.store(0, Ordering::SeqCst);
-        drop(current);
-        if let Some(old) = old {
-            *self.previous.lock().unwrap_or_else(PoisonError::into_inner) = Some(old);
+        if old.is_some() {
+            policies.previous = old;
         }
     }
 
@@ -153,19 +168,13 @@ impl Router {
     /// configuration that loads the same plugin: a version swapped in
     /// since start keeps routing, and a rollback still has somewhere to go.
     pub fn adopt_policies(&self, other: &Router) {
-        let active = other.policy();
-        let previous = other.previous_policy();
-        *self.policy.write().unwrap_or_else(PoisonError::into_inner) = active;
-        *self.previous.lock().unwrap_or_else(PoisonError::into_inner) = previous;
+        let theirs = other.policies().clone();
+        *self.policies_mut() = theirs;
     }
 
     /// Swaps back to the previous policy; `None` when there is none.
     pub fn rollback_policy(&self) -> Option<Arc<Policy>> {
-        let previous = self
-            .previous
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()?;
+        let previous = self.policies_mut().previous.take()?;
         self.swap_policy(Arc::clone(&previous));
         Some(previous)
     }
@@ -174,14 +183,19 @@ impl Router {
     pub fn route(&self, request: &ApiRequest, headers: &HeaderMap) -> Result<Route, ApiError> {
         // The request keeps this `Arc` to its end, so its review runs on
         // the same plugin version as its route, whatever a reload does.
-        let Some(policy) = self.policy() else {
+        let (policy, counted) = {
+            let policies = self.policies();
+            let counted = self.rollback_error_rate > 0.0 && policies.previous.is_some();
+            (policies.active.clone(), counted)
+        };
+        let Some(policy) = policy else {
             return self.default_route(request);
         };
         let summary = request.route_request(headers);
-        let started = Instant::now();
         let outcome = self.call_plugin(&policy, || policy.route(&summary));
-        metrics::record_policy_call(policy.name(), started.elapsed());
-        self.count_call(&policy, outcome.is_err());
+        if counted {
+            self.count_call(&policy, outcome.is_err());
+        }
 
         let outcome = match outcome {
             Ok(outcome) => outcome,
@@ -226,7 +240,9 @@ impl Router {
     }
 
     /// Counts a call of `policy` and rolls a swapped-in version back when
-    /// its share of failures passes `policy.rollback_error_rate`.
+    /// its share of failures passes `policy.rollback_error_rate`. Calls
+    /// made while there is no previous version need no counting: nothing
+    /// can be rolled back, and the swap that brings one resets the counts.
     fn count_call(&self, policy: &Arc<Policy>, failed: bool) {
         let active = self.policy().is_some_and(|p| Arc::ptr_eq(&p, policy));
         if !active {
@@ -362,87 +378,101 @@ impl Router {
     }
 }
 
-/// A plugin call that ran on a worker thread for longer than this sends
-/// the next `OFF_THREAD_AFTER_SLOW` calls off the workers. Well above a
-/// warm call (microseconds) and above most time slices a busy machine
-/// takes away from a thread.
+/// `SLOW_CALLS_IN_A_ROW` plugin calls in a row that each took longer than
+/// this send the next `OFF_THREAD_AFTER_SLOW` calls off the workers. Well
+/// above a warm call (microseconds) and above most time slices a busy
+/// machine takes away from a thread.
 const SLOW_PLUGIN_CALL: Duration = Duration::from_millis(5);
 const OFF_THREAD_AFTER_SLOW: u64 = 100;
-/// How long a call waits for the one running on a worker thread before
-/// it leaves its own worker instead.
-const INLINE_WAIT: Duration = Duration::from_micros(20);
+/// Slow is wall-clock time, so a worker descheduled in the middle of a
+/// quick call looks slow too; on a machine with more busy threads than
+/// cores that happens to about one call in a thousand, and each false
+/// alarm would cost 100 hand-offs (tens to hundreds of microseconds
+/// each). A plugin that is slow is slow every time; two in a row tell it
+/// from such chance delays.
+const SLOW_CALLS_IN_A_ROW: u64 = 2;
 /// Plugins allowed more than this per call (`policy.timeout_ms`) always
 /// run off the workers: a worker held that long would stall the requests
 /// queued on it. The default budget, 50 ms, is within it.
 const INLINE_MAX_BUDGET: Duration = Duration::from_millis(50);
 
 /// Where plugin calls run. Handing the worker thread's other tasks to
-/// another thread (`block_in_place`) before each call costs more than a
-/// quick call itself, so a call runs on the worker thread when no other
-/// plugin call does so at that moment and none was slow lately;
-/// otherwise the worker's tasks move away first. At most one worker is
-/// ever held by plugin code, so a plugin that turns slow delays the
-/// requests of that one worker, by at most one call's timeout (and never
-/// more than `INLINE_MAX_BUDGET`), once per `OFF_THREAD_AFTER_SLOW`
-/// calls.
+/// another thread (`block_in_place`) costs several times a warm call
+/// (microseconds), so a call within `INLINE_MAX_BUDGET` runs on the
+/// worker thread that made it, each worker with its own warm instance
+/// (see `Policy::route`), never waiting for another call. After
+/// `SLOW_CALLS_IN_A_ROW` calls that each took longer than
+/// `SLOW_PLUGIN_CALL`, the next `OFF_THREAD_AFTER_SLOW` calls move the
+/// worker's tasks away first.
+// Limitation: until the slow calls that start the cool-down have ended,
+// every worker may be in a slow call, so a plugin that turns slow can
+// hold each worker for up to two calls' budget (at most
+// `INLINE_MAX_BUDGET` each) before the cool-down begins, and again once
+// per `OFF_THREAD_AFTER_SLOW` calls.
 #[derive(Debug)]
 struct InlineGate {
-    /// A call runs on a worker thread now.
-    busy: AtomicBool,
-    /// Calls still to send off the workers after a slow one.
+    /// Calls still to send off the workers after slow ones.
     off_thread: AtomicU64,
+    /// Calls in a row, of any worker, that took over `SLOW_PLUGIN_CALL`.
+    slow_in_a_row: AtomicU64,
 }
 
 impl InlineGate {
     fn new() -> Self {
         InlineGate {
-            busy: AtomicBool::new(false),
             off_thread: AtomicU64::new(0),
+            slow_in_a_row: AtomicU64::new(0),
         }
     }
 
-    /// Runs `call`, which may take up to `budget`.
-    fn call<T>(&self, budget: Duration, call: impl FnOnce() -> T) -> T {
-        if budget > INLINE_MAX_BUDGET || !self.enter() {
-            return call_blocking(call);
-        }
+    /// Runs `call`, which may take up to `budget`; returns its result and
+    /// how long it took, handing-off included.
+    fn call<T>(&self, budget: Duration, call: impl FnOnce() -> T) -> (T, Duration) {
         let started = Instant::now();
+        if !self.inline(budget) {
+            let result = call_blocking(call);
+            return (result, started.elapsed());
+        }
         let result = call();
-        self.leave(started.elapsed());
-        result
+        let took = started.elapsed();
+        self.count_slow(took > SLOW_PLUGIN_CALL);
+        (result, took)
     }
 
-    /// Whether a call may run on the worker thread now; if so, the
-    /// caller must `leave` after it.
-    fn enter(&self) -> bool {
+    /// Counts an inline call that was `slow` or not, and starts the
+    /// cool-down after `SLOW_CALLS_IN_A_ROW` slow ones.
+    fn count_slow(&self, slow: bool) {
+        if !slow {
+            // A plain load first, as in `inline`: a quick call after a
+            // quick call writes nothing.
+            if self.slow_in_a_row.load(Ordering::Relaxed) != 0 {
+                self.slow_in_a_row.store(0, Ordering::Relaxed);
+            }
+            return;
+        }
+        let in_a_row = self.slow_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
+        if in_a_row >= SLOW_CALLS_IN_A_ROW {
+            self.slow_in_a_row.store(0, Ordering::Relaxed);
+            self.off_thread
+                .store(OFF_THREAD_AFTER_SLOW, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether a call with `budget` may run on the calling worker thread.
+    fn inline(&self, budget: Duration) -> bool {
+        if budget > INLINE_MAX_BUDGET {
+            return false;
+        }
+        // A plain load first: the cool-down is rare, and a write on every
+        // call would bounce this cache line between the workers.
+        if self.off_thread.load(Ordering::Relaxed) == 0 {
+            return true;
+        }
         let cooling = self
             .off_thread
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
             .is_ok();
-        if cooling {
-            return false;
-        }
-        // A warm call takes a few microseconds, so waiting that long for
-        // the one running now is cheaper than leaving the worker.
-        let started = Instant::now();
-        loop {
-            if !self.busy.swap(true, Ordering::Acquire) {
-                return true;
-            }
-            if started.elapsed() > INLINE_WAIT {
-                return false;
-            }
-            std::hint::spin_loop();
-        }
-    }
-
-    /// Ends a call that ran on the worker thread for `took`.
-    fn leave(&self, took: Duration) {
-        if took > SLOW_PLUGIN_CALL {
-            self.off_thread
-                .store(OFF_THREAD_AFTER_SLOW, Ordering::Relaxed);
-        }
-        self.busy.store(false, Ordering::Release);
+        !cooling
     }
 }
 
@@ -516,33 +546,45 @@ mod tests {
     }
 
     #[test]
-    fn one_plugin_call_at_a_time_runs_on_a_worker_thread() {
+    fn plugin_calls_run_on_their_worker_thread_even_while_another_does() {
         let gate = InlineGate::new();
-        assert!(gate.enter());
-        assert!(!gate.enter(), "a second call while the first runs");
-        gate.leave(Duration::from_micros(5));
-        assert!(gate.enter());
-        gate.leave(Duration::from_micros(5));
+        let budget = Duration::from_millis(1);
+        let (nested, _) = gate.call(budget, || gate.call(budget, || gate.inline(budget)));
+        assert!(nested.0, "a call during another call leaves its worker");
     }
 
     #[test]
     fn a_plugin_with_a_long_budget_never_runs_on_a_worker_thread() {
         let gate = InlineGate::new();
-        let long = INLINE_MAX_BUDGET * 2;
-        assert!(!gate.call(long, || gate.busy.load(Ordering::Relaxed)));
-        assert!(gate.call(INLINE_MAX_BUDGET, || gate.busy.load(Ordering::Relaxed)));
+        assert!(!gate.inline(INLINE_MAX_BUDGET * 2));
+        assert!(gate.inline(INLINE_MAX_BUDGET));
     }
 
     #[test]
-    fn after_a_slow_plugin_call_calls_leave_the_worker_thread() {
+    fn after_slow_plugin_calls_in_a_row_calls_leave_the_worker_thread() {
         let gate = InlineGate::new();
-        assert!(gate.enter());
-        gate.leave(SLOW_PLUGIN_CALL * 2);
-        for _ in 0..OFF_THREAD_AFTER_SLOW {
-            assert!(!gate.enter(), "inside the cool-down");
+        let budget = INLINE_MAX_BUDGET;
+        for _ in 0..SLOW_CALLS_IN_A_ROW {
+            assert!(gate.inline(budget), "before the slow calls end");
+            gate.call(budget, || std::thread::sleep(SLOW_PLUGIN_CALL * 2));
         }
-        assert!(!gate.busy.load(Ordering::Relaxed));
-        assert!(gate.enter(), "after the cool-down");
+        for _ in 0..OFF_THREAD_AFTER_SLOW {
+            assert!(!gate.inline(budget), "inside the cool-down");
+        }
+        assert!(gate.inline(budget), "after the cool-down");
+    }
+
+    #[test]
+    fn one_slow_call_between_quick_ones_keeps_calls_on_the_worker_thread() {
+        let gate = InlineGate::new();
+        for _ in 0..SLOW_CALLS_IN_A_ROW * 3 {
+            gate.count_slow(true);
+            gate.count_slow(false);
+        }
+        assert!(
+            gate.inline(INLINE_MAX_BUDGET),
+            "a descheduled worker is not a slow plugin"
+        );
     }
 
     #[test]

@@ -1,16 +1,20 @@
-//! A loaded policy plugin: its engine, compiled component and a small pool
-//! of warm instances that serve `route` calls.
+//! A loaded policy plugin: its engine, compiled component and the warm
+//! instances that serve `route` calls, one kept by each calling thread and
+//! a small shared pool besides.
 //!
 //! Owns instance lifecycle (create, init, reuse, discard) and the per-call
 //! deadline and memory cap. An instance that failed a call is never
 //! reused: it is dropped and the next call gets a healthy one.
 
+use std::cell::Cell;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::sync::{Mutex, PoisonError};
 
 use sha2::{Digest, Sha256};
+use thread_local::ThreadLocal;
 use wasmtime::component::Component;
 use wasmtime::{Engine, Store, Trap};
 
@@ -22,9 +26,10 @@ use crate::state::{HostState, PluginMeta};
 use crate::ticker::{Ticker, TICK};
 use crate::{PolicySettings, ReviewAnswer, RouteOutcome, RouteRequest, Verdict};
 
-/// Most idle instances kept for reuse; more are dropped when returned. The
-/// number of instances in use at once is bounded by the threads calling
-/// [`Policy::route`], so this only caps memory kept after a burst.
+/// Most idle instances kept for reuse, per-thread ones included; more are
+/// dropped when returned. The number of instances in use at once is
+/// bounded by the threads calling [`Policy::route`], so this only caps
+/// memory kept after a burst.
 const MAX_IDLE_INSTANCES: usize = 32;
 
 /// Least deadline of `init`, in ms. `init` runs once per instance, and a
@@ -59,6 +64,13 @@ pub struct Policy {
     meta: Arc<PluginMeta>,
     engine: Engine,
     pre: PolicyPre<HostState>,
+    /// One warm instance per calling thread: a tokio worker calls into
+    /// its own instance, whose memory stays in its core's cache, without
+    /// taking a lock. At most `MAX_IDLE_INSTANCES` threads get one.
+    local: ThreadLocal<Cell<Option<Instance>>>,
+    /// Threads with a slot in `local`.
+    local_slots: AtomicUsize,
+    /// Warm instances of no thread in particular.
     idle: Mutex<Vec<Instance>>,
     _ticker: Ticker,
 }
@@ -152,6 +164,8 @@ impl Policy {
             init_deadline_ticks: deadline_ticks(init_timeout_ms(settings.timeout_ms)),
             engine,
             pre,
+            local: ThreadLocal::new(),
+            local_slots: AtomicUsize::new(0),
             idle: Mutex::new(Vec::new()),
             _ticker: ticker,
         };
@@ -168,7 +182,13 @@ impl Policy {
                 source,
             },
         })?;
-        policy.put_back(instance);
+        // Shared, so that the first thread to call takes it: the loading
+        // thread may never call.
+        policy
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(instance);
 
         // The plugin's own fixtures must hold before it serves anything.
         let fixtures = fixtures::embedded(bytes).map_err(|detail| LoadError::Fixture {
@@ -349,22 +369,52 @@ impl Policy {
         }
     }
 
+    /// A warm instance: the calling thread's own, else a shared one.
     fn take_idle(&self) -> Option<Instance> {
+        if let Some(instance) = self.local.get().and_then(Cell::take) {
+            return Some(instance);
+        }
         self.idle
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .pop()
     }
 
+    /// Keeps `instance` warm: as the calling thread's own when its slot
+    /// is free, else in the shared pool while it has room.
     fn put_back(&self, instance: Instance) {
+        let instance = match self.local_slot() {
+            Some(slot) => match slot.replace(Some(instance)) {
+                None => return,
+                // The thread's slot was taken meanwhile (a call within a
+                // call); the older instance goes to the shared pool.
+                Some(older) => older,
+            },
+            None => instance,
+        };
+        let room = MAX_IDLE_INSTANCES.saturating_sub(self.local_slots.load(Ordering::Relaxed));
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        if idle.len() < MAX_IDLE_INSTANCES {
+        if idle.len() < room {
             idle.push(instance);
             return;
         }
         // Drop the surplus instance after releasing the lock.
         drop(idle);
         drop(instance);
+    }
+
+    /// The calling thread's slot, made now if there is room for one more.
+    fn local_slot(&self) -> Option<&Cell<Option<Instance>>> {
+        if let Some(slot) = self.local.get() {
+            return Some(slot);
+        }
+        let claimed = self
+            .local_slots
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < MAX_IDLE_INSTANCES).then_some(n + 1)
+            })
+            .is_ok();
+        claimed.then(|| self.local.get_or(|| Cell::new(None)))
     }
 
     /// Classifies a failed call into the plugin that ran under a deadline
@@ -431,7 +481,8 @@ impl fmt::Debug for Policy {
             .field("version", &self.version)
             .field("timeout_ms", &self.timeout_ms)
             .field("max_memory_bytes", &self.max_memory_bytes)
-            .field("idle_instances", &idle)
+            .field("thread_slots", &self.local_slots.load(Ordering::Relaxed))
+            .field("shared_idle_instances", &idle)
             .finish_non_exhaustive()
     }
 }
@@ -522,6 +573,40 @@ mod tests {
             err.as_deref(),
             Some("[policy] timeout_ms must be at least 1")
         );
+    }
+
+    #[test]
+    fn each_thread_gets_back_its_own_warm_instance() {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../target/wasm32-wasip2/release/test_faults.wasm");
+        assert!(
+            path.is_file(),
+            "{} is missing: run `make plugins`",
+            path.display()
+        );
+        let policy = Policy::load(&PolicySettings::new(&path)).unwrap();
+        let address = |instance: &Instance| std::ptr::from_ref(instance.store.data()).addr();
+
+        // This thread takes the instance made at load and keeps it.
+        let mine = policy.take_idle().expect("the instance made at load");
+        let my_address = address(&mine);
+        policy.put_back(mine);
+
+        // Another thread finds none of its own and must not take this
+        // thread's; the one it makes stays its own.
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                assert!(
+                    policy.take_idle().is_none(),
+                    "took another thread's instance"
+                );
+                let theirs = policy.instantiate().ok().expect("a fresh instance");
+                policy.put_back(theirs);
+            });
+        });
+
+        let again = policy.take_idle().expect("this thread's instance");
+        assert_eq!(address(&again), my_address);
     }
 
     #[test]
