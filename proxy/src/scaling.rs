@@ -530,6 +530,12 @@ impl Shared {
         };
         metrics::record_pool_cold_start(&self.pool);
         self.transition(PoolState::Starting, reason);
+        // Every request that found the pool cold woke the supervisor, and
+        // `notify_one` keeps one wake-up when it is not waiting. They did
+        // so under the lock, before this transition: this start answers
+        // them all, so a kept wake-up is spent here rather than starting
+        // the pool again, with no request, once it idles out.
+        let _ = std::pin::pin!(self.demand.notified()).enable();
         replicas
     }
 
@@ -1448,6 +1454,43 @@ mod tests {
         drop(third);
         assert_eq!(scaler.report()["in_flight"], 0);
         assert_eq!(held(), 0);
+        scaler.shutdown().await;
+    }
+
+    /// Two requests that find the pool cold before its supervisor has
+    /// run each wake it; the second wake-up is kept by the `Notify`. The
+    /// one start answers both, so once the pool idles out it stays cold
+    /// rather than starting again with no request. On a current-thread
+    /// runtime the spawned requests run before the woken supervisor, so
+    /// the race happens every time.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_burst_that_found_the_pool_cold_does_not_start_it_again_after_idling() {
+        let addr = always_ready().await;
+        let text = format!(
+            "[[pool]]\nname = \"big\"\nendpoints = [\"http://{addr}\"]\n\
+             [pool.scaler]\nkind = \"none\"\nidle_timeout_s = 1\nmin_up_s = 0\n\
+             probe_interval_ms = 50\n"
+        );
+        let config = crate::config::Config::parse(&text).unwrap();
+        let pool = Arc::new(Pool::new(&config.pool[0]).unwrap());
+        let scaler_config = config.pool[0].scaler.clone().unwrap();
+        let scaler = Arc::new(Scaler::start(pool, scaler_config, None));
+        // The supervisor waits for demand.
+        tokio::task::yield_now().await;
+
+        let admit = || {
+            let scaler = Arc::clone(&scaler);
+            tokio::spawn(async move { scaler.admit(None).await.map(drop).is_ok() })
+        };
+        let (first, second) = (admit(), admit());
+        assert!(first.await.unwrap() && second.await.unwrap());
+        assert_eq!(scaler.report()["cold_starts"], 1);
+
+        // Idle for 1 s: cold, and still cold well after, with one start.
+        wait_for(&scaler, PoolState::Cold).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(scaler.state(), PoolState::Cold, "{}", scaler.report());
+        assert_eq!(scaler.report()["cold_starts"], 1);
         scaler.shutdown().await;
     }
 
