@@ -1078,9 +1078,15 @@ async fn watch_ready(
                 };
                 tracing::info!(pool = %shared.pool, from = before, to = replicas, reason = why, "pool replicas changed");
                 metrics::record_pool_desired_replicas(&shared.pool, replicas);
+                // A webhook that does not answer keeps a call retrying for
+                // up to a minute; stopping does not wait for it.
+                // Limitation: the probe and idle checks do wait for it.
                 if let Some(webhook) = webhook {
-                    if webhook.scale(replicas, why).await.is_err() {
-                        shared.rescale_failed(replicas, before);
+                    tokio::select! {
+                        scaled = webhook.scale(replicas, why) => if scaled.is_err() {
+                            shared.rescale_failed(replicas, before);
+                        },
+                        () = stopped(stop) => return Watched::Stopped,
                     }
                 }
             }
@@ -1492,6 +1498,61 @@ mod tests {
         assert_eq!(scaler.state(), PoolState::Cold, "{}", scaler.report());
         assert_eq!(scaler.report()["cold_starts"], 1);
         scaler.shutdown().await;
+    }
+
+    /// A webhook that answers the start and then no more: a replica step
+    /// hangs in its retries, and stopping the pool must not wait for them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stopping_does_not_wait_for_a_replica_step_the_webhook_never_answers() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let addr = always_ready().await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let hook = listener.local_addr().unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let counted = Arc::clone(&counted);
+                let service = hyper::service::service_fn(move |_req| {
+                    let first = counted.fetch_add(1, Ordering::SeqCst) == 0;
+                    async move {
+                        if !first {
+                            std::future::pending::<()>().await;
+                        }
+                        let body = http_body_util::Full::new(bytes::Bytes::from_static(b"{}"));
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+                    }
+                });
+                tokio::spawn(async move {
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service)
+                        .await;
+                });
+            }
+        });
+        let text = format!(
+            "[[pool]]\nname = \"big\"\nendpoints = [\"http://{addr}\"]\n\
+             [pool.scaler]\nkind = \"webhook\"\nurl = \"http://{hook}/scale\"\n\
+             max_in_flight = 1\nmax_replicas = 2\nprobe_interval_ms = 50\n"
+        );
+        let config = crate::config::Config::parse(&text).unwrap();
+        let pool = Arc::new(Pool::new(&config.pool[0]).unwrap());
+        let scaler_config = config.pool[0].scaler.clone().unwrap();
+        let scaler = Scaler::start(pool, scaler_config, None);
+
+        // One request in flight asks for a second replica; that call hangs.
+        let busy = scaler.admit(None).await.unwrap();
+        let end = Instant::now() + Duration::from_secs(10);
+        while calls.load(Ordering::SeqCst) < 2 {
+            assert!(Instant::now() < end, "no replica step: {}", scaler.report());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(busy);
+        // The call alone retries for about a minute.
+        tokio::time::timeout(Duration::from_secs(10), scaler.shutdown())
+            .await
+            .expect("shutdown waited for the hanging replica step");
     }
 
     #[test]
