@@ -1331,13 +1331,31 @@ mod tests {
     /// A loopback server that answers 200 to everything: the probe
     /// target of a pool whose "server" is `sleep`.
     async fn always_ready() -> std::net::SocketAddr {
+        answering(usize::MAX).await.0
+    }
+
+    /// A loopback server that answers 200 to its first `answered`
+    /// requests and never to the later ones; with the requests it got.
+    async fn answering(
+        answered: usize,
+    ) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let service = hyper::service::service_fn(|_req| async {
-                    let body = http_body_util::Full::new(bytes::Bytes::from_static(b"{}"));
-                    Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+                let counted = Arc::clone(&counted);
+                let service = hyper::service::service_fn(move |_req| {
+                    let answer = counted.fetch_add(1, Ordering::SeqCst) < answered;
+                    async move {
+                        if !answer {
+                            std::future::pending::<()>().await;
+                        }
+                        let body = http_body_util::Full::new(bytes::Bytes::from_static(b"{}"));
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+                    }
                 });
                 tokio::spawn(async move {
                     let io = hyper_util::rt::TokioIo::new(stream);
@@ -1347,7 +1365,7 @@ mod tests {
                 });
             }
         });
-        addr
+        (addr, calls)
     }
 
     /// Polls until the scaler is in `state`, for up to 10 s.
@@ -1504,33 +1522,9 @@ mod tests {
     /// hangs in its retries, and stopping the pool must not wait for them.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn stopping_does_not_wait_for_a_replica_step_the_webhook_never_answers() {
-        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::atomic::Ordering;
         let addr = always_ready().await;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let hook = listener.local_addr().unwrap();
-        let calls = Arc::new(AtomicUsize::new(0));
-        let counted = Arc::clone(&calls);
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let counted = Arc::clone(&counted);
-                let service = hyper::service::service_fn(move |_req| {
-                    let first = counted.fetch_add(1, Ordering::SeqCst) == 0;
-                    async move {
-                        if !first {
-                            std::future::pending::<()>().await;
-                        }
-                        let body = http_body_util::Full::new(bytes::Bytes::from_static(b"{}"));
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
-                    }
-                });
-                tokio::spawn(async move {
-                    let io = hyper_util::rt::TokioIo::new(stream);
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(io, service)
-                        .await;
-                });
-            }
-        });
+        let (hook, calls) = answering(1).await;
         let text = format!(
             "[[pool]]\nname = \"big\"\nendpoints = [\"http://{addr}\"]\n\
              [pool.scaler]\nkind = \"webhook\"\nurl = \"http://{hook}/scale\"\n\
