@@ -1270,6 +1270,17 @@ fn validate_scaler(key: &dyn Fn(&str) -> String, scaler: &ScalerConfig) -> Resul
             return Err(invalid(&key(&format!("scaler.{field}")), "must be > 0"));
         }
     }
+    // A replica never has more than max_in_flight in flight, so a higher
+    // target would never ask for another replica.
+    if scaler
+        .target_in_flight
+        .is_some_and(|target| target > scaler.max_in_flight)
+    {
+        return Err(invalid(
+            &key("scaler.target_in_flight"),
+            "must be at most scaler.max_in_flight: a replica never has more in flight",
+        ));
+    }
     Ok(())
 }
 
@@ -2326,6 +2337,10 @@ model = "big"
             (
                 &format!("{scaler}max_in_flight = 0\n"),
                 "pool[1].scaler.max_in_flight",
+            ),
+            (
+                "[pool.scaler]\nkind = \"none\"\nmax_in_flight = 2\ntarget_in_flight = 3\n",
+                "pool[1].scaler.target_in_flight",
             ),
             (
                 &format!("{scaler}probe = \"chat\"\n"),

@@ -530,6 +530,12 @@ impl Shared {
         };
         metrics::record_pool_cold_start(&self.pool);
         self.transition(PoolState::Starting, reason);
+        // Every request that found the pool cold woke the supervisor, and
+        // `notify_one` keeps one wake-up when it is not waiting. They did
+        // so under the lock, before this transition: this start answers
+        // them all, so a kept wake-up is spent here rather than starting
+        // the pool again, with no request, once it idles out.
+        let _ = std::pin::pin!(self.demand.notified()).enable();
         replicas
     }
 
@@ -1072,9 +1078,15 @@ async fn watch_ready(
                 };
                 tracing::info!(pool = %shared.pool, from = before, to = replicas, reason = why, "pool replicas changed");
                 metrics::record_pool_desired_replicas(&shared.pool, replicas);
+                // A webhook that does not answer keeps a call retrying for
+                // up to a minute; stopping does not wait for it.
+                // Limitation: the probe and idle checks do wait for it.
                 if let Some(webhook) = webhook {
-                    if webhook.scale(replicas, why).await.is_err() {
-                        shared.rescale_failed(replicas, before);
+                    tokio::select! {
+                        scaled = webhook.scale(replicas, why) => if scaled.is_err() {
+                            shared.rescale_failed(replicas, before);
+                        },
+                        () = stopped(stop) => return Watched::Stopped,
                     }
                 }
             }
@@ -1319,13 +1331,31 @@ mod tests {
     /// A loopback server that answers 200 to everything: the probe
     /// target of a pool whose "server" is `sleep`.
     async fn always_ready() -> std::net::SocketAddr {
+        answering(usize::MAX).await.0
+    }
+
+    /// A loopback server that answers 200 to its first `answered`
+    /// requests and never to the later ones; with the requests it got.
+    async fn answering(
+        answered: usize,
+    ) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let service = hyper::service::service_fn(|_req| async {
-                    let body = http_body_util::Full::new(bytes::Bytes::from_static(b"{}"));
-                    Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+                let counted = Arc::clone(&counted);
+                let service = hyper::service::service_fn(move |_req| {
+                    let answer = counted.fetch_add(1, Ordering::SeqCst) < answered;
+                    async move {
+                        if !answer {
+                            std::future::pending::<()>().await;
+                        }
+                        let body = http_body_util::Full::new(bytes::Bytes::from_static(b"{}"));
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+                    }
                 });
                 tokio::spawn(async move {
                     let io = hyper_util::rt::TokioIo::new(stream);
@@ -1335,7 +1365,7 @@ mod tests {
                 });
             }
         });
-        addr
+        (addr, calls)
     }
 
     /// Polls until the scaler is in `state`, for up to 10 s.
@@ -1449,6 +1479,74 @@ mod tests {
         assert_eq!(scaler.report()["in_flight"], 0);
         assert_eq!(held(), 0);
         scaler.shutdown().await;
+    }
+
+    /// Two requests that find the pool cold before its supervisor has
+    /// run each wake it; the second wake-up is kept by the `Notify`. The
+    /// one start answers both, so once the pool idles out it stays cold
+    /// rather than starting again with no request. On a current-thread
+    /// runtime the spawned requests run before the woken supervisor, so
+    /// the race happens every time.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_burst_that_found_the_pool_cold_does_not_start_it_again_after_idling() {
+        let addr = always_ready().await;
+        let text = format!(
+            "[[pool]]\nname = \"big\"\nendpoints = [\"http://{addr}\"]\n\
+             [pool.scaler]\nkind = \"none\"\nidle_timeout_s = 1\nmin_up_s = 0\n\
+             probe_interval_ms = 50\n"
+        );
+        let config = crate::config::Config::parse(&text).unwrap();
+        let pool = Arc::new(Pool::new(&config.pool[0]).unwrap());
+        let scaler_config = config.pool[0].scaler.clone().unwrap();
+        let scaler = Arc::new(Scaler::start(pool, scaler_config, None));
+        // The supervisor waits for demand.
+        tokio::task::yield_now().await;
+
+        let admit = || {
+            let scaler = Arc::clone(&scaler);
+            tokio::spawn(async move { scaler.admit(None).await.map(drop).is_ok() })
+        };
+        let (first, second) = (admit(), admit());
+        assert!(first.await.unwrap() && second.await.unwrap());
+        assert_eq!(scaler.report()["cold_starts"], 1);
+
+        // Idle for 1 s: cold, and still cold well after, with one start.
+        wait_for(&scaler, PoolState::Cold).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(scaler.state(), PoolState::Cold, "{}", scaler.report());
+        assert_eq!(scaler.report()["cold_starts"], 1);
+        scaler.shutdown().await;
+    }
+
+    /// A webhook that answers the start and then no more: a replica step
+    /// hangs in its retries, and stopping the pool must not wait for them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stopping_does_not_wait_for_a_replica_step_the_webhook_never_answers() {
+        use std::sync::atomic::Ordering;
+        let addr = always_ready().await;
+        let (hook, calls) = answering(1).await;
+        let text = format!(
+            "[[pool]]\nname = \"big\"\nendpoints = [\"http://{addr}\"]\n\
+             [pool.scaler]\nkind = \"webhook\"\nurl = \"http://{hook}/scale\"\n\
+             max_in_flight = 1\nmax_replicas = 2\nprobe_interval_ms = 50\n"
+        );
+        let config = crate::config::Config::parse(&text).unwrap();
+        let pool = Arc::new(Pool::new(&config.pool[0]).unwrap());
+        let scaler_config = config.pool[0].scaler.clone().unwrap();
+        let scaler = Scaler::start(pool, scaler_config, None);
+
+        // One request in flight asks for a second replica; that call hangs.
+        let busy = scaler.admit(None).await.unwrap();
+        let end = Instant::now() + Duration::from_secs(10);
+        while calls.load(Ordering::SeqCst) < 2 {
+            assert!(Instant::now() < end, "no replica step: {}", scaler.report());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(busy);
+        // The call alone retries for about a minute.
+        tokio::time::timeout(Duration::from_secs(10), scaler.shutdown())
+            .await
+            .expect("shutdown waited for the hanging replica step");
     }
 
     #[test]
