@@ -15,7 +15,7 @@ use std::time::Instant;
 use common::{Args, PROMPT};
 
 use switchyard_executor::gguf::GgufFile;
-use switchyard_executor::model::{Model, Row, Scratch, SeqCache};
+use switchyard_executor::model::{Model, Scratch, SeqCache};
 use switchyard_executor::pool::ThreadPool;
 use switchyard_executor::sampler::argmax;
 use switchyard_executor::tokenizer::Tokenizer;
@@ -24,10 +24,7 @@ use switchyard_executor::tokenizer::Tokenizer;
 const RUNS: usize = 3;
 
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("decode bench: {e}");
-        std::process::exit(1);
-    }
+    common::exit_on_error("decode bench", run());
 }
 
 fn run() -> Result<(), String> {
@@ -104,15 +101,7 @@ fn decode_run(
     let mut scratch = Scratch::default();
 
     let started = Instant::now();
-    let rows: Vec<Row> = (0..batch)
-        .flat_map(|seq| {
-            prompt.iter().enumerate().map(move |(i, &token)| Row {
-                seq,
-                token,
-                logits: i + 1 == prompt.len(),
-            })
-        })
-        .collect();
+    let rows = common::prefill_rows(batch, prompt);
     let vocab = model.shape().vocab;
     let logits = model
         .forward(pool, &rows, &mut caches, &mut scratch)
@@ -126,15 +115,7 @@ fn decode_run(
     let mut forward_cpu_s = 0.0;
     let mut argmax_s = 0.0;
     for _ in 0..steps {
-        let rows: Vec<Row> = next
-            .iter()
-            .enumerate()
-            .map(|(seq, &token)| Row {
-                seq,
-                token,
-                logits: true,
-            })
-            .collect();
+        let rows = common::decode_rows(&next);
         let t = Instant::now();
         let cpu = thread_cpu_s();
         let logits = model

@@ -27,10 +27,7 @@ use switchyard_executor::sampler::argmax;
 use switchyard_executor::tokenizer::Tokenizer;
 
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("devices bench: {e}");
-        std::process::exit(1);
-    }
+    common::exit_on_error("devices bench", run());
 }
 
 fn run() -> Result<(), String> {
@@ -93,27 +90,11 @@ fn decode(
     for _ in 0..batch {
         compute.add_sequence().map_err(|e| e.to_string())?;
     }
-    let rows: Vec<Row> = (0..batch)
-        .flat_map(|seq| {
-            prompt.iter().enumerate().map(move |(i, &token)| Row {
-                seq,
-                token,
-                logits: i + 1 == prompt.len(),
-            })
-        })
-        .collect();
+    let rows = common::prefill_rows(batch, prompt);
     let mut next = pick(compute, &rows)?;
     let started = Instant::now();
     for _ in 0..steps {
-        let rows: Vec<Row> = next
-            .iter()
-            .enumerate()
-            .map(|(seq, &token)| Row {
-                seq,
-                token,
-                logits: true,
-            })
-            .collect();
+        let rows = common::decode_rows(&next);
         next = pick(compute, &rows)?;
     }
     let seconds = started.elapsed().as_secs_f64();

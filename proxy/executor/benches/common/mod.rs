@@ -1,9 +1,20 @@
-//! What the executor's benchmarks share: the prompt and argument parsing.
+//! What the executor's benchmarks share: the prompt, argument parsing and
+//! the rows of a step.
+
+use switchyard_executor::model::Row;
 
 /// The same prompt as `tests/bench/llama_cpp_decode.py`'s default.
 pub const PROMPT: &str = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, \
 trained by Hugging Face<|im_end|>\n<|im_start|>user\nWrite a Python function that adds \
 two numbers.<|im_end|>\n<|im_start|>assistant\n";
+
+/// Runs a benchmark's `run`, exiting 1 with its error after `name`.
+pub fn exit_on_error(name: &str, result: Result<(), String>) {
+    if let Err(e) = result {
+        eprintln!("{name}: {e}");
+        std::process::exit(1);
+    }
+}
 
 /// The command line, read as `--name value` pairs.
 pub struct Args(Vec<String>);
@@ -45,4 +56,30 @@ impl Args {
             .to_string()
         })
     }
+}
+
+/// `batch` sequences each prefilled with `prompt`, logits at each one's
+/// last token.
+pub fn prefill_rows(batch: usize, prompt: &[u32]) -> Vec<Row> {
+    (0..batch)
+        .flat_map(|seq| {
+            prompt.iter().enumerate().map(move |(i, &token)| Row {
+                seq,
+                token,
+                logits: i + 1 == prompt.len(),
+            })
+        })
+        .collect()
+}
+
+/// One decode step: sequence i takes `next[i]`, logits wanted.
+pub fn decode_rows(next: &[u32]) -> Vec<Row> {
+    next.iter()
+        .enumerate()
+        .map(|(seq, &token)| Row {
+            seq,
+            token,
+            logits: true,
+        })
+        .collect()
 }

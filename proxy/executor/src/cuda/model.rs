@@ -767,22 +767,28 @@ impl CudaModel {
     }
 }
 
-/// Whether the GPU's greedy pick `token`, with log-probability
-/// `logprob`, agrees with `want` (the CPU's logits) as [`logits_agree`]
-/// asks of whole rows.
-pub(crate) fn best_agrees(want: &[f32], token: u32, logprob: f32) -> Result<(), String> {
-    use crate::sampler::{argmax, log_sum_exp};
-    let Some(&logit) = want.get(token as usize) else {
-        return Err(format!("token {token} is past the vocabulary"));
-    };
-    let best = argmax(want) as usize;
-    let runner_up = want
+/// The best token of `logits` and how far it leads the runner-up.
+fn best_and_margin(logits: &[f32]) -> (usize, f32) {
+    let best = crate::sampler::argmax(logits) as usize;
+    let runner_up = logits
         .iter()
         .enumerate()
         .filter(|&(i, _)| i != best)
         .map(|(_, &v)| v)
         .fold(f32::NEG_INFINITY, f32::max);
-    if want[best] - runner_up >= 1.0 && token as usize != best {
+    (best, logits[best] - runner_up)
+}
+
+/// Whether the GPU's greedy pick `token`, with log-probability
+/// `logprob`, agrees with `want` (the CPU's logits) as [`logits_agree`]
+/// asks of whole rows.
+pub(crate) fn best_agrees(want: &[f32], token: u32, logprob: f32) -> Result<(), String> {
+    use crate::sampler::log_sum_exp;
+    let Some(&logit) = want.get(token as usize) else {
+        return Err(format!("token {token} is past the vocabulary"));
+    };
+    let (best, margin) = best_and_margin(want);
+    if margin >= 1.0 && token as usize != best {
         return Err(format!("best token {token}, expected {best}"));
     }
     let diff = logit - log_sum_exp(want) - logprob;
@@ -800,15 +806,9 @@ pub(crate) fn logits_agree(want: &[f32], got: &[f32]) -> Result<(), String> {
     if want.len() != got.len() || got.iter().any(|v| !v.is_finite()) {
         return Err("logits of the wrong length or not finite".to_string());
     }
-    let best = argmax(want) as usize;
-    let runner_up = want
-        .iter()
-        .enumerate()
-        .filter(|&(i, _)| i != best)
-        .map(|(_, &v)| v)
-        .fold(f32::NEG_INFINITY, f32::max);
+    let (best, margin) = best_and_margin(want);
     let got_best = argmax(got) as usize;
-    if want[best] - runner_up >= 1.0 && got_best != best {
+    if margin >= 1.0 && got_best != best {
         return Err(format!("best token {got_best}, expected {best}"));
     }
     let diff = (want[best] - log_sum_exp(want)) - (got[best] - log_sum_exp(got));
