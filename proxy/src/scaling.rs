@@ -257,22 +257,7 @@ impl Scaler {
             schedule,
             clock,
             default_deadline: default_deadline_ms.map(Duration::from_millis),
-            inner: Mutex::new(Inner {
-                state: PoolState::Cold,
-                since: now,
-                in_flight: 0,
-                waiting: BTreeMap::new(),
-                next_ticket: 0,
-                replicas: 0,
-                serving: 0,
-                last_scaled: now,
-                last_done: now,
-                failures: 0,
-                recent: VecDeque::new(),
-                last_cold_start: None,
-                cold_starts: 0,
-                retired: false,
-            }),
+            inner: Mutex::new(Inner::new(now)),
             demand: Notify::new(),
         });
         publish_state(&shared.pool, PoolState::Cold, 0);
@@ -693,6 +678,26 @@ impl Shared {
 }
 
 impl Inner {
+    /// A cold pool that has never started, as of `now`.
+    fn new(now: Instant) -> Inner {
+        Inner {
+            state: PoolState::Cold,
+            since: now,
+            in_flight: 0,
+            waiting: BTreeMap::new(),
+            next_ticket: 0,
+            replicas: 0,
+            serving: 0,
+            last_scaled: now,
+            last_done: now,
+            failures: 0,
+            recent: VecDeque::new(),
+            last_cold_start: None,
+            cold_starts: 0,
+            retired: false,
+        }
+    }
+
     /// Sets the state; returns the one it replaced.
     fn enter(&mut self, state: PoolState) -> PoolState {
         let from = self.state;
@@ -1294,22 +1299,9 @@ mod tests {
     }
 
     fn inner(recent: &[u64]) -> Inner {
-        let now = Instant::now();
         Inner {
-            state: PoolState::Cold,
-            since: now,
-            in_flight: 0,
-            waiting: BTreeMap::new(),
-            next_ticket: 0,
-            replicas: 0,
-            serving: 0,
-            last_scaled: now,
-            last_done: now,
-            failures: 0,
             recent: recent.iter().map(|s| Duration::from_secs(*s)).collect(),
-            last_cold_start: None,
-            cold_starts: 0,
-            retired: false,
+            ..Inner::new(Instant::now())
         }
     }
 

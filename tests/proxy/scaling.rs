@@ -53,6 +53,13 @@ impl ScaledServer {
         self.pool_toml_args(ready_delay_s, &[], pool_extra, scaler_extra)
     }
 
+    /// Switchyard serving pool `big` alone, as [`ScaledServer::pool_toml`]
+    /// describes it.
+    async fn alone(&self, ready_delay_s: f64, pool_extra: &str, scaler_extra: &str) -> Switchyard {
+        let pool = self.pool_toml(ready_delay_s, pool_extra, scaler_extra);
+        Switchyard::start(&format!("{}{pool}", server_toml())).await
+    }
+
     /// [`ScaledServer::pool_toml`] with `server_args` added to the
     /// server's command line.
     fn pool_toml_args(
@@ -189,8 +196,7 @@ async fn burst_against_a_cold_pool_starts_one_server_and_all_succeed() {
     let Some(server) = ScaledServer::new("burst") else {
         return;
     };
-    let config = format!("{}{}", server_toml(), server.pool_toml(1.0, "", ""));
-    let sw = Switchyard::start(&config).await;
+    let sw = server.alone(1.0, "", "").await;
     assert_eq!(pool_report(&sw).await["state"], "cold");
     assert!(server.starts().is_empty(), "started before any request");
 
@@ -317,12 +323,7 @@ async fn without_a_fallback_a_request_that_cannot_wait_gets_503() {
     let Some(server) = ScaledServer::new("nofallback") else {
         return;
     };
-    let config = format!(
-        "{}{}",
-        server_toml(),
-        server.pool_toml(0.5, "", "cold_start_estimate_s = 5")
-    );
-    let sw = Switchyard::start(&config).await;
+    let sw = server.alone(0.5, "", "cold_start_estimate_s = 5").await;
     let request = http1_client()
         .post(format!("{}/v1/chat/completions", sw.api_url()))
         .header("x-switchyard-deadline-ms", "100")
@@ -349,8 +350,7 @@ async fn idle_timeout_stops_the_server_but_traffic_keeps_it_up() {
         return;
     };
     let scaler = "idle_timeout_s = 2\nmin_up_s = 0";
-    let config = format!("{}{}", server_toml(), server.pool_toml(0.3, "", scaler));
-    let sw = Switchyard::start(&config).await;
+    let sw = server.alone(0.3, "", scaler).await;
     let client = http1_client();
     let url = sw.api_url();
     let body = chat_body("big", "hello");
@@ -389,19 +389,12 @@ async fn a_long_stream_outlives_a_shorter_idle_timeout() {
         return;
     };
     let scaler = "idle_timeout_s = 2\nmin_up_s = 0";
-    let config = format!("{}{}", server_toml(), server.pool_toml(0.3, "", scaler));
-    let sw = Switchyard::start(&config).await;
+    let sw = server.alone(0.3, "", scaler).await;
 
     // The server streams for 6 s; the idle timeout is 2 s.
     let mut body = chat_body("big", "tell me a long story");
     body["stream"] = json!(true);
-    let reply = post(
-        &http1_client(),
-        &sw.api_url(),
-        "/v1/chat/completions",
-        &body,
-    )
-    .await;
+    let reply = post_chat(&sw, &body).await;
     reply.assert_status(200);
     assert!(
         reply.text.trim_end().ends_with("data: [DONE]"),
@@ -421,8 +414,7 @@ async fn a_server_that_dies_is_started_again_by_the_next_request() {
     let Some(server) = ScaledServer::new("dies") else {
         return;
     };
-    let config = format!("{}{}", server_toml(), server.pool_toml(0.3, "", ""));
-    let sw = Switchyard::start(&config).await;
+    let sw = server.alone(0.3, "", "").await;
     let client = http1_client();
     let url = sw.api_url();
     let body = chat_body("big", "hello");
@@ -504,12 +496,7 @@ async fn past_max_held_a_cold_pool_answers_503_with_retry_after() {
     let Some(server) = ScaledServer::new("maxheld") else {
         return;
     };
-    let config = format!(
-        "{}{}",
-        server_toml(),
-        server.pool_toml(3.0, "", "max_held = 3")
-    );
-    let sw = Switchyard::start(&config).await;
+    let sw = server.alone(3.0, "", "max_held = 3").await;
     let client = http1_client();
     let url = sw.api_url();
     let tasks: Vec<_> = (0..10)
@@ -562,13 +549,7 @@ async fn a_failed_start_sends_held_requests_to_the_fallback() {
 
     // No deadline: held, then sent on when the server exits at start.
     let body = chat_body("big", "hello");
-    let reply = post(
-        &http1_client(),
-        &sw.api_url(),
-        "/v1/chat/completions",
-        &body,
-    )
-    .await;
+    let reply = post_chat(&sw, &body).await;
     reply.assert_status(200);
     assert_eq!(reply.header("x-switchyard-served-by"), Some("fallback"));
     assert_eq!(reply.pool(), "small");
@@ -938,6 +919,11 @@ fn spawn_chat(sw: &Switchyard) -> tokio::task::JoinHandle<(Reply, Duration)> {
     })
 }
 
+/// Posts `body` to `/v1/chat/completions` on a fresh connection.
+async fn post_chat(sw: &Switchyard, body: &Value) -> Reply {
+    post(&http1_client(), &sw.api_url(), "/v1/chat/completions", body).await
+}
+
 /// A `big` pool whose server never becomes ready, with pool `small` on
 /// `mock` as its fallback; the two tables apart.
 fn never_ready(server: &ScaledServer, mock: &MockUpstream) -> (String, String) {
@@ -1017,14 +1003,7 @@ async fn stopping_a_wrapped_server_stops_what_the_wrapper_started() {
     let sw = Switchyard::start(&format!("{}{wrapped}", server_toml())).await;
 
     let body = chat_body("big", "hello");
-    post(
-        &http1_client(),
-        &sw.api_url(),
-        "/v1/chat/completions",
-        &body,
-    )
-    .await
-    .assert_status(200);
+    post_chat(&sw, &body).await.assert_status(200);
     let pid = server.first_pid(Duration::from_secs(10)).await;
 
     wait_for_state(&sw, "cold", Duration::from_secs(15)).await;
