@@ -336,11 +336,8 @@ async fn without_a_fallback_a_request_that_cannot_wait_gets_503() {
 
     // It still started the pool, so the next request finds it up.
     wait_for_state(&sw, "ready", Duration::from_secs(15)).await;
-    let client = http1_client();
     let body = chat_body("big", "again");
-    post(&client, &sw.api_url(), "/v1/chat/completions", &body)
-        .await
-        .assert_status(200);
+    post_chat(&sw, &body).await.assert_status(200);
     stop(sw).await;
 }
 
@@ -461,11 +458,8 @@ async fn a_reload_keeps_an_unchanged_scaled_pool_and_stops_a_removed_one() {
         mock.url()
     );
     let sw = Switchyard::start(&format!("{}{big}", server_toml())).await;
-    let client = http1_client();
     let body = chat_body("big", "hello");
-    post(&client, &sw.api_url(), "/v1/chat/completions", &body)
-        .await
-        .assert_status(200);
+    post_chat(&sw, &body).await.assert_status(200);
     let pid = server.first_pid(Duration::from_secs(10)).await;
 
     // Another pool added: the scaled pool is taken over running.
@@ -478,9 +472,7 @@ async fn a_reload_keeps_an_unchanged_scaled_pool_and_stops_a_removed_one() {
     };
     sw.wait_for_logs("first reload", 1, reloaded).await;
     assert_eq!(pool_report(&sw).await["state"], "ready");
-    post(&client, &sw.api_url(), "/v1/chat/completions", &body)
-        .await
-        .assert_status(200);
+    post_chat(&sw, &body).await.assert_status(200);
     assert_eq!(server.starts(), vec![pid], "the server was restarted");
 
     // The scaled pool removed: its server is stopped.
@@ -702,15 +694,9 @@ async fn webhook_scaler_asks_for_one_replica_on_demand_and_zero_when_idle() {
     assert!(hook.calls().is_empty(), "called before any request");
 
     // A cold request: replicas 1 (failed once, then retried), then ready.
-    let client = http1_client();
-    post(
-        &client,
-        &sw.api_url(),
-        "/v1/chat/completions",
-        &chat_body("big", "hi"),
-    )
-    .await
-    .assert_status(200);
+    post_chat(&sw, &chat_body("big", "hi"))
+        .await
+        .assert_status(200);
     let calls = hook.calls();
     assert_eq!(calls.len(), 2, "one failed call and its retry: {calls:?}");
     for call in &calls {
@@ -752,19 +738,14 @@ async fn an_idle_none_pool_goes_cold_and_wants_zero_replicas() {
         upstream.url(),
     );
     let sw = Switchyard::start(&config).await;
-    let client = http1_client();
     let body = chat_body("big", "hi");
-    post(&client, &sw.api_url(), "/v1/chat/completions", &body)
-        .await
-        .assert_status(200);
+    post_chat(&sw, &body).await.assert_status(200);
     assert_eq!(pool_report(&sw).await["desired_replicas"], 1);
 
     // Idle: cold, wanting 0; the next request finds it again.
     let report = wait_for_state(&sw, "cold", Duration::from_secs(15)).await;
     assert_eq!(report["desired_replicas"], 0);
-    post(&client, &sw.api_url(), "/v1/chat/completions", &body)
-        .await
-        .assert_status(200);
+    post_chat(&sw, &body).await.assert_status(200);
     assert_eq!(pool_report(&sw).await["cold_starts"], 2);
     stop(sw).await;
 }
@@ -790,15 +771,9 @@ async fn kubernetes_scaler_patches_the_deployments_scale_subresource() {
     assert_eq!(pool_report(&sw).await["scaler"], "kubernetes");
 
     // A cold request: replicas 1 on the scale subresource.
-    let client = http1_client();
-    post(
-        &client,
-        &sw.api_url(),
-        "/v1/chat/completions",
-        &chat_body("big", "hi"),
-    )
-    .await
-    .assert_status(200);
+    post_chat(&sw, &chat_body("big", "hi"))
+        .await
+        .assert_status(200);
     let calls = api.calls();
     assert_eq!(calls.len(), 2, "one failed call and its retry: {calls:?}");
     for call in &calls {
@@ -878,11 +853,8 @@ async fn scales_through_a_kubeconfig(from_env: bool) {
     let env = [("KUBECONFIG", path.as_str())];
     let env = if from_env { &env[..] } else { &[] };
     let sw = Switchyard::start_with_env(&config, env).await;
-    let client = http1_client();
     let body = chat_body("big", "hi");
-    post(&client, &sw.api_url(), "/v1/chat/completions", &body)
-        .await
-        .assert_status(200);
+    post_chat(&sw, &body).await.assert_status(200);
 
     // Up, then down after idling, both on the context's server.
     let calls = api.wait_calls(2, Duration::from_secs(15)).await;
