@@ -1,12 +1,15 @@
 //! Glue between the generated component bindings and [`Policy`]: holds the
-//! instance's policy value and converts between WIT and SDK types.
+//! instance's policy value and converts between WIT and SDK types. The
+//! request is not converted: it is wrapped, and read on demand by
+//! [`Request`]'s methods.
 //!
 //! Used only by the expansion of [`export_policy!`](crate::export_policy);
 //! nothing here is a stable API.
 
 use std::cell::RefCell;
 
-use crate::types::{Answer, Decision, Endpoint, LogprobSummary, Message, Request, Verdict};
+use crate::request::Request;
+use crate::types::{Answer, Decision, Endpoint, LogprobSummary, Message, Verdict};
 use crate::Policy;
 
 /// Bindings generated from `sdk/wit/policy.wit`.
@@ -24,7 +27,7 @@ pub mod bindings {
     });
 }
 
-use self::bindings::switchyard::policy::types as wit;
+pub(crate) use self::bindings::switchyard::policy::types as wit;
 
 pub use self::bindings::Guest;
 pub use self::wit::{
@@ -72,10 +75,10 @@ pub fn init<P: Policy>(config: String) -> Result<(), String> {
     Ok(())
 }
 
-/// The exported `route`: converts the request, asks the policy and
-/// converts its answer back.
-pub fn route(req: WitRequest) -> WitDecision {
-    let req = request_from_wit(req);
+/// The exported `route`: wraps the lent request (reading none of it),
+/// asks the policy and converts its answer back.
+pub fn route(req: &WitRequest) -> WitDecision {
+    let req = Request::lent(req);
     let decision = POLICY.with(|slot| match slot.borrow().as_deref() {
         Some(policy) => policy.route(&req),
         None => Decision::reject(NOT_INITIALISED_STATUS, NOT_INITIALISED),
@@ -83,11 +86,11 @@ pub fn route(req: WitRequest) -> WitDecision {
     decision_to_wit(decision)
 }
 
-/// The exported `review`: converts the request and answer, asks the
-/// policy and converts its verdict back. Before `init` it accepts, which
-/// a correct host never relies on.
-pub fn review(req: WitRequest, answer: WitAnswer) -> WitVerdict {
-    let req = request_from_wit(req);
+/// The exported `review`: wraps the lent request, converts the answer,
+/// asks the policy and converts its verdict back. Before `init` it
+/// accepts, which a correct host never relies on.
+pub fn review(req: &WitRequest, answer: WitAnswer) -> WitVerdict {
+    let req = Request::lent(req);
     let answer = answer_from_wit(answer);
     let verdict = POLICY.with(|slot| match slot.borrow().as_deref() {
         Some(policy) => policy.review(&req, &answer),
@@ -123,31 +126,21 @@ fn answer_from_wit(answer: WitAnswer) -> Answer {
     }
 }
 
-fn request_from_wit(req: WitRequest) -> Request {
-    let endpoint = match req.endpoint {
+/// The SDK's name for a WIT endpoint.
+pub(crate) fn endpoint_from_wit(endpoint: wit::Endpoint) -> Endpoint {
+    match endpoint {
         wit::Endpoint::ChatCompletions => Endpoint::ChatCompletions,
         wit::Endpoint::Completions => Endpoint::Completions,
         wit::Endpoint::Embeddings => Endpoint::Embeddings,
-    };
-    let messages = req
-        .messages
-        .into_iter()
-        .map(|m| Message {
-            role: m.role,
-            content: m.content,
-            attributes: pairs(m.attributes),
-        })
-        .collect();
-    Request {
-        endpoint,
-        model: req.model,
-        messages,
-        prompt: req.prompt,
-        prompt_chars: req.prompt_chars,
-        max_tokens: req.max_tokens,
-        stream: req.stream,
-        headers: pairs(req.headers),
-        attributes: pairs(req.attributes),
+    }
+}
+
+/// The SDK's copy of a WIT chat message.
+pub(crate) fn message_from_wit(message: wit::Message) -> Message {
+    Message {
+        role: message.role,
+        content: message.content,
+        attributes: pairs(message.attributes),
     }
 }
 
@@ -167,7 +160,8 @@ fn decision_to_wit(decision: Decision) -> WitDecision {
     }
 }
 
-fn pairs(list: Vec<wit::Attribute>) -> Vec<(String, String)> {
+/// WIT attributes as (key, value) pairs, in order.
+pub(crate) fn pairs(list: Vec<wit::Attribute>) -> Vec<(String, String)> {
     list.into_iter().map(|a| (a.key, a.value)).collect()
 }
 
@@ -196,32 +190,31 @@ mod tests {
     use super::*;
     use crate::Route;
 
+    // The request itself cannot be converted here: a lent request is a
+    // host resource, whose methods only a component instance can call
+    // (natively the generated imports are `unreachable!()`). The host's
+    // tests cover that path; these cover what its answers become.
     #[test]
-    fn request_fields_survive_conversion_from_wit() {
-        let req = request_from_wit(WitRequest {
-            endpoint: wit::Endpoint::Completions,
-            model: "auto".into(),
-            messages: vec![wit::Message {
-                role: "user".into(),
-                content: "hi".into(),
-                attributes: vec![],
+    fn message_and_endpoint_survive_conversion_from_wit() {
+        let message = message_from_wit(wit::Message {
+            role: "user".into(),
+            content: "hi".into(),
+            attributes: vec![wit::Attribute {
+                key: "k".into(),
+                value: "v".into(),
             }],
-            prompt: vec!["p".into()],
-            prompt_chars: 3,
-            max_tokens: Some(7),
-            stream: true,
-            headers: vec![wit::Attribute {
-                key: "x-tier".into(),
-                value: "premium".into(),
-            }],
-            attributes: vec![],
         });
-        assert_eq!(req.endpoint, Endpoint::Completions);
-        assert_eq!(req.messages[0].content, "hi");
-        assert_eq!(req.prompt_chars, 3);
-        assert_eq!(req.max_tokens, Some(7));
-        assert!(req.stream);
-        assert_eq!(req.header("X-Tier"), Some("premium"));
+        assert_eq!(message.role, "user");
+        assert_eq!(message.content, "hi");
+        assert_eq!(message.attributes, [("k".into(), "v".into())]);
+        let endpoints = [
+            (wit::Endpoint::ChatCompletions, Endpoint::ChatCompletions),
+            (wit::Endpoint::Completions, Endpoint::Completions),
+            (wit::Endpoint::Embeddings, Endpoint::Embeddings),
+        ];
+        for (from, to) in endpoints {
+            assert_eq!(endpoint_from_wit(from), to);
+        }
     }
 
     #[test]

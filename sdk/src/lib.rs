@@ -1,10 +1,11 @@
 //! Write Switchyard routing policies in Rust.
 //!
-//! Owns the plugin side of the `switchyard:policy@0.2.0` WIT interface
-//! (`sdk/wit/policy.wit`): plain Rust types for requests and decisions, the
-//! [`Policy`] trait, logging and metrics helpers, and the
-//! [`export_policy!`] macro that wires a type to the component exports. It
-//! must not know anything about the host beyond that interface.
+//! Owns the plugin side of the `switchyard:policy@0.3.0` WIT interface
+//! (`sdk/wit/policy.wit`): the [`Request`] a policy reads on demand, plain
+//! Rust types for decisions and answers, the [`Policy`] trait, logging and
+//! metrics helpers, and the [`export_policy!`] macro that wires a type to
+//! the component exports. It must not know anything about the host beyond
+//! that interface.
 //!
 //! # Writing a plugin
 //!
@@ -31,8 +32,8 @@
 //!     }
 //!
 //!     fn route(&self, req: &Request) -> Decision {
-//!         if req.header("x-tier") == Some("premium") {
-//!             log::debug!("premium request for {}", req.model);
+//!         if req.header("x-tier").as_deref() == Some("premium") {
+//!             log::debug!("premium request for {}", req.model());
 //!             return Decision::route(&self.premium_pool);
 //!         }
 //!         Decision::route("small")
@@ -45,7 +46,8 @@
 //! Build it with `cargo build --target wasm32-wasip2 --release` and point
 //! Switchyard's `[policy] plugin` at the `.wasm` file in
 //! `target/wasm32-wasip2/release/`. The routing rule is ordinary Rust, so
-//! unit tests call `Policy::init` and `Policy::route` natively; there the
+//! unit tests call `Policy::init` and `Policy::route` natively, with
+//! requests built by [`Request::new`] and its `with_*` methods; there the
 //! host functions fall back to stderr and the system clock.
 //!
 //! A plugin may also ship its own test cases, requests with the decisions
@@ -74,20 +76,31 @@
 //!   one `.wit` file (`wit-bindgen` here, wasmtime's `bindgen!` in the
 //!   host), so a mismatch fails at build or load time, not on the first
 //!   request, and nobody hand-writes pointer and length plumbing.
-//! - **Speed.** Measured with wasmtime 48 on one core: a `route` call into
-//!   a warm component instance took about 1.7 us, the same call as JSON
-//!   into a warm core module about 4.4 us (serialising and parsing JSON
-//!   twice dominates). A fresh pooled instance plus its first call took
-//!   15 to 19 us, cheap enough to replace an instance after every fault.
+//! - **Speed.** Measured with wasmtime 48 on one core, against 0.2.0: a
+//!   `route` call into a warm component instance took about 1.7 us, the
+//!   same call as JSON into a warm core module about 4.4 us (serialising
+//!   and parsing JSON twice dominates). A fresh pooled instance plus its
+//!   first call took 15 to 19 us, cheap enough to replace an instance
+//!   after every fault.
+//! - **Pay for what you read.** Since 0.3.0 the request is a WIT
+//!   resource that stays in the host: each of [`Request`]'s methods is one
+//!   call that copies only its answer into the plugin. Every string or
+//!   list copied in costs a call into the plugin's allocator (about 900
+//!   instructions), and most rules read only the model, the prompt's
+//!   length and a header, so the 0.2.0 record, copied whole on every
+//!   call, paid for messages and headers that most rules never read.
 //! - **Evolvability.** The package is versioned
-//!   (`switchyard:policy@0.2.0`), so a later world with new hooks can be
-//!   served side by side with this one. Within a version, adding a field
-//!   to a WIT record is a breaking change; every record therefore carries
-//!   an `attributes` key/value list, through which new facts flow without
-//!   breaking built plugins: the route's system instruction, trimmed
-//!   history, priority and labels travel that way
-//!   ([`Route::with_system_instruction`] and its siblings). 0.2.0 was
-//!   needed for the `review` hook, which a list cannot express.
+//!   (`switchyard:policy@0.3.0`), and the host links each plugin against
+//!   the version it was built for, so plugins built against 0.2.0 keep
+//!   loading. New facts about a request arrive as new methods on the
+//!   request resource in a semver-compatible version (0.3.1): a plugin
+//!   imports only the methods it calls, so plugins built before keep
+//!   linking. Adding a field to a WIT record is a breaking change; every
+//!   record a plugin returns therefore carries an `attributes` key/value
+//!   list, through which new hints flow without breaking built plugins:
+//!   the route's system instruction, trimmed history, priority and labels
+//!   travel that way ([`Route::with_system_instruction`] and its
+//!   siblings). A new hook (0.2.0's `review`) needs a new version.
 //! - **Author experience.** Plugin authors write against plain Rust types
 //!   and one trait, with no `unsafe`, no serialisation code and no
 //!   knowledge of the ABI; any language with a WIT binding generator can
@@ -96,12 +109,14 @@
 pub mod log;
 
 mod host;
+mod request;
 mod types;
 
 pub use crate::host::{counter_add, now_unix_ms};
+pub use crate::request::Request;
 pub use crate::types::{
-    Answer, Decision, Endpoint, Escalation, LogprobSummary, Message, Priority, Rejection, Request,
-    Route, Verdict, KEEP_TURNS_KEY, LABEL_PREFIX, PRIORITY_KEY, SYSTEM_INSTRUCTION_KEY,
+    Answer, Decision, Endpoint, Escalation, LogprobSummary, Message, Priority, Rejection, Route,
+    Verdict, KEEP_TURNS_KEY, LABEL_PREFIX, PRIORITY_KEY, SYSTEM_INSTRUCTION_KEY,
 };
 
 /// A routing policy: parses its configuration once, then decides where each
@@ -122,7 +137,10 @@ pub trait Policy: 'static {
 
     /// Decides where one request goes. Runs under the host's deadline and
     /// must not block.
-    fn route(&self, req: &Request) -> Decision;
+    ///
+    /// `req` is lent for this call only. Implementations may write the
+    /// parameter as `req: &Request`, leaving the lifetime out.
+    fn route(&self, req: &Request<'_>) -> Decision;
 
     /// Judges the small pool's answer to a request that [`Policy::route`]
     /// sent small-first ([`Route::cascade`]): accept it, or escalate to a
@@ -131,7 +149,7 @@ pub trait Policy: 'static {
     ///
     /// In `probe` streaming mode `answer.partial` is true and the answer
     /// holds only the first tokens; its `finish_reason` is empty.
-    fn review(&self, req: &Request, answer: &Answer) -> Verdict {
+    fn review(&self, req: &Request<'_>, answer: &Answer) -> Verdict {
         let _ = (req, answer);
         Verdict::Accept
     }
@@ -162,12 +180,12 @@ macro_rules! export_policy {
                     $crate::__private::init::<$policy>(config)
                 }
 
-                fn route(req: $crate::__private::WitRequest) -> $crate::__private::WitDecision {
+                fn route(req: &$crate::__private::WitRequest) -> $crate::__private::WitDecision {
                     $crate::__private::route(req)
                 }
 
                 fn review(
-                    req: $crate::__private::WitRequest,
+                    req: &$crate::__private::WitRequest,
                     answer: $crate::__private::WitAnswer,
                 ) -> $crate::__private::WitVerdict {
                     $crate::__private::review(req, answer)

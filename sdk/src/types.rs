@@ -1,5 +1,6 @@
-//! Plain Rust views of the WIT `types` interface: what a policy is told
-//! about a request and what it answers.
+//! Plain Rust views of the WIT `types` interface: chat messages, what a
+//! policy answers, and the small pool's answer it reviews. The request
+//! itself, a host resource read on demand, is in `request.rs`.
 //!
 //! The structs are `#[non_exhaustive]` so that later SDK versions can add
 //! fields (fed from WIT `attributes` or a newer package) without breaking
@@ -37,105 +38,6 @@ impl Message {
             content: content.into(),
             attributes: Vec::new(),
         }
-    }
-}
-
-/// What a policy is told about one request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Request {
-    /// The endpoint the request arrived on.
-    pub endpoint: Endpoint,
-    /// The `model` field exactly as the client sent it.
-    pub model: String,
-    /// Chat messages, in order (chat completions only).
-    pub messages: Vec<Message>,
-    /// Prompt items (completions) or inputs (embeddings) given as text.
-    pub prompt: Vec<String>,
-    /// Characters in all messages, prompts or inputs together.
-    pub prompt_chars: u64,
-    /// The client's `max_tokens`, if set.
-    pub max_tokens: Option<u32>,
-    /// Whether the client asked for a streamed response.
-    pub stream: bool,
-    /// Request headers as (name, value); names are lowercase.
-    pub headers: Vec<(String, String)>,
-    /// Further facts from the host, as key/value pairs; empty for now.
-    pub attributes: Vec<(String, String)>,
-}
-
-impl Request {
-    /// An empty request for `model` on `endpoint`, for tests: no messages,
-    /// no prompt, no headers, zero characters, not streamed.
-    pub fn new(endpoint: Endpoint, model: impl Into<String>) -> Self {
-        Request {
-            endpoint,
-            model: model.into(),
-            messages: Vec::new(),
-            prompt: Vec::new(),
-            prompt_chars: 0,
-            max_tokens: None,
-            stream: false,
-            headers: Vec::new(),
-            attributes: Vec::new(),
-        }
-    }
-
-    /// The value of the first header called `name`, compared without
-    /// regard to ASCII case.
-    pub fn header(&self, name: &str) -> Option<&str> {
-        find(&self.headers, name, str::eq_ignore_ascii_case)
-    }
-
-    /// The value of the first attribute called `key` (exact match).
-    pub fn attribute(&self, key: &str) -> Option<&str> {
-        find(&self.attributes, key, |a, b| a == b)
-    }
-
-    /// Sets the character count.
-    pub fn with_prompt_chars(mut self, chars: u64) -> Self {
-        self.prompt_chars = chars;
-        self
-    }
-
-    /// Adds a header; the name is stored lowercase, as the host does.
-    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        let name = name.into().to_ascii_lowercase();
-        self.headers.push((name, value.into()));
-        self
-    }
-
-    /// Appends a chat message and counts its characters.
-    pub fn with_message(mut self, message: Message) -> Self {
-        self.prompt_chars += message.content.chars().count() as u64;
-        self.messages.push(message);
-        self
-    }
-
-    /// Appends a prompt item and counts its characters.
-    pub fn with_prompt(mut self, prompt: impl Into<String>) -> Self {
-        let prompt = prompt.into();
-        self.prompt_chars += prompt.chars().count() as u64;
-        self.prompt.push(prompt);
-        self
-    }
-
-    /// Sets the client's `max_tokens`.
-    pub fn with_max_tokens(mut self, max_tokens: u32) -> Self {
-        self.max_tokens = Some(max_tokens);
-        self
-    }
-
-    /// Marks the request as streamed.
-    pub fn with_stream(mut self, stream: bool) -> Self {
-        self.stream = stream;
-        self
-    }
-
-    /// Adds an attribute.
-    pub fn with_attribute(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.attributes.push((key.into(), value.into()));
-        self
     }
 }
 
@@ -472,7 +374,7 @@ impl Verdict {
     }
 }
 
-fn find<'a>(
+pub(crate) fn find<'a>(
     pairs: &'a [(String, String)],
     name: &str,
     eq: impl Fn(&str, &str) -> bool,
@@ -486,22 +388,6 @@ fn find<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn header_lookup_ignores_name_case() {
-        let req = Request::new(Endpoint::ChatCompletions, "auto").with_header("X-Tier", "premium");
-        assert_eq!(req.header("x-tier"), Some("premium"));
-        assert_eq!(req.header("X-TIER"), Some("premium"));
-        assert_eq!(req.header("x-other"), None);
-    }
-
-    #[test]
-    fn builders_count_prompt_characters() {
-        let req = Request::new(Endpoint::ChatCompletions, "auto")
-            .with_message(Message::new("user", "héllo"))
-            .with_prompt("abc");
-        assert_eq!(req.prompt_chars, 8);
-    }
 
     #[test]
     fn summary_of_logprobs_counts_mean_min_and_share_below() {

@@ -55,10 +55,10 @@ impl Policy for Concise {
     }
 
     fn route(&self, req: &Request) -> Decision {
-        let pool = if req.model == "auto" {
+        let pool = if req.model() == "auto" {
             self.default_pool.as_str()
         } else {
-            req.model.as_str()
+            req.model()
         };
         if !self.is_summary(req) {
             return Decision::route(pool);
@@ -66,7 +66,7 @@ impl Policy for Concise {
         let mut route = Route::new(pool)
             .with_max_tokens_cap(self.max_tokens_cap)
             .with_label("shape", "summary");
-        if req.endpoint == Endpoint::ChatCompletions {
+        if req.endpoint() == Endpoint::ChatCompletions {
             route = route.with_system_instruction(self.instruction.as_str());
         }
         route.into()
@@ -75,15 +75,15 @@ impl Policy for Concise {
 
 impl Concise {
     fn is_summary(&self, req: &Request) -> bool {
-        let texts: Vec<&str> = match req.endpoint {
+        let texts: Vec<&str> = match req.endpoint() {
             Endpoint::ChatCompletions => req
-                .messages
+                .messages()
                 .iter()
                 .rev()
                 .find(|m| m.role == "user")
                 .map(|m| vec![m.content.as_str()])
                 .unwrap_or_default(),
-            _ => req.prompt.iter().map(String::as_str).collect(),
+            _ => req.prompt().iter().map(String::as_str).collect(),
         };
         texts.iter().any(|text| {
             let text = text.to_lowercase();
@@ -169,7 +169,7 @@ mod tests {
         Concise::init(&config).unwrap_or_else(|e| unreachable!("{e}"))
     }
 
-    fn chat(text: &str) -> Request {
+    fn chat(text: &str) -> Request<'static> {
         Request::new(Endpoint::ChatCompletions, "auto").with_message(Message::new("user", text))
     }
 

@@ -95,8 +95,8 @@ impl Policy for ConfidenceCascade {
     }
 
     fn route(&self, req: &Request) -> Decision {
-        if req.model != AUTO_MODEL {
-            return Decision::route(req.model.as_str());
+        if req.model() != AUTO_MODEL {
+            return Decision::route(req.model());
         }
         Route::cascade(self.small_pool.as_str(), self.large_pool.as_str()).into()
     }

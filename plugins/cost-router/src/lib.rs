@@ -67,14 +67,17 @@ impl Policy for CostRouter {
     }
 
     fn route(&self, req: &Request) -> Decision {
-        if req.model != AUTO_MODEL {
-            return Decision::route(req.model.as_str());
+        if req.model() != AUTO_MODEL {
+            return Decision::route(req.model());
         }
-        let long = req.prompt_chars > self.long_prompt_chars;
-        let premium = req
-            .header(TIER_HEADER)
-            .is_some_and(|v| v.trim().eq_ignore_ascii_case(PREMIUM_TIER));
-        if long || premium {
+        // The length first: it is one scalar from the host, and a long
+        // prompt needs no header lookup.
+        let long = req.prompt_chars() > self.long_prompt_chars;
+        let premium = || {
+            req.header(TIER_HEADER)
+                .is_some_and(|v| v.trim().eq_ignore_ascii_case(PREMIUM_TIER))
+        };
+        if long || premium() {
             Decision::route(self.large_pool.as_str())
         } else {
             Decision::route(self.small_pool.as_str())
@@ -140,7 +143,7 @@ mod tests {
         CostRouter::init(&json!({})).unwrap_or_else(|e| unreachable!("{e}"))
     }
 
-    fn auto() -> Request {
+    fn auto() -> Request<'static> {
         Request::new(Endpoint::ChatCompletions, "auto")
     }
 

@@ -85,7 +85,7 @@ impl Policy for TestFaults {
         if self.misroute {
             return Decision::route(MISROUTED_POOL);
         }
-        match req.model.as_str() {
+        match req.model() {
             "trap" => panic!("test-faults was asked to trap"),
             "spin" => spin(),
             "grow" => grow(),
@@ -111,7 +111,7 @@ impl Policy for TestFaults {
 
     #[expect(clippy::panic, reason = "panicking on request is the point")]
     fn review(&self, req: &Request, answer: &Answer) -> Verdict {
-        match req.model.as_str() {
+        match req.model() {
             "trap" => panic!("test-faults was asked to trap in review"),
             "spin" => spin(),
             _ => {}

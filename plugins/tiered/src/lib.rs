@@ -62,8 +62,8 @@ impl Policy for Tiered {
     }
 
     fn route(&self, req: &Request) -> Decision {
-        if req.model != "auto" {
-            return Decision::route(req.model.as_str());
+        if req.model() != "auto" {
+            return Decision::route(req.model());
         }
         if self.is_premium(req) {
             return Route::new(self.large_pool.as_str())
@@ -172,7 +172,7 @@ mod tests {
         Tiered::init(&config).unwrap_or_else(|e| unreachable!("{e}"))
     }
 
-    fn auto() -> Request {
+    fn auto() -> Request<'static> {
         Request::new(Endpoint::ChatCompletions, "auto")
     }
 

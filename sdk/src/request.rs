@@ -1,0 +1,358 @@
+//! What a policy is told about one request: [`Request`], read on demand.
+//!
+//! Since `switchyard:policy@0.3.0` the host lends the plugin a handle to
+//! its request instead of copying the whole request in, and each fact is
+//! one call into the host. This module hides the difference: a
+//! [`Request`] is either that lent handle, with caches so that each
+//! string or list is fetched at most once per call, or the same facts
+//! held in plugin memory, built with [`Request::new`] and the `with_*`
+//! methods for unit tests. It must not copy anything from the host that
+//! the policy did not ask for.
+
+use std::cell::OnceCell;
+use std::fmt;
+
+use crate::__private::{endpoint_from_wit, message_from_wit, pairs, wit};
+use crate::types::{find, Endpoint, Message};
+
+/// What a policy is told about one request.
+///
+/// In a plugin the request stays in the host, and each method asks the
+/// host for one fact: a policy pays only for what it reads. Strings and
+/// lists ([`model`](Request::model), [`messages`](Request::messages),
+/// [`prompt`](Request::prompt), [`headers`](Request::headers)) are
+/// fetched on first use and kept for the rest of the call, so reading
+/// them twice costs nothing more. Scalars ([`endpoint`](Request::endpoint),
+/// [`prompt_chars`](Request::prompt_chars), ...) are asked for on every
+/// call: that copies no memory into the plugin and is cheaper than the
+/// bookkeeping a cache would add. [`header`](Request::header) and
+/// [`attribute`](Request::attribute) ask the host for one value each
+/// time, without fetching the others (or look in the headers when
+/// `headers` has already fetched them).
+///
+/// The lifetime is that of the host's loan: a request lent to
+/// [`Policy::route`](crate::Policy::route) or
+/// [`Policy::review`](crate::Policy::review) cannot outlive that call.
+/// Requests built with [`Request::new`] hold their facts themselves and
+/// are `Request<'static>`.
+///
+/// `Debug` never calls the host: for a lent request it shows what has
+/// been read so far.
+#[derive(Clone)]
+pub struct Request<'a> {
+    source: Source<'a>,
+}
+
+#[derive(Clone)]
+enum Source<'a> {
+    /// Built in plugin code, for unit tests.
+    Owned(Facts),
+    /// Lent by the host for one call.
+    Lent(Lent<'a>),
+}
+
+/// Every fact of a request built in plugin code.
+#[derive(Debug, Clone)]
+struct Facts {
+    endpoint: Endpoint,
+    model: String,
+    messages: Vec<Message>,
+    prompt: Vec<String>,
+    prompt_chars: u64,
+    max_tokens: Option<u32>,
+    stream: bool,
+    /// Names lowercase, in insertion order.
+    headers: Vec<(String, String)>,
+    attributes: Vec<(String, String)>,
+}
+
+/// The host's request and the strings and lists read from it so far.
+#[derive(Clone)]
+struct Lent<'a> {
+    handle: &'a wit::Request,
+    model: OnceCell<String>,
+    messages: OnceCell<Vec<Message>>,
+    prompt: OnceCell<Vec<String>>,
+    headers: OnceCell<Vec<(String, String)>>,
+}
+
+impl<'a> Request<'a> {
+    /// Wraps the host's request without reading any of it.
+    pub(crate) fn lent(handle: &'a wit::Request) -> Self {
+        Request {
+            source: Source::Lent(Lent {
+                handle,
+                model: OnceCell::new(),
+                messages: OnceCell::new(),
+                prompt: OnceCell::new(),
+                headers: OnceCell::new(),
+            }),
+        }
+    }
+
+    /// The endpoint the request arrived on.
+    pub fn endpoint(&self) -> Endpoint {
+        match &self.source {
+            Source::Owned(facts) => facts.endpoint,
+            Source::Lent(lent) => endpoint_from_wit(lent.handle.endpoint()),
+        }
+    }
+
+    /// The `model` field exactly as the client sent it, for example
+    /// `auto` or `llama-3-8b`.
+    pub fn model(&self) -> &str {
+        match &self.source {
+            Source::Owned(facts) => &facts.model,
+            Source::Lent(lent) => lent.model.get_or_init(|| lent.handle.model()),
+        }
+    }
+
+    /// Number of chat messages; 0 for the other endpoints. Cheaper than
+    /// `messages().len()` when the messages themselves are not needed.
+    pub fn message_count(&self) -> usize {
+        match &self.source {
+            Source::Owned(facts) => facts.messages.len(),
+            Source::Lent(lent) => match lent.messages.get() {
+                Some(messages) => messages.len(),
+                None => {
+                    let count = lent.handle.message_count();
+                    usize::try_from(count).unwrap_or(usize::MAX)
+                }
+            },
+        }
+    }
+
+    /// Chat messages, in order (chat completions only; empty otherwise).
+    pub fn messages(&self) -> &[Message] {
+        match &self.source {
+            Source::Owned(facts) => &facts.messages,
+            Source::Lent(lent) => lent.messages.get_or_init(|| {
+                let messages = lent.handle.messages();
+                messages.into_iter().map(message_from_wit).collect()
+            }),
+        }
+    }
+
+    /// Prompt items (completions) or inputs (embeddings) given as text;
+    /// empty for chat completions.
+    pub fn prompt(&self) -> &[String] {
+        match &self.source {
+            Source::Owned(facts) => &facts.prompt,
+            Source::Lent(lent) => lent.prompt.get_or_init(|| lent.handle.prompt()),
+        }
+    }
+
+    /// Characters (Unicode scalar values) in all messages, prompts or
+    /// inputs together: a cheap proxy for prompt length.
+    pub fn prompt_chars(&self) -> u64 {
+        match &self.source {
+            Source::Owned(facts) => facts.prompt_chars,
+            Source::Lent(lent) => lent.handle.prompt_chars(),
+        }
+    }
+
+    /// The client's `max_tokens` (or `max_completion_tokens`), if set.
+    pub fn max_tokens(&self) -> Option<u32> {
+        match &self.source {
+            Source::Owned(facts) => facts.max_tokens,
+            Source::Lent(lent) => lent.handle.max_tokens(),
+        }
+    }
+
+    /// Whether the client asked for a streamed response.
+    pub fn stream(&self) -> bool {
+        match &self.source {
+            Source::Owned(facts) => facts.stream,
+            Source::Lent(lent) => lent.handle.stream(),
+        }
+    }
+
+    /// The value of the first header called `name`, compared without
+    /// regard to ASCII case. One call into the host per lookup, which
+    /// copies only that value.
+    pub fn header(&self, name: &str) -> Option<String> {
+        let all = match &self.source {
+            Source::Owned(facts) => &facts.headers,
+            Source::Lent(lent) => match lent.headers.get() {
+                Some(headers) => headers,
+                None => return lent.handle.header(name),
+            },
+        };
+        find(all, name, str::eq_ignore_ascii_case).map(str::to_owned)
+    }
+
+    /// All request headers as (name, value); names are lowercase, in
+    /// arrival order. Copies every header into the plugin: prefer
+    /// [`header`](Request::header) for a few known names.
+    pub fn headers(&self) -> &[(String, String)] {
+        match &self.source {
+            Source::Owned(facts) => &facts.headers,
+            Source::Lent(lent) => lent.headers.get_or_init(|| pairs(lent.handle.headers())),
+        }
+    }
+
+    /// The value of the host attribute `key` (exact match); the host
+    /// defines none yet.
+    pub fn attribute(&self, key: &str) -> Option<String> {
+        match &self.source {
+            Source::Owned(facts) => find(&facts.attributes, key, |a, b| a == b).map(str::to_owned),
+            Source::Lent(lent) => lent.handle.attribute(key),
+        }
+    }
+}
+
+impl Request<'static> {
+    /// An empty request for `model` on `endpoint`, for tests: no messages,
+    /// no prompt, no headers, zero characters, not streamed.
+    pub fn new(endpoint: Endpoint, model: impl Into<String>) -> Self {
+        Request {
+            source: Source::Owned(Facts {
+                endpoint,
+                model: model.into(),
+                messages: Vec::new(),
+                prompt: Vec::new(),
+                prompt_chars: 0,
+                max_tokens: None,
+                stream: false,
+                headers: Vec::new(),
+                attributes: Vec::new(),
+            }),
+        }
+    }
+
+    /// Sets the character count.
+    pub fn with_prompt_chars(self, chars: u64) -> Self {
+        self.edit(|facts| facts.prompt_chars = chars)
+    }
+
+    /// Adds a header; the name is stored lowercase, as the host does.
+    pub fn with_header(self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        let name = name.into().to_ascii_lowercase();
+        let value = value.into();
+        self.edit(|facts| facts.headers.push((name, value)))
+    }
+
+    /// Appends a chat message and counts its characters.
+    pub fn with_message(self, message: Message) -> Self {
+        self.edit(|facts| {
+            facts.prompt_chars += message.content.chars().count() as u64;
+            facts.messages.push(message);
+        })
+    }
+
+    /// Appends a prompt item and counts its characters.
+    pub fn with_prompt(self, prompt: impl Into<String>) -> Self {
+        let prompt = prompt.into();
+        self.edit(|facts| {
+            facts.prompt_chars += prompt.chars().count() as u64;
+            facts.prompt.push(prompt);
+        })
+    }
+
+    /// Sets the client's `max_tokens`.
+    pub fn with_max_tokens(self, max_tokens: u32) -> Self {
+        self.edit(|facts| facts.max_tokens = Some(max_tokens))
+    }
+
+    /// Marks the request as streamed.
+    pub fn with_stream(self, stream: bool) -> Self {
+        self.edit(|facts| facts.stream = stream)
+    }
+
+    /// Adds an attribute.
+    pub fn with_attribute(self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        let pair = (key.into(), value.into());
+        self.edit(|facts| facts.attributes.push(pair))
+    }
+
+    fn edit(mut self, change: impl FnOnce(&mut Facts)) -> Self {
+        // Only built requests reach here: the SDK lends the host's
+        // request for one call, never for 'static.
+        if let Source::Owned(facts) = &mut self.source {
+            change(facts);
+        }
+        self
+    }
+}
+
+impl fmt::Debug for Request<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.source {
+            Source::Owned(facts) => f
+                .debug_struct("Request")
+                .field("endpoint", &facts.endpoint)
+                .field("model", &facts.model)
+                .field("messages", &facts.messages)
+                .field("prompt", &facts.prompt)
+                .field("prompt_chars", &facts.prompt_chars)
+                .field("max_tokens", &facts.max_tokens)
+                .field("stream", &facts.stream)
+                .field("headers", &facts.headers)
+                .field("attributes", &facts.attributes)
+                .finish(),
+            // What has been read so far; asking the host here would make
+            // a debug log line change what the plugin pays for.
+            Source::Lent(lent) => f
+                .debug_struct("Request")
+                .field("lent", &true)
+                .field("model", &lent.model)
+                .field("messages", &lent.messages)
+                .field("prompt", &lent.prompt)
+                .field("headers", &lent.headers)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+// The lent path calls into the host, which only a component instance has
+// (natively the generated imports are `unreachable!()`), so these tests
+// cover built requests; the host's tests (`proxy/policy`) call a built
+// plugin through the lent path.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_lookup_ignores_name_case() {
+        let req = Request::new(Endpoint::ChatCompletions, "auto").with_header("X-Tier", "premium");
+        assert_eq!(req.header("x-tier").as_deref(), Some("premium"));
+        assert_eq!(req.header("X-TIER").as_deref(), Some("premium"));
+        assert_eq!(req.header("x-other"), None);
+        assert_eq!(req.headers(), [("x-tier".into(), "premium".into())]);
+    }
+
+    #[test]
+    fn builders_count_prompt_characters() {
+        let req = Request::new(Endpoint::ChatCompletions, "auto")
+            .with_message(Message::new("user", "héllo"))
+            .with_prompt("abc");
+        assert_eq!(req.prompt_chars(), 8);
+        assert_eq!(req.message_count(), 1);
+        assert_eq!(req.prompt(), ["abc"]);
+    }
+
+    #[test]
+    fn built_request_answers_every_accessor() {
+        let req = Request::new(Endpoint::Completions, "llama")
+            .with_max_tokens(7)
+            .with_stream(true)
+            .with_prompt_chars(42)
+            .with_attribute("k", "v");
+        assert_eq!(req.endpoint(), Endpoint::Completions);
+        assert_eq!(req.model(), "llama");
+        assert_eq!(req.max_tokens(), Some(7));
+        assert!(req.stream());
+        assert_eq!(req.prompt_chars(), 42);
+        assert_eq!(req.attribute("k").as_deref(), Some("v"));
+        assert_eq!(req.attribute("K"), None);
+        assert!(req.messages().is_empty());
+    }
+
+    #[test]
+    fn debug_shows_a_built_request_as_request() {
+        let req = Request::new(Endpoint::ChatCompletions, "auto");
+        let text = format!("{req:?}");
+        assert!(text.starts_with("Request {"), "{text}");
+        assert!(text.contains("model: \"auto\""), "{text}");
+    }
+}
