@@ -368,7 +368,7 @@ fn stream_response(
 /// routing, the pools and the settings.
 struct Reviewer {
     policy: std::sync::Arc<switchyard_policy::Policy>,
-    summary: switchyard_policy::RouteRequest,
+    summary: std::sync::Arc<switchyard_policy::RouteRequest>,
     small: String,
     large: String,
     settings: CascadeConfig,

@@ -241,7 +241,7 @@ fn prepare(settings: &PolicySettings, bytes: &[u8]) -> Result<Policy, String> {
     Ok(policy)
 }
 
-fn trial_requests() -> Vec<RouteRequest> {
+fn trial_requests() -> Vec<Arc<RouteRequest>> {
     let mut chat = RouteRequest::new(Endpoint::ChatCompletions, "auto");
     chat.messages.push(Message {
         role: "user".into(),
@@ -252,7 +252,7 @@ fn trial_requests() -> Vec<RouteRequest> {
     completion.prompt.push("Once upon a time".into());
     completion.prompt_chars = 16;
     completion.stream = true;
-    vec![chat, completion]
+    vec![Arc::new(chat), Arc::new(completion)]
 }
 
 /// Most characters of a refusal's message; wasmtime's explanations of a

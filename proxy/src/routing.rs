@@ -49,7 +49,7 @@ pub struct Route {
     /// The policy version that routed this request and must review it.
     pub policy: Option<Arc<Policy>>,
     /// What that policy was told about the request, for its review.
-    pub summary: Option<RouteRequest>,
+    pub summary: Option<Arc<RouteRequest>>,
 }
 
 impl Route {
@@ -191,7 +191,7 @@ impl Router {
         let Some(policy) = policy else {
             return self.default_route(request);
         };
-        let summary = request.route_request(headers);
+        let summary = Arc::new(request.route_request(headers));
         let outcome = self.call_plugin(&policy, || policy.route(&summary));
         if counted {
             self.count_call(&policy, outcome.is_err());
@@ -210,7 +210,7 @@ impl Router {
         policy: &Policy,
         e: &switchyard_policy::CallError,
         request: &ApiRequest,
-        summary: RouteRequest,
+        summary: Arc<RouteRequest>,
     ) -> Result<Route, ApiError> {
         tracing::warn!(
             plugin = policy.name(),
@@ -279,7 +279,7 @@ impl Router {
         policy: Arc<Policy>,
         outcome: RouteOutcome,
         request: &ApiRequest,
-        summary: RouteRequest,
+        summary: Arc<RouteRequest>,
     ) -> Result<Route, ApiError> {
         match outcome {
             RouteOutcome::Route(decision) => match self.pools.get(&decision.pool) {

@@ -23,7 +23,9 @@
 //! instances in this process: `route` on `cost_router.wasm`, and `route`
 //! and `review` on `confidence_cascade.wasm`, printing their p50 and p99
 //! (target: p99 under 20 us), next to the throughput ratio with and
-//! without a policy (target: within 5%).
+//! without a policy (target: within 5%). `cost_router` is timed built
+//! against both interface versions, 0.3.0 and 0.2.0, to show what
+//! reading the request on demand saves.
 //!
 //! It prints a table and through/direct ratios and asserts nothing about
 //! timing. The load generator, the mock and the proxy share the machine's
@@ -43,6 +45,8 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -53,7 +57,9 @@ use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpStream;
 
-use support::{metrics_text, plugin_path, pool_toml, server_toml, MockUpstream, Switchyard};
+use support::{
+    metrics_text, plugin_path, pool_toml, server_toml, workspace_root, MockUpstream, Switchyard,
+};
 use switchyard_policy::{
     Endpoint, LogprobSummary, Message, Policy, PolicySettings, ReviewAnswer, RouteRequest,
 };
@@ -520,14 +526,13 @@ fn in_request_policy_latency(before: &[(f64, f64)], after: &[(f64, f64)]) {
 }
 
 /// Times `calls` calls of each hook into a warm instance and prints the
-/// p50 and p99 in microseconds.
+/// p50 and p99 in microseconds. The request is a typical chat turn: four
+/// messages (about 1,500 characters) and eight headers. `cost_router` is
+/// timed twice, built against the 0.3.0 interface (the request read on
+/// demand) and against 0.2.0 (the request copied whole into the plugin),
+/// alternating, so the ratio shows what the interface change saves.
 fn policy_call_latency(calls: usize) {
-    let mut request = RouteRequest::new(Endpoint::ChatCompletions, "auto");
-    request.messages.push(Message {
-        role: "user".into(),
-        content: "how fast is this proxy".into(),
-    });
-    request.prompt_chars = 22;
+    let request = Arc::new(typical_chat_request());
     let logprobs = vec![-0.1_f32; 16];
     let answer = ReviewAnswer {
         pool: "small".into(),
@@ -539,26 +544,98 @@ fn policy_call_latency(calls: usize) {
         latency_ms: 40,
         partial: false,
     };
+    let load = |path: PathBuf| -> Option<Policy> {
+        if !path.is_file() {
+            println!("skipping {}: not built; run `make plugins`", path.display());
+            return None;
+        }
+        Some(Policy::load(&PolicySettings::new(&path)).expect("load plugin"))
+    };
 
     println!("\npolicy calls into a warm instance, {calls} each:");
-    for (file, review) in [("cost_router", false), ("confidence_cascade", true)] {
-        let path = plugin_path(file);
-        if !path.is_file() {
-            println!("skipping {file}: not built; run `make plugins`");
-            continue;
+    let legacy = workspace_root().join("proxy/policy/tests/fixtures/v0.2/cost_router.wasm");
+    if let (Some(new), Some(old)) = (load(plugin_path("cost_router")), load(legacy)) {
+        let (mut on_new, mut on_old) = (Vec::new(), Vec::new());
+        for _ in 0..BENCH_CALL_ROUNDS {
+            on_new.extend(time_calls(calls / BENCH_CALL_ROUNDS, || {
+                new.route(&request).expect("route call");
+            }));
+            on_old.extend(time_calls(calls / BENCH_CALL_ROUNDS, || {
+                old.route(&request).expect("route call");
+            }));
         }
-        let policy = Policy::load(&PolicySettings::new(&path)).expect("load plugin");
-        let route = time_calls(calls, || {
-            policy.route(&request).expect("route call");
-        });
-        print_latency(&format!("{file} route"), &route);
-        if review {
-            let reviewed = time_calls(calls, || {
-                policy.review(&request, &answer).expect("review call");
-            });
-            print_latency(&format!("{file} review"), &reviewed);
-        }
+        on_new.sort_unstable();
+        on_old.sort_unstable();
+        print_latency("cost_router route (0.3.0)", &on_new);
+        print_latency("cost_router route (0.2.0)", &on_old);
+        let p50 = |s: &[Duration]| s[s.len() / 2].as_secs_f64();
+        println!(
+            "  0.3.0 / 0.2.0 at p50: x{:.2}",
+            p50(&on_new) / p50(&on_old)
+        );
     }
+    if let Some(cascade) = load(plugin_path("confidence_cascade")) {
+        let route = time_calls(calls, || {
+            cascade.route(&request).expect("route call");
+        });
+        print_latency("confidence_cascade route", &route);
+        let reviewed = time_calls(calls, || {
+            cascade.review(&request, &answer).expect("review call");
+        });
+        print_latency("confidence_cascade review", &reviewed);
+    }
+}
+
+/// Slices the two versions' calls alternate in.
+const BENCH_CALL_ROUNDS: usize = 10;
+
+/// A chat turn as a client sends it: a system prompt, two earlier turns
+/// and a question, with the headers an HTTP client and a tracing layer
+/// add (credentials are removed before a plugin sees them).
+fn typical_chat_request() -> RouteRequest {
+    let mut request = RouteRequest::new(Endpoint::ChatCompletions, "auto");
+    let turns = [
+        (
+            "system",
+            "You are a support assistant for a hosting company. ".repeat(6),
+        ),
+        (
+            "user",
+            "My deploy fails with exit code 137 after the build step. ".repeat(5),
+        ),
+        (
+            "assistant",
+            "Exit code 137 means the process was killed, usually for memory. ".repeat(5),
+        ),
+        (
+            "user",
+            "How much memory does the build step get by default?".to_string(),
+        ),
+    ];
+    for (role, content) in turns {
+        request.prompt_chars += content.chars().count() as u64;
+        request.messages.push(Message {
+            role: role.into(),
+            content,
+        });
+    }
+    let headers = [
+        ("host", "switchyard.internal:8080"),
+        ("content-type", "application/json"),
+        ("content-length", "1873"),
+        ("user-agent", "OpenAI/Python 1.54.0"),
+        ("accept", "application/json"),
+        ("x-request-id", "3f2b8c1e-2d4a-4c7e-9a51-6b0f7d2e8a90"),
+        (
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ),
+        ("x-tenant", "acme"),
+    ];
+    for (name, value) in headers {
+        request.headers.push((name.into(), value.into()));
+    }
+    request
 }
 
 fn time_calls(calls: usize, mut call: impl FnMut()) -> Vec<Duration> {

@@ -15,6 +15,7 @@
 //! | `clock`      | routes to a pool named after the host clock, in ms    |
 //! | `count`      | adds to 100 distinct counters, routes to `count`      |
 //! | `cascade`    | routes small-first: pool `small`, escalation `large`  |
+//! | `describe`   | routes to a pool named after every request fact read  |
 //! | anything else| routes to the pool of that name                       |
 //!
 //! `review` reads the model too: `trap` panics and `spin` loops, as in
@@ -105,6 +106,7 @@ impl Policy for TestFaults {
                 Decision::route("count")
             }
             "cascade" => Route::cascade("small", "large").into(),
+            "describe" => Decision::route(describe(req)),
             model => Decision::route(model),
         }
     }
@@ -125,6 +127,38 @@ impl Policy for TestFaults {
             None => Verdict::Accept,
         }
     }
+}
+
+/// Every fact of `req`, read through each accessor, on one line: the
+/// host's tests compare it with what they sent.
+fn describe(req: &Request) -> String {
+    // Before `messages` and `headers`, whose copies would answer these
+    // in the plugin: the host's own answers are under test.
+    let count = req.message_count();
+    let tier = req.header("X-Tier");
+    let messages: Vec<String> = req
+        .messages()
+        .iter()
+        .map(|m| format!("{}:{}", m.role, m.content))
+        .collect();
+    let headers: Vec<String> = req
+        .headers()
+        .iter()
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect();
+    format!(
+        "{:?} model={} count={} messages={messages:?} prompt={:?} chars={} \
+         max={:?} stream={} tier={:?} headers={headers:?} attribute={:?}",
+        req.endpoint(),
+        req.model(),
+        count,
+        req.prompt(),
+        req.prompt_chars(),
+        req.max_tokens(),
+        req.stream(),
+        tier,
+        req.attribute("switchyard.anything"),
+    )
 }
 
 /// Reason of every escalation `review` answers.

@@ -52,12 +52,14 @@ pub enum LoadError {
         detail: String,
     },
 
-    /// The component does not export `switchyard:policy@0.2.0`, or imports
-    /// something the host does not provide (sockets, for example).
+    /// The component exports neither `switchyard:policy@0.3.0` nor
+    /// `@0.2.0`, or imports something the host does not provide (sockets,
+    /// for example).
     #[error(
-        "policy plugin {path} does not fit switchyard:policy@0.2.0: {detail} \
-         (rebuild it with this switchyard-sdk; plugins may import only the \
-         host interface and WASI cli, clocks, random, io and filesystem)",
+        "policy plugin {path} does not fit switchyard:policy@0.3.0 or \
+         @0.2.0: {detail} (rebuild it with this switchyard-sdk; plugins may \
+         import only the host interface and WASI cli, clocks, random, io \
+         and filesystem)",
         path = .path.display()
     )]
     Link {

@@ -5,15 +5,17 @@
 //! not touch pools, HTTP or metrics of the request path beyond the policy's
 //! own counters: callers hand it plain data and get plain data back.
 //!
-//! The interface is `sdk/wit/policy.wit` (`switchyard:policy@0.2.0`);
-//! plugins are written with the `switchyard-sdk` crate.
+//! The interface is `sdk/wit/policy.wit` (`switchyard:policy@0.3.0`);
+//! plugins are written with the `switchyard-sdk` crate. Plugins built
+//! against 0.2.0 still load (`proxy/policy/wit-0.2`).
 //!
 //! ```no_run
+//! use std::sync::Arc;
 //! use switchyard_policy::{Endpoint, Policy, PolicySettings, RouteRequest};
 //!
 //! let settings = PolicySettings::new("target/wasm32-wasip2/release/cost_router.wasm");
 //! let policy = Policy::load(&settings)?;
-//! let req = RouteRequest::new(Endpoint::ChatCompletions, "auto");
+//! let req = Arc::new(RouteRequest::new(Endpoint::ChatCompletions, "auto"));
 //! let outcome = policy.route(&req)?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
@@ -30,8 +32,11 @@ pub use crate::endpoint::Endpoint;
 pub use crate::error::{CallError, LoadError};
 pub use crate::policy::Policy;
 
-/// The WIT package version plugins must be built against.
-pub const INTERFACE_VERSION: &str = "switchyard:policy@0.2.0";
+/// The WIT package version the SDK builds plugins against.
+pub const INTERFACE_VERSION: &str = "switchyard:policy@0.3.0";
+
+/// Every WIT package version a plugin may be built against, newest first.
+pub const SUPPORTED_INTERFACES: [&str; 2] = [INTERFACE_VERSION, "switchyard:policy@0.2.0"];
 
 mod bindings;
 mod endpoint;

@@ -20,7 +20,7 @@ use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 
 use wasmtime::component::ResourceTable;
-use wasmtime::component::{HasData, HasSelf, Linker, Resource};
+use wasmtime::component::{HasData, Linker, Resource};
 use wasmtime_wasi::cli::{WasiCli, WasiCliView};
 use wasmtime_wasi::clocks::{WasiClocks, WasiClocksView};
 use wasmtime_wasi::filesystem::{WasiFilesystem, WasiFilesystemView};
@@ -48,7 +48,7 @@ pub(crate) fn linker(engine: &wasmtime::Engine) -> wasmtime::Result<Linker<HostS
     let mut linker = Linker::new(engine);
     let l = &mut linker;
 
-    bindings::Policy::add_to_linker::<_, HasSelf<_>>(l, |s| s)?;
+    bindings::add_to_linker(l)?;
 
     let clock = HostState::clocks;
     let rand = HostState::random;

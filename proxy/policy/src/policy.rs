@@ -18,7 +18,7 @@ use thread_local::ThreadLocal;
 use wasmtime::component::Component;
 use wasmtime::{Engine, Store, Trap};
 
-use crate::bindings::{self, BorrowedRequest, PolicyPre};
+use crate::bindings::{Bindings, PolicyPre};
 use crate::error::{CallError, LoadError};
 use crate::fixtures::{self, Fixtures};
 use crate::linker;
@@ -63,7 +63,9 @@ pub struct Policy {
     init_deadline_ticks: u64,
     meta: Arc<PluginMeta>,
     engine: Engine,
-    pre: PolicyPre<HostState>,
+    /// The component, linked against the interface version it was built
+    /// for.
+    pre: PolicyPre,
     /// One warm instance per calling thread: a tokio worker calls into
     /// its own instance, whose memory stays in its core's cache, without
     /// taking a lock. At most `MAX_IDLE_INSTANCES` threads get one.
@@ -78,7 +80,7 @@ pub struct Policy {
 /// One instantiated, initialised plugin and its store.
 struct Instance {
     store: Store<HostState>,
-    bindings: bindings::Policy,
+    bindings: Bindings,
 }
 
 /// Why a fresh instance could not be made ready.
@@ -204,6 +206,7 @@ impl Policy {
             plugin = %policy.name,
             version = %policy.version,
             path = %policy.path.display(),
+            interface = policy.pre.interface(),
             timeout_ms = policy.timeout_ms,
             max_memory_bytes = policy.max_memory_bytes,
             fixtures = cases,
@@ -217,22 +220,24 @@ impl Policy {
     /// Synchronous and usually a few microseconds; bounded by
     /// `timeout_ms` (plus up to one millisecond of deadline resolution)
     /// and, when no warm instance is free, the time to create one.
-    pub fn route(&self, req: &RouteRequest) -> Result<RouteOutcome, CallError> {
+    ///
+    /// The plugin reads `req` through the handle it is lent for the call,
+    /// hence the `Arc`: nothing is copied until the plugin asks for it.
+    pub fn route(&self, req: &Arc<RouteRequest>) -> Result<RouteOutcome, CallError> {
         let mut instance = match self.take_idle() {
             Some(instance) => instance,
             None => self.instantiate().map_err(|e| self.fresh_failed(e))?,
         };
 
-        let request = BorrowedRequest::new(req);
         let store = &mut instance.store;
         store.data_mut().limits.memory_denied = false;
         store.set_epoch_deadline(self.deadline_ticks);
-        let result = instance.bindings.call_route(&mut *store, request.as_wit());
+        let result = instance.bindings.route(store, req);
 
         match result {
-            Ok(decision) => {
+            Ok(outcome) => {
                 self.put_back(instance);
-                Ok(bindings::outcome(decision))
+                Ok(outcome)
             }
             // The instance is dropped here: after a trap its state is
             // undefined, so it must never serve another call.
@@ -250,25 +255,25 @@ impl Policy {
     /// request should be reviewed by the same `Policy` value that routed
     /// it (hold an `Arc<Policy>` for the request), so both calls see one
     /// plugin version even across a reload.
-    pub fn review(&self, req: &RouteRequest, answer: &ReviewAnswer) -> Result<Verdict, CallError> {
+    pub fn review(
+        &self,
+        req: &Arc<RouteRequest>,
+        answer: &ReviewAnswer,
+    ) -> Result<Verdict, CallError> {
         let mut instance = match self.take_idle() {
             Some(instance) => instance,
             None => self.instantiate().map_err(|e| self.fresh_failed(e))?,
         };
 
-        let request = BorrowedRequest::new(req);
         let store = &mut instance.store;
         store.data_mut().limits.memory_denied = false;
         store.set_epoch_deadline(self.deadline_ticks);
-        let answer = bindings::answer_wit(answer);
-        let result = instance
-            .bindings
-            .call_review(&mut *store, request.as_wit(), answer);
+        let result = instance.bindings.review(store, req, answer);
 
         match result {
             Ok(verdict) => {
                 self.put_back(instance);
-                Ok(bindings::verdict(verdict))
+                Ok(verdict)
             }
             // Dropped: a trapped instance never serves again.
             Err(err) => {
@@ -320,12 +325,11 @@ impl Policy {
 
         for case in &fixtures.cases {
             let in_case = |detail: String| failed(format!("case {:?}: {detail}", case.name));
-            let req = case.request.to_route_request().map_err(in_case)?;
-            let request = BorrowedRequest::new(&req);
+            let req = Arc::new(case.request.to_route_request().map_err(in_case)?);
             let store = &mut instance.store;
             store.set_epoch_deadline(self.deadline_ticks);
-            let decision = match instance.bindings.call_route(&mut *store, request.as_wit()) {
-                Ok(decision) => bindings::outcome(decision),
+            let decision = match instance.bindings.route(store, &req) {
+                Ok(decision) => decision,
                 Err(err) => {
                     let error = self.call_failed(&err, instance.store.data(), self.timeout_ms);
                     return Err(in_case(error.to_string()));
@@ -358,7 +362,7 @@ impl Policy {
                 return Err(InstanceError::Failed(error));
             }
         };
-        match bindings.call_init(&mut store, config_json) {
+        match bindings.init(&mut store, config_json) {
             Ok(Ok(())) => Ok(Instance { store, bindings }),
             Ok(Err(message)) => Err(InstanceError::Refused(message)),
             Err(err) => Err(InstanceError::Failed(self.call_failed(

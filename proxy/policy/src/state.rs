@@ -1,5 +1,6 @@
-//! Per-instance store state and the `host` interface plugins import: log,
-//! clock and counters.
+//! Per-instance store state and what the `host` interface plugins import
+//! does: log, clock and counters (each interface version's bindings call
+//! into these).
 //!
 //! Owns what one plugin instance may reach (an empty WASI context, its
 //! resource limits) and the plugin-wide bookkeeping shared by all
@@ -13,8 +14,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
-
-use crate::bindings::switchyard::policy::{host, types};
 
 /// Longest log message kept from a plugin, in bytes; longer ones are cut
 /// at a character boundary.
@@ -192,6 +191,10 @@ impl HostState {
     pub(crate) fn table(&mut self) -> &mut ResourceTable {
         &mut self.table
     }
+
+    pub(crate) fn table_ref(&self) -> &ResourceTable {
+        &self.table
+    }
 }
 
 impl WasiView for HostState {
@@ -203,45 +206,57 @@ impl WasiView for HostState {
     }
 }
 
-impl types::Host for HostState {}
+/// Severity of a plugin's log message, as every interface version has it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
 
 // Limitation: plugin logs are not rate-limited; a plugin that logs at error
 // on every request floods the host's log.
-impl host::Host for HostState {
-    fn log(&mut self, level: host::Level, message: String) {
-        let message = truncate(&message, MAX_LOG_BYTES);
+impl HostState {
+    /// `log`: writes `message` to the log at `level`, tagged with the
+    /// plugin's name and cut to [`MAX_LOG_BYTES`].
+    pub(crate) fn plugin_log(&self, level: LogLevel, message: &str) {
+        let message = truncate(message, MAX_LOG_BYTES);
         let plugin = self.meta.name.as_str();
 
         // `tracing` needs the level at compile time, hence one arm each.
         match level {
-            host::Level::Error => tracing::error!(
+            LogLevel::Error => tracing::error!(
                 target: "switchyard::plugin", plugin, "{message}"
             ),
-            host::Level::Warn => tracing::warn!(
+            LogLevel::Warn => tracing::warn!(
                 target: "switchyard::plugin", plugin, "{message}"
             ),
-            host::Level::Info => tracing::info!(
+            LogLevel::Info => tracing::info!(
                 target: "switchyard::plugin", plugin, "{message}"
             ),
-            host::Level::Debug => tracing::debug!(
+            LogLevel::Debug => tracing::debug!(
                 target: "switchyard::plugin", plugin, "{message}"
             ),
-            host::Level::Trace => tracing::trace!(
+            LogLevel::Trace => tracing::trace!(
                 target: "switchyard::plugin", plugin, "{message}"
             ),
         }
     }
 
-    fn now_unix_ms(&mut self) -> u64 {
-        // A clock before 1970 is a broken machine; 0 is as good as any.
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-    }
-
-    fn counter_add(&mut self, name: String, value: u64) {
+    /// `counter-add`: adds `value` to the plugin counter `name`.
+    pub(crate) fn plugin_counter_add(&self, name: String, value: u64) {
         self.meta.counter_add(name, value);
     }
+}
+
+/// `now-unix-ms`: wall-clock milliseconds since the Unix epoch.
+pub(crate) fn now_unix_ms() -> u64 {
+    // A clock before 1970 is a broken machine; 0 is as good as any.
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// `s` cut to at most `max` bytes at a character boundary.

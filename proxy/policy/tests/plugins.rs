@@ -96,7 +96,7 @@ fn pool(outcome: Result<RouteOutcome, CallError>) -> String {
 /// or was replaced.
 fn assert_recovers(policy: &Policy) {
     for _ in 0..3 {
-        assert_eq!(pool(policy.route(&chat("small"))), "small");
+        assert_eq!(pool(policy.route(&Arc::new(chat("small")))), "small");
     }
 }
 
@@ -104,23 +104,23 @@ fn assert_recovers(policy: &Policy) {
 fn cost_router_sends_short_auto_requests_to_small_pool() {
     let mut req = chat("auto");
     req.prompt_chars = 100;
-    assert_eq!(pool(router().route(&req)), "small");
+    assert_eq!(pool(router().route(&Arc::new(req))), "small");
 }
 
 #[test]
 fn cost_router_sends_long_or_premium_auto_requests_to_large_pool() {
     let mut long = chat("auto");
     long.prompt_chars = 101;
-    assert_eq!(pool(router().route(&long)), "large");
+    assert_eq!(pool(router().route(&Arc::new(long))), "large");
 
     // The proxy hands header names lowercase; the value's case is free.
     let mut premium = chat("auto");
     premium.headers.push(("x-tier".into(), "PREMIUM".into()));
-    assert_eq!(pool(router().route(&premium)), "large");
+    assert_eq!(pool(router().route(&Arc::new(premium))), "large");
 
     let mut standard = chat("auto");
     standard.headers.push(("x-tier".into(), "standard".into()));
-    assert_eq!(pool(router().route(&standard)), "small");
+    assert_eq!(pool(router().route(&Arc::new(standard))), "small");
 }
 
 #[test]
@@ -128,7 +128,7 @@ fn cost_router_sends_named_models_to_their_own_pool() {
     let mut req = RouteRequest::new(Endpoint::Embeddings, "bge-small");
     req.prompt = vec!["x".repeat(500)];
     req.prompt_chars = 500;
-    assert_eq!(pool(router().route(&req)), "bge-small");
+    assert_eq!(pool(router().route(&Arc::new(req))), "bge-small");
 }
 
 #[test]
@@ -152,7 +152,7 @@ fn cost_router_bad_config_fails_load_naming_key_and_path() {
 
 #[test]
 fn trap_is_reported_and_next_call_succeeds() {
-    let err = faults().route(&chat("trap")).unwrap_err();
+    let err = faults().route(&Arc::new(chat("trap"))).unwrap_err();
     assert_eq!(err.kind(), "trap", "{err}");
     assert_eq!(err.plugin(), "test_faults");
     assert!(err.to_string().contains("test_faults"), "{err}");
@@ -162,7 +162,7 @@ fn trap_is_reported_and_next_call_succeeds() {
 #[test]
 fn spin_is_stopped_by_deadline_and_next_call_succeeds() {
     let start = Instant::now();
-    let err = faults().route(&chat("spin")).unwrap_err();
+    let err = faults().route(&Arc::new(chat("spin"))).unwrap_err();
     assert_eq!(err.kind(), "timeout", "{err}");
     // Only a sanity bound: timing on a loaded CI machine varies.
     assert!(start.elapsed() < Duration::from_secs(10));
@@ -171,7 +171,7 @@ fn spin_is_stopped_by_deadline_and_next_call_succeeds() {
 
 #[test]
 fn grow_hits_memory_limit_and_next_call_succeeds() {
-    let err = faults().route(&chat("grow")).unwrap_err();
+    let err = faults().route(&Arc::new(chat("grow"))).unwrap_err();
     assert_eq!(err.kind(), "memory", "{err}");
     assert!(err.to_string().contains("16777216 bytes"), "{err}");
     assert_recovers(faults());
@@ -179,7 +179,7 @@ fn grow_hits_memory_limit_and_next_call_succeeds() {
 
 #[test]
 fn reject_returns_status_and_message() {
-    let outcome = faults().route(&chat("reject")).unwrap();
+    let outcome = faults().route(&Arc::new(chat("reject"))).unwrap();
     assert_eq!(
         outcome,
         RouteOutcome::Reject {
@@ -191,7 +191,7 @@ fn reject_returns_status_and_message() {
 
 #[test]
 fn cap_routes_to_small_with_cap_of_five() {
-    let outcome = faults().route(&chat("cap")).unwrap();
+    let outcome = faults().route(&Arc::new(chat("cap"))).unwrap();
     assert_eq!(
         outcome,
         RouteOutcome::Route(RouteDecision {
@@ -210,7 +210,9 @@ fn host_clock_is_wall_clock_in_ms() {
         u64::try_from(d.as_millis()).unwrap()
     };
     let before = now();
-    let plugin_ms: u64 = pool(faults().route(&chat("clock"))).parse().unwrap();
+    let plugin_ms: u64 = pool(faults().route(&Arc::new(chat("clock"))))
+        .parse()
+        .unwrap();
     assert!((before..=now()).contains(&plugin_ms), "{plugin_ms}");
 }
 
@@ -218,7 +220,7 @@ fn host_clock_is_wall_clock_in_ms() {
 fn counters_beyond_the_bound_do_not_fail_calls() {
     // test-faults adds to 100 names; the host keeps 64 and drops the rest.
     for _ in 0..2 {
-        assert_eq!(pool(faults().route(&chat("count"))), "count");
+        assert_eq!(pool(faults().route(&Arc::new(chat("count")))), "count");
     }
 }
 
@@ -231,7 +233,7 @@ fn plugin_panic_message_is_logged_at_error() {
         .with_max_level(tracing::Level::TRACE)
         .finish();
     let err = tracing::subscriber::with_default(subscriber, || {
-        faults().route(&chat("trap")).unwrap_err()
+        faults().route(&Arc::new(chat("trap"))).unwrap_err()
     });
     assert_eq!(err.kind(), "trap");
 
@@ -285,7 +287,7 @@ fn fixtures_with_their_own_config_hold_whatever_the_deployment_config() {
 
     let mut req = chat("auto");
     req.headers.push(("x-tier".into(), "premium".into()));
-    assert_eq!(pool(policy.route(&req)), "huge");
+    assert_eq!(pool(policy.route(&Arc::new(req))), "huge");
 }
 
 #[test]
@@ -360,12 +362,12 @@ fn concurrent_calls_from_many_threads_all_answer() {
                     // Interleave traps so that instances are replaced
                     // while other threads are using theirs.
                     if i % 25 == 7 {
-                        let err = policy.route(&chat("trap")).unwrap_err();
+                        let err = policy.route(&Arc::new(chat("trap"))).unwrap_err();
                         assert_eq!(err.kind(), "trap");
                         continue;
                     }
                     let model = format!("pool-{t}-{i}");
-                    assert_eq!(pool(policy.route(&chat(&model))), model);
+                    assert_eq!(pool(policy.route(&Arc::new(chat(&model)))), model);
                 }
             });
         }
@@ -378,9 +380,12 @@ async fn plugin_stdio_and_faults_are_safe_on_tokio_workers() {
     // thread; the host links non-blocking ones instead. `print` writes to
     // stdout and stderr; `grow` makes std write its allocation failure.
     let policy = faults();
-    assert_eq!(pool(policy.route(&chat("print"))), "print");
-    assert_eq!(policy.route(&chat("grow")).unwrap_err().kind(), "memory");
-    let spawned = tokio::spawn(async { pool(faults().route(&chat("print"))) });
+    assert_eq!(pool(policy.route(&Arc::new(chat("print")))), "print");
+    assert_eq!(
+        policy.route(&Arc::new(chat("grow"))).unwrap_err().kind(),
+        "memory"
+    );
+    let spawned = tokio::spawn(async { pool(faults().route(&Arc::new(chat("print")))) });
     assert_eq!(spawned.await.unwrap(), "print");
 }
 
@@ -429,7 +434,7 @@ fn answer(text: &str, logprobs: &[f32]) -> ReviewAnswer {
 
 #[test]
 fn cascade_route_carries_its_escalation_pool() {
-    let outcome = faults().route(&chat("cascade")).unwrap();
+    let outcome = faults().route(&Arc::new(chat("cascade"))).unwrap();
     let RouteOutcome::Route(decision) = outcome else {
         panic!("expected a route, got {outcome:?}");
     };
@@ -439,7 +444,7 @@ fn cascade_route_carries_its_escalation_pool() {
 
 #[test]
 fn review_accepts_or_escalates_as_the_plugin_says() {
-    let req = chat("cascade");
+    let req = Arc::new(chat("cascade"));
     let accept = faults().review(&req, &answer("fine", &[-0.1])).unwrap();
     assert_eq!(accept, Verdict::Accept);
     let escalate = faults()
@@ -457,11 +462,11 @@ fn review_accepts_or_escalates_as_the_plugin_says() {
 #[test]
 fn review_trap_and_spin_fail_the_call_and_the_next_one_succeeds() {
     let err = faults()
-        .review(&chat("trap"), &answer("x", &[]))
+        .review(&Arc::new(chat("trap")), &answer("x", &[]))
         .unwrap_err();
     assert_eq!(err.kind(), "trap", "{err}");
     let err = faults()
-        .review(&chat("spin"), &answer("x", &[]))
+        .review(&Arc::new(chat("spin")), &answer("x", &[]))
         .unwrap_err();
     assert_eq!(err.kind(), "timeout", "{err}");
     assert_recovers(faults());
@@ -473,7 +478,7 @@ fn confidence_cascade_escalates_on_a_low_mean_logprob() {
         &PolicySettings::new(plugin("confidence_cascade.wasm"))
             .with_config(json!({ "min_mean_logprob": -1.0 })),
     );
-    let req = chat("auto");
+    let req = Arc::new(chat("auto"));
     let sure = policy
         .review(&req, &answer("Paris", &[-0.1, -0.3]))
         .unwrap();
@@ -487,5 +492,91 @@ fn confidence_cascade_escalates_on_a_low_mean_logprob() {
             pool: String::new(),
             reason: "low-confidence".into()
         }
+    );
+}
+
+/// A plugin built against the 0.2.0 interface, kept compiled in
+/// `tests/fixtures/v0.2`.
+fn legacy_plugin(file: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/v0.2")
+        .join(file)
+}
+
+#[test]
+fn plugins_built_against_0_2_0_still_route_and_review() {
+    // cost_router reads the model, the prompt length and a header: each
+    // must reach it through the 0.2.0 record.
+    let router = load(
+        &PolicySettings::new(legacy_plugin("cost_router.wasm"))
+            .with_config(json!({ "long_prompt_chars": 100 })),
+    );
+    let mut short = chat("auto");
+    short.prompt_chars = 100;
+    assert_eq!(pool(router.route(&Arc::new(short))), "small");
+    let mut long = chat("auto");
+    long.prompt_chars = 101;
+    assert_eq!(pool(router.route(&Arc::new(long))), "large");
+    let mut premium = chat("auto");
+    premium.headers.push(("x-tier".into(), "premium".into()));
+    assert_eq!(pool(router.route(&Arc::new(premium))), "large");
+    assert_eq!(pool(router.route(&Arc::new(chat("named")))), "named");
+
+    // test_faults answers `review` and fails on demand.
+    let faults = load(&PolicySettings::new(legacy_plugin("test_faults.wasm")));
+    let cascade = Arc::new(chat("cascade"));
+    let Ok(RouteOutcome::Route(decision)) = faults.route(&cascade) else {
+        panic!("the cascade request must be routed");
+    };
+    assert_eq!(decision.escalate_to.as_deref(), Some("large"));
+    let verdict = faults.review(&cascade, &answer("escalate:huge", &[]));
+    assert_eq!(
+        verdict.unwrap(),
+        Verdict::Escalate {
+            pool: "huge".into(),
+            reason: "asked".into()
+        }
+    );
+    let err = faults.route(&Arc::new(chat("trap"))).unwrap_err();
+    assert_eq!(err.kind(), "trap", "{err}");
+    assert_recovers(&faults);
+}
+
+#[test]
+fn a_plugin_reads_every_fact_of_the_request_through_the_host() {
+    let mut chat_req = chat("describe");
+    chat_req.messages = vec![
+        switchyard_policy::Message {
+            role: "system".into(),
+            content: "Be brief.".into(),
+        },
+        switchyard_policy::Message {
+            role: "user".into(),
+            content: "héllo".into(),
+        },
+    ];
+    chat_req.prompt_chars = 14;
+    chat_req.max_tokens = Some(7);
+    chat_req.stream = true;
+    chat_req.headers = vec![
+        ("x-tier".into(), "premium".into()),
+        ("x-tenant".into(), "acme".into()),
+    ];
+    assert_eq!(
+        pool(faults().route(&Arc::new(chat_req))),
+        "ChatCompletions model=describe count=2 \
+         messages=[\"system:Be brief.\", \"user:héllo\"] prompt=[] chars=14 \
+         max=Some(7) stream=true tier=Some(\"premium\") \
+         headers=[\"x-tier=premium\", \"x-tenant=acme\"] attribute=None"
+    );
+
+    let mut completion = RouteRequest::new(Endpoint::Completions, "describe");
+    completion.prompt = vec!["Once".into(), "upon".into()];
+    completion.prompt_chars = 8;
+    assert_eq!(
+        pool(faults().route(&Arc::new(completion))),
+        "Completions model=describe count=0 messages=[] \
+         prompt=[\"Once\", \"upon\"] chars=8 max=None stream=false \
+         tier=None headers=[] attribute=None"
     );
 }

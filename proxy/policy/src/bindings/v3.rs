@@ -1,0 +1,178 @@
+//! `switchyard:policy@0.3.0`: the request is a host resource. The plugin
+//! calls back for each fact it reads, and only that answer is copied into
+//! its memory.
+
+use std::sync::Arc;
+
+use wasmtime::component::Resource;
+use wasmtime::Store;
+
+use crate::state::HostState;
+// The world's `use types.{.., verdict}` puts a `Verdict` in this module.
+use crate::Verdict as HostVerdict;
+use crate::{ReviewAnswer, RouteOutcome, RouteRequest};
+
+wasmtime::component::bindgen!({
+    path: "../../sdk/wit",
+    world: "policy",
+    // The answer borrows from the caller's `ReviewAnswer`, so its text is
+    // copied once (into the plugin's memory), not twice.
+    ownership: Borrowing { duplicate_if_necessary: true },
+    with: {
+        "switchyard:policy/types.request": RequestView,
+    },
+    // A request method traps on a handle that is not in the table, which
+    // only a host bug could cause.
+    imports: {
+        "switchyard:policy/types": trappable,
+    },
+});
+
+use self::switchyard::policy::{host, types as wit};
+
+super::shared_bindings!();
+
+/// What a `request` handle stands for in the store's resource table: the
+/// request being routed or reviewed, shared with the caller, who removes
+/// it from the table when the call returns.
+pub struct RequestView(Arc<RouteRequest>);
+
+pub(super) fn route(
+    policy: &Policy,
+    store: &mut Store<HostState>,
+    req: &Arc<RouteRequest>,
+) -> wasmtime::Result<RouteOutcome> {
+    let handle = lend(store, req)?;
+    let result = policy.call_route(&mut *store, borrow(&handle));
+    take_back(store, handle)?;
+    result.map(outcome)
+}
+
+pub(super) fn review(
+    policy: &Policy,
+    store: &mut Store<HostState>,
+    req: &Arc<RouteRequest>,
+    answer: &ReviewAnswer,
+) -> wasmtime::Result<HostVerdict> {
+    let handle = lend(store, req)?;
+    let answer = answer_wit(answer);
+    let result = policy.call_review(&mut *store, borrow(&handle), answer);
+    take_back(store, handle)?;
+    result.map(verdict)
+}
+
+/// Puts `req` in the store's table for one call.
+fn lend(
+    store: &mut Store<HostState>,
+    req: &Arc<RouteRequest>,
+) -> wasmtime::Result<Resource<RequestView>> {
+    let view = RequestView(Arc::clone(req));
+    Ok(store.data_mut().table().push(view)?)
+}
+
+/// A borrowed handle to `handle`'s request, as `borrow<request>` wants.
+fn borrow(handle: &Resource<RequestView>) -> Resource<RequestView> {
+    Resource::new_borrow(handle.rep())
+}
+
+/// Removes the request lent by [`lend`]. After a trap the instance is
+/// discarded anyway, but the table entry would otherwise outlive the call.
+fn take_back(store: &mut Store<HostState>, handle: Resource<RequestView>) -> wasmtime::Result<()> {
+    store.data_mut().table().delete(handle)?;
+    Ok(())
+}
+
+impl HostState {
+    fn request(&self, handle: &Resource<RequestView>) -> wasmtime::Result<&RouteRequest> {
+        Ok(&self.table_ref().get(handle)?.0)
+    }
+}
+
+fn attribute(key: &str, value: &str) -> wit::AttributeResult {
+    wit::AttributeResult {
+        key: key.to_owned(),
+        value: value.to_owned(),
+    }
+}
+
+impl wit::Host for HostState {}
+
+impl wit::HostRequest for HostState {
+    fn endpoint(&mut self, req: Resource<RequestView>) -> wasmtime::Result<wit::Endpoint> {
+        Ok(endpoint(self.request(&req)?.endpoint))
+    }
+
+    fn model(&mut self, req: Resource<RequestView>) -> wasmtime::Result<String> {
+        Ok(self.request(&req)?.model.clone())
+    }
+
+    fn message_count(&mut self, req: Resource<RequestView>) -> wasmtime::Result<u32> {
+        let count = self.request(&req)?.messages.len();
+        Ok(u32::try_from(count).unwrap_or(u32::MAX))
+    }
+
+    fn messages(&mut self, req: Resource<RequestView>) -> wasmtime::Result<Vec<wit::Message>> {
+        let messages = self.request(&req)?.messages.iter();
+        Ok(messages
+            .map(|m| wit::Message {
+                role: m.role.clone(),
+                content: m.content.clone(),
+                attributes: Vec::new(),
+            })
+            .collect())
+    }
+
+    fn prompt(&mut self, req: Resource<RequestView>) -> wasmtime::Result<Vec<String>> {
+        Ok(self.request(&req)?.prompt.clone())
+    }
+
+    fn prompt_chars(&mut self, req: Resource<RequestView>) -> wasmtime::Result<u64> {
+        Ok(self.request(&req)?.prompt_chars)
+    }
+
+    fn max_tokens(&mut self, req: Resource<RequestView>) -> wasmtime::Result<Option<u32>> {
+        Ok(self.request(&req)?.max_tokens)
+    }
+
+    fn stream(&mut self, req: Resource<RequestView>) -> wasmtime::Result<bool> {
+        Ok(self.request(&req)?.stream)
+    }
+
+    fn header(
+        &mut self,
+        req: Resource<RequestView>,
+        name: String,
+    ) -> wasmtime::Result<Option<String>> {
+        let headers = &self.request(&req)?.headers;
+        Ok(headers
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(&name))
+            .map(|(_, value)| value.clone()))
+    }
+
+    fn headers(
+        &mut self,
+        req: Resource<RequestView>,
+    ) -> wasmtime::Result<Vec<wit::AttributeResult>> {
+        let headers = &self.request(&req)?.headers;
+        Ok(headers.iter().map(|(k, v)| attribute(k, v)).collect())
+    }
+
+    fn attribute(
+        &mut self,
+        req: Resource<RequestView>,
+        _key: String,
+    ) -> wasmtime::Result<Option<String>> {
+        // No host attributes are defined in 0.3.0; the handle is still
+        // checked, as every method does.
+        self.request(&req)?;
+        Ok(None)
+    }
+
+    fn drop(&mut self, req: Resource<RequestView>) -> wasmtime::Result<()> {
+        // Plugins only ever borrow a request, so this runs only if a later
+        // interface hands one over.
+        self.table().delete(req)?;
+        Ok(())
+    }
+}
