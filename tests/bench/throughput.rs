@@ -9,7 +9,8 @@
 //!
 //! - chat completions straight to the mock;
 //! - the same through Switchyard without a policy, and with
-//!   `cost_router.wasm` (model `auto`): these two alternate in
+//!   `cost_router.wasm` (model `auto`; `BENCH_POLICY_PLUGIN` names
+//!   another plugin file to measure): these two alternate in
 //!   `BENCH_ROUNDS` (default 5) slices each, so that a change in the
 //!   machine's load falls on both alike;
 //! - one-input embeddings straight to the mock, and through a pool that
@@ -357,7 +358,8 @@ async fn run(settings: Settings) -> bool {
     outcomes.push(measure(direct_chat, settings, &mock).await);
 
     // The policy scenario needs the plugin; say so rather than fail.
-    let cost_router = plugin_path("cost_router");
+    let cost_router = std::env::var_os("BENCH_POLICY_PLUGIN")
+        .map_or_else(|| plugin_path("cost_router"), PathBuf::from);
     let with_policy = if cost_router.is_file() {
         let mut config = server_toml();
         config.push_str(&pool_toml("small", &mock.url(), "smollm2"));
@@ -368,7 +370,10 @@ async fn run(settings: Settings) -> bool {
         ));
         Some(Switchyard::start_forgetting_logs(&config).await)
     } else {
-        println!("skipping the policy scenario: cost_router.wasm missing; run `make plugins`");
+        println!(
+            "skipping the policy scenario: {} missing; run `make plugins`",
+            cost_router.display()
+        );
         None
     };
 
