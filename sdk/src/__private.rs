@@ -31,7 +31,8 @@ pub(crate) use self::bindings::switchyard::policy::types as wit;
 
 pub use self::bindings::Guest;
 pub use self::wit::{
-    Answer as WitAnswer, Decision as WitDecision, Request as WitRequest, Verdict as WitVerdict,
+    Answer as WitAnswer, Decision as WitDecision, Request as WitRequest,
+    RequestFacts as WitRequestFacts, Verdict as WitVerdict,
 };
 
 thread_local! {
@@ -75,10 +76,10 @@ pub fn init<P: Policy>(config: String) -> Result<(), String> {
     Ok(())
 }
 
-/// The exported `route`: wraps the lent request (reading none of it),
-/// asks the policy and converts its answer back.
-pub fn route(req: &WitRequest) -> WitDecision {
-    let req = Request::lent(req);
+/// The exported `route`: wraps the facts and the lent request (reading
+/// none of it), asks the policy and converts its answer back.
+pub fn route(facts: WitRequestFacts, req: &WitRequest) -> WitDecision {
+    let req = Request::lent(facts, req);
     let decision = POLICY.with(|slot| match slot.borrow().as_deref() {
         Some(policy) => policy.route(&req),
         None => Decision::reject(NOT_INITIALISED_STATUS, NOT_INITIALISED),
@@ -89,8 +90,8 @@ pub fn route(req: &WitRequest) -> WitDecision {
 /// The exported `review`: wraps the lent request, converts the answer,
 /// asks the policy and converts its verdict back. Before `init` it
 /// accepts, which a correct host never relies on.
-pub fn review(req: &WitRequest, answer: WitAnswer) -> WitVerdict {
-    let req = Request::lent(req);
+pub fn review(facts: WitRequestFacts, req: &WitRequest, answer: WitAnswer) -> WitVerdict {
+    let req = Request::lent(facts, req);
     let answer = answer_from_wit(answer);
     let verdict = POLICY.with(|slot| match slot.borrow().as_deref() {
         Some(policy) => policy.review(&req, &answer),

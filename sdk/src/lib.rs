@@ -82,13 +82,15 @@
 //!   and parsing JSON twice dominates). A fresh pooled instance plus its
 //!   first call took 15 to 19 us, cheap enough to replace an instance
 //!   after every fault.
-//! - **Pay for what you read.** Since 0.3.0 the request is a WIT
-//!   resource that stays in the host: each of [`Request`]'s methods is one
-//!   call that copies only its answer into the plugin. Every string or
-//!   list copied in costs a call into the plugin's allocator (about 900
-//!   instructions), and most rules read only the model, the prompt's
-//!   length and a header, so the 0.2.0 record, copied whole on every
-//!   call, paid for messages and headers that most rules never read.
+//! - **Pay for what you read.** Since 0.3.0 each call hands over only the
+//!   request's numbers and model name; the messages, prompts and headers
+//!   stay in the host as a WIT resource, and each of [`Request`]'s methods
+//!   for them is one call that copies only its answer into the plugin.
+//!   Every string or list copied in costs a call into the plugin's
+//!   allocator (about 900 instructions), and most rules read only the
+//!   model, the prompt's length and a header, so the 0.2.0 record, copied
+//!   whole on every call, paid for messages and headers that most rules
+//!   never read.
 //! - **Evolvability.** The package is versioned
 //!   (`switchyard:policy@0.3.0`), and the host links each plugin against
 //!   the version it was built for, so plugins built against 0.2.0 keep
@@ -180,15 +182,19 @@ macro_rules! export_policy {
                     $crate::__private::init::<$policy>(config)
                 }
 
-                fn route(req: &$crate::__private::WitRequest) -> $crate::__private::WitDecision {
-                    $crate::__private::route(req)
+                fn route(
+                    facts: $crate::__private::WitRequestFacts,
+                    req: &$crate::__private::WitRequest,
+                ) -> $crate::__private::WitDecision {
+                    $crate::__private::route(facts, req)
                 }
 
                 fn review(
+                    facts: $crate::__private::WitRequestFacts,
                     req: &$crate::__private::WitRequest,
                     answer: $crate::__private::WitAnswer,
                 ) -> $crate::__private::WitVerdict {
-                    $crate::__private::review(req, answer)
+                    $crate::__private::review(facts, req, answer)
                 }
             }
 

@@ -1,13 +1,14 @@
-//! What a policy is told about one request: [`Request`], read on demand.
+//! What a policy is told about one request: [`Request`].
 //!
-//! Since `switchyard:policy@0.3.0` the host lends the plugin a handle to
-//! its request instead of copying the whole request in, and each fact is
-//! one call into the host. This module hides the difference: a
-//! [`Request`] is either that lent handle, with caches so that each
-//! string or list is fetched at most once per call, or the same facts
-//! held in plugin memory, built with [`Request::new`] and the `with_*`
-//! methods for unit tests. It must not copy anything from the host that
-//! the policy did not ask for.
+//! Since `switchyard:policy@0.3.0` each call hands the plugin the request's
+//! numbers and model name, and lends it a handle to the rest (messages,
+//! prompts, headers), which stays in the host: each of those is one call
+//! into the host when read. This module hides the difference: a
+//! [`Request`] is either that lent handle, with caches so that each list
+//! is fetched at most once per call, or the same facts held in plugin
+//! memory, built with [`Request::new`] and the `with_*` methods for unit
+//! tests. It must not copy anything from the host that the policy did not
+//! ask for.
 
 use std::cell::OnceCell;
 use std::fmt;
@@ -17,72 +18,85 @@ use crate::types::{find, Endpoint, Message};
 
 /// What a policy is told about one request.
 ///
-/// In a plugin the request stays in the host, and each method asks the
-/// host for one fact: a policy pays only for what it reads. Strings and
-/// lists ([`model`](Request::model), [`messages`](Request::messages),
-/// [`prompt`](Request::prompt), [`headers`](Request::headers)) are
-/// fetched on first use and kept for the rest of the call, so reading
-/// them twice costs nothing more. Scalars ([`endpoint`](Request::endpoint),
-/// [`prompt_chars`](Request::prompt_chars), ...) are asked for on every
-/// call: that copies no memory into the plugin and is cheaper than the
-/// bookkeeping a cache would add. [`header`](Request::header) and
-/// [`attribute`](Request::attribute) ask the host for one value each
-/// time, without fetching the others (or look in the headers when
-/// `headers` has already fetched them).
+/// The endpoint, model, message count, prompt length, `max_tokens` and
+/// stream flag come with every call and cost nothing to read. In a plugin
+/// the rest stays in the host, and each of
+/// [`messages`](Request::messages), [`prompt`](Request::prompt),
+/// [`headers`](Request::headers), [`header`](Request::header) and
+/// [`attribute`](Request::attribute) asks the host for it: a policy pays
+/// only for what it reads. The lists are fetched on first use and kept
+/// for the rest of the call, so reading them twice costs nothing more;
+/// `header` and `attribute` ask for one value each time, without
+/// fetching the others (or look in the headers once `headers` has fetched
+/// them).
 ///
 /// The lifetime is that of the host's loan: a request lent to
 /// [`Policy::route`](crate::Policy::route) or
 /// [`Policy::review`](crate::Policy::review) cannot outlive that call.
-/// Requests built with [`Request::new`] hold their facts themselves and
+/// Requests built with [`Request::new`] hold everything themselves and
 /// are `Request<'static>`.
 ///
 /// `Debug` never calls the host: for a lent request it shows what has
 /// been read so far.
 #[derive(Clone)]
 pub struct Request<'a> {
-    source: Source<'a>,
+    facts: Facts,
+    rest: Rest<'a>,
 }
 
-#[derive(Clone)]
-enum Source<'a> {
-    /// Built in plugin code, for unit tests.
-    Owned(Facts),
-    /// Lent by the host for one call.
-    Lent(Lent<'a>),
-}
-
-/// Every fact of a request built in plugin code.
+/// What every call hands over.
 #[derive(Debug, Clone)]
 struct Facts {
     endpoint: Endpoint,
     model: String,
-    messages: Vec<Message>,
-    prompt: Vec<String>,
+    message_count: usize,
     prompt_chars: u64,
     max_tokens: Option<u32>,
     stream: bool,
+}
+
+#[derive(Clone)]
+enum Rest<'a> {
+    /// Built in plugin code, for unit tests.
+    Owned(Contents),
+    /// Lent by the host for one call.
+    Lent(Lent<'a>),
+}
+
+/// The lists of a request built in plugin code.
+#[derive(Debug, Clone, Default)]
+struct Contents {
+    messages: Vec<Message>,
+    prompt: Vec<String>,
     /// Names lowercase, in insertion order.
     headers: Vec<(String, String)>,
     attributes: Vec<(String, String)>,
 }
 
-/// The host's request and the strings and lists read from it so far.
+/// The host's request and the lists read from it so far.
 #[derive(Clone)]
 struct Lent<'a> {
     handle: &'a wit::Request,
-    model: OnceCell<String>,
     messages: OnceCell<Vec<Message>>,
     prompt: OnceCell<Vec<String>>,
     headers: OnceCell<Vec<(String, String)>>,
 }
 
 impl<'a> Request<'a> {
-    /// Wraps the host's request without reading any of it.
-    pub(crate) fn lent(handle: &'a wit::Request) -> Self {
+    /// The request of one call: its `facts`, and the host's `handle` to
+    /// the rest, none of which is read yet.
+    pub(crate) fn lent(facts: wit::RequestFacts, handle: &'a wit::Request) -> Self {
         Request {
-            source: Source::Lent(Lent {
+            facts: Facts {
+                endpoint: endpoint_from_wit(facts.endpoint),
+                model: facts.model,
+                message_count: usize::try_from(facts.message_count).unwrap_or(usize::MAX),
+                prompt_chars: facts.prompt_chars,
+                max_tokens: facts.max_tokens,
+                stream: facts.stream,
+            },
+            rest: Rest::Lent(Lent {
                 handle,
-                model: OnceCell::new(),
                 messages: OnceCell::new(),
                 prompt: OnceCell::new(),
                 headers: OnceCell::new(),
@@ -92,41 +106,42 @@ impl<'a> Request<'a> {
 
     /// The endpoint the request arrived on.
     pub fn endpoint(&self) -> Endpoint {
-        match &self.source {
-            Source::Owned(facts) => facts.endpoint,
-            Source::Lent(lent) => endpoint_from_wit(lent.handle.endpoint()),
-        }
+        self.facts.endpoint
     }
 
     /// The `model` field exactly as the client sent it, for example
     /// `auto` or `llama-3-8b`.
     pub fn model(&self) -> &str {
-        match &self.source {
-            Source::Owned(facts) => &facts.model,
-            Source::Lent(lent) => lent.model.get_or_init(|| lent.handle.model()),
-        }
+        &self.facts.model
     }
 
-    /// Number of chat messages; 0 for the other endpoints. Cheaper than
-    /// `messages().len()` when the messages themselves are not needed.
+    /// Number of chat messages; 0 for the other endpoints. Free, unlike
+    /// `messages().len()`, which fetches the messages.
     pub fn message_count(&self) -> usize {
-        match &self.source {
-            Source::Owned(facts) => facts.messages.len(),
-            Source::Lent(lent) => match lent.messages.get() {
-                Some(messages) => messages.len(),
-                None => {
-                    let count = lent.handle.message_count();
-                    usize::try_from(count).unwrap_or(usize::MAX)
-                }
-            },
-        }
+        self.facts.message_count
+    }
+
+    /// Characters (Unicode scalar values) in all messages, prompts or
+    /// inputs together: a cheap proxy for prompt length.
+    pub fn prompt_chars(&self) -> u64 {
+        self.facts.prompt_chars
+    }
+
+    /// The client's `max_tokens` (or `max_completion_tokens`), if set.
+    pub fn max_tokens(&self) -> Option<u32> {
+        self.facts.max_tokens
+    }
+
+    /// Whether the client asked for a streamed response.
+    pub fn stream(&self) -> bool {
+        self.facts.stream
     }
 
     /// Chat messages, in order (chat completions only; empty otherwise).
     pub fn messages(&self) -> &[Message] {
-        match &self.source {
-            Source::Owned(facts) => &facts.messages,
-            Source::Lent(lent) => lent.messages.get_or_init(|| {
+        match &self.rest {
+            Rest::Owned(contents) => &contents.messages,
+            Rest::Lent(lent) => lent.messages.get_or_init(|| {
                 let messages = lent.handle.messages();
                 messages.into_iter().map(message_from_wit).collect()
             }),
@@ -136,34 +151,9 @@ impl<'a> Request<'a> {
     /// Prompt items (completions) or inputs (embeddings) given as text;
     /// empty for chat completions.
     pub fn prompt(&self) -> &[String] {
-        match &self.source {
-            Source::Owned(facts) => &facts.prompt,
-            Source::Lent(lent) => lent.prompt.get_or_init(|| lent.handle.prompt()),
-        }
-    }
-
-    /// Characters (Unicode scalar values) in all messages, prompts or
-    /// inputs together: a cheap proxy for prompt length.
-    pub fn prompt_chars(&self) -> u64 {
-        match &self.source {
-            Source::Owned(facts) => facts.prompt_chars,
-            Source::Lent(lent) => lent.handle.prompt_chars(),
-        }
-    }
-
-    /// The client's `max_tokens` (or `max_completion_tokens`), if set.
-    pub fn max_tokens(&self) -> Option<u32> {
-        match &self.source {
-            Source::Owned(facts) => facts.max_tokens,
-            Source::Lent(lent) => lent.handle.max_tokens(),
-        }
-    }
-
-    /// Whether the client asked for a streamed response.
-    pub fn stream(&self) -> bool {
-        match &self.source {
-            Source::Owned(facts) => facts.stream,
-            Source::Lent(lent) => lent.handle.stream(),
+        match &self.rest {
+            Rest::Owned(contents) => &contents.prompt,
+            Rest::Lent(lent) => lent.prompt.get_or_init(|| lent.handle.prompt()),
         }
     }
 
@@ -171,9 +161,9 @@ impl<'a> Request<'a> {
     /// regard to ASCII case. One call into the host per lookup, which
     /// copies only that value.
     pub fn header(&self, name: &str) -> Option<String> {
-        let all = match &self.source {
-            Source::Owned(facts) => &facts.headers,
-            Source::Lent(lent) => match lent.headers.get() {
+        let all = match &self.rest {
+            Rest::Owned(contents) => &contents.headers,
+            Rest::Lent(lent) => match lent.headers.get() {
                 Some(headers) => headers,
                 None => return lent.handle.header(name),
             },
@@ -185,18 +175,20 @@ impl<'a> Request<'a> {
     /// arrival order. Copies every header into the plugin: prefer
     /// [`header`](Request::header) for a few known names.
     pub fn headers(&self) -> &[(String, String)] {
-        match &self.source {
-            Source::Owned(facts) => &facts.headers,
-            Source::Lent(lent) => lent.headers.get_or_init(|| pairs(lent.handle.headers())),
+        match &self.rest {
+            Rest::Owned(contents) => &contents.headers,
+            Rest::Lent(lent) => lent.headers.get_or_init(|| pairs(lent.handle.headers())),
         }
     }
 
     /// The value of the host attribute `key` (exact match); the host
     /// defines none yet.
     pub fn attribute(&self, key: &str) -> Option<String> {
-        match &self.source {
-            Source::Owned(facts) => find(&facts.attributes, key, |a, b| a == b).map(str::to_owned),
-            Source::Lent(lent) => lent.handle.attribute(key),
+        match &self.rest {
+            Rest::Owned(contents) => {
+                find(&contents.attributes, key, |a, b| a == b).map(str::to_owned)
+            }
+            Rest::Lent(lent) => lent.handle.attribute(key),
         }
     }
 }
@@ -206,70 +198,68 @@ impl Request<'static> {
     /// no prompt, no headers, zero characters, not streamed.
     pub fn new(endpoint: Endpoint, model: impl Into<String>) -> Self {
         Request {
-            source: Source::Owned(Facts {
+            facts: Facts {
                 endpoint,
                 model: model.into(),
-                messages: Vec::new(),
-                prompt: Vec::new(),
+                message_count: 0,
                 prompt_chars: 0,
                 max_tokens: None,
                 stream: false,
-                headers: Vec::new(),
-                attributes: Vec::new(),
-            }),
+            },
+            rest: Rest::Owned(Contents::default()),
         }
     }
 
     /// Sets the character count.
-    pub fn with_prompt_chars(self, chars: u64) -> Self {
-        self.edit(|facts| facts.prompt_chars = chars)
+    pub fn with_prompt_chars(mut self, chars: u64) -> Self {
+        self.facts.prompt_chars = chars;
+        self
     }
 
     /// Adds a header; the name is stored lowercase, as the host does.
     pub fn with_header(self, name: impl Into<String>, value: impl Into<String>) -> Self {
         let name = name.into().to_ascii_lowercase();
         let value = value.into();
-        self.edit(|facts| facts.headers.push((name, value)))
+        self.edit(|contents| contents.headers.push((name, value)))
     }
 
     /// Appends a chat message and counts its characters.
-    pub fn with_message(self, message: Message) -> Self {
-        self.edit(|facts| {
-            facts.prompt_chars += message.content.chars().count() as u64;
-            facts.messages.push(message);
-        })
+    pub fn with_message(mut self, message: Message) -> Self {
+        self.facts.prompt_chars += message.content.chars().count() as u64;
+        self.facts.message_count += 1;
+        self.edit(|contents| contents.messages.push(message))
     }
 
     /// Appends a prompt item and counts its characters.
-    pub fn with_prompt(self, prompt: impl Into<String>) -> Self {
+    pub fn with_prompt(mut self, prompt: impl Into<String>) -> Self {
         let prompt = prompt.into();
-        self.edit(|facts| {
-            facts.prompt_chars += prompt.chars().count() as u64;
-            facts.prompt.push(prompt);
-        })
+        self.facts.prompt_chars += prompt.chars().count() as u64;
+        self.edit(|contents| contents.prompt.push(prompt))
     }
 
     /// Sets the client's `max_tokens`.
-    pub fn with_max_tokens(self, max_tokens: u32) -> Self {
-        self.edit(|facts| facts.max_tokens = Some(max_tokens))
+    pub fn with_max_tokens(mut self, max_tokens: u32) -> Self {
+        self.facts.max_tokens = Some(max_tokens);
+        self
     }
 
     /// Marks the request as streamed.
-    pub fn with_stream(self, stream: bool) -> Self {
-        self.edit(|facts| facts.stream = stream)
+    pub fn with_stream(mut self, stream: bool) -> Self {
+        self.facts.stream = stream;
+        self
     }
 
     /// Adds an attribute.
     pub fn with_attribute(self, key: impl Into<String>, value: impl Into<String>) -> Self {
         let pair = (key.into(), value.into());
-        self.edit(|facts| facts.attributes.push(pair))
+        self.edit(|contents| contents.attributes.push(pair))
     }
 
-    fn edit(mut self, change: impl FnOnce(&mut Facts)) -> Self {
+    fn edit(mut self, change: impl FnOnce(&mut Contents)) -> Self {
         // Only built requests reach here: the SDK lends the host's
         // request for one call, never for 'static.
-        if let Source::Owned(facts) = &mut self.source {
-            change(facts);
+        if let Rest::Owned(contents) = &mut self.rest {
+            change(contents);
         }
         self
     }
@@ -277,25 +267,24 @@ impl Request<'static> {
 
 impl fmt::Debug for Request<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.source {
-            Source::Owned(facts) => f
-                .debug_struct("Request")
-                .field("endpoint", &facts.endpoint)
-                .field("model", &facts.model)
-                .field("messages", &facts.messages)
-                .field("prompt", &facts.prompt)
-                .field("prompt_chars", &facts.prompt_chars)
-                .field("max_tokens", &facts.max_tokens)
-                .field("stream", &facts.stream)
-                .field("headers", &facts.headers)
-                .field("attributes", &facts.attributes)
+        let facts = &self.facts;
+        let mut out = f.debug_struct("Request");
+        out.field("endpoint", &facts.endpoint)
+            .field("model", &facts.model)
+            .field("message_count", &facts.message_count)
+            .field("prompt_chars", &facts.prompt_chars)
+            .field("max_tokens", &facts.max_tokens)
+            .field("stream", &facts.stream);
+        match &self.rest {
+            Rest::Owned(contents) => out
+                .field("messages", &contents.messages)
+                .field("prompt", &contents.prompt)
+                .field("headers", &contents.headers)
+                .field("attributes", &contents.attributes)
                 .finish(),
             // What has been read so far; asking the host here would make
             // a debug log line change what the plugin pays for.
-            Source::Lent(lent) => f
-                .debug_struct("Request")
-                .field("lent", &true)
-                .field("model", &lent.model)
+            Rest::Lent(lent) => out
                 .field("messages", &lent.messages)
                 .field("prompt", &lent.prompt)
                 .field("headers", &lent.headers)

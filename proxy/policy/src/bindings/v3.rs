@@ -1,6 +1,7 @@
-//! `switchyard:policy@0.3.0`: the request is a host resource. The plugin
-//! calls back for each fact it reads, and only that answer is copied into
-//! its memory.
+//! `switchyard:policy@0.3.0`: each call hands over the request's numbers
+//! and model name; the messages, prompts and headers stay in the host as a
+//! resource the plugin calls back for, and only what it reads is copied
+//! into its memory.
 
 use std::sync::Arc;
 
@@ -43,7 +44,7 @@ pub(super) fn route(
     req: &Arc<RouteRequest>,
 ) -> wasmtime::Result<RouteOutcome> {
     let handle = lend(store, req)?;
-    let result = policy.call_route(&mut *store, borrow(&handle));
+    let result = policy.call_route(&mut *store, facts(req), borrow(&handle));
     take_back(store, handle)?;
     result.map(outcome)
 }
@@ -56,9 +57,21 @@ pub(super) fn review(
 ) -> wasmtime::Result<HostVerdict> {
     let handle = lend(store, req)?;
     let answer = answer_wit(answer);
-    let result = policy.call_review(&mut *store, borrow(&handle), answer);
+    let result = policy.call_review(&mut *store, facts(req), borrow(&handle), answer);
     take_back(store, handle)?;
     result.map(verdict)
+}
+
+/// The facts every call hands over.
+fn facts(req: &RouteRequest) -> wit::RequestFacts<'_> {
+    wit::RequestFacts {
+        endpoint: endpoint(req.endpoint),
+        model: &req.model,
+        message_count: u32::try_from(req.messages.len()).unwrap_or(u32::MAX),
+        prompt_chars: req.prompt_chars,
+        max_tokens: req.max_tokens,
+        stream: req.stream,
+    }
 }
 
 /// Puts `req` in the store's table for one call.
@@ -98,19 +111,6 @@ fn attribute(key: &str, value: &str) -> wit::AttributeResult {
 impl wit::Host for HostState {}
 
 impl wit::HostRequest for HostState {
-    fn endpoint(&mut self, req: Resource<RequestView>) -> wasmtime::Result<wit::Endpoint> {
-        Ok(endpoint(self.request(&req)?.endpoint))
-    }
-
-    fn model(&mut self, req: Resource<RequestView>) -> wasmtime::Result<String> {
-        Ok(self.request(&req)?.model.clone())
-    }
-
-    fn message_count(&mut self, req: Resource<RequestView>) -> wasmtime::Result<u32> {
-        let count = self.request(&req)?.messages.len();
-        Ok(u32::try_from(count).unwrap_or(u32::MAX))
-    }
-
     fn messages(&mut self, req: Resource<RequestView>) -> wasmtime::Result<Vec<wit::Message>> {
         let messages = self.request(&req)?.messages.iter();
         Ok(messages
@@ -124,18 +124,6 @@ impl wit::HostRequest for HostState {
 
     fn prompt(&mut self, req: Resource<RequestView>) -> wasmtime::Result<Vec<String>> {
         Ok(self.request(&req)?.prompt.clone())
-    }
-
-    fn prompt_chars(&mut self, req: Resource<RequestView>) -> wasmtime::Result<u64> {
-        Ok(self.request(&req)?.prompt_chars)
-    }
-
-    fn max_tokens(&mut self, req: Resource<RequestView>) -> wasmtime::Result<Option<u32>> {
-        Ok(self.request(&req)?.max_tokens)
-    }
-
-    fn stream(&mut self, req: Resource<RequestView>) -> wasmtime::Result<bool> {
-        Ok(self.request(&req)?.stream)
     }
 
     fn header(
