@@ -117,8 +117,9 @@ impl PolicyControl {
 
     /// `GET /admin/policy`: the active and previous versions.
     pub fn status(&self) -> Value {
-        let describe =
-            |p: Option<Arc<Policy>>| p.map(|p| json!({"name": p.name(), "version": p.version()}));
+        let describe = |p: Option<Arc<Policy>>| {
+            p.map(|p| json!({"name": p.name(), "version": p.version(), "interface": p.interface()}))
+        };
         let app = self.live.app();
         json!({
             "active": describe(app.router().policy()),

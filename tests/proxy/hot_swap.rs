@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::support::{
     chat_body, http1_client, plugin, plugin_path, pools_config, post, send, switchyard::log_text,
-    MockUpstream, Reply, Switchyard,
+    workspace_root, MockUpstream, Reply, Switchyard,
 };
 
 const TOKEN: &str = "test-admin-token";
@@ -219,4 +219,47 @@ async fn on_error_reject_answers_503_policy_failed() {
     reply.assert_openai_error(503);
     assert_eq!(reply.json["error"]["code"], "policy_failed");
     assert_eq!(model_status(&sw, "small").await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_built_against_the_0_2_0_interface_swaps_in_and_routes() {
+    let mock = MockUpstream::start().await;
+    let sw = start(&mock, &plugin("test_faults"), 0).await;
+    let status = send(http1_client().get(format!("{}/admin/policy", sw.admin_url()))).await;
+    assert_eq!(
+        status.json["active"]["interface"], "switchyard:policy@0.3.0",
+        "{}",
+        status.text
+    );
+
+    // cost_router as the 0.2.0 SDK built it: it must route as it did then.
+    let legacy = workspace_root().join("proxy/policy/tests/fixtures/v0.2/cost_router.wasm");
+    let bytes = std::fs::read(legacy).unwrap();
+    let reply = admin(&sw, reqwest::Method::PUT, "/admin/policy", bytes).await;
+    reply.assert_status(200);
+    let status = send(http1_client().get(format!("{}/admin/policy", sw.admin_url()))).await;
+    // The version is the upload's SHA-256 prefix (fixtures/v0.2/README.md).
+    assert_eq!(
+        status.json["active"]["version"], "13d2d86935f6",
+        "{}",
+        status.text
+    );
+    assert_eq!(
+        status.json["active"]["interface"],
+        "switchyard:policy@0.2.0"
+    );
+    assert_eq!(
+        status.json["previous"]["interface"],
+        "switchyard:policy@0.3.0"
+    );
+
+    let reply = post(
+        &http1_client(),
+        &sw.api_url(),
+        "/v1/chat/completions",
+        &chat_body("auto", "hello"),
+    )
+    .await;
+    reply.assert_status(200);
+    assert_eq!(reply.header("x-switchyard-pool"), Some("small"));
 }

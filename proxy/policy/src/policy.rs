@@ -294,6 +294,12 @@ impl Policy {
         &self.version
     }
 
+    /// The interface version the plugin was built against, for example
+    /// `switchyard:policy@0.3.0`.
+    pub fn interface(&self) -> &'static str {
+        self.pre.interface()
+    }
+
     /// The longest one `route` or `review` call may run (`timeout_ms`).
     pub fn timeout(&self) -> std::time::Duration {
         std::time::Duration::from_millis(self.timeout_ms)
