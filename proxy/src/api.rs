@@ -210,7 +210,11 @@ impl ApiRequest {
             .iter()
             .filter(|(name, _)| !PRIVATE_HEADERS.contains(&name.as_str()))
             .filter_map(|(name, value)| {
-                let value = value.to_str().ok()?;
+                // `to_str` takes visible ASCII only, which would hide a
+                // value such as `x-user: José` from the policy.
+                // Limitation: a value that is not UTF-8 (Latin-1, say) is
+                // still left out, as a WIT string cannot carry it.
+                let value = std::str::from_utf8(value.as_bytes()).ok()?;
                 Some((name.as_str().to_string(), value.to_string()))
             })
             .collect();
@@ -427,5 +431,25 @@ mod tests {
         assert_eq!(names, vec!["x-tier"]);
         assert_eq!(summary.messages.len(), 2);
         assert_eq!(summary.messages[1].content, "de");
+    }
+
+    #[test]
+    fn route_request_shows_utf8_header_values() {
+        let request = parse(
+            Endpoint::ChatCompletions,
+            r#"{"model": "auto",
+            "messages": [{"role": "user", "content": "hi"}]}"#,
+        )
+        .unwrap();
+        let mut headers = http::HeaderMap::new();
+        let utf8 = http::HeaderValue::from_bytes("José".as_bytes()).unwrap();
+        headers.insert("x-user", utf8);
+        let latin1 = http::HeaderValue::from_bytes(b"Jos\xe9").unwrap();
+        headers.insert("x-latin1", latin1);
+        let summary = request.route_request(&headers);
+        assert_eq!(
+            summary.headers,
+            vec![("x-user".to_owned(), "José".to_owned())]
+        );
     }
 }

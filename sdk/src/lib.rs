@@ -10,7 +10,19 @@
 //! # Writing a plugin
 //!
 //! A plugin is a `cdylib` crate that depends on `switchyard-sdk` and
-//! `serde_json`, implements [`Policy`] and exports it:
+//! `serde_json`. The SDK is not published on crates.io, so a plugin kept
+//! outside Switchyard's repository names it by path (or git):
+//!
+//! ```toml
+//! [lib]
+//! crate-type = ["cdylib"]
+//!
+//! [dependencies]
+//! switchyard-sdk = { path = "../switchyard/sdk" }
+//! serde_json = "1"
+//! ```
+//!
+//! It implements [`Policy`] and exports it:
 //!
 //! ```
 //! use switchyard_sdk::{export_policy, log, Decision, Policy, Request};
