@@ -396,6 +396,7 @@ impl Reviewer {
             .router()
             .call_plugin(&self.policy, || self.policy.review(&self.summary, &answer));
 
+        let failed = verdict.is_err();
         let (pool, reason) = match verdict {
             Ok(Verdict::Accept) => (None, None),
             Ok(Verdict::Escalate { pool, reason }) => (Some(self.target(app, pool)), Some(reason)),
@@ -414,7 +415,13 @@ impl Reviewer {
             }
         };
         let shadow = self.settings.shadow;
-        let verdict = if pool.is_some() { "escalate" } else { "accept" };
+        // A failed review serves the small answer, but is no accept: the
+        // log and the metric say it failed.
+        let verdict = match (failed, pool.is_some()) {
+            (true, _) => "failed",
+            (false, true) => "escalate",
+            (false, false) => "accept",
+        };
         let reason_label = reason.as_deref().unwrap_or("");
         metrics::record_review(&self.small, verdict, reason_label, shadow);
         tracing::info!(

@@ -206,7 +206,7 @@ fn describe() {
     );
     describe_counter!(
         POLICY_ERRORS,
-        "policy calls that failed and took the default route, by kind"
+        "policy calls that failed, by kind (handled as policy.on_error says)"
     );
     describe_counter!(
         CASCADE_REVIEWS,

@@ -9,9 +9,9 @@
 use serde_json::{json, Value};
 
 use crate::support::{
-    chat_body, closed_port_url, http1_client, local_pool_config, model_file, plugin, pool_toml,
-    pools_config, send, sse_data, switchyard::log_text, wait_for_metric, MockUpstream, Reply,
-    Switchyard,
+    chat_body, closed_port_url, http1_client, local_pool_config, metrics_text, model_file, plugin,
+    pool_toml, pools_config, send, sse_data, switchyard::log_text, wait_for_metric, MockUpstream,
+    Reply, Switchyard,
 };
 
 /// `[policy]` with confidence_cascade (escalating below a mean logprob of
@@ -389,4 +389,41 @@ async fn local_small_pool_feeds_real_logprobs_to_the_review() {
 
 fn log_message(line: &Value) -> Option<&str> {
     crate::support::switchyard::log_message(line)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_review_that_fails_serves_the_small_answer_and_is_counted_as_failed() {
+    // test-faults routes `cascade` small-first and traps in `review` when
+    // the answer contains "trap"; the mock echoes the question.
+    let small = MockUpstream::start().await;
+    let large = MockUpstream::start().await;
+    let mut config = pools_config(&[
+        ("small", &small.url(), "smollm2"),
+        ("large", &large.url(), "big"),
+    ]);
+    config.push_str(&format!(
+        "\n[policy]\nplugin = \"{}\"\ntimeout_ms = 1000\n",
+        plugin("test_faults")
+    ));
+    let sw = Switchyard::start(&config).await;
+
+    let body = chat_body("cascade", "trap");
+    let reply = ask(&sw, "/v1/chat/completions", &body, "-0.2", "stop").await;
+    reply.assert_status(200);
+    assert_eq!(reply.pool(), "small");
+    assert_eq!(escalated(&reply), "false");
+    assert_eq!(reply.json["choices"][0]["message"]["content"], "echo:trap");
+    assert_eq!(large.request_count(), 0);
+
+    sw.wait_for_log("cascade review", |l| {
+        log_text(l, "verdict").as_deref() == Some("failed")
+    })
+    .await;
+    let metrics = metrics_text(&sw).await;
+    let failed = metrics.lines().any(|line| {
+        line.starts_with("switchyard_cascade_reviews_total")
+            && line.contains("verdict=\"failed\"")
+            && line.ends_with(" 1")
+    });
+    assert!(failed, "{metrics}");
 }

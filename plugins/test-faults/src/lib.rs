@@ -19,7 +19,9 @@
 //! | anything else| routes to the pool of that name                       |
 //!
 //! `review` reads the model too: `trap` panics and `spin` loops, as in
-//! `route`. Otherwise an answer whose text is `escalate` escalates to the
+//! `route`; so does an answer whose text contains `trap`, which lets a
+//! routed request's review fail. Otherwise an answer whose text is
+//! `escalate` escalates to the
 //! route's escalation pool, `escalate:<pool>` to `<pool>` (reason
 //! `asked`), and any other answer is accepted.
 //!
@@ -117,6 +119,9 @@ impl Policy for TestFaults {
             "trap" => panic!("test-faults was asked to trap in review"),
             "spin" => spin(),
             _ => {}
+        }
+        if answer.text.contains("trap") {
+            panic!("test-faults was asked to trap in review by the answer");
         }
         match answer.text.strip_prefix("escalate") {
             Some("") => Verdict::escalate(ASKED),

@@ -52,6 +52,23 @@ pub enum LoadError {
         detail: String,
     },
 
+    /// The component was built against a version of the interface this
+    /// Switchyard does not load, usually a newer one.
+    #[error(
+        "policy plugin {path} was built against {found}, but this switchyard \
+         loads {supported}: upgrade switchyard, or rebuild the plugin with \
+         the switchyard-sdk of this release",
+        path = .path.display()
+    )]
+    Interface {
+        /// The configured plugin path.
+        path: PathBuf,
+        /// The version the component imports, e.g. `switchyard:policy@0.4.0`.
+        found: String,
+        /// The versions this host loads, joined for the message.
+        supported: String,
+    },
+
     /// The component exports neither `switchyard:policy@0.3.0` nor
     /// `@0.2.0`, or imports something the host does not provide (sockets,
     /// for example).

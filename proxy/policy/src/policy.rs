@@ -138,6 +138,15 @@ impl Policy {
             path: path.clone(),
             detail: error_chain(&e),
         })?;
+        if let Some(found) = imported_interface(&component, &engine) {
+            if !crate::SUPPORTED_INTERFACES.contains(&found.as_str()) {
+                return Err(LoadError::Interface {
+                    path: path.clone(),
+                    found,
+                    supported: crate::SUPPORTED_INTERFACES.join(" and "),
+                });
+            }
+        }
         let link_error = |e: wasmtime::Error| LoadError::Link {
             path: path.clone(),
             detail: error_chain(&e),
@@ -513,6 +522,24 @@ fn validate(settings: &PolicySettings) -> Result<(), LoadError> {
     Ok(())
 }
 
+/// The `switchyard:policy` version `component` imports (every plugin the
+/// SDK builds imports the `host` interface), or `None`.
+fn imported_interface(component: &Component, engine: &Engine) -> Option<String> {
+    let ty = component.component_type();
+    let names: Vec<&str> = ty.imports(engine).map(|(name, _)| name).collect();
+    interface_of(&names)
+}
+
+/// The `switchyard:policy@X` version among import `names` such as
+/// `switchyard:policy/host@0.3.0`.
+fn interface_of(names: &[&str]) -> Option<String> {
+    names.iter().find_map(|name| {
+        let rest = name.strip_prefix("switchyard:policy/")?;
+        let (_, version) = rest.split_once('@')?;
+        Some(format!("switchyard:policy@{version}"))
+    })
+}
+
 /// Deadline of `init` in ms for a `route` deadline of `timeout_ms`.
 fn init_timeout_ms(timeout_ms: u64) -> u64 {
     timeout_ms.max(MIN_INIT_TIMEOUT_MS)
@@ -568,6 +595,16 @@ mod tests {
     fn version_is_twelve_hex_digits_of_sha256() {
         // SHA-256 of the empty input starts e3b0c44298fc.
         assert_eq!(version_of(b""), "e3b0c44298fc");
+    }
+
+    #[test]
+    fn the_interface_version_is_read_from_the_imports() {
+        let names = ["wasi:cli/stdout@0.2.6", "switchyard:policy/host@0.4.0"];
+        assert_eq!(
+            interface_of(&names).as_deref(),
+            Some("switchyard:policy@0.4.0")
+        );
+        assert_eq!(interface_of(&["wasi:cli/stdout@0.2.6"]), None);
     }
 
     #[test]
