@@ -25,7 +25,7 @@ LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON \
 
 .PHONY: run build plugins setup wasm-target python nvrtc model test lint deny \
 	audit deny-tool fuzz fuzz-tool bench iptables \
-	bench-coalescing bench-llama-venv clean
+	bench-coalescing bench-policy-instructions bench-llama-venv clean
 
 ## run: serve the small model in-process on 127.0.0.1:8080, or
 ## $(CONFIG) when given (make run CONFIG=examples/switchyard.toml)
@@ -148,6 +148,13 @@ bench: plugins model bench-llama-venv
 	$(CARGO) bench -p switchyard --bench throughput
 	$(CARGO) bench -p switchyard --bench coalescing
 	python3 tests/bench/decode_compare.py
+
+## bench-policy-instructions: instructions per request (callgrind) without
+## a policy and with cost_router built against each interface version
+bench-policy-instructions: plugins
+	$(CARGO) build --release -p switchyard
+	python3 tests/bench/policy_instructions.py --shape tiny
+	python3 tests/bench/policy_instructions.py --shape typical
 
 ## bench-coalescing: no coalescing vs fixed vs adaptive window under
 ## open-loop load (BENCH_SECONDS per row, default 10)
