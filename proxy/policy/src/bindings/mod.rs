@@ -6,7 +6,8 @@
 //! any state beyond one call.
 //!
 //! - [`v3`]: `switchyard:policy@0.3.0` (`sdk/wit/policy.wit`), what the
-//!   SDK builds: the request is a resource the plugin reads on demand.
+//!   SDK builds: each call hands over the request's numbers and model
+//!   name, and the rest is a resource the plugin reads on demand.
 //! - [`v2`]: `switchyard:policy@0.2.0` (`proxy/policy/wit-0.2`), kept so
 //!   that plugins built before 0.3.0 keep loading: the request is a
 //!   record copied whole into the plugin on every call.
