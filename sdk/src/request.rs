@@ -49,7 +49,6 @@ pub struct Request<'a> {
 struct Facts {
     endpoint: Endpoint,
     model: String,
-    message_count: usize,
     prompt_chars: u64,
     max_tokens: Option<u32>,
     stream: bool,
@@ -73,10 +72,12 @@ struct Contents {
     attributes: Vec<(String, String)>,
 }
 
-/// The host's request and the lists read from it so far.
+/// The host's request, its message count, and the lists read from it so
+/// far.
 #[derive(Clone)]
 struct Lent<'a> {
     handle: &'a wit::Request,
+    message_count: usize,
     messages: OnceCell<Vec<Message>>,
     prompt: OnceCell<Vec<String>>,
     headers: OnceCell<Vec<(String, String)>>,
@@ -90,13 +91,13 @@ impl<'a> Request<'a> {
             facts: Facts {
                 endpoint: endpoint_from_wit(facts.endpoint),
                 model: facts.model,
-                message_count: usize::try_from(facts.message_count).unwrap_or(usize::MAX),
                 prompt_chars: facts.prompt_chars,
                 max_tokens: facts.max_tokens,
                 stream: facts.stream,
             },
             rest: Rest::Lent(Lent {
                 handle,
+                message_count: usize::try_from(facts.message_count).unwrap_or(usize::MAX),
                 messages: OnceCell::new(),
                 prompt: OnceCell::new(),
                 headers: OnceCell::new(),
@@ -118,7 +119,10 @@ impl<'a> Request<'a> {
     /// Number of chat messages; 0 for the other endpoints. Free, unlike
     /// `messages().len()`, which fetches the messages.
     pub fn message_count(&self) -> usize {
-        self.facts.message_count
+        match &self.rest {
+            Rest::Owned(contents) => contents.messages.len(),
+            Rest::Lent(lent) => lent.message_count,
+        }
     }
 
     /// Characters (Unicode scalar values) in all messages, prompts or
@@ -201,7 +205,6 @@ impl Request<'static> {
             facts: Facts {
                 endpoint,
                 model: model.into(),
-                message_count: 0,
                 prompt_chars: 0,
                 max_tokens: None,
                 stream: false,
@@ -226,7 +229,6 @@ impl Request<'static> {
     /// Appends a chat message and counts its characters.
     pub fn with_message(mut self, message: Message) -> Self {
         self.facts.prompt_chars += message.content.chars().count() as u64;
-        self.facts.message_count += 1;
         self.edit(|contents| contents.messages.push(message))
     }
 
@@ -271,7 +273,7 @@ impl fmt::Debug for Request<'_> {
         let mut out = f.debug_struct("Request");
         out.field("endpoint", &facts.endpoint)
             .field("model", &facts.model)
-            .field("message_count", &facts.message_count)
+            .field("message_count", &self.message_count())
             .field("prompt_chars", &facts.prompt_chars)
             .field("max_tokens", &facts.max_tokens)
             .field("stream", &facts.stream);
