@@ -17,7 +17,9 @@ traffic, and callgrind stretches time about fifty-fold, so its
 instructions (`recv_timeout`) are subtracted.
 
 Usage: policy_instructions.py [--requests 1000] [--shape tiny|typical]
-           [PLUGIN.wasm ...]
+           [--keep-profiles DIR] [PLUGIN.wasm ...]
+With --keep-profiles, each run's callgrind file is copied into DIR
+(`no-policy.callgrind`, `<n>-<plugin>.callgrind`) for callgrind_annotate.
 Plugins default to `target/wasm32-wasip2/release/cost_router.wasm` and
 the 0.2.0 build in `proxy/policy/tests/fixtures/v0.2/`. Each plugin
 must send model `auto` to pool `small` or `large`. Needs valgrind and
@@ -168,8 +170,9 @@ def epoch_thread_instructions(out_file):
     return 0
 
 
-def measure(workdir, upstream_port, plugin, args):
-    """Instructions per request with `plugin` (None: no policy)."""
+def measure(workdir, upstream_port, plugin, args, name):
+    """Instructions per request with `plugin` (None: no policy); `name`
+    names the kept profile."""
     api, admin = free_port(), free_port()
     config = workdir / "switchyard.toml"
     pools = "".join(
@@ -209,6 +212,9 @@ def measure(workdir, upstream_port, plugin, args):
             total = int(line.split(":")[-1].strip())
     if total == 0:
         sys.exit(f"policy_instructions: no count in {log}")
+    if args.keep_profiles:
+        args.keep_profiles.mkdir(parents=True, exist_ok=True)
+        shutil.copy(out_file, args.keep_profiles / f"{name}.callgrind")
     return (total - epoch_thread_instructions(out_file)) / args.requests
 
 
@@ -216,6 +222,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=1000)
     p.add_argument("--shape", choices=["tiny", "typical"], default="typical")
+    p.add_argument("--keep-profiles", type=Path, metavar="DIR")
     p.add_argument("plugins", nargs="*", type=Path, default=DEFAULT_PLUGINS)
     args = p.parse_args()
     for tool in ("valgrind", "callgrind_control", "callgrind_annotate"):
@@ -231,12 +238,13 @@ def main():
     upstream_port = server.server_address[1]
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        baseline = measure(workdir, upstream_port, None, args)
+        baseline = measure(workdir, upstream_port, None, args, "no-policy")
         print(f"\ninstructions per request, {args.shape} chat request, "
               f"{args.requests} measured")
         print(f"{'no policy':<60} {baseline:>9.0f}")
-        for plugin in args.plugins:
-            cost = measure(workdir, upstream_port, plugin.resolve(), args)
+        for n, plugin in enumerate(args.plugins, start=1):
+            cost = measure(workdir, upstream_port, plugin.resolve(), args,
+                           f"{n}-{plugin.stem}")
             label = str(plugin.resolve().relative_to(ROOT)) \
                 if plugin.resolve().is_relative_to(ROOT) else str(plugin)
             print(f"{label:<60} {cost:>9.0f}  x{cost / baseline:.3f}")
