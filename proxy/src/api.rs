@@ -5,8 +5,11 @@
 //! Only the fields Switchyard acts on are interpreted; every other field is
 //! kept as the client wrote it and sent upstream unchanged.
 
+use std::sync::Arc;
+
+use http::HeaderMap;
 use serde_json::{Map, Value};
-use switchyard_policy::{Endpoint, Message, RouteRequest};
+use switchyard_policy::{Endpoint, Message, RequestContent, RouteRequest};
 
 use crate::error::ApiError;
 
@@ -24,8 +27,9 @@ const PRIVATE_HEADERS: [&str; 5] = [
 #[derive(Debug, Clone)]
 pub struct ApiRequest {
     pub endpoint: Endpoint,
-    /// The JSON object as the client sent it.
-    pub body: Map<String, Value>,
+    /// The JSON object as the client sent it; shared with what the
+    /// routing policy reads, and copied on write while it is.
+    pub body: Arc<Map<String, Value>>,
     pub model: String,
     pub stream: bool,
     /// The prompt (completions) or input (embeddings) split into items, in
@@ -99,7 +103,7 @@ impl ApiRequest {
 
         Ok(Self {
             endpoint,
-            body,
+            body: Arc::new(body),
             model,
             stream,
             items,
@@ -139,9 +143,10 @@ impl ApiRequest {
     /// none.
     pub fn cap_max_tokens(&mut self, cap: u32) {
         let cap = u64::from(cap);
+        let body = Arc::make_mut(&mut self.body);
         let mut capped_any = false;
         for field in ["max_tokens", "max_completion_tokens"] {
-            if let Some(value) = self.body.get_mut(field) {
+            if let Some(value) = body.get_mut(field) {
                 if let Some(current) = value.as_u64() {
                     *value = Value::from(current.min(cap));
                     capped_any = true;
@@ -149,14 +154,14 @@ impl ApiRequest {
             }
         }
         if !capped_any {
-            self.body.insert("max_tokens".to_string(), Value::from(cap));
+            body.insert("max_tokens".to_string(), Value::from(cap));
         }
     }
 
     /// Adds `text` as a leading system message (chat only; other
     /// endpoints are left alone).
     pub fn add_system_instruction(&mut self, text: &str) {
-        if let Some(Value::Array(messages)) = self.body.get_mut("messages") {
+        if let Some(Value::Array(messages)) = Arc::make_mut(&mut self.body).get_mut("messages") {
             let message = serde_json::json!({"role": "system", "content": text});
             messages.insert(0, message);
         }
@@ -166,7 +171,7 @@ impl ApiRequest {
     /// chat request, in order (other endpoints are left alone). At least
     /// one non-system message is always kept.
     pub fn keep_last_turns(&mut self, turns: usize) {
-        let Some(Value::Array(messages)) = self.body.get_mut("messages") else {
+        let Some(Value::Array(messages)) = Arc::make_mut(&mut self.body).get_mut("messages") else {
             return;
         };
         let is_system = |m: &Value| m.get("role").and_then(Value::as_str) == Some("system");
@@ -181,58 +186,104 @@ impl ApiRequest {
         });
     }
 
-    /// What the routing policy is told about this request.
-    //
-    // Limitation: every message and header is copied into owned strings,
-    // even for a plugin that reads none of them (about 12,000 instructions
-    // for four messages and eight headers, as much as the plugin call);
-    // sharing them with the request body would need the body behind an
-    // `Arc` that the cascade and the system instruction copy on write.
-    pub fn route_request(&self, headers: &http::HeaderMap) -> RouteRequest {
+    /// What the routing policy is told about this request. Its messages,
+    /// prompts and headers stay where they are, shared with `self` and
+    /// the caller, until the plugin reads them.
+    pub fn route_request(&self, headers: &Arc<HeaderMap>) -> RouteRequest {
         let messages = match self.body.get("messages") {
-            Some(Value::Array(messages)) => messages.iter().map(message_text).collect(),
-            _ => Vec::new(),
+            Some(Value::Array(messages)) => messages.as_slice(),
+            _ => &[],
         };
-        let prompt: Vec<String> = self
-            .items
-            .iter()
-            .map(|item| match item {
-                Value::String(text) => text.clone(),
-                other => other.to_string(),
-            })
-            .collect();
         let prompt_chars = messages
             .iter()
-            .map(|m: &Message| m.content.chars().count() as u64)
-            .chain(prompt.iter().map(|p| p.chars().count() as u64))
+            .map(text_chars)
+            .chain(self.items.iter().map(|item| match item {
+                Value::String(text) => text.chars().count() as u64,
+                other => other.to_string().chars().count() as u64,
+            }))
             .sum();
-        let headers = headers
-            .iter()
-            .filter(|(name, _)| !PRIVATE_HEADERS.contains(&name.as_str()))
-            .filter_map(|(name, value)| {
-                // `to_str` takes visible ASCII only, which would hide a
-                // value such as `x-user: José` from the policy.
-                // Limitation: a value that is not UTF-8 (Latin-1, say) is
-                // still left out, as a WIT string cannot carry it.
-                let value = std::str::from_utf8(value.as_bytes()).ok()?;
-                Some((name.as_str().to_string(), value.to_string()))
-            })
-            .collect();
-        let max_tokens = self
+        let content = RequestBody {
+            endpoint: self.endpoint,
+            body: Arc::clone(&self.body),
+            headers: Arc::clone(headers),
+        };
+
+        let mut request = RouteRequest::new(self.endpoint, self.model.clone());
+        request.message_count = u32::try_from(messages.len()).unwrap_or(u32::MAX);
+        request.prompt_chars = prompt_chars;
+        request.max_tokens = self
             .max_tokens()
             .map(|tokens| u32::try_from(tokens).unwrap_or(u32::MAX));
+        request.stream = self.stream;
+        request.with_content(Arc::new(content))
+    }
+}
 
-        RouteRequest {
-            endpoint: self.endpoint,
-            model: self.model.clone(),
-            messages,
-            prompt,
-            prompt_chars,
-            max_tokens,
-            stream: self.stream,
-            headers,
+/// A request's content as the routing policy reads it: from the parsed
+/// body and the headers, shared rather than copied.
+#[derive(Debug)]
+struct RequestBody {
+    endpoint: Endpoint,
+    body: Arc<Map<String, Value>>,
+    headers: Arc<HeaderMap>,
+}
+
+impl RequestContent for RequestBody {
+    fn messages(&self) -> Vec<Message> {
+        match self.body.get("messages") {
+            Some(Value::Array(messages)) => messages.iter().map(message_text).collect(),
+            _ => Vec::new(),
         }
     }
+
+    fn prompt(&self) -> Vec<String> {
+        let field = match self.endpoint {
+            Endpoint::ChatCompletions => return Vec::new(),
+            Endpoint::Completions => "prompt",
+            Endpoint::Embeddings => "input",
+        };
+        // Parsing checked the field, so it splits.
+        let items = split_items(field, self.body.get(field)).map_or_else(|_| Vec::new(), |s| s.0);
+        items
+            .into_iter()
+            .map(|item| match item {
+                Value::String(text) => text,
+                other => other.to_string(),
+            })
+            .collect()
+    }
+
+    fn header(&self, name: &str) -> Option<String> {
+        if is_private(name) {
+            return None;
+        }
+        visible_value(self.headers.get(name)?).map(str::to_string)
+    }
+
+    fn headers(&self) -> Vec<(String, String)> {
+        self.headers
+            .iter()
+            .filter(|(name, _)| !is_private(name.as_str()))
+            .filter_map(|(name, value)| {
+                Some((name.as_str().to_string(), visible_value(value)?.to_string()))
+            })
+            .collect()
+    }
+}
+
+/// Whether the policy must not see header `name`.
+fn is_private(name: &str) -> bool {
+    PRIVATE_HEADERS
+        .iter()
+        .any(|private| private.eq_ignore_ascii_case(name))
+}
+
+/// A header value as the policy sees it. `to_str` takes visible ASCII
+/// only, which would hide a value such as `x-user: José` from the policy.
+// Limitation: a value that is not UTF-8 (Latin-1, say) is left out, as a
+// WIT string cannot carry it.
+fn visible_value(value: &http::HeaderValue) -> Option<&str> {
+    std::str::from_utf8(value.as_bytes()).ok()
 }
 
 fn check_messages(messages: Option<&Value>) -> Result<(), ApiError> {
@@ -316,6 +367,24 @@ fn message_text(message: &Value) -> Message {
         _ => String::new(),
     };
     Message { role, content }
+}
+
+/// The characters of [`message_text`]'s content, counted in place.
+fn text_chars(message: &Value) -> u64 {
+    match message.get("content") {
+        Some(Value::String(text)) => text.chars().count() as u64,
+        Some(Value::Array(parts)) => {
+            let texts = parts
+                .iter()
+                .filter_map(|part| part.get("text").and_then(Value::as_str));
+            let (count, chars) = texts.fold((0u64, 0u64), |(count, chars), text| {
+                (count + 1, chars + text.chars().count() as u64)
+            });
+            // Parts are joined by one newline each.
+            chars + count.saturating_sub(1)
+        }
+        _ => 0,
+    }
 }
 
 #[cfg(test)]
@@ -414,23 +483,85 @@ mod tests {
     fn route_request_counts_characters_of_all_messages() {
         let body = r#"{"model": "auto", "messages": [
             {"role": "system", "content": "abc"},
-            {"role": "user", "content": [{"type": "text", "text": "de"}]}
+            {"role": "user", "content": [{"type": "text", "text": "de"},
+                {"type": "image_url", "image_url": {"url": "x"}},
+                {"type": "text", "text": "f"}]}
         ]}"#;
         let request = parse(Endpoint::ChatCompletions, body).unwrap();
-        let mut headers = http::HeaderMap::new();
+        let mut headers = HeaderMap::new();
         headers.insert("authorization", "Bearer secret".parse().unwrap());
         headers.insert("x-tier", "premium".parse().unwrap());
         headers.insert("x-switchyard-hop", "0123456789abcdef".parse().unwrap());
-        let summary = request.route_request(&headers);
-        assert_eq!(summary.prompt_chars, 5);
-        let names: Vec<&str> = summary
-            .headers
-            .iter()
-            .map(|(name, _)| name.as_str())
-            .collect();
+        let summary = request.route_request(&Arc::new(headers));
+        // "abc" and "de\nf": text parts are joined by a newline.
+        assert_eq!(summary.prompt_chars, 7);
+        assert_eq!(summary.message_count, 2);
+        let names: Vec<String> = summary.headers().into_iter().map(|(n, _)| n).collect();
         assert_eq!(names, vec!["x-tier"]);
-        assert_eq!(summary.messages.len(), 2);
-        assert_eq!(summary.messages[1].content, "de");
+        assert_eq!(summary.header("X-Tier").as_deref(), Some("premium"));
+        assert_eq!(summary.header("Authorization"), None);
+        assert_eq!(summary.header("x-switchyard-hop"), None);
+        assert_eq!(summary.header("not a header name"), None);
+        let messages = summary.messages();
+        assert_eq!(messages.len(), 2);
+        assert_eq!(messages[1].content, "de\nf");
+        assert_eq!(summary.prompt(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn route_request_reads_prompts_of_each_form() {
+        let cases = [
+            (Endpoint::Completions, r#""héllo""#, vec!["héllo"], 5),
+            (Endpoint::Completions, r#"["a", "bc"]"#, vec!["a", "bc"], 3),
+            (Endpoint::Completions, "[1, 2]", vec!["[1,2]"], 5),
+            (Endpoint::Embeddings, r#"["xyz"]"#, vec!["xyz"], 3),
+        ];
+        for (endpoint, prompt, texts, chars) in cases {
+            let field = if endpoint == Endpoint::Embeddings {
+                "input"
+            } else {
+                "prompt"
+            };
+            let body = format!(r#"{{"model": "m", "{field}": {prompt}}}"#);
+            let request = parse(endpoint, &body).unwrap();
+            let summary = request.route_request(&Arc::new(HeaderMap::new()));
+            assert_eq!(summary.prompt(), texts, "{body}");
+            assert_eq!(summary.prompt_chars, chars, "{body}");
+            assert_eq!(summary.message_count, 0, "{body}");
+        }
+    }
+
+    #[test]
+    fn route_request_shares_the_body_and_keeps_what_the_client_sent() {
+        let body = r#"{"model": "auto", "max_tokens": 50,
+            "messages": [{"role": "user", "content": "hi"}]}"#;
+        let mut request = parse(Endpoint::ChatCompletions, body).unwrap();
+        let summary = request.route_request(&Arc::new(HeaderMap::new()));
+        assert_eq!(
+            Arc::strong_count(&request.body),
+            2,
+            "the body is shared, not copied"
+        );
+
+        request.add_system_instruction("be brief");
+        request.cap_max_tokens(5);
+        assert_eq!(request.body["messages"].as_array().unwrap().len(), 2);
+        assert_eq!(request.body["max_tokens"], 5);
+        assert_eq!(
+            summary.messages().len(),
+            1,
+            "the policy sees the client's messages"
+        );
+        assert_eq!(summary.max_tokens, Some(50));
+
+        drop(summary);
+        let before = Arc::as_ptr(&request.body);
+        request.cap_max_tokens(4);
+        assert_eq!(
+            Arc::as_ptr(&request.body),
+            before,
+            "once unshared, edited in place"
+        );
     }
 
     #[test]
@@ -441,15 +572,17 @@ mod tests {
             "messages": [{"role": "user", "content": "hi"}]}"#,
         )
         .unwrap();
-        let mut headers = http::HeaderMap::new();
+        let mut headers = HeaderMap::new();
         let utf8 = http::HeaderValue::from_bytes("José".as_bytes()).unwrap();
         headers.insert("x-user", utf8);
         let latin1 = http::HeaderValue::from_bytes(b"Jos\xe9").unwrap();
         headers.insert("x-latin1", latin1);
-        let summary = request.route_request(&headers);
+        let summary = request.route_request(&Arc::new(headers));
         assert_eq!(
-            summary.headers,
+            summary.headers(),
             vec![("x-user".to_owned(), "José".to_owned())]
         );
+        assert_eq!(summary.header("x-user").as_deref(), Some("José"));
+        assert_eq!(summary.header("x-latin1"), None);
     }
 }

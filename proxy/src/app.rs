@@ -356,10 +356,12 @@ impl App {
         outcome: &mut Outcome,
     ) -> Result<Response<Body>, ApiError> {
         let (parts, body) = request.into_parts();
+        // Shared with what the routing policy may read.
+        let headers = Arc::new(parts.headers);
         if self.cost_header {
             outcome.cost = Some(Cost::default());
         }
-        let reading = read_body(body, &parts.headers, self.max_body_bytes);
+        let reading = read_body(body, &headers, self.max_body_bytes);
         let bytes = match tokio::time::timeout(self.body_read_timeout, reading).await {
             Ok(bytes) => bytes?,
             Err(_) => {
@@ -375,18 +377,25 @@ impl App {
         api.query = parts.uri.query().map(str::to_string);
         api.captured_pool = captured_pool.map(str::to_string);
 
-        let route = self.router.route(&api, &parts.headers)?;
+        let mut route = self.router.route(&api, &headers)?;
         outcome.pool = Some(route.pool.clone());
         outcome.priority = route.priority;
+        let cascading = cascade::applies(&route, &api);
+        if !cascading {
+            // Only a review reads the request summary again. Dropped now,
+            // it no longer shares the body, which the changes below and
+            // the upstream's model name then make in place, uncopied.
+            route.summary = None;
+        }
         if let Some(cap) = route.max_tokens_cap {
             api.cap_max_tokens(cap);
         }
         apply_hints(&mut api, &route.attributes, outcome);
-        if cascade::applies(&route, &api) {
+        if cascading {
             let settings = &self.cascade;
-            return cascade::serve(self, settings, &parts.headers, api, route, outcome).await;
+            return cascade::serve(self, settings, &headers, api, route, outcome).await;
         }
-        self.dispatch(&route.pool, &parts.headers, api, outcome, true)
+        self.dispatch(&route.pool, &headers, api, outcome, true)
             .await
     }
 
@@ -556,8 +565,8 @@ impl App {
         // The client of a captured connection named the model its server
         // knows; it goes there as written.
         if api.captured_pool.as_deref() != Some(pool.name.as_str()) {
-            api.body
-                .insert("model".to_string(), Value::from(pool.model.clone()));
+            let model = Value::from(pool.model.clone());
+            Arc::make_mut(&mut api.body).insert("model".to_string(), model);
         }
 
         let Some(coalescer) = self.coalescers.get(&pool.name) else {
@@ -741,7 +750,7 @@ async fn forward(
     mut permit: Option<Permit>,
 ) -> Result<Response<Body>, ApiError> {
     let path = api.upstream_path();
-    let body = Bytes::from(Value::Object(api.body).to_string());
+    let body = Bytes::from(Value::Object(Arc::unwrap_or_clone(api.body)).to_string());
     let sent = pool.post(&path, headers, body).await;
     if let Some(permit) = &mut permit {
         let unreachable = sent.as_ref().is_err_and(|e| e.kind.is_unreachable());

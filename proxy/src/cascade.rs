@@ -11,6 +11,7 @@
 //! and then either passed on or dropped before a byte of it was sent
 //! (`probe`).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -315,7 +316,7 @@ async fn probed(
 /// served with the usage seen.
 struct Served {
     evidence: Evidence,
-    ledger: std::sync::Arc<crate::costs::Ledger>,
+    ledger: Arc<crate::costs::Ledger>,
     pool: String,
 }
 
@@ -367,8 +368,8 @@ fn stream_response(
 /// One cascaded request's review: the pinned policy, what it was told at
 /// routing, the pools and the settings.
 struct Reviewer {
-    policy: std::sync::Arc<switchyard_policy::Policy>,
-    summary: std::sync::Arc<switchyard_policy::RouteRequest>,
+    policy: Arc<switchyard_policy::Policy>,
+    summary: Arc<switchyard_policy::RouteRequest>,
     small: String,
     large: String,
     settings: CascadeConfig,
@@ -551,7 +552,7 @@ pub(crate) fn ask_logprobs(api: &mut ApiRequest) {
         Endpoint::ChatCompletions => Value::Bool(true),
         _ => Value::from(0),
     };
-    api.body.insert("logprobs".to_string(), value);
+    Arc::make_mut(&mut api.body).insert("logprobs".to_string(), value);
 }
 
 /// Sets every choice's `logprobs` to null.

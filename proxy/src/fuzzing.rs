@@ -24,7 +24,7 @@ pub fn api_request(data: &[u8]) {
         let Ok(mut request) = ApiRequest::parse(endpoint, data) else {
             continue;
         };
-        let _ = request.route_request(&http::HeaderMap::new());
+        let _ = request.route_request(&std::sync::Arc::new(http::HeaderMap::new()));
         let _ = request.upstream_path();
         let _ = request.max_tokens();
         request.cap_max_tokens(16);

@@ -50,7 +50,7 @@ pub fn run(test: &PluginTest) -> Result<Value, String> {
         let value = HeaderValue::try_from(value.trim()).map_err(|e| format!("{header:?}: {e}"))?;
         headers.append(name, value);
     }
-    let summary = std::sync::Arc::new(api.route_request(&headers));
+    let summary = std::sync::Arc::new(api.route_request(&std::sync::Arc::new(headers)));
 
     let started = Instant::now();
     let outcome = policy.route(&summary).map_err(|e| e.to_string())?;

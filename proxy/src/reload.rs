@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http::StatusCode;
 use serde_json::{json, Value};
-use switchyard_policy::{Endpoint, Message, Policy, PolicySettings, RouteRequest};
+use switchyard_policy::{Endpoint, Policy, PolicySettings, RouteRequest};
 
 use crate::config::Config;
 use crate::reconfigure::Live;
@@ -243,15 +243,9 @@ fn prepare(settings: &PolicySettings, bytes: &[u8]) -> Result<Policy, String> {
 }
 
 fn trial_requests() -> Vec<Arc<RouteRequest>> {
-    let mut chat = RouteRequest::new(Endpoint::ChatCompletions, "auto");
-    chat.messages.push(Message {
-        role: "user".into(),
-        content: "Hello".into(),
-    });
-    chat.prompt_chars = 5;
-    let mut completion = RouteRequest::new(Endpoint::Completions, "auto");
-    completion.prompt.push("Once upon a time".into());
-    completion.prompt_chars = 16;
+    let chat = RouteRequest::new(Endpoint::ChatCompletions, "auto").with_message("user", "Hello");
+    let mut completion =
+        RouteRequest::new(Endpoint::Completions, "auto").with_prompt("Once upon a time");
     completion.stream = true;
     vec![Arc::new(chat), Arc::new(completion)]
 }

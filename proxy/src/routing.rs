@@ -180,7 +180,7 @@ impl Router {
     }
 
     /// Chooses the pool for `request`.
-    pub fn route(&self, request: &ApiRequest, headers: &HeaderMap) -> Result<Route, ApiError> {
+    pub fn route(&self, request: &ApiRequest, headers: &Arc<HeaderMap>) -> Result<Route, ApiError> {
         // The request keeps this `Arc` to its end, so its review runs on
         // the same plugin version as its route, whatever a reload does.
         let (policy, counted) = {
@@ -529,7 +529,7 @@ mod tests {
     fn a_captured_pool_is_the_default_route_whatever_the_model() {
         let names = vec!["vllm".to_string(), "small".to_string()];
         let router = Router::new(names, None, Some("small".to_string()));
-        let headers = HeaderMap::new();
+        let headers = Arc::new(HeaderMap::new());
 
         let captured = chat("meta-llama/Llama-3.1-8B-Instruct", Some("vllm"));
         assert_eq!(router.route(&captured, &headers).unwrap().pool, "vllm");

@@ -62,7 +62,7 @@ use support::{
     metrics_text, plugin_path, pool_toml, server_toml, workspace_root, MockUpstream, Switchyard,
 };
 use switchyard_policy::{
-    Endpoint, LogprobSummary, Message, Policy, PolicySettings, ReviewAnswer, RouteRequest,
+    Endpoint, LogprobSummary, Policy, PolicySettings, ReviewAnswer, RouteRequest,
 };
 
 /// Calls timed per plugin and hook in a full run (a smoke run makes 200).
@@ -618,11 +618,7 @@ fn typical_chat_request() -> RouteRequest {
         ),
     ];
     for (role, content) in turns {
-        request.prompt_chars += content.chars().count() as u64;
-        request.messages.push(Message {
-            role: role.into(),
-            content,
-        });
+        request = request.with_message(role, &content);
     }
     let headers = [
         ("host", "switchyard.internal:8080"),
@@ -638,7 +634,7 @@ fn typical_chat_request() -> RouteRequest {
         ("x-tenant", "acme"),
     ];
     for (name, value) in headers {
-        request.headers.push((name.into(), value.into()));
+        request = request.with_header(name, value);
     }
     request
 }

@@ -42,7 +42,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use wasmparser::{Parser, Payload};
 
-use crate::{Endpoint, Message, RouteOutcome, RouteRequest};
+use crate::{Endpoint, RouteOutcome, RouteRequest};
 
 /// Name of the custom section that holds a plugin's fixtures.
 pub const SECTION: &str = "switchyard-fixtures";
@@ -168,28 +168,17 @@ impl CaseRequest {
                 .ok_or_else(|| format!("unknown endpoint {label:?}"))?,
         };
         let mut request = RouteRequest::new(endpoint, self.model.as_deref().unwrap_or("auto"));
-        request.messages = self
-            .messages
-            .iter()
-            .map(|m| Message {
-                role: m.role.clone(),
-                content: m.content.clone(),
-            })
-            .collect();
-        request.prompt = self.prompt.clone();
-        request.prompt_chars = request
-            .messages
-            .iter()
-            .map(|m| m.content.chars().count() as u64)
-            .chain(request.prompt.iter().map(|p| p.chars().count() as u64))
-            .sum();
+        for message in &self.messages {
+            request = request.with_message(&message.role, &message.content);
+        }
+        for text in &self.prompt {
+            request = request.with_prompt(text);
+        }
+        for (name, value) in &self.headers {
+            request = request.with_header(name, value);
+        }
         request.max_tokens = self.max_tokens;
         request.stream = self.stream;
-        request.headers = self
-            .headers
-            .iter()
-            .map(|(name, value)| (name.to_ascii_lowercase(), value.clone()))
-            .collect();
         Ok(request)
     }
 }
@@ -313,7 +302,7 @@ mod tests {
         assert_eq!(request.model, "auto");
         assert_eq!(request.prompt_chars, 7);
         assert_eq!(
-            request.headers,
+            request.headers(),
             [("x-tier".to_string(), "premium".to_string())]
         );
 

@@ -31,6 +31,7 @@ use std::path::PathBuf;
 pub use crate::endpoint::Endpoint;
 pub use crate::error::{CallError, LoadError};
 pub use crate::policy::Policy;
+pub use crate::request::{Message, OwnedContent, RequestContent, RouteRequest};
 
 /// The WIT package version the SDK builds plugins against.
 pub const INTERFACE_VERSION: &str = "switchyard:policy@0.3.0";
@@ -44,6 +45,7 @@ mod error;
 pub mod fixtures;
 mod linker;
 mod policy;
+mod request;
 mod state;
 mod ticker;
 
@@ -99,52 +101,6 @@ impl PolicySettings {
     pub fn with_max_memory_bytes(mut self, max_memory_bytes: u64) -> Self {
         self.max_memory_bytes = max_memory_bytes;
         self
-    }
-}
-
-/// One chat message as the policy sees it.
-#[derive(Debug, Clone)]
-pub struct Message {
-    /// `system`, `user`, `assistant` or `tool`, as the client sent it.
-    pub role: String,
-    /// The message text; non-text parts are left out.
-    pub content: String,
-}
-
-/// What the policy is told about a request.
-#[derive(Debug, Clone)]
-pub struct RouteRequest {
-    /// The endpoint the request arrived on.
-    pub endpoint: Endpoint,
-    /// The `model` field as the client sent it.
-    pub model: String,
-    /// Chat messages (chat completions only).
-    pub messages: Vec<Message>,
-    /// Prompt items (completions) or inputs (embeddings) given as text.
-    pub prompt: Vec<String>,
-    /// Characters in all messages, prompts or inputs together.
-    pub prompt_chars: u64,
-    /// The client's `max_tokens`, if set.
-    pub max_tokens: Option<u32>,
-    /// Whether the client asked for a streamed response.
-    pub stream: bool,
-    /// Request headers, names lowercase.
-    pub headers: Vec<(String, String)>,
-}
-
-impl RouteRequest {
-    /// A request for `model` on `endpoint` with no content or headers.
-    pub fn new(endpoint: Endpoint, model: impl Into<String>) -> Self {
-        RouteRequest {
-            endpoint,
-            model: model.into(),
-            messages: Vec::new(),
-            prompt: Vec::new(),
-            prompt_chars: 0,
-            max_tokens: None,
-            stream: false,
-            headers: Vec::new(),
-        }
     }
 }
 

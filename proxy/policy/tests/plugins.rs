@@ -114,20 +114,16 @@ fn cost_router_sends_long_or_premium_auto_requests_to_large_pool() {
     assert_eq!(pool(router().route(&Arc::new(long))), "large");
 
     // The proxy hands header names lowercase; the value's case is free.
-    let mut premium = chat("auto");
-    premium.headers.push(("x-tier".into(), "PREMIUM".into()));
+    let premium = chat("auto").with_header("x-tier", "PREMIUM");
     assert_eq!(pool(router().route(&Arc::new(premium))), "large");
 
-    let mut standard = chat("auto");
-    standard.headers.push(("x-tier".into(), "standard".into()));
+    let standard = chat("auto").with_header("x-tier", "standard");
     assert_eq!(pool(router().route(&Arc::new(standard))), "small");
 }
 
 #[test]
 fn cost_router_sends_named_models_to_their_own_pool() {
-    let mut req = RouteRequest::new(Endpoint::Embeddings, "bge-small");
-    req.prompt = vec!["x".repeat(500)];
-    req.prompt_chars = 500;
+    let req = RouteRequest::new(Endpoint::Embeddings, "bge-small").with_prompt(&"x".repeat(500));
     assert_eq!(pool(router().route(&Arc::new(req))), "bge-small");
 }
 
@@ -262,8 +258,7 @@ fn fixtures_with_their_own_config_hold_whatever_the_deployment_config() {
         .with_config(json!({ "large_pool": "huge", "premium_tenants": [] }));
     let policy = load(&settings);
 
-    let mut req = chat("auto");
-    req.headers.push(("x-tier".into(), "premium".into()));
+    let req = chat("auto").with_header("x-tier", "premium");
     assert_eq!(pool(policy.route(&Arc::new(req))), "huge");
 }
 
@@ -465,8 +460,7 @@ fn plugins_built_against_0_2_0_still_route_and_review() {
     let mut long = chat("auto");
     long.prompt_chars = 101;
     assert_eq!(pool(router.route(&Arc::new(long))), "large");
-    let mut premium = chat("auto");
-    premium.headers.push(("x-tier".into(), "premium".into()));
+    let premium = chat("auto").with_header("x-tier", "premium");
     assert_eq!(pool(router.route(&Arc::new(premium))), "large");
     assert_eq!(pool(router.route(&Arc::new(chat("named")))), "named");
 
@@ -492,24 +486,13 @@ fn plugins_built_against_0_2_0_still_route_and_review() {
 
 #[test]
 fn a_plugin_reads_every_fact_of_the_request_through_the_host() {
-    let mut chat_req = chat("describe");
-    chat_req.messages = vec![
-        switchyard_policy::Message {
-            role: "system".into(),
-            content: "Be brief.".into(),
-        },
-        switchyard_policy::Message {
-            role: "user".into(),
-            content: "héllo".into(),
-        },
-    ];
-    chat_req.prompt_chars = 14;
+    let mut chat_req = chat("describe")
+        .with_message("system", "Be brief.")
+        .with_message("user", "héllo")
+        .with_header("x-tier", "premium")
+        .with_header("x-tenant", "acme");
     chat_req.max_tokens = Some(7);
     chat_req.stream = true;
-    chat_req.headers = vec![
-        ("x-tier".into(), "premium".into()),
-        ("x-tenant".into(), "acme".into()),
-    ];
     assert_eq!(
         pool(faults().route(&Arc::new(chat_req))),
         "ChatCompletions model=describe count=2 \
@@ -518,9 +501,9 @@ fn a_plugin_reads_every_fact_of_the_request_through_the_host() {
          headers=[\"x-tier=premium\", \"x-tenant=acme\"] attribute=None"
     );
 
-    let mut completion = RouteRequest::new(Endpoint::Completions, "describe");
-    completion.prompt = vec!["Once".into(), "upon".into()];
-    completion.prompt_chars = 8;
+    let completion = RouteRequest::new(Endpoint::Completions, "describe")
+        .with_prompt("Once")
+        .with_prompt("upon");
     assert_eq!(
         pool(faults().route(&Arc::new(completion))),
         "Completions model=describe count=0 messages=[] \

@@ -137,7 +137,7 @@ impl Part {
             ));
         };
         let path = request.upstream_path();
-        let mut template = request.body;
+        let mut template = Arc::unwrap_or_clone(request.body);
         template.remove(field);
 
         let mut batch_headers = HeaderMap::new();

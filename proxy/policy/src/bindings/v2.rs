@@ -13,8 +13,8 @@ use crate::{ReviewAnswer, RouteOutcome, RouteRequest};
 wasmtime::component::bindgen!({
     path: "wit-0.2",
     world: "policy",
-    // Requests borrow from the caller's `RouteRequest`, so prompts are
-    // copied once (into the plugin's memory), not twice. `attribute` is
+    // Requests borrow from the content read out for the call, so prompts
+    // are not copied again on their way into the plugin's memory. `attribute` is
     // both borrowed (in requests) and owned (in decisions), so it becomes
     // `AttributeParam<'a>` and `Attribute`.
     ownership: Borrowing { duplicate_if_necessary: true },
@@ -29,8 +29,7 @@ pub(super) fn route(
     store: &mut Store<HostState>,
     req: &Arc<RouteRequest>,
 ) -> wasmtime::Result<RouteOutcome> {
-    let request = BorrowedRequest::new(req);
-    policy.call_route(store, request.as_wit()).map(outcome)
+    with_wit_request(req, |request| policy.call_route(store, request)).map(outcome)
 }
 
 pub(super) fn review(
@@ -39,59 +38,39 @@ pub(super) fn review(
     req: &Arc<RouteRequest>,
     answer: &ReviewAnswer,
 ) -> wasmtime::Result<HostVerdict> {
-    let request = BorrowedRequest::new(req);
     let answer = answer_wit(answer);
-    policy
-        .call_review(store, request.as_wit(), answer)
-        .map(verdict)
+    with_wit_request(req, |request| policy.call_review(store, request, answer)).map(verdict)
 }
 
-/// A WIT request borrowing from a [`RouteRequest`]. The lists are built
-/// here because WIT lists of records lower from slices of WIT records.
-struct BorrowedRequest<'a> {
-    messages: Vec<wit::Message<'a>>,
-    prompt: Vec<&'a str>,
-    headers: Vec<wit::AttributeParam<'a>>,
-    req: &'a RouteRequest,
-}
-
-impl<'a> BorrowedRequest<'a> {
-    fn new(req: &'a RouteRequest) -> Self {
-        let messages = req
-            .messages
-            .iter()
-            .map(|m| wit::Message {
-                role: &m.role,
-                content: &m.content,
-                attributes: &[],
-            })
-            .collect();
-        let headers = req
-            .headers
-            .iter()
-            .map(|(key, value)| wit::AttributeParam { key, value })
-            .collect();
-        BorrowedRequest {
-            messages,
-            prompt: req.prompt.iter().map(String::as_str).collect(),
-            headers,
-            req,
-        }
-    }
-
-    fn as_wit(&self) -> wit::Request<'_> {
-        wit::Request {
-            endpoint: endpoint(self.req.endpoint),
-            model: &self.req.model,
-            messages: &self.messages,
-            prompt: &self.prompt,
-            prompt_chars: self.req.prompt_chars,
-            max_tokens: self.req.max_tokens,
-            stream: self.req.stream,
-            headers: &self.headers,
+/// Calls `call` with `req` as a 0.2.0 request, which carries the whole
+/// content: messages, prompts and headers are read out for every call.
+fn with_wit_request<T>(req: &RouteRequest, call: impl FnOnce(wit::Request<'_>) -> T) -> T {
+    let (messages, prompt, headers) = (req.messages(), req.prompt(), req.headers());
+    // WIT lists of records lower from slices of WIT records.
+    let messages: Vec<wit::Message<'_>> = messages
+        .iter()
+        .map(|m| wit::Message {
+            role: &m.role,
+            content: &m.content,
             attributes: &[],
-        }
-    }
+        })
+        .collect();
+    let prompt: Vec<&str> = prompt.iter().map(String::as_str).collect();
+    let headers: Vec<wit::AttributeParam<'_>> = headers
+        .iter()
+        .map(|(key, value)| wit::AttributeParam { key, value })
+        .collect();
+    call(wit::Request {
+        endpoint: endpoint(req.endpoint),
+        model: &req.model,
+        messages: &messages,
+        prompt: &prompt,
+        prompt_chars: req.prompt_chars,
+        max_tokens: req.max_tokens,
+        stream: req.stream,
+        headers: &headers,
+        attributes: &[],
+    })
 }
 
 impl wit::Host for HostState {}

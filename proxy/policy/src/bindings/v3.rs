@@ -67,7 +67,7 @@ fn facts(req: &RouteRequest) -> wit::RequestFacts<'_> {
     wit::RequestFacts {
         endpoint: endpoint(req.endpoint),
         model: &req.model,
-        message_count: u32::try_from(req.messages.len()).unwrap_or(u32::MAX),
+        message_count: req.message_count,
         prompt_chars: req.prompt_chars,
         max_tokens: req.max_tokens,
         stream: req.stream,
@@ -101,29 +101,22 @@ impl HostState {
     }
 }
 
-fn attribute(key: &str, value: &str) -> wit::AttributeResult {
-    wit::AttributeResult {
-        key: key.to_owned(),
-        value: value.to_owned(),
-    }
-}
-
 impl wit::Host for HostState {}
 
 impl wit::HostRequest for HostState {
     fn messages(&mut self, req: Resource<RequestView>) -> wasmtime::Result<Vec<wit::Message>> {
-        let messages = self.request(&req)?.messages.iter();
+        let messages = self.request(&req)?.messages().into_iter();
         Ok(messages
             .map(|m| wit::Message {
-                role: m.role.clone(),
-                content: m.content.clone(),
+                role: m.role,
+                content: m.content,
                 attributes: Vec::new(),
             })
             .collect())
     }
 
     fn prompt(&mut self, req: Resource<RequestView>) -> wasmtime::Result<Vec<String>> {
-        Ok(self.request(&req)?.prompt.clone())
+        Ok(self.request(&req)?.prompt())
     }
 
     fn header(
@@ -131,19 +124,17 @@ impl wit::HostRequest for HostState {
         req: Resource<RequestView>,
         name: String,
     ) -> wasmtime::Result<Option<String>> {
-        let headers = &self.request(&req)?.headers;
-        Ok(headers
-            .iter()
-            .find(|(key, _)| key.eq_ignore_ascii_case(&name))
-            .map(|(_, value)| value.clone()))
+        Ok(self.request(&req)?.header(&name))
     }
 
     fn headers(
         &mut self,
         req: Resource<RequestView>,
     ) -> wasmtime::Result<Vec<wit::AttributeResult>> {
-        let headers = &self.request(&req)?.headers;
-        Ok(headers.iter().map(|(k, v)| attribute(k, v)).collect())
+        let headers = self.request(&req)?.headers().into_iter();
+        Ok(headers
+            .map(|(key, value)| wit::AttributeResult { key, value })
+            .collect())
     }
 
     fn attribute(
