@@ -30,7 +30,11 @@
 //!
 //! It prints a table and through/direct ratios and asserts nothing about
 //! timing. The load generator, the mock and the proxy share the machine's
-//! cores, so on a small machine the ratios overstate the proxy's cost.
+//! cores, so on a small machine the ratios overstate the proxy's cost, and
+//! a policy decision is timed with whatever preempted it. To keep them
+//! apart, `BENCH_PROXY_CPUS` and `BENCH_LOAD_CPUS` (`taskset` CPU lists,
+//! for example `1` and `0`) give the proxies and this process their own
+//! CPUs; the proxy then sizes its runtime to its share.
 //! Run without `--bench` (as `cargo test --benches` does) it only
 //! smoke-tests each scenario for a fraction of a second.
 
@@ -318,7 +322,25 @@ fn print_ratio(label: &str, through: &Outcome, direct: &Outcome) {
     );
 }
 
-async fn run(settings: Settings) -> bool {
+/// Allows this process only the CPUs `cpus` (a `taskset` list).
+fn pin_this_process(cpus: &str) {
+    let status = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &std::process::id().to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap_or_else(|e| panic!("BENCH_LOAD_CPUS needs taskset: {e}"));
+    assert!(status.success(), "taskset -c {cpus} failed: {status}");
+}
+
+/// Starts Switchyard on `config`, on `cpus` if given.
+async fn start_proxy(config: &str, cpus: Option<&str>) -> Switchyard {
+    match cpus {
+        Some(cpus) => Switchyard::start_on_cpus(config, cpus).await,
+        None => Switchyard::start_forgetting_logs(config).await,
+    }
+}
+
+async fn run(settings: Settings, proxy_cpus: Option<String>) -> bool {
     let mock = MockUpstream::start_unrecorded().await;
     let upstream = mock.addr();
 
@@ -327,7 +349,7 @@ async fn run(settings: Settings) -> bool {
     config.push_str(&pool_toml("small", &mock.url(), "smollm2"));
     config.push_str(&pool_toml("batched", &mock.url(), "smollm2"));
     config.push_str("[pool.batch]\nmax_batch = 8\nmax_wait_ms = 5\n");
-    let plain = Switchyard::start_forgetting_logs(&config).await;
+    let plain = start_proxy(&config, proxy_cpus.as_deref()).await;
     let proxy = addr_of(&plain.api_url());
 
     let chat = |model: &str| -> Bytes {
@@ -368,7 +390,7 @@ async fn run(settings: Settings) -> bool {
             "\n[policy]\nplugin = \"{}\"\nconfig = {{ long_prompt_chars = 2000 }}\n",
             cost_router.display()
         ));
-        Some(Switchyard::start_forgetting_logs(&config).await)
+        Some(start_proxy(&config, proxy_cpus.as_deref()).await)
     } else {
         println!(
             "skipping the policy scenario: {} missing; run `make plugins`",
@@ -669,11 +691,17 @@ fn print_latency(label: &str, sorted: &[Duration]) {
 
 fn main() -> std::process::ExitCode {
     let settings = Settings::from_env();
+    let proxy_cpus = std::env::var("BENCH_PROXY_CPUS").ok();
+    if let Ok(cpus) = std::env::var("BENCH_LOAD_CPUS") {
+        // Before the runtime starts: its threads inherit the main thread's
+        // CPUs.
+        pin_this_process(&cpus);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    if runtime.block_on(run(settings)) {
+    if runtime.block_on(run(settings, proxy_cpus)) {
         std::process::ExitCode::SUCCESS
     } else {
         std::process::ExitCode::FAILURE

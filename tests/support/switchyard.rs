@@ -59,7 +59,7 @@ impl Switchyard {
     /// the transparent-capture test's rules leave that user's traffic
     /// alone. Needs root.
     pub async fn start_as_user(config_toml: &str, uid: u32) -> Self {
-        Self::start_full(config_toml, true, &[], Some(uid)).await
+        Self::start_full(config_toml, true, &[], Some(uid), None).await
     }
 
     /// Like `start`, but forgets stdout lines once start-up is over, so a
@@ -69,8 +69,15 @@ impl Switchyard {
         Self::start_inner(config_toml, false, &[]).await
     }
 
+    /// Like `start_forgetting_logs`, with the process allowed only the
+    /// CPUs `cpus` (a `taskset` list such as `1` or `2-3`), so that a
+    /// benchmark's load generator does not share them.
+    pub async fn start_on_cpus(config_toml: &str, cpus: &str) -> Self {
+        Self::start_full(config_toml, false, &[], None, Some(cpus)).await
+    }
+
     async fn start_inner(config_toml: &str, keep_logs: bool, env: &[(&str, &str)]) -> Self {
-        Self::start_full(config_toml, keep_logs, env, None).await
+        Self::start_full(config_toml, keep_logs, env, None, None).await
     }
 
     async fn start_full(
@@ -78,9 +85,18 @@ impl Switchyard {
         keep_logs: bool,
         env: &[(&str, &str)],
         uid: Option<u32>,
+        cpus: Option<&str>,
     ) -> Self {
         let config_path = write_temp_config(config_toml);
-        let mut command = Command::new(BINARY);
+        let mut command = match cpus {
+            // Set before start, so the runtime sizes itself to these CPUs.
+            Some(cpus) => {
+                let mut taskset = Command::new("taskset");
+                taskset.args(["-c", cpus, BINARY]);
+                taskset
+            }
+            None => Command::new(BINARY),
+        };
         if let Some(uid) = uid {
             use std::os::unix::process::CommandExt;
             command.uid(uid).gid(uid);

@@ -64,7 +64,8 @@ pub struct PolicySettings {
     /// `[policy.config]` table should be an empty object.
     pub config: serde_json::Value,
     /// Wall-clock budget of one `route` call into the plugin, in
-    /// milliseconds, resolved to 1 ms. `init` of each new instance gets
+    /// milliseconds, resolved to a tenth of it (at least 1 ms, at most
+    /// 10 ms). `init` of each new instance gets
     /// this or 1000 ms, whichever is longer. Must be at least 1. Default is
     /// 50 ms ([`DEFAULT_TIMEOUT_MS`]).
     pub timeout_ms: u64,

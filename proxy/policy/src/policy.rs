@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use thread_local::ThreadLocal;
@@ -23,7 +24,7 @@ use crate::error::{CallError, LoadError};
 use crate::fixtures::{self, Fixtures};
 use crate::linker;
 use crate::state::{HostState, PluginMeta};
-use crate::ticker::{Ticker, TICK};
+use crate::ticker::{tick_for, Ticker};
 use crate::{PolicySettings, ReviewAnswer, RouteOutcome, RouteRequest, Verdict};
 
 /// Most idle instances kept for reuse, per-thread ones included; more are
@@ -57,7 +58,8 @@ pub struct Policy {
     config_json: String,
     timeout_ms: u64,
     max_memory_bytes: u64,
-    /// Per-call deadline in epochs ([`TICK`]s), rounded up.
+    /// Per-call deadline in epochs (ticks of the policy's ticker), rounded
+    /// up.
     deadline_ticks: u64,
     /// Deadline of `init` in epochs.
     init_deadline_ticks: u64,
@@ -160,7 +162,8 @@ impl Policy {
                 key: "config",
                 reason: format!("cannot be encoded as JSON: {e}"),
             })?;
-        let ticker = Ticker::start(engine.clone())
+        let tick = tick_for(settings.timeout_ms);
+        let ticker = Ticker::start(engine.clone(), tick)
             .map_err(|e| engine_error(format!("epoch thread: {e}")))?;
 
         let policy = Policy {
@@ -171,8 +174,8 @@ impl Policy {
             config_json,
             timeout_ms: settings.timeout_ms,
             max_memory_bytes: settings.max_memory_bytes,
-            deadline_ticks: deadline_ticks(settings.timeout_ms),
-            init_deadline_ticks: deadline_ticks(init_timeout_ms(settings.timeout_ms)),
+            deadline_ticks: deadline_ticks(settings.timeout_ms, tick),
+            init_deadline_ticks: deadline_ticks(init_timeout_ms(settings.timeout_ms), tick),
             engine,
             pre,
             local: ThreadLocal::new(),
@@ -227,8 +230,9 @@ impl Policy {
     /// Asks the plugin where `req` goes.
     ///
     /// Synchronous and usually a few microseconds; bounded by
-    /// `timeout_ms` (plus up to one millisecond of deadline resolution)
-    /// and, when no warm instance is free, the time to create one.
+    /// `timeout_ms` (plus the deadline's resolution, a tenth of it between
+    /// 1 and 10 ms) and, when no warm instance is free, the time to create
+    /// one.
     ///
     /// The plugin reads `req` through the handle it is lent for the call,
     /// hence the `Arc`: nothing is copied until the plugin asks for it.
@@ -310,8 +314,8 @@ impl Policy {
     }
 
     /// The longest one `route` or `review` call may run (`timeout_ms`).
-    pub fn timeout(&self) -> std::time::Duration {
-        std::time::Duration::from_millis(self.timeout_ms)
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
     }
 
     /// The plugin file this policy was loaded from.
@@ -547,8 +551,8 @@ fn init_timeout_ms(timeout_ms: u64) -> u64 {
 
 /// Deadline of a call in epochs: `timeout_ms` rounded up to whole ticks,
 /// plus one because the current epoch is already partly over.
-fn deadline_ticks(timeout_ms: u64) -> u64 {
-    let tick_ms = u64::try_from(TICK.as_millis()).unwrap_or(1).max(1);
+fn deadline_ticks(timeout_ms: u64, tick: Duration) -> u64 {
+    let tick_ms = u64::try_from(tick.as_millis()).unwrap_or(1).max(1);
     timeout_ms.div_ceil(tick_ms).saturating_add(1)
 }
 
@@ -587,8 +591,10 @@ mod tests {
 
     #[test]
     fn deadline_rounds_up_and_adds_a_tick() {
-        assert_eq!(deadline_ticks(50), 51);
-        assert_eq!(deadline_ticks(1), 2);
+        assert_eq!(deadline_ticks(50, Duration::from_millis(1)), 51);
+        assert_eq!(deadline_ticks(1, Duration::from_millis(1)), 2);
+        assert_eq!(deadline_ticks(50, Duration::from_millis(5)), 11);
+        assert_eq!(deadline_ticks(1000, Duration::from_millis(10)), 101);
     }
 
     #[test]
