@@ -68,7 +68,7 @@ pub fn run(test: &PluginTest) -> Result<Value, String> {
     };
     let mut report = json!({
         "plugin": policy.name(), "version": policy.version(),
-        "endpoint": endpoint.label(), "decision": decision, "route_us": route_us,
+        "endpoint": endpoint.wit_name(), "decision": decision, "route_us": route_us,
     });
 
     if let (Some(answer), RouteOutcome::Route(d)) = (&test.answer, &outcome) {

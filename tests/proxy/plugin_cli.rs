@@ -47,6 +47,8 @@ fn plugin_test_prints_the_route_and_the_review() {
         String::from_utf8_lossy(&output.stderr)
     );
     let report: Value = serde_json::from_str(&stdout).unwrap();
+    // Named as the plugin's interface and its fixtures name it.
+    assert_eq!(report["endpoint"], "chat-completions");
     assert_eq!(report["decision"]["route"]["pool"], "small");
     assert_eq!(report["decision"]["route"]["escalate_to"], "large");
     assert_eq!(report["review"]["verdict"], "escalate");

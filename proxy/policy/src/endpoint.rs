@@ -33,6 +33,16 @@ impl Endpoint {
         }
     }
 
+    /// The WIT interface's name of the endpoint, the inverse of
+    /// [`Endpoint::from_wit_name`].
+    pub fn wit_name(self) -> &'static str {
+        match self {
+            Self::ChatCompletions => "chat-completions",
+            Self::Completions => "completions",
+            Self::Embeddings => "embeddings",
+        }
+    }
+
     /// The URL path of the endpoint, e.g. `/v1/completions`.
     pub fn path(self) -> &'static str {
         match self {
@@ -48,6 +58,23 @@ impl Endpoint {
             Self::ChatCompletions => "chat",
             Self::Completions => "completions",
             Self::Embeddings => "embeddings",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wit_names_and_paths_round_trip() {
+        for endpoint in [
+            Endpoint::ChatCompletions,
+            Endpoint::Completions,
+            Endpoint::Embeddings,
+        ] {
+            assert_eq!(Endpoint::from_wit_name(endpoint.wit_name()), Some(endpoint));
+            assert_eq!(Endpoint::from_path(endpoint.path()), Some(endpoint));
         }
     }
 }
