@@ -12,9 +12,9 @@ For each configuration it starts the release `switchyard` binary under
 callgrind with two pools on a stand-in upstream in this process, sends
 warm-up requests, switches instrumentation on, sends the measured
 requests over two keep-alive connections, switches it off and stops the
-proxy. The policy's epoch thread wakes once a millisecond whatever the
-traffic, and callgrind stretches time about fifty-fold, so its
-instructions (`recv_timeout`) are subtracted.
+proxy. The policy's epoch thread wakes every tick (5 ms by default)
+whatever the traffic, and callgrind stretches time about fifty-fold, so
+its instructions (`recv_timeout`) are subtracted.
 
 Usage: policy_instructions.py [--requests 1000] [--shape tiny|typical]
            [--keep-profiles DIR] [PLUGIN.wasm ...]
