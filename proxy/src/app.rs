@@ -750,7 +750,12 @@ async fn forward(
     mut permit: Option<Permit>,
 ) -> Result<Response<Body>, ApiError> {
     let path = api.upstream_path();
-    let body = Bytes::from(Value::Object(Arc::unwrap_or_clone(api.body)).to_string());
+    // Serialised in place: a cascade's review may still share the body.
+    let body = serde_json::to_vec(api.body.as_ref()).map_err(|e| {
+        let message = format!("request body could not be encoded: {e}");
+        ApiError::new(ErrorKind::Internal, message)
+    })?;
+    let body = Bytes::from(body);
     let sent = pool.post(&path, headers, body).await;
     if let Some(permit) = &mut permit {
         let unreachable = sent.as_ref().is_err_and(|e| e.kind.is_unreachable());
