@@ -198,8 +198,8 @@ impl ApiRequest {
             .iter()
             .map(text_chars)
             .chain(self.items.iter().map(|item| match item {
-                Value::String(text) => text.chars().count() as u64,
-                other => other.to_string().chars().count() as u64,
+                Value::String(text) => char_count(text),
+                other => char_count(&other.to_string()),
             }))
             .sum();
         let content = RequestBody {
@@ -369,16 +369,27 @@ fn message_text(message: &Value) -> Message {
     Message { role, content }
 }
 
+/// The characters in `text`. Most prompts are ASCII, whose check is
+/// several times cheaper than counting characters.
+fn char_count(text: &str) -> u64 {
+    let count = if text.is_ascii() {
+        text.len()
+    } else {
+        text.chars().count()
+    };
+    count as u64
+}
+
 /// The characters of [`message_text`]'s content, counted in place.
 fn text_chars(message: &Value) -> u64 {
     match message.get("content") {
-        Some(Value::String(text)) => text.chars().count() as u64,
+        Some(Value::String(text)) => char_count(text),
         Some(Value::Array(parts)) => {
             let texts = parts
                 .iter()
                 .filter_map(|part| part.get("text").and_then(Value::as_str));
             let (count, chars) = texts.fold((0u64, 0u64), |(count, chars), text| {
-                (count + 1, chars + text.chars().count() as u64)
+                (count + 1, chars + char_count(text))
             });
             // Parts are joined by one newline each.
             chars + count.saturating_sub(1)

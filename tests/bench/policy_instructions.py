@@ -16,7 +16,7 @@ proxy. The policy's epoch thread wakes every tick (5 ms by default)
 whatever the traffic, and callgrind stretches time about fifty-fold, so
 its instructions (`recv_timeout`) are subtracted.
 
-Usage: policy_instructions.py [--requests 1000] [--shape tiny|typical]
+Usage: policy_instructions.py [--requests 1000] [--shape tiny|typical|long]
            [--keep-profiles DIR] [PLUGIN.wasm ...]
 With --keep-profiles, each run's callgrind file is copied into DIR
 (`no-policy.callgrind`, `<n>-<plugin>.callgrind`) for callgrind_annotate.
@@ -87,7 +87,9 @@ class Upstream(BaseHTTPRequestHandler):
 def request_of(shape):
     """(body, headers) of a chat request: `tiny` is one short message
     and no extra headers; `typical` four messages of about 1,500
-    characters and the headers an SDK and a tracing layer add."""
+    characters and the headers an SDK and a tracing layer add; `long`
+    the same conversation carried on for 100 exchanges (about 48,000
+    characters)."""
     if shape == "tiny":
         return [{"role": "user", "content": "how fast is this proxy"}], {}
     messages = [
@@ -108,6 +110,8 @@ def request_of(shape):
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         "x-tenant": "acme",
     }
+    if shape == "long":
+        messages = messages[:1] + messages[1:3] * 100 + messages[3:]
     return messages, headers
 
 
@@ -221,7 +225,8 @@ def measure(workdir, upstream_port, plugin, args, name):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=1000)
-    p.add_argument("--shape", choices=["tiny", "typical"], default="typical")
+    p.add_argument("--shape", choices=["tiny", "typical", "long"],
+                   default="typical")
     p.add_argument("--keep-profiles", type=Path, metavar="DIR")
     p.add_argument("plugins", nargs="*", type=Path, default=DEFAULT_PLUGINS)
     args = p.parse_args()
