@@ -257,7 +257,14 @@ impl RequestContent for RequestBody {
         if is_private(name) {
             return None;
         }
-        visible_value(self.headers.get(name)?).map(str::to_string)
+        // The first value `headers` would show: a repeated header whose
+        // first value is not UTF-8 answers with its next one, as the
+        // plugin's own lookup in a fetched `headers` list does.
+        self.headers
+            .get_all(name)
+            .iter()
+            .find_map(visible_value)
+            .map(str::to_string)
     }
 
     fn headers(&self) -> Vec<(String, String)> {
@@ -595,5 +602,33 @@ mod tests {
         );
         assert_eq!(summary.header("x-user").as_deref(), Some("José"));
         assert_eq!(summary.header("x-latin1"), None);
+    }
+
+    #[test]
+    fn header_lookup_agrees_with_the_header_list() {
+        let request = parse(
+            Endpoint::ChatCompletions,
+            r#"{"model": "auto",
+            "messages": [{"role": "user", "content": "hi"}]}"#,
+        )
+        .unwrap();
+        let mut headers = HeaderMap::new();
+        let latin1 = http::HeaderValue::from_bytes(b"Jos\xe9").unwrap();
+        headers.append("x-user", latin1);
+        let utf8 = http::HeaderValue::from_bytes("José".as_bytes()).unwrap();
+        headers.append("x-user", utf8);
+        let summary = request.route_request(&Arc::new(headers));
+        assert_eq!(
+            summary.headers(),
+            vec![("x-user".to_owned(), "José".to_owned())]
+        );
+        assert_eq!(
+            summary.header("X-User").as_deref(),
+            Some("José"),
+            "the first value the list shows, whatever the plugin read first"
+        );
+        assert_eq!(summary.header("bad name"), None);
+        assert_eq!(summary.header(""), None);
+        assert_eq!(summary.header(&"x".repeat(100 * 1024)), None);
     }
 }

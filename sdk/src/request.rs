@@ -175,8 +175,10 @@ impl<'a> Request<'a> {
         find(all, name, str::eq_ignore_ascii_case).map(str::to_owned)
     }
 
-    /// All request headers as (name, value); names are lowercase, in
-    /// arrival order. Copies every header into the plugin: prefer
+    /// All request headers as (name, value); names are lowercase, in the
+    /// order each name first arrived, with a repeated header's values
+    /// together in arrival order (`x-a`, `x-b`, `x-a` lists both `x-a`
+    /// first). Copies every header into the plugin: prefer
     /// [`header`](Request::header) for a few known names.
     pub fn headers(&self) -> &[(String, String)] {
         match &self.rest {
