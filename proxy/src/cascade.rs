@@ -326,7 +326,8 @@ impl Drop for Served {
     }
 }
 
-/// Sends the client's own request to the escalation `pool`.
+/// Sends the request, as the route shaped it and without the small pool's
+/// log-probabilities, to the escalation `pool`.
 async fn escalate(
     app: &App,
     headers: &HeaderMap,

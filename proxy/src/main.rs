@@ -154,7 +154,12 @@ fn main() -> ExitCode {
                     header,
                     answer,
                 },
-        } => plugin_test(plugin, &config, &request, header, answer.as_deref()),
+        } => {
+            // The plugin's own log lines and panic messages, beside the
+            // report on stdout.
+            telemetry::init_on_stderr();
+            plugin_test(plugin, &config, &request, header, answer.as_deref())
+        }
         Command::Run { config, log_format } => {
             telemetry::init(log_format);
             match run(config.as_deref()) {

@@ -32,12 +32,17 @@ pub fn run(test: &PluginTest) -> Result<Value, String> {
     let settings = PolicySettings::new(&test.plugin).with_config(test.config.clone());
     let policy = Policy::load(&settings).map_err(|e| e.to_string())?;
 
-    let endpoint = if test.request.get("messages").is_some() {
+    let has = |field| test.request.get(field).is_some();
+    let endpoint = if has("messages") {
         Endpoint::ChatCompletions
-    } else if test.request.get("input").is_some() {
+    } else if has("input") {
         Endpoint::Embeddings
-    } else {
+    } else if has("prompt") {
         Endpoint::Completions
+    } else {
+        return Err("--request needs `messages` (chat completions), `prompt` \
+            (completions) or `input` (embeddings)"
+            .to_string());
     };
     let bytes = test.request.to_string();
     let api = ApiRequest::parse(endpoint, bytes.as_bytes()).map_err(|e| e.message)?;
@@ -79,6 +84,10 @@ pub fn run(test: &PluginTest) -> Result<Value, String> {
         let verdict = match verdict {
             Verdict::Accept => json!({"verdict": "accept"}),
             Verdict::Escalate { pool, reason } => {
+                // An empty pool means the route's escalation pool.
+                let pool = Some(pool)
+                    .filter(|pool| !pool.is_empty())
+                    .or_else(|| d.escalate_to.clone());
                 json!({"verdict": "escalate", "pool": pool, "reason": reason})
             }
         };

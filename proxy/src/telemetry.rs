@@ -1,5 +1,6 @@
 //! Log output: human-readable lines for people, JSON lines for machines,
-//! both on standard output, filtered by `RUST_LOG` (default `info`).
+//! both on standard output, filtered by `RUST_LOG` (default `info`). A
+//! command whose standard output is its result logs to standard error.
 
 use tracing_subscriber::EnvFilter;
 
@@ -23,4 +24,16 @@ pub fn init(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(false).init(),
     }
+}
+
+/// Installs a subscriber writing human-readable lines to standard error,
+/// for commands whose standard output is their result (`plugin test`).
+pub fn init_on_stderr() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .init();
 }

@@ -72,6 +72,71 @@ fn plugin_test_names_a_bad_config_key() {
     assert!(stderr.contains("threshold"), "{stderr}");
 }
 
+#[test]
+fn plugin_test_names_the_escalation_pool_a_review_leaves_to_the_route() {
+    let request = temp_json(
+        "cascade-request",
+        &json!({"model": "cascade", "messages": [{"role": "user", "content": "hi"}]}),
+    );
+    // test-faults escalates, naming no pool, when the answer says so.
+    let answer = temp_json(
+        "cascade-answer",
+        &json!({"choices": [{"index": 0, "finish_reason": "stop",
+            "message": {"role": "assistant", "content": "escalate"}}]}),
+    );
+    let output = Command::new(BINARY)
+        .args(["plugin", "test", &plugin("test_faults")])
+        .arg("--request")
+        .arg(&request)
+        .arg("--answer")
+        .arg(&answer)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&request);
+    let _ = std::fs::remove_file(&answer);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["review"]["verdict"], "escalate");
+    assert_eq!(report["review"]["pool"], "large");
+}
+
+#[test]
+fn plugin_test_shows_the_plugins_panic_message_and_logs_on_stderr() {
+    let trap = temp_json(
+        "trap-request",
+        &json!({"model": "trap", "messages": [{"role": "user", "content": "hi"}]}),
+    );
+    let output = Command::new(BINARY)
+        .args(["plugin", "test", &plugin("test_faults")])
+        .arg("--request")
+        .arg(&trap)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&trap);
+    assert!(!output.status.success());
+    assert!(output.stdout.is_empty(), "stdout carries only the report");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("test-faults was asked to trap"), "{stderr}");
+}
+
+#[test]
+fn plugin_test_says_which_fields_name_the_endpoint() {
+    let request = temp_json("no-endpoint-request", &json!({"model": "auto"}));
+    let output = Command::new(BINARY)
+        .args(["plugin", "test", &plugin("test_faults")])
+        .arg("--request")
+        .arg(&request)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&request);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("`messages`"), "{stderr}");
+    assert!(stderr.contains("`input`"), "{stderr}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calibrate_reports_escalation_rate_and_hard_catches_per_threshold() {
     use crate::support::{pools_config, MockUpstream};
