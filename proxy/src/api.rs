@@ -413,6 +413,13 @@ mod tests {
         ApiRequest::parse(endpoint, body.as_bytes())
     }
 
+    /// A chat request for `auto` with one short user message.
+    fn short_chat() -> ApiRequest {
+        let body = r#"{"model": "auto",
+            "messages": [{"role": "user", "content": "hi"}]}"#;
+        parse(Endpoint::ChatCompletions, body).unwrap()
+    }
+
     #[test]
     fn prompt_forms_split_into_items() {
         let cases = [
@@ -584,12 +591,7 @@ mod tests {
 
     #[test]
     fn route_request_shows_utf8_header_values() {
-        let request = parse(
-            Endpoint::ChatCompletions,
-            r#"{"model": "auto",
-            "messages": [{"role": "user", "content": "hi"}]}"#,
-        )
-        .unwrap();
+        let request = short_chat();
         let mut headers = HeaderMap::new();
         let utf8 = http::HeaderValue::from_bytes("José".as_bytes()).unwrap();
         headers.insert("x-user", utf8);
@@ -606,12 +608,7 @@ mod tests {
 
     #[test]
     fn header_lookup_agrees_with_the_header_list() {
-        let request = parse(
-            Endpoint::ChatCompletions,
-            r#"{"model": "auto",
-            "messages": [{"role": "user", "content": "hi"}]}"#,
-        )
-        .unwrap();
+        let request = short_chat();
         let mut headers = HeaderMap::new();
         let latin1 = http::HeaderValue::from_bytes(b"Jos\xe9").unwrap();
         headers.append("x-user", latin1);

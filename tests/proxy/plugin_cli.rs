@@ -2,6 +2,7 @@
 //! JSON without a server.
 
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::{json, Value};
 
@@ -17,36 +18,68 @@ fn temp_json(name: &str, value: &Value) -> std::path::PathBuf {
     path
 }
 
-#[test]
-fn plugin_test_prints_the_route_and_the_review() {
-    let request = temp_json(
-        "request",
-        &json!({"model": "auto", "messages": [{"role": "user", "content": "hi"}]}),
-    );
-    let answer = temp_json(
-        "answer",
-        &json!({"choices": [{"index": 0, "finish_reason": "stop",
-            "message": {"role": "assistant", "content": "Hmm"},
-            "logprobs": {"content": [{"logprob": -3.0}, {"logprob": -2.0}]}}]}),
-    );
-    let output = Command::new(BINARY)
-        .args(["plugin", "test", &plugin("confidence_cascade")])
-        .args(["--config", r#"{"min_mean_logprob": -1.0}"#])
+/// Runs `switchyard plugin test` on the built plugin `name` with
+/// `request`, the small `answer` if any and `extra` arguments.
+fn plugin_test(
+    name: &str,
+    extra: &[&str],
+    request: &Value,
+    answer: Option<&Value>,
+) -> std::process::Output {
+    // Tests run at once: each run gets files of its own.
+    static RUNS: AtomicUsize = AtomicUsize::new(0);
+    let label = format!("{name}-{}", RUNS.fetch_add(1, Ordering::Relaxed));
+    let request = temp_json(&format!("{label}-request"), request);
+    let answer = answer.map(|a| temp_json(&format!("{label}-answer"), a));
+    let mut command = Command::new(BINARY);
+    command
+        .args(["plugin", "test", &plugin(name)])
+        .args(extra)
         .arg("--request")
         .arg(&request)
-        .arg("--answer")
-        .arg(&answer)
-        .output()
-        .unwrap();
+        .env_remove("RUST_LOG");
+    if let Some(answer) = &answer {
+        command.arg("--answer").arg(answer);
+    }
+    let output = command.output().unwrap();
     let _ = std::fs::remove_file(&request);
-    let _ = std::fs::remove_file(&answer);
+    if let Some(answer) = &answer {
+        let _ = std::fs::remove_file(answer);
+    }
+    output
+}
+
+/// The report `output` printed, failing the test if the command failed.
+fn report_of(output: &std::process::Output) -> Value {
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    serde_json::from_str(&stdout).unwrap()
+}
+
+fn chat(model: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
+}
+
+/// A small pool's answer saying `text`, with token log-probabilities.
+fn answer(text: &str, logprobs: &[f64]) -> Value {
+    let content: Vec<Value> = logprobs.iter().map(|l| json!({"logprob": l})).collect();
+    json!({"choices": [{"index": 0, "finish_reason": "stop",
+        "message": {"role": "assistant", "content": text},
+        "logprobs": {"content": content}}]})
+}
+
+#[test]
+fn plugin_test_prints_the_route_and_the_review() {
+    let config = ["--config", r#"{"min_mean_logprob": -1.0}"#];
+    let small_answer = answer("Hmm", &[-3.0, -2.0]);
+    let output = plugin_test(
+        "confidence_cascade",
+        &config,
+        &chat("auto"),
+        Some(&small_answer),
     );
-    let report: Value = serde_json::from_str(&stdout).unwrap();
+    let report = report_of(&output);
     // Named as the plugin's interface and its fixtures name it.
     assert_eq!(report["endpoint"], "chat-completions");
     assert_eq!(report["decision"]["route"]["pool"], "small");
@@ -58,15 +91,9 @@ fn plugin_test_prints_the_route_and_the_review() {
 
 #[test]
 fn plugin_test_names_a_bad_config_key() {
-    let request = temp_json("bad-request", &json!({"model": "auto", "prompt": "x"}));
-    let output = Command::new(BINARY)
-        .args(["plugin", "test", &plugin("confidence_cascade")])
-        .args(["--config", r#"{"threshold": 1}"#])
-        .arg("--request")
-        .arg(&request)
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_file(&request);
+    let config = ["--config", r#"{"threshold": 1}"#];
+    let request = json!({"model": "auto", "prompt": "x"});
+    let output = plugin_test("confidence_cascade", &config, &request, None);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("threshold"), "{stderr}");
@@ -74,47 +101,21 @@ fn plugin_test_names_a_bad_config_key() {
 
 #[test]
 fn plugin_test_names_the_escalation_pool_a_review_leaves_to_the_route() {
-    let request = temp_json(
-        "cascade-request",
-        &json!({"model": "cascade", "messages": [{"role": "user", "content": "hi"}]}),
-    );
     // test-faults escalates, naming no pool, when the answer says so.
-    let answer = temp_json(
-        "cascade-answer",
-        &json!({"choices": [{"index": 0, "finish_reason": "stop",
-            "message": {"role": "assistant", "content": "escalate"}}]}),
+    let output = plugin_test(
+        "test_faults",
+        &[],
+        &chat("cascade"),
+        Some(&answer("escalate", &[])),
     );
-    let output = Command::new(BINARY)
-        .args(["plugin", "test", &plugin("test_faults")])
-        .arg("--request")
-        .arg(&request)
-        .arg("--answer")
-        .arg(&answer)
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_file(&request);
-    let _ = std::fs::remove_file(&answer);
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}");
-    let report: Value = serde_json::from_str(&stdout).unwrap();
+    let report = report_of(&output);
     assert_eq!(report["review"]["verdict"], "escalate");
     assert_eq!(report["review"]["pool"], "large");
 }
 
 #[test]
 fn plugin_test_shows_the_plugins_panic_message_and_logs_on_stderr() {
-    let trap = temp_json(
-        "trap-request",
-        &json!({"model": "trap", "messages": [{"role": "user", "content": "hi"}]}),
-    );
-    let output = Command::new(BINARY)
-        .args(["plugin", "test", &plugin("test_faults")])
-        .arg("--request")
-        .arg(&trap)
-        .env_remove("RUST_LOG")
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_file(&trap);
+    let output = plugin_test("test_faults", &[], &chat("trap"), None);
     assert!(!output.status.success());
     assert!(output.stdout.is_empty(), "stdout carries only the report");
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -123,14 +124,7 @@ fn plugin_test_shows_the_plugins_panic_message_and_logs_on_stderr() {
 
 #[test]
 fn plugin_test_says_which_fields_name_the_endpoint() {
-    let request = temp_json("no-endpoint-request", &json!({"model": "auto"}));
-    let output = Command::new(BINARY)
-        .args(["plugin", "test", &plugin("test_faults")])
-        .arg("--request")
-        .arg(&request)
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_file(&request);
+    let output = plugin_test("test_faults", &[], &json!({"model": "auto"}), None);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("`messages`"), "{stderr}");
