@@ -27,7 +27,8 @@ pub trait RequestContent: fmt::Debug + Send + Sync {
     fn prompt(&self) -> Vec<String>;
     /// The first value of header `name`, whatever the case of `name`.
     fn header(&self, name: &str) -> Option<String>;
-    /// Every header, in order, names lowercase.
+    /// Every header, names lowercase, in order of first arrival (a repeated
+    /// name's values together).
     fn headers(&self) -> Vec<(String, String)>;
 }
 
@@ -157,7 +158,8 @@ impl RouteRequest {
         }
     }
 
-    /// Every header, in order, names lowercase.
+    /// Every header, names lowercase, in order of first arrival (a repeated
+    /// name's values together).
     pub fn headers(&self) -> Vec<(String, String)> {
         match &self.content {
             Content::Owned(content) => content.headers(),
