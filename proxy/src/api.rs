@@ -243,7 +243,8 @@ impl RequestContent for RequestBody {
             Endpoint::Embeddings => "input",
         };
         // Parsing checked the field, so it splits.
-        let items = split_items(field, self.body.get(field)).map_or_else(|_| Vec::new(), |s| s.0);
+        let split = split_items(field, self.body.get(field));
+        let items = split.map(|(items, _form)| items).unwrap_or_default();
         items
             .into_iter()
             .map(|item| match item {
