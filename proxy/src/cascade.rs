@@ -398,10 +398,13 @@ impl Reviewer {
             .router()
             .call_plugin(&self.policy, || self.policy.review(&self.summary, &answer));
 
-        let failed = verdict.is_err();
-        let (pool, reason) = match verdict {
-            Ok(Verdict::Accept) => (None, None),
-            Ok(Verdict::Escalate { pool, reason }) => (Some(self.target(app, pool)), Some(reason)),
+        // A failed review serves the small answer, but is no accept: the
+        // log and the metric say it failed.
+        let (verdict, pool, reason) = match verdict {
+            Ok(Verdict::Accept) => ("accept", None, None),
+            Ok(Verdict::Escalate { pool, reason }) => {
+                ("escalate", Some(self.target(app, pool)), Some(reason))
+            }
             // The small answer is in hand: serving it is the cheapest way
             // to not fail the request.
             Err(e) => {
@@ -413,17 +416,10 @@ impl Reviewer {
                     "policy review failed; serving the small answer"
                 );
                 metrics::record_policy_error(self.policy.name(), e.kind());
-                (None, None)
+                ("failed", None, None)
             }
         };
         let shadow = self.settings.shadow;
-        // A failed review serves the small answer, but is no accept: the
-        // log and the metric say it failed.
-        let verdict = match (failed, pool.is_some()) {
-            (true, _) => "failed",
-            (false, true) => "escalate",
-            (false, false) => "accept",
-        };
         let reason_label = reason.as_deref().unwrap_or("");
         metrics::record_review(&self.small, verdict, reason_label, shadow);
         tracing::info!(

@@ -136,34 +136,29 @@ impl RouteRequest {
 
     /// Chat messages, in order.
     pub fn messages(&self) -> Vec<Message> {
-        match &self.content {
-            Content::Owned(content) => content.messages(),
-            Content::Shared(content) => content.messages(),
-        }
+        self.content().messages()
     }
 
     /// Prompt items (completions) or inputs (embeddings) as text.
     pub fn prompt(&self) -> Vec<String> {
-        match &self.content {
-            Content::Owned(content) => content.prompt(),
-            Content::Shared(content) => content.prompt(),
-        }
+        self.content().prompt()
     }
 
     /// The first value of header `name`, whatever the case of `name`.
     pub fn header(&self, name: &str) -> Option<String> {
-        match &self.content {
-            Content::Owned(content) => content.header(name),
-            Content::Shared(content) => content.header(name),
-        }
+        self.content().header(name)
     }
 
     /// Every header, names lowercase, in order of first arrival (a repeated
     /// name's values together).
     pub fn headers(&self) -> Vec<(String, String)> {
+        self.content().headers()
+    }
+
+    fn content(&self) -> &dyn RequestContent {
         match &self.content {
-            Content::Owned(content) => content.headers(),
-            Content::Shared(content) => content.headers(),
+            Content::Owned(content) => content,
+            Content::Shared(content) => content.as_ref(),
         }
     }
 
