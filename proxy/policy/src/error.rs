@@ -39,10 +39,11 @@ pub enum LoadError {
         source: std::io::Error,
     },
 
-    /// The file is not a WebAssembly component wasmtime can compile.
+    /// The file is not a WebAssembly module or component wasmtime can
+    /// compile.
     #[error(
-        "policy plugin {path} is not a loadable WebAssembly component \
-         (build it for wasm32-wasip2 with switchyard-sdk): {detail}",
+        "policy plugin {path} is not a loadable WebAssembly plugin (build \
+         it with switchyard-sdk for wasm32-unknown-unknown): {detail}",
         path = .path.display()
     )]
     Compile {
@@ -69,14 +70,14 @@ pub enum LoadError {
         supported: String,
     },
 
-    /// The component exports neither `switchyard:policy@0.3.0` nor
-    /// `@0.2.0`, or imports something the host does not provide (sockets,
-    /// for example).
+    /// The plugin exports none of the supported interface versions, or
+    /// imports something the host does not provide (sockets, for
+    /// example).
     #[error(
-        "policy plugin {path} does not fit switchyard:policy@0.3.0 or \
-         @0.2.0: {detail} (rebuild it with this switchyard-sdk; plugins may \
-         import only the host interface and WASI cli, clocks, random, io \
-         and filesystem)",
+        "policy plugin {path} does not fit switchyard:policy@0.4.0, @0.3.0 \
+         or @0.2.0: {detail} (rebuild it with this switchyard-sdk; a core \
+         module may import only switchyard-0.4, a component only the host \
+         interface and WASI cli, clocks, random, io and filesystem)",
         path = .path.display()
     )]
     Link {

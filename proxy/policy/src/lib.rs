@@ -33,11 +33,16 @@ pub use crate::error::{CallError, LoadError};
 pub use crate::policy::Policy;
 pub use crate::request::{Message, OwnedContent, RequestContent, RouteRequest};
 
-/// The WIT package version the SDK builds plugins against.
-pub const INTERFACE_VERSION: &str = "switchyard:policy@0.3.0";
+/// The interface version the SDK builds for `wasm32-unknown-unknown`: a
+/// core module (for `wasm32-wasip2` it builds a 0.3.0 component).
+pub const INTERFACE_VERSION: &str = "switchyard:policy@0.4.0";
 
-/// Every WIT package version a plugin may be built against, newest first.
-pub const SUPPORTED_INTERFACES: [&str; 2] = [INTERFACE_VERSION, "switchyard:policy@0.2.0"];
+/// Every interface version a plugin may be built against, newest first.
+pub const SUPPORTED_INTERFACES: [&str; 3] = [
+    INTERFACE_VERSION,
+    "switchyard:policy@0.3.0",
+    "switchyard:policy@0.2.0",
+];
 
 mod bindings;
 mod endpoint;

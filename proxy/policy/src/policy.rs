@@ -17,9 +17,9 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use thread_local::ThreadLocal;
 use wasmtime::component::Component;
-use wasmtime::{Engine, Store, Trap};
+use wasmtime::{Engine, Module, Store, Trap};
 
-use crate::bindings::{Bindings, PolicyPre};
+use crate::bindings::{self, Bindings, PolicyPre};
 use crate::error::{CallError, LoadError};
 use crate::fixtures::{self, Fixtures};
 use crate::linker;
@@ -136,26 +136,11 @@ impl Policy {
         };
         let engine = Engine::new(&config).map_err(|e| engine_error(error_chain(&e)))?;
 
-        let component = Component::new(&engine, bytes).map_err(|e| LoadError::Compile {
-            path: path.clone(),
-            detail: error_chain(&e),
-        })?;
-        if let Some(found) = imported_interface(&component, &engine) {
-            if !crate::SUPPORTED_INTERFACES.contains(&found.as_str()) {
-                return Err(LoadError::Interface {
-                    path: path.clone(),
-                    found,
-                    supported: crate::SUPPORTED_INTERFACES.join(" and "),
-                });
-            }
-        }
-        let link_error = |e: wasmtime::Error| LoadError::Link {
-            path: path.clone(),
-            detail: error_chain(&e),
+        let pre = if bindings::is_core_module(bytes) {
+            compile_core(&engine, bytes, &path)?
+        } else {
+            compile_component(&engine, bytes, &path)?
         };
-        let linker = linker::linker(&engine).map_err(link_error)?;
-        let pre = linker.instantiate_pre(&component).map_err(link_error)?;
-        let pre = PolicyPre::new(pre).map_err(link_error)?;
 
         let config_json =
             serde_json::to_string(&settings.config).map_err(|e| LoadError::Settings {
@@ -532,6 +517,43 @@ fn imported_interface(component: &Component, engine: &Engine) -> Option<String> 
     let ty = component.component_type();
     let names: Vec<&str> = ty.imports(engine).map(|(name, _)| name).collect();
     interface_of(&names)
+}
+
+/// Compiles and links a core module against 0.4.0.
+fn compile_core(engine: &Engine, bytes: &[u8], path: &Path) -> Result<PolicyPre, LoadError> {
+    let module = Module::new(engine, bytes).map_err(|e| LoadError::Compile {
+        path: path.to_owned(),
+        detail: error_chain(&e),
+    })?;
+    PolicyPre::core(engine, &module).map_err(|e| LoadError::Link {
+        path: path.to_owned(),
+        detail: error_chain(&e),
+    })
+}
+
+/// Compiles a component and links it against the interface version it
+/// was built for, 0.3.0 or 0.2.0, and a sandboxed WASI.
+fn compile_component(engine: &Engine, bytes: &[u8], path: &Path) -> Result<PolicyPre, LoadError> {
+    let component = Component::new(engine, bytes).map_err(|e| LoadError::Compile {
+        path: path.to_owned(),
+        detail: error_chain(&e),
+    })?;
+    if let Some(found) = imported_interface(&component, engine) {
+        if !crate::SUPPORTED_INTERFACES.contains(&found.as_str()) {
+            return Err(LoadError::Interface {
+                path: path.to_owned(),
+                found,
+                supported: crate::SUPPORTED_INTERFACES.join(" and "),
+            });
+        }
+    }
+    let link_error = |e: wasmtime::Error| LoadError::Link {
+        path: path.to_owned(),
+        detail: error_chain(&e),
+    };
+    let linker = linker::linker(engine).map_err(link_error)?;
+    let pre = linker.instantiate_pre(&component).map_err(link_error)?;
+    PolicyPre::component(pre).map_err(link_error)
 }
 
 /// The `switchyard:policy@X` version among import `names` such as

@@ -15,6 +15,8 @@ use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use crate::bindings::CallState;
+
 /// Longest log message kept from a plugin, in bytes; longer ones are cut
 /// at a character boundary.
 pub(crate) const MAX_LOG_BYTES: usize = 4096;
@@ -167,6 +169,8 @@ pub(crate) struct HostState {
     table: ResourceTable,
     pub(crate) limits: Limits,
     meta: Arc<PluginMeta>,
+    /// The memory and call in progress of a 0.4.0 plugin.
+    pub(crate) core: CallState,
 }
 
 impl std::fmt::Debug for HostState {
@@ -185,6 +189,7 @@ impl HostState {
             table: ResourceTable::new(),
             limits: Limits::new(max_memory_bytes),
             meta,
+            core: CallState::default(),
         }
     }
 

@@ -5,9 +5,12 @@
 //! from each version's `decision` and `verdict` back; it must not hold
 //! any state beyond one call.
 //!
+//! - [`v4`]: `switchyard:policy@0.4.0`, what the SDK builds for
+//!   `wasm32-unknown-unknown`: a core module called with the request's
+//!   numbers, which reads the rest through one import.
 //! - [`v3`]: `switchyard:policy@0.3.0` (`sdk/wit/policy.wit`), what the
-//!   SDK builds: each call hands over the request's numbers and model
-//!   name, and the rest is a resource the plugin reads on demand.
+//!   SDK builds for `wasm32-wasip2`: a component handed the request's
+//!   numbers and model name, the rest a resource read on demand.
 //! - [`v2`]: `switchyard:policy@0.2.0` (`proxy/policy/wit-0.2`), kept so
 //!   that plugins built before 0.3.0 keep loading: the request is a
 //!   record copied whole into the plugin on every call.
@@ -15,13 +18,19 @@
 use std::sync::Arc;
 
 use wasmtime::component::InstancePre;
-use wasmtime::Store;
+use wasmtime::{Engine, Module, Store};
 
 use crate::state::HostState;
 use crate::{ReviewAnswer, RouteOutcome, RouteRequest, Verdict, SUPPORTED_INTERFACES};
 
 mod v2;
 mod v3;
+mod v4;
+
+pub(crate) use self::v4::{is_core_module, CallState};
+
+/// The interface versions built as components, newest first.
+const COMPONENT_INTERFACES: [&str; 2] = [SUPPORTED_INTERFACES[1], SUPPORTED_INTERFACES[2]];
 
 /// Adds both versions' host interfaces to `linker`, so that a component
 /// built against either links.
@@ -32,16 +41,23 @@ pub(crate) fn add_to_linker(
     v2::add_to_linker(linker)
 }
 
-/// A linked component, typed by the world whose exports it has.
+/// A linked plugin, typed by the interface whose exports it has.
 pub(crate) enum PolicyPre {
+    V4(v4::Pre),
     V3(v3::PolicyPre<HostState>),
     V2(v2::PolicyPre<HostState>),
 }
 
 impl PolicyPre {
-    /// Types `pre` against the newest world it exports; the error names
-    /// the versions tried and why the newest did not fit.
-    pub(crate) fn new(pre: InstancePre<HostState>) -> wasmtime::Result<Self> {
+    /// Links a core module against 0.4.0; the error says what does not
+    /// fit.
+    pub(crate) fn core(engine: &Engine, module: &Module) -> wasmtime::Result<Self> {
+        v4::Pre::new(engine, module).map(PolicyPre::V4)
+    }
+
+    /// Types the component `pre` against the newest world it exports;
+    /// the error names the versions tried and why the newest did not fit.
+    pub(crate) fn component(pre: InstancePre<HostState>) -> wasmtime::Result<Self> {
         let newest = match v3::PolicyPre::new(pre.clone()) {
             Ok(pre) => return Ok(PolicyPre::V3(pre)),
             Err(e) => e,
@@ -50,7 +66,7 @@ impl PolicyPre {
             Ok(pre) => Ok(PolicyPre::V2(pre)),
             Err(_) => Err(newest.context(format!(
                 "the component does not export the policy world of {}",
-                SUPPORTED_INTERFACES.join(" or ")
+                COMPONENT_INTERFACES.join(" or ")
             ))),
         }
     }
@@ -58,14 +74,16 @@ impl PolicyPre {
     /// The interface version the component was built against.
     pub(crate) fn interface(&self) -> &'static str {
         match self {
-            PolicyPre::V3(_) => SUPPORTED_INTERFACES[0],
-            PolicyPre::V2(_) => SUPPORTED_INTERFACES[1],
+            PolicyPre::V4(_) => SUPPORTED_INTERFACES[0],
+            PolicyPre::V3(_) => SUPPORTED_INTERFACES[1],
+            PolicyPre::V2(_) => SUPPORTED_INTERFACES[2],
         }
     }
 
     /// A new instance in `store`; no plugin code runs yet.
     pub(crate) fn instantiate(&self, store: &mut Store<HostState>) -> wasmtime::Result<Bindings> {
         match self {
+            PolicyPre::V4(pre) => pre.instantiate(store).map(|e| Bindings::V4(Box::new(e))),
             PolicyPre::V3(pre) => pre.instantiate(store).map(Bindings::V3),
             PolicyPre::V2(pre) => pre.instantiate(store).map(Bindings::V2),
         }
@@ -74,6 +92,9 @@ impl PolicyPre {
 
 /// One instance's exports, of the version it was built against.
 pub(crate) enum Bindings {
+    /// Boxed: five typed functions and a memory outweigh the other
+    /// versions' handles.
+    V4(Box<v4::Exports>),
     V3(v3::Policy),
     V2(v2::Policy),
 }
@@ -86,6 +107,7 @@ impl Bindings {
         config_json: &str,
     ) -> wasmtime::Result<Result<(), String>> {
         match self {
+            Bindings::V4(exports) => exports.init(store, config_json),
             Bindings::V3(policy) => policy.call_init(store, config_json),
             Bindings::V2(policy) => policy.call_init(store, config_json),
         }
@@ -98,6 +120,7 @@ impl Bindings {
         req: &Arc<RouteRequest>,
     ) -> wasmtime::Result<RouteOutcome> {
         match self {
+            Bindings::V4(exports) => exports.route(store, req),
             Bindings::V3(policy) => v3::route(policy, store, req),
             Bindings::V2(policy) => v2::route(policy, store, req),
         }
@@ -111,6 +134,7 @@ impl Bindings {
         answer: &ReviewAnswer,
     ) -> wasmtime::Result<Verdict> {
         match self {
+            Bindings::V4(exports) => exports.review(store, req, answer),
             Bindings::V3(policy) => v3::review(policy, store, req, answer),
             Bindings::V2(policy) => v2::review(policy, store, req, answer),
         }
