@@ -20,8 +20,10 @@ Usage: policy_instructions.py [--requests 1000] [--shape tiny|typical|long]
            [--keep-profiles DIR] [PLUGIN.wasm ...]
 With --keep-profiles, each run's callgrind file is copied into DIR
 (`no-policy.callgrind`, `<n>-<plugin>.callgrind`) for callgrind_annotate.
-Plugins default to `target/wasm32-wasip2/release/cost_router.wasm` and
-the 0.2.0 build in `proxy/policy/tests/fixtures/v0.2/`. Each plugin
+Plugins default to cost_router as each interface version builds it: the
+0.4.0 core module (`target/wasm32-unknown-unknown/release/`), the 0.3.0
+component (`target/wasm32-wasip2/release/`) and the 0.2.0 component in
+`proxy/policy/tests/fixtures/v0.2/`. Each plugin
 must send model `auto` to pool `small` or `large`. Needs valgrind and
 `cargo build --release -p switchyard`.
 """
@@ -44,6 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 BINARY = ROOT / "target" / "release" / "switchyard"
 DEFAULT_PLUGINS = [
+    ROOT / "target" / "wasm32-unknown-unknown" / "release" / "cost_router.wasm",
     ROOT / "target" / "wasm32-wasip2" / "release" / "cost_router.wasm",
     ROOT / "proxy" / "policy" / "tests" / "fixtures" / "v0.2" / "cost_router.wasm",
 ]

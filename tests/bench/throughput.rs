@@ -8,16 +8,17 @@
 //! `BENCH_SECONDS` (default 5) after a one-second warm-up. Scenarios:
 //!
 //! - chat completions straight to the mock;
-//! - the same through Switchyard without a policy, and with
-//!   `cost_router.wasm` (model `auto`; `BENCH_POLICY_PLUGIN` names
-//!   another plugin file to measure): these two alternate in
+//! - the same through Switchyard without a policy, with `cost_router`
+//!   as the SDK builds it by default (a 0.4.0 core module; model `auto`),
+//!   and with it built as a 0.3.0 component (`BENCH_POLICY_PLUGIN` names
+//!   another plugin file to measure instead of both): these alternate in
 //!   `BENCH_ROUNDS` (default 5) slices each, so that a change in the
-//!   machine's load falls on both alike;
+//!   machine's load falls on all alike;
 //! - one-input embeddings straight to the mock, and through a pool that
 //!   coalesces them (`max_batch = 8`, `max_wait_ms = 5`), counting the
 //!   requests the upstream received.
 //!
-//! For the policy scenario it reads Switchyard's histogram of the route
+//! For each policy scenario it reads Switchyard's histogram of the route
 //! decisions made inside the measured requests (buckets of 1 to 5 us
 //! around the 20 us target) and prints the buckets of their p50 and p99
 //! and the share slower than 20 us. Then it times calls into warm plugin
@@ -25,8 +26,8 @@
 //! and `review` on `confidence_cascade.wasm`, printing their p50 and p99
 //! (target: p99 under 20 us), next to the throughput ratio with and
 //! without a policy (target: within 5%). `cost_router` is timed built
-//! against both interface versions, 0.3.0 and 0.2.0, to show what
-//! reading the request on demand saves.
+//! against each interface version, 0.4.0, 0.3.0 and 0.2.0, to show what
+//! each change saves.
 //!
 //! It prints a table and through/direct ratios and asserts nothing about
 //! timing. The load generator, the mock and the proxy share the machine's
@@ -74,6 +75,12 @@ const POLICY_CALLS: usize = 20_000;
 
 /// Default of `BENCH_ROUNDS`.
 const DEFAULT_ROUNDS: f64 = 5.0;
+
+/// The scenario through cost_router as the SDK builds it by default, a
+/// 0.4.0 core module (or the plugin `BENCH_POLICY_PLUGIN` names).
+const POLICY_SCENARIO: &str = "chat via switchyard + cost_router";
+/// The same plugin built as a 0.3.0 component (`wasm32-wasip2`).
+const COMPONENT_SCENARIO: &str = "chat via switchyard + cost_router 0.3.0";
 
 /// The target for a policy decision inside a request, in microseconds: the
 /// share of decisions slower than this must stay under 1% (p99).
@@ -379,27 +386,39 @@ async fn run(settings: Settings, proxy_cpus: Option<String>) -> bool {
     let direct_chat = scenario("chat direct", upstream, chat_path, chat("mock"));
     outcomes.push(measure(direct_chat, settings, &mock).await);
 
-    // The policy scenario needs the plugin; say so rather than fail.
-    let cost_router = std::env::var_os("BENCH_POLICY_PLUGIN")
-        .map_or_else(|| plugin_path("cost_router"), PathBuf::from);
-    let with_policy = if cost_router.is_file() {
+    // The policy scenarios need the plugins; say so rather than fail.
+    // cost_router runs as the SDK builds it by default (a 0.4.0 core
+    // module) and, unless `BENCH_POLICY_PLUGIN` names another plugin, as
+    // a 0.3.0 component too.
+    let mut policies = Vec::new();
+    match std::env::var_os("BENCH_POLICY_PLUGIN") {
+        Some(plugin) => policies.push((POLICY_SCENARIO, PathBuf::from(plugin))),
+        None => {
+            policies.push((POLICY_SCENARIO, plugin_path("cost_router")));
+            let component = workspace_root().join("target/wasm32-wasip2/release/cost_router.wasm");
+            policies.push((COMPONENT_SCENARIO, component));
+        }
+    }
+    let mut with_policy = Vec::new();
+    for (name, plugin) in policies {
+        if !plugin.is_file() {
+            println!(
+                "skipping {name:?}: {} missing; run `make plugins`",
+                plugin.display()
+            );
+            continue;
+        }
         let mut config = server_toml();
         config.push_str(&pool_toml("small", &mock.url(), "smollm2"));
         config.push_str(&pool_toml("large", &mock.url(), "big"));
         config.push_str(&format!(
             "\n[policy]\nplugin = \"{}\"\nconfig = {{ long_prompt_chars = 2000 }}\n",
-            cost_router.display()
+            plugin.display()
         ));
-        Some(start_proxy(&config, proxy_cpus.as_deref()).await)
-    } else {
-        println!(
-            "skipping the policy scenario: {} missing; run `make plugins`",
-            cost_router.display()
-        );
-        None
-    };
+        with_policy.push((name, start_proxy(&config, proxy_cpus.as_deref()).await));
+    }
 
-    // With and without a policy alternate, so that both see the same
+    // With and without a policy alternate, so that all see the same
     // machine; the decisions counted are those of the measured slices.
     let mut chat_scenarios = vec![scenario(
         "chat via switchyard",
@@ -407,21 +426,20 @@ async fn run(settings: Settings, proxy_cpus: Option<String>) -> bool {
         chat_path,
         chat("small"),
     )];
-    if let Some(sw) = &with_policy {
+    for (name, sw) in &with_policy {
         let addr = addr_of(&sw.api_url());
-        let name = "chat via switchyard + cost_router";
         chat_scenarios.push(scenario(name, addr, chat_path, chat("auto")));
     }
     let mut decisions_before = Vec::new();
     let measuring_starts = async {
-        if let Some(sw) = &with_policy {
-            decisions_before = decision_buckets(&metrics_text(sw).await);
+        for (_, sw) in &with_policy {
+            decisions_before.push(decision_buckets(&metrics_text(sw).await));
         }
     };
     outcomes.extend(measure_interleaved(&chat_scenarios, settings, &mock, measuring_starts).await);
-    if let Some(sw) = &with_policy {
+    for ((name, sw), before) in with_policy.iter().zip(&decisions_before) {
         let after = decision_buckets(&metrics_text(sw).await);
-        in_request_policy_latency(&decisions_before, &after);
+        in_request_policy_latency(name, before, &after);
     }
 
     let direct_emb = scenario("embeddings direct", upstream, emb_path, embedding("mock"));
@@ -442,10 +460,7 @@ async fn run(settings: Settings, proxy_cpus: Option<String>) -> bool {
     {
         print_ratio("chat: switchyard / direct", through, direct);
     }
-    if let (Some(direct), Some(through)) = (
-        by_name("chat direct"),
-        by_name("chat via switchyard + cost_router"),
-    ) {
+    if let (Some(direct), Some(through)) = (by_name("chat direct"), by_name(POLICY_SCENARIO)) {
         print_ratio("chat: switchyard+policy / direct", through, direct);
     }
     if let (Some(direct), Some(through)) = (
@@ -460,11 +475,13 @@ async fn run(settings: Settings, proxy_cpus: Option<String>) -> bool {
         );
     }
 
-    if let (Some(plain), Some(routed)) = (
-        by_name("chat via switchyard"),
-        by_name("chat via switchyard + cost_router"),
-    ) {
-        print_ratio("chat: with policy / without", routed, plain);
+    if let Some(plain) = by_name("chat via switchyard") {
+        if let Some(routed) = by_name(POLICY_SCENARIO) {
+            print_ratio("chat: with policy / without", routed, plain);
+        }
+        if let Some(routed) = by_name(COMPONENT_SCENARIO) {
+            print_ratio("chat: 0.3.0 policy / without", routed, plain);
+        }
     }
     let calls = if settings.measure >= Duration::from_secs(1) {
         POLICY_CALLS
@@ -510,7 +527,7 @@ fn decision_buckets(metrics: &str) -> Vec<(f64, f64)> {
 /// Prints the p50 and p99 of the policy decisions made inside the
 /// measured requests (the histogram `after` less `before`), each as the
 /// bucket it falls in, and the share slower than the target.
-fn in_request_policy_latency(before: &[(f64, f64)], after: &[(f64, f64)]) {
+fn in_request_policy_latency(scenario: &str, before: &[(f64, f64)], after: &[(f64, f64)]) {
     let earlier = |bound: f64| {
         before
             .iter()
@@ -522,7 +539,7 @@ fn in_request_policy_latency(before: &[(f64, f64)], after: &[(f64, f64)]) {
         .map(|&(bound, count)| (bound, count - earlier(bound)))
         .collect();
     let Some(&(_, total)) = buckets.last().filter(|(_, total)| *total > 0.0) else {
-        println!("\nno policy decisions in /metrics");
+        println!("\n{scenario}: no policy decisions in /metrics");
         return;
     };
     // The bucket holding quantile `q`, as (lower, upper] in microseconds.
@@ -545,8 +562,8 @@ fn in_request_policy_latency(before: &[(f64, f64)], after: &[(f64, f64)]) {
         None => "unknown (no bucket bound at the target)".to_string(),
     };
     println!(
-        "\npolicy route decisions inside measured requests ({total} of them): \
-         p50 in {}, p99 in {}; over {DECISION_TARGET_US} us: {over}",
+        "\n{scenario}: route decisions inside measured requests ({total} of \
+         them): p50 in {}, p99 in {}; over {DECISION_TARGET_US} us: {over}",
         at(0.5),
         at(0.99)
     );
@@ -555,9 +572,10 @@ fn in_request_policy_latency(before: &[(f64, f64)], after: &[(f64, f64)]) {
 /// Times `calls` calls of each hook into a warm instance and prints the
 /// p50 and p99 in microseconds. The request is a typical chat turn: four
 /// messages (about 1,500 characters) and eight headers. `cost_router` is
-/// timed twice, built against the 0.3.0 interface (the request read on
-/// demand) and against 0.2.0 (the request copied whole into the plugin),
-/// alternating, so the ratio shows what the interface change saves.
+/// timed as each interface version builds it, alternating: a 0.4.0 core
+/// module, a 0.3.0 component (the request read on demand) and a 0.2.0
+/// component (the request copied whole into the plugin), so the ratios
+/// show what each interface change saves.
 fn policy_call_latency(calls: usize) {
     let request = Arc::new(typical_chat_request());
     let logprobs = vec![-0.1_f32; 16];
@@ -580,26 +598,38 @@ fn policy_call_latency(calls: usize) {
     };
 
     println!("\npolicy calls into a warm instance, {calls} each:");
-    let legacy = workspace_root().join("proxy/policy/tests/fixtures/v0.2/cost_router.wasm");
-    if let (Some(new), Some(old)) = (load(plugin_path("cost_router")), load(legacy)) {
-        let (mut on_new, mut on_old) = (Vec::new(), Vec::new());
-        for _ in 0..BENCH_CALL_ROUNDS {
-            on_new.extend(time_calls(calls / BENCH_CALL_ROUNDS, || {
-                new.route(&request).expect("route call");
-            }));
-            on_old.extend(time_calls(calls / BENCH_CALL_ROUNDS, || {
-                old.route(&request).expect("route call");
+    let builds = [
+        ("cost_router route (0.4.0)", plugin_path("cost_router")),
+        (
+            "cost_router route (0.3.0)",
+            workspace_root().join("target/wasm32-wasip2/release/cost_router.wasm"),
+        ),
+        (
+            "cost_router route (0.2.0)",
+            workspace_root().join("proxy/policy/tests/fixtures/v0.2/cost_router.wasm"),
+        ),
+    ];
+    let loaded: Vec<(&str, Policy)> = builds
+        .into_iter()
+        .filter_map(|(name, path)| Some((name, load(path)?)))
+        .collect();
+    let mut timings = vec![Vec::new(); loaded.len()];
+    for _ in 0..BENCH_CALL_ROUNDS {
+        for ((_, policy), times) in loaded.iter().zip(&mut timings) {
+            times.extend(time_calls(calls / BENCH_CALL_ROUNDS, || {
+                policy.route(&request).expect("route call");
             }));
         }
-        on_new.sort_unstable();
-        on_old.sort_unstable();
-        print_latency("cost_router route (0.3.0)", &on_new);
-        print_latency("cost_router route (0.2.0)", &on_old);
-        let p50 = |s: &[Duration]| s[s.len() / 2].as_secs_f64();
-        println!(
-            "  0.3.0 / 0.2.0 at p50: x{:.2}",
-            p50(&on_new) / p50(&on_old)
-        );
+    }
+    let p50 = |s: &[Duration]| s[s.len() / 2].as_secs_f64();
+    for ((name, _), times) in loaded.iter().zip(&mut timings) {
+        times.sort_unstable();
+        print_latency(name, times);
+    }
+    if let Some((newest, others)) = timings.split_first() {
+        for ((name, _), times) in loaded.iter().skip(1).zip(others) {
+            println!("  first / {name} at p50: x{:.2}", p50(newest) / p50(times));
+        }
     }
     if let Some(cascade) = load(plugin_path("confidence_cascade")) {
         let route = time_calls(calls, || {

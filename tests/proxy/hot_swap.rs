@@ -227,7 +227,7 @@ async fn a_plugin_built_against_the_0_2_0_interface_swaps_in_and_routes() {
     let sw = start(&mock, &plugin("test_faults"), 0).await;
     let status = send(http1_client().get(format!("{}/admin/policy", sw.admin_url()))).await;
     assert_eq!(
-        status.json["active"]["interface"], "switchyard:policy@0.3.0",
+        status.json["active"]["interface"], "switchyard:policy@0.4.0",
         "{}",
         status.text
     );
@@ -250,7 +250,7 @@ async fn a_plugin_built_against_the_0_2_0_interface_swaps_in_and_routes() {
     );
     assert_eq!(
         status.json["previous"]["interface"],
-        "switchyard:policy@0.3.0"
+        "switchyard:policy@0.4.0"
     );
 
     let reply = post(

@@ -51,7 +51,7 @@ pub fn plugin(name: &str) -> String {
 /// Where `make plugins` leaves the plugin `name`, built or not.
 pub fn plugin_path(name: &str) -> PathBuf {
     workspace_root()
-        .join("target/wasm32-wasip2/release")
+        .join("target/wasm32-unknown-unknown/release")
         .join(format!("{name}.wasm"))
 }
 

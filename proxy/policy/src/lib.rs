@@ -1,28 +1,32 @@
-//! The routing policy host: loads a WebAssembly policy component with
+//! The routing policy host: loads a WebAssembly policy plugin with
 //! wasmtime, sandboxes it, and answers `route` calls for the request path.
 //!
-//! Owns the plugin's engine, compiled component and warm instances. It must
+//! Owns the plugin's engine, compiled module or component and warm
+//! instances. It must
 //! not touch pools, HTTP or metrics of the request path beyond the policy's
 //! own counters: callers hand it plain data and get plain data back.
 //!
-//! The interface is `sdk/wit/policy.wit` (`switchyard:policy@0.3.0`);
-//! plugins are written with the `switchyard-sdk` crate. Plugins built
-//! against 0.2.0 still load (`proxy/policy/wit-0.2`).
+//! Plugins are written with the `switchyard-sdk` crate, which builds a
+//! core module against `switchyard:policy@0.4.0` (`bindings/v4.rs` has
+//! the interface) for `wasm32-unknown-unknown`, and a component against
+//! `sdk/wit/policy.wit` (`switchyard:policy@0.3.0`) for `wasm32-wasip2`.
+//! Components built against 0.2.0 still load (`proxy/policy/wit-0.2`).
 //!
 //! ```no_run
 //! use std::sync::Arc;
 //! use switchyard_policy::{Endpoint, Policy, PolicySettings, RouteRequest};
 //!
-//! let settings = PolicySettings::new("target/wasm32-wasip2/release/cost_router.wasm");
+//! let settings = PolicySettings::new("target/wasm32-unknown-unknown/release/cost_router.wasm");
 //! let policy = Policy::load(&settings)?;
 //! let req = Arc::new(RouteRequest::new(Endpoint::ChatCompletions, "auto"));
 //! let outcome = policy.route(&req)?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! Sandbox: each instance runs in its own store with an empty WASI context
-//! (no files, environment, arguments or sockets; stdout and stderr are
-//! discarded), a memory cap (`max_memory_bytes`) and a per-call deadline
+//! Sandbox: each instance runs in its own store. A core module can import
+//! only the four functions of 0.4.0; a component gets an empty WASI
+//! context (no files, environment, arguments or sockets; stdout and
+//! stderr are discarded). Both get a memory cap (`max_memory_bytes`) and a per-call deadline
 //! (`timeout_ms`) enforced by epoch interruption. An instance that traps
 //! or times out is dropped, never reused.
 

@@ -653,7 +653,7 @@ mod tests {
     #[test]
     fn each_thread_gets_back_its_own_warm_instance() {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../../target/wasm32-wasip2/release/test_faults.wasm");
+            .join("../../target/wasm32-unknown-unknown/release/test_faults.wasm");
         assert!(
             path.is_file(),
             "{} is missing: run `make plugins`",

@@ -23,7 +23,7 @@ use switchyard_policy::{Endpoint, Policy, PolicySettings, RouteRequest};
 #[test]
 fn plugin_panic_message_is_logged_at_error() {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../target/wasm32-wasip2/release/test_faults.wasm");
+        .join("../../target/wasm32-unknown-unknown/release/test_faults.wasm");
     assert!(
         path.is_file(),
         "{} is missing: run `make plugins` first",

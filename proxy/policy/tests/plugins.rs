@@ -24,8 +24,9 @@ use switchyard_policy::{
 };
 
 const BUILD_PLUGINS: &str = "run `make plugins` (or `cargo build -p \
-    cost-router -p test-faults -p confidence-cascade --target wasm32-wasip2 \
-    --release`) first";
+    cost-router -p test-faults -p confidence-cascade --release --target \
+    wasm32-unknown-unknown`, and the same with `--target wasm32-wasip2`) \
+    first";
 
 /// Deadline of the shared fault policy, in ms: short enough that `spin`
 /// tests are quick, long enough that ordinary calls on a loaded two-core
@@ -34,10 +35,22 @@ const FAULTS_TIMEOUT_MS: u64 = 200;
 /// Memory cap of the shared fault policy: small so `grow` tests are quick.
 const FAULTS_MAX_MEMORY_BYTES: u64 = 16 << 20;
 
-/// Path of a built plugin; fails the test if it is missing.
+/// Path of a plugin as the SDK builds it by default, a 0.4.0 core
+/// module; fails the test if it is missing.
 fn plugin(file: &str) -> PathBuf {
+    built("wasm32-unknown-unknown", file)
+}
+
+/// Path of a plugin built as a 0.3.0 component.
+fn component_plugin(file: &str) -> PathBuf {
+    built("wasm32-wasip2", file)
+}
+
+fn built(target: &str, file: &str) -> PathBuf {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../target/wasm32-wasip2/release")
+        .join("../../target")
+        .join(target)
+        .join("release")
         .join(file);
     assert!(
         path.is_file(),
@@ -319,7 +332,7 @@ fn non_component_file_fails_to_compile() {
     let err = load_err(&PolicySettings::new(&path));
     let _ = std::fs::remove_file(&path);
     assert!(matches!(err, LoadError::Compile { .. }), "{err:?}");
-    assert!(err.to_string().contains("wasm32-wasip2"), "{err}");
+    assert!(err.to_string().contains("wasm32-unknown-unknown"), "{err}");
 }
 
 #[test]
@@ -472,6 +485,40 @@ fn plugins_built_against_0_2_0_still_route_and_review() {
     };
     assert_eq!(decision.escalate_to.as_deref(), Some("large"));
     let verdict = faults.review(&cascade, &answer("escalate:huge", &[]));
+    assert_eq!(
+        verdict.unwrap(),
+        Verdict::Escalate {
+            pool: "huge".into(),
+            reason: "asked".into()
+        }
+    );
+    let err = faults.route(&Arc::new(chat("trap"))).unwrap_err();
+    assert_eq!(err.kind(), "trap", "{err}");
+    assert_recovers(&faults);
+}
+
+#[test]
+fn plugins_built_as_0_3_0_components_still_route_review_and_read() {
+    let router = load(
+        &PolicySettings::new(component_plugin("cost_router.wasm"))
+            .with_config(json!({ "long_prompt_chars": 100 })),
+    );
+    assert_eq!(router.interface(), "switchyard:policy@0.3.0");
+    let premium = chat("auto").with_header("x-tier", "premium");
+    assert_eq!(pool(router.route(&Arc::new(premium))), "large");
+    assert_eq!(pool(router.route(&Arc::new(chat("auto")))), "small");
+
+    let faults = load(&PolicySettings::new(component_plugin("test_faults.wasm")));
+    let described = chat("describe")
+        .with_message("user", "héllo")
+        .with_header("x-tier", "premium");
+    assert_eq!(
+        pool(faults.route(&Arc::new(described))),
+        "ChatCompletions model=describe count=1 messages=[\"user:héllo\"] \
+         prompt=[] chars=5 max=None stream=false tier=Some(\"premium\") \
+         headers=[\"x-tier=premium\"] attribute=None"
+    );
+    let verdict = faults.review(&Arc::new(chat("cascade")), &answer("escalate:huge", &[]));
     assert_eq!(
         verdict.unwrap(),
         Verdict::Escalate {
