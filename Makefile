@@ -7,7 +7,9 @@ CARGO ?= cargo
 CONFIG ?=
 VENV := .venv
 NVRTC_VENV := .venv-nvrtc
-WASM_TARGET := wasm32-wasip2
+# Plugins build as 0.3.0 components (wasm32-wasip2) and as 0.4.0 core
+# modules (wasm32-unknown-unknown); Switchyard loads either.
+WASM_TARGETS := wasm32-wasip2 wasm32-unknown-unknown
 CARGO_DENY_VERSION := 0.20.2
 CARGO_FUZZ_VERSION := 0.13.2
 FUZZ_TARGETS := api_request batch_split sse_events
@@ -36,13 +38,16 @@ build:
 	$(CARGO) build --release -p switchyard
 
 ## plugins: every plugin in plugins/ built to target/wasm32-wasip2/release/
+## (components) and target/wasm32-unknown-unknown/release/ (core modules)
 plugins: wasm-target
-	$(CARGO) build --release --target $(WASM_TARGET) \
+	$(CARGO) build --release $(addprefix --target ,$(WASM_TARGETS)) \
 		$(addprefix -p ,$(PLUGINS))
 
 wasm-target:
-	@rustup target list --installed | grep -qx $(WASM_TARGET) \
-		|| rustup target add $(WASM_TARGET)
+	@for t in $(WASM_TARGETS); do \
+		rustup target list --installed | grep -qx $$t \
+			|| rustup target add $$t || exit 1; \
+	done
 
 ## setup: everything the tests need besides the Rust toolchain
 setup: wasm-target python nvrtc model iptables

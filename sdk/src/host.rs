@@ -1,9 +1,10 @@
 //! The host services a plugin may call: the clock and counters (logging is
 //! in [`crate::log`]).
 //!
-//! On `wasm32` these call the WIT `host` imports; on other targets (plugin
-//! unit tests) they fall back to the system clock and do nothing, so policy
-//! code runs unchanged under `cargo test`.
+//! In a component (`wasm32-wasip2`) these call the WIT `host` imports, in a
+//! core module (`wasm32-unknown-unknown`) the `switchyard-0.4` imports; on
+//! other targets (plugin unit tests) they fall back to the system clock
+//! and do nothing, so policy code runs unchanged under `cargo test`.
 
 /// Wall-clock time in milliseconds since the Unix epoch, from the host.
 pub fn now_unix_ms() -> u64 {
@@ -20,9 +21,9 @@ pub fn counter_add(name: &str, value: u64) {
     imp::counter_add(name, value);
 }
 
-#[cfg(target_arch = "wasm32")]
+#[cfg(all(target_arch = "wasm32", target_os = "wasi"))]
 pub(crate) mod imp {
-    use crate::__private::bindings::switchyard::policy::host;
+    use crate::component::bindings::switchyard::policy::host;
     use crate::log::Level;
 
     pub fn now_unix_ms() -> u64 {
@@ -44,6 +45,9 @@ pub(crate) mod imp {
         host::log(level, message);
     }
 }
+
+#[cfg(all(target_arch = "wasm32", not(target_os = "wasi")))]
+pub(crate) use crate::core_abi::host as imp;
 
 #[cfg(not(target_arch = "wasm32"))]
 pub(crate) mod imp {

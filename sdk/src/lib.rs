@@ -1,11 +1,14 @@
 //! Write Switchyard routing policies in Rust.
 //!
-//! Owns the plugin side of the `switchyard:policy@0.3.0` WIT interface
-//! (`sdk/wit/policy.wit`): the [`Request`] a policy reads on demand, plain
-//! Rust types for decisions and answers, the [`Policy`] trait, logging and
-//! metrics helpers, and the [`export_policy!`] macro that wires a type to
-//! the component exports. It must not know anything about the host beyond
-//! that interface.
+//! Owns the plugin side of Switchyard's policy interface, in both of its
+//! forms: the `switchyard:policy@0.3.0` WIT component interface
+//! (`sdk/wit/policy.wit`) and the `switchyard:policy` 0.4.0 core-module ABI
+//! (specified in the hidden `core_abi` module). It provides the [`Request`]
+//! a policy reads on demand, plain Rust types for decisions and answers,
+//! the [`Policy`] trait, logging and metrics helpers, and the
+//! [`export_policy!`] macro that wires a type to the exports of whichever
+//! form the target builds. It must not know anything about the host beyond
+//! those interfaces.
 //!
 //! # Writing a plugin
 //!
@@ -55,9 +58,14 @@
 //! export_policy!(ByTier);
 //! ```
 //!
-//! Build it with `cargo build --target wasm32-wasip2 --release` and point
-//! Switchyard's `[policy] plugin` at the `.wasm` file in
-//! `target/wasm32-wasip2/release/`. The routing rule is ordinary Rust, so
+//! Build it with `cargo build --target wasm32-unknown-unknown --release`
+//! and point Switchyard's `[policy] plugin` at the `.wasm` file in
+//! `target/wasm32-unknown-unknown/release/`: a core WebAssembly module
+//! speaking `switchyard:policy` 0.4.0, the fast path (run
+//! `rustup target add wasm32-unknown-unknown` once). The same source built
+//! with `cargo build --target wasm32-wasip2 --release` is still a
+//! `switchyard:policy@0.3.0` component, in `target/wasm32-wasip2/release/`,
+//! which Switchyard loads too. The routing rule is ordinary Rust, so
 //! unit tests call `Policy::init` and `Policy::route` natively, with
 //! requests built by [`Request::new`] and its `with_*` methods; there the
 //! host functions fall back to stderr and the system clock.
@@ -122,7 +130,10 @@
 
 pub mod log;
 
+#[cfg(not(all(target_arch = "wasm32", not(target_os = "wasi"))))]
+mod component;
 mod host;
+mod instance;
 mod request;
 mod types;
 
@@ -178,12 +189,15 @@ pub trait Policy: 'static {
 /// switchyard_sdk::export_policy!(MyPolicy);
 /// ```
 ///
-/// On `wasm32` targets this emits the component exports; on other targets
-/// it only checks that the type implements [`Policy`], so plugin crates
-/// build and test natively too.
+/// For `wasm32-wasip2` this emits the component exports of
+/// `switchyard:policy@0.3.0`; for `wasm32-unknown-unknown` the core-module
+/// exports of 0.4.0 (`switchyard-0.4:init` and its siblings). On other
+/// targets it only checks that the type implements [`Policy`], so plugin
+/// crates build and test natively too.
 #[macro_export]
 macro_rules! export_policy {
     ($policy:ty) => {
+        #[cfg(not(all(target_arch = "wasm32", not(target_os = "wasi"))))]
         const _: () = {
             struct __SwitchyardPolicyExports;
 
@@ -210,11 +224,46 @@ macro_rules! export_policy {
                 }
             }
 
-            #[cfg(target_arch = "wasm32")]
+            #[cfg(all(target_arch = "wasm32", target_os = "wasi"))]
             $crate::__private::bindings::export!(
                 __SwitchyardPolicyExports
                 with_types_in $crate::__private::bindings
             );
+        };
+
+        #[cfg(all(target_arch = "wasm32", not(target_os = "wasi")))]
+        const _: () = {
+            #[export_name = "switchyard-0.4:alloc"]
+            extern "C" fn __switchyard_alloc(len: i32) -> i32 {
+                $crate::core_abi::alloc(len)
+            }
+
+            #[export_name = "switchyard-0.4:init"]
+            extern "C" fn __switchyard_init(config_ptr: i32, config_len: i32) -> i64 {
+                $crate::core_abi::init::<$policy>(config_ptr, config_len)
+            }
+
+            #[export_name = "switchyard-0.4:route"]
+            extern "C" fn __switchyard_route(
+                endpoint: i32,
+                message_count: i32,
+                prompt_chars: i64,
+                max_tokens: i64,
+                stream: i32,
+            ) -> i64 {
+                $crate::core_abi::route(endpoint, message_count, prompt_chars, max_tokens, stream)
+            }
+
+            #[export_name = "switchyard-0.4:review"]
+            extern "C" fn __switchyard_review(
+                endpoint: i32,
+                message_count: i32,
+                prompt_chars: i64,
+                max_tokens: i64,
+                stream: i32,
+            ) -> i64 {
+                $crate::core_abi::review(endpoint, message_count, prompt_chars, max_tokens, stream)
+            }
         };
     };
 }
@@ -254,8 +303,9 @@ macro_rules! export_policy {
 /// none), `attributes` (a map the route's attributes must include) or
 /// `reject` (a rejection's status). At most 256 cases.
 ///
-/// On `wasm32` targets the bytes go into the custom section
-/// `switchyard-fixtures`; elsewhere the macro does nothing.
+/// On `wasm32` targets (component or core module alike) the bytes go into
+/// the custom section `switchyard-fixtures`; elsewhere the macro does
+/// nothing.
 #[macro_export]
 macro_rules! export_fixtures {
     ($bytes:expr) => {
@@ -273,3 +323,8 @@ macro_rules! export_fixtures {
 /// Implementation details of [`export_policy!`]; not a stable API.
 #[doc(hidden)]
 pub mod __private;
+
+/// The core-module ABI (`switchyard:policy` 0.4.0) behind
+/// [`export_policy!`] for `wasm32-unknown-unknown`; not a stable API.
+#[doc(hidden)]
+pub mod core_abi;

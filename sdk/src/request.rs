@@ -3,18 +3,30 @@
 //! Since `switchyard:policy@0.3.0` each call hands the plugin the request's
 //! numbers and model name, and lends it a handle to the rest (messages,
 //! prompts, headers), which stays in the host: each of those is one call
-//! into the host when read. This module hides the difference: a
-//! [`Request`] is either that lent handle, with caches so that each list
-//! is fetched at most once per call, or the same facts held in plugin
-//! memory, built with [`Request::new`] and the `with_*` methods for unit
-//! tests. It must not copy anything from the host that the policy did not
-//! ask for.
+//! into the host when read. The 0.4.0 core module (`core_abi`) is handed
+//! only the numbers, and reads the model too through the host's `read`.
+//! This module hides the difference: a [`Request`] is either the
+//! component's lent handle or the core module's call, each with caches so
+//! that each list is fetched at most once per call, or the same facts held
+//! in plugin memory, built with [`Request::new`] and the `with_*` methods
+//! for unit tests. It must not copy anything from the host that the policy
+//! did not ask for.
 
+#[cfg(not(all(target_arch = "wasm32", not(target_os = "wasi"))))]
 use std::cell::OnceCell;
 use std::fmt;
 
-use crate::__private::{endpoint_from_wit, message_from_wit, pairs, wit};
+#[cfg(not(all(target_arch = "wasm32", not(target_os = "wasi"))))]
+use crate::component::{endpoint_from_wit, message_from_wit, pairs, wit};
 use crate::types::{find, Endpoint, Message};
+
+#[cfg(any(test, all(target_arch = "wasm32", not(target_os = "wasi"))))]
+mod hosted;
+
+#[cfg(all(target_arch = "wasm32", not(target_os = "wasi")))]
+pub(crate) use self::hosted::HostCall;
+#[cfg(any(test, all(target_arch = "wasm32", not(target_os = "wasi"))))]
+use self::hosted::Hosted;
 
 /// What a policy is told about one request.
 ///
@@ -44,7 +56,8 @@ pub struct Request<'a> {
     rest: Rest<'a>,
 }
 
-/// What every call hands over.
+/// What every call hands over (in the core module, all but the model,
+/// which is then empty here and read on demand).
 #[derive(Debug, Clone)]
 struct Facts {
     endpoint: Endpoint,
@@ -58,8 +71,12 @@ struct Facts {
 enum Rest<'a> {
     /// Built in plugin code, for unit tests.
     Owned(Contents),
-    /// Lent by the host for one call.
+    /// Lent by the host for one call, to a component.
+    #[cfg(not(all(target_arch = "wasm32", not(target_os = "wasi"))))]
     Lent(Lent<'a>),
+    /// Read from the host for one call, by a core module.
+    #[cfg(any(test, all(target_arch = "wasm32", not(target_os = "wasi"))))]
+    Hosted(Hosted<'a>),
 }
 
 /// The lists of a request built in plugin code.
@@ -74,6 +91,7 @@ struct Contents {
 
 /// The host's request, its message count, and the lists read from it so
 /// far.
+#[cfg(not(all(target_arch = "wasm32", not(target_os = "wasi"))))]
 #[derive(Clone)]
 struct Lent<'a> {
     handle: &'a wit::Request,
@@ -86,6 +104,7 @@ struct Lent<'a> {
 impl<'a> Request<'a> {
     /// The request of one call: its `facts`, and the host's `handle` to
     /// the rest, none of which is read yet.
+    #[cfg(not(all(target_arch = "wasm32", not(target_os = "wasi"))))]
     pub(crate) fn lent(facts: wit::RequestFacts, handle: &'a wit::Request) -> Self {
         Request {
             facts: Facts {
@@ -113,6 +132,10 @@ impl<'a> Request<'a> {
     /// The `model` field exactly as the client sent it, for example
     /// `auto` or `llama-3-8b`.
     pub fn model(&self) -> &str {
+        #[cfg(any(test, all(target_arch = "wasm32", not(target_os = "wasi"))))]
+        if let Rest::Hosted(hosted) = &self.rest {
+            return hosted.model();
+        }
         &self.facts.model
     }
 
@@ -121,7 +144,10 @@ impl<'a> Request<'a> {
     pub fn message_count(&self) -> usize {
         match &self.rest {
             Rest::Owned(contents) => contents.messages.len(),
+            #[cfg(not(all(target_arch = "wasm32", not(target_os = "wasi"))))]
             Rest::Lent(lent) => lent.message_count,
+            #[cfg(any(test, all(target_arch = "wasm32", not(target_os = "wasi"))))]
+            Rest::Hosted(hosted) => hosted.message_count(),
         }
     }
 
@@ -145,10 +171,13 @@ impl<'a> Request<'a> {
     pub fn messages(&self) -> &[Message] {
         match &self.rest {
             Rest::Owned(contents) => &contents.messages,
+            #[cfg(not(all(target_arch = "wasm32", not(target_os = "wasi"))))]
             Rest::Lent(lent) => lent.messages.get_or_init(|| {
                 let messages = lent.handle.messages();
                 messages.into_iter().map(message_from_wit).collect()
             }),
+            #[cfg(any(test, all(target_arch = "wasm32", not(target_os = "wasi"))))]
+            Rest::Hosted(hosted) => hosted.messages(),
         }
     }
 
@@ -157,7 +186,10 @@ impl<'a> Request<'a> {
     pub fn prompt(&self) -> &[String] {
         match &self.rest {
             Rest::Owned(contents) => &contents.prompt,
+            #[cfg(not(all(target_arch = "wasm32", not(target_os = "wasi"))))]
             Rest::Lent(lent) => lent.prompt.get_or_init(|| lent.handle.prompt()),
+            #[cfg(any(test, all(target_arch = "wasm32", not(target_os = "wasi"))))]
+            Rest::Hosted(hosted) => hosted.prompt(),
         }
     }
 
@@ -167,9 +199,15 @@ impl<'a> Request<'a> {
     pub fn header(&self, name: &str) -> Option<String> {
         let all = match &self.rest {
             Rest::Owned(contents) => &contents.headers,
+            #[cfg(not(all(target_arch = "wasm32", not(target_os = "wasi"))))]
             Rest::Lent(lent) => match lent.headers.get() {
                 Some(headers) => headers,
                 None => return lent.handle.header(name),
+            },
+            #[cfg(any(test, all(target_arch = "wasm32", not(target_os = "wasi"))))]
+            Rest::Hosted(hosted) => match hosted.fetched_headers() {
+                Some(headers) => headers,
+                None => return hosted.header(name),
             },
         };
         find(all, name, str::eq_ignore_ascii_case).map(str::to_owned)
@@ -183,7 +221,10 @@ impl<'a> Request<'a> {
     pub fn headers(&self) -> &[(String, String)] {
         match &self.rest {
             Rest::Owned(contents) => &contents.headers,
+            #[cfg(not(all(target_arch = "wasm32", not(target_os = "wasi"))))]
             Rest::Lent(lent) => lent.headers.get_or_init(|| pairs(lent.handle.headers())),
+            #[cfg(any(test, all(target_arch = "wasm32", not(target_os = "wasi"))))]
+            Rest::Hosted(hosted) => hosted.headers(),
         }
     }
 
@@ -194,7 +235,10 @@ impl<'a> Request<'a> {
             Rest::Owned(contents) => {
                 find(&contents.attributes, key, |a, b| a == b).map(str::to_owned)
             }
+            #[cfg(not(all(target_arch = "wasm32", not(target_os = "wasi"))))]
             Rest::Lent(lent) => lent.handle.attribute(key),
+            #[cfg(any(test, all(target_arch = "wasm32", not(target_os = "wasi"))))]
+            Rest::Hosted(hosted) => hosted.attribute(key),
         }
     }
 }
@@ -272,9 +316,16 @@ impl Request<'static> {
 impl fmt::Debug for Request<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let facts = &self.facts;
+        let model: &dyn fmt::Debug = &facts.model;
+        // The core module reads the model on demand too.
+        #[cfg(any(test, all(target_arch = "wasm32", not(target_os = "wasi"))))]
+        let model = match &self.rest {
+            Rest::Hosted(hosted) => hosted.model_read(),
+            _ => model,
+        };
         let mut out = f.debug_struct("Request");
         out.field("endpoint", &facts.endpoint)
-            .field("model", &facts.model)
+            .field("model", model)
             .field("message_count", &self.message_count())
             .field("prompt_chars", &facts.prompt_chars)
             .field("max_tokens", &facts.max_tokens)
@@ -288,11 +339,14 @@ impl fmt::Debug for Request<'_> {
                 .finish(),
             // What has been read so far; asking the host here would make
             // a debug log line change what the plugin pays for.
+            #[cfg(not(all(target_arch = "wasm32", not(target_os = "wasi"))))]
             Rest::Lent(lent) => out
                 .field("messages", &lent.messages)
                 .field("prompt", &lent.prompt)
                 .field("headers", &lent.headers)
                 .finish_non_exhaustive(),
+            #[cfg(any(test, all(target_arch = "wasm32", not(target_os = "wasi"))))]
+            Rest::Hosted(hosted) => hosted.debug_fields(&mut out).finish_non_exhaustive(),
         }
     }
 }
@@ -300,7 +354,8 @@ impl fmt::Debug for Request<'_> {
 // The lent path calls into the host, which only a component instance has
 // (natively the generated imports are `unreachable!()`), so these tests
 // cover built requests; the host's tests (`proxy/policy`) call a built
-// plugin through the lent path.
+// plugin through the lent path. The core module's path is tested against
+// a fake host in `hosted`.
 #[cfg(test)]
 mod tests {
     use super::*;
