@@ -6,7 +6,7 @@
 //! for `wasm32-unknown-unknown` the core-module glue is reached as
 //! `$crate::core_abi` instead.
 
-#[cfg(not(all(target_arch = "wasm32", not(target_os = "wasi"))))]
+#[cfg(not(core_abi))]
 pub use crate::component::{
     bindings, init, review, route, Guest, WitAnswer, WitDecision, WitRequest, WitRequestFacts,
     WitVerdict,

@@ -93,25 +93,25 @@
 
 pub mod wire;
 
-#[cfg(all(target_arch = "wasm32", not(target_os = "wasi")))]
+#[cfg(core_abi)]
 mod guest;
 
-#[cfg(all(target_arch = "wasm32", not(target_os = "wasi")))]
+#[cfg(core_abi)]
 pub use self::guest::{alloc, init, review, route};
 
-#[cfg(all(target_arch = "wasm32", not(target_os = "wasi")))]
+#[cfg(core_abi)]
 pub(crate) use self::guest::{host, read};
 
-#[cfg(all(test, not(all(target_arch = "wasm32", not(target_os = "wasi")))))]
+#[cfg(all(test, not(core_abi)))]
 pub(crate) mod fake_host;
 
-#[cfg(all(test, not(all(target_arch = "wasm32", not(target_os = "wasi")))))]
+#[cfg(all(test, not(core_abi)))]
 pub(crate) use self::fake_host::read;
 
 /// Fails the current call because the host sent something the SDK cannot
 /// decode: reading on would misread it. The panic is logged through the
 /// host (by the hook `init` installs) and traps.
-#[cfg(any(test, all(target_arch = "wasm32", not(target_os = "wasi"))))]
+#[cfg(any(test, core_abi))]
 #[expect(
     clippy::panic,
     reason = "the core ABI has no error channel: trapping is how a call fails"

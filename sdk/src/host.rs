@@ -46,7 +46,7 @@ pub(crate) mod imp {
     }
 }
 
-#[cfg(all(target_arch = "wasm32", not(target_os = "wasi")))]
+#[cfg(core_abi)]
 pub(crate) use crate::core_abi::host as imp;
 
 #[cfg(not(target_arch = "wasm32"))]

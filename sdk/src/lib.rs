@@ -130,7 +130,7 @@
 
 pub mod log;
 
-#[cfg(not(all(target_arch = "wasm32", not(target_os = "wasi"))))]
+#[cfg(not(core_abi))]
 mod component;
 mod host;
 mod instance;

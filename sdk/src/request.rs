@@ -12,20 +12,20 @@
 //! for unit tests. It must not copy anything from the host that the policy
 //! did not ask for.
 
-#[cfg(not(all(target_arch = "wasm32", not(target_os = "wasi"))))]
+#[cfg(not(core_abi))]
 use std::cell::OnceCell;
 use std::fmt;
 
-#[cfg(not(all(target_arch = "wasm32", not(target_os = "wasi"))))]
+#[cfg(not(core_abi))]
 use crate::component::{endpoint_from_wit, message_from_wit, pairs, wit};
 use crate::types::{find, Endpoint, Message};
 
-#[cfg(any(test, all(target_arch = "wasm32", not(target_os = "wasi"))))]
+#[cfg(any(test, core_abi))]
 mod hosted;
 
-#[cfg(all(target_arch = "wasm32", not(target_os = "wasi")))]
+#[cfg(core_abi)]
 pub(crate) use self::hosted::HostCall;
-#[cfg(any(test, all(target_arch = "wasm32", not(target_os = "wasi"))))]
+#[cfg(any(test, core_abi))]
 use self::hosted::Hosted;
 
 /// What a policy is told about one request.
@@ -72,10 +72,10 @@ enum Rest<'a> {
     /// Built in plugin code, for unit tests.
     Owned(Contents),
     /// Lent by the host for one call, to a component.
-    #[cfg(not(all(target_arch = "wasm32", not(target_os = "wasi"))))]
+    #[cfg(not(core_abi))]
     Lent(Lent<'a>),
     /// Read from the host for one call, by a core module.
-    #[cfg(any(test, all(target_arch = "wasm32", not(target_os = "wasi"))))]
+    #[cfg(any(test, core_abi))]
     Hosted(Hosted<'a>),
 }
 
@@ -91,7 +91,7 @@ struct Contents {
 
 /// The host's request, its message count, and the lists read from it so
 /// far.
-#[cfg(not(all(target_arch = "wasm32", not(target_os = "wasi"))))]
+#[cfg(not(core_abi))]
 #[derive(Clone)]
 struct Lent<'a> {
     handle: &'a wit::Request,
@@ -104,7 +104,7 @@ struct Lent<'a> {
 impl<'a> Request<'a> {
     /// The request of one call: its `facts`, and the host's `handle` to
     /// the rest, none of which is read yet.
-    #[cfg(not(all(target_arch = "wasm32", not(target_os = "wasi"))))]
+    #[cfg(not(core_abi))]
     pub(crate) fn lent(facts: wit::RequestFacts, handle: &'a wit::Request) -> Self {
         Request {
             facts: Facts {
@@ -132,7 +132,7 @@ impl<'a> Request<'a> {
     /// The `model` field exactly as the client sent it, for example
     /// `auto` or `llama-3-8b`.
     pub fn model(&self) -> &str {
-        #[cfg(any(test, all(target_arch = "wasm32", not(target_os = "wasi"))))]
+        #[cfg(any(test, core_abi))]
         if let Rest::Hosted(hosted) = &self.rest {
             return hosted.model();
         }
@@ -144,9 +144,9 @@ impl<'a> Request<'a> {
     pub fn message_count(&self) -> usize {
         match &self.rest {
             Rest::Owned(contents) => contents.messages.len(),
-            #[cfg(not(all(target_arch = "wasm32", not(target_os = "wasi"))))]
+            #[cfg(not(core_abi))]
             Rest::Lent(lent) => lent.message_count,
-            #[cfg(any(test, all(target_arch = "wasm32", not(target_os = "wasi"))))]
+            #[cfg(any(test, core_abi))]
             Rest::Hosted(hosted) => hosted.message_count(),
         }
     }
@@ -171,12 +171,12 @@ impl<'a> Request<'a> {
     pub fn messages(&self) -> &[Message] {
         match &self.rest {
             Rest::Owned(contents) => &contents.messages,
-            #[cfg(not(all(target_arch = "wasm32", not(target_os = "wasi"))))]
+            #[cfg(not(core_abi))]
             Rest::Lent(lent) => lent.messages.get_or_init(|| {
                 let messages = lent.handle.messages();
                 messages.into_iter().map(message_from_wit).collect()
             }),
-            #[cfg(any(test, all(target_arch = "wasm32", not(target_os = "wasi"))))]
+            #[cfg(any(test, core_abi))]
             Rest::Hosted(hosted) => hosted.messages(),
         }
     }
@@ -186,9 +186,9 @@ impl<'a> Request<'a> {
     pub fn prompt(&self) -> &[String] {
         match &self.rest {
             Rest::Owned(contents) => &contents.prompt,
-            #[cfg(not(all(target_arch = "wasm32", not(target_os = "wasi"))))]
+            #[cfg(not(core_abi))]
             Rest::Lent(lent) => lent.prompt.get_or_init(|| lent.handle.prompt()),
-            #[cfg(any(test, all(target_arch = "wasm32", not(target_os = "wasi"))))]
+            #[cfg(any(test, core_abi))]
             Rest::Hosted(hosted) => hosted.prompt(),
         }
     }
@@ -199,12 +199,12 @@ impl<'a> Request<'a> {
     pub fn header(&self, name: &str) -> Option<String> {
         let all = match &self.rest {
             Rest::Owned(contents) => &contents.headers,
-            #[cfg(not(all(target_arch = "wasm32", not(target_os = "wasi"))))]
+            #[cfg(not(core_abi))]
             Rest::Lent(lent) => match lent.headers.get() {
                 Some(headers) => headers,
                 None => return lent.handle.header(name),
             },
-            #[cfg(any(test, all(target_arch = "wasm32", not(target_os = "wasi"))))]
+            #[cfg(any(test, core_abi))]
             Rest::Hosted(hosted) => match hosted.fetched_headers() {
                 Some(headers) => headers,
                 None => return hosted.header(name),
@@ -221,9 +221,9 @@ impl<'a> Request<'a> {
     pub fn headers(&self) -> &[(String, String)] {
         match &self.rest {
             Rest::Owned(contents) => &contents.headers,
-            #[cfg(not(all(target_arch = "wasm32", not(target_os = "wasi"))))]
+            #[cfg(not(core_abi))]
             Rest::Lent(lent) => lent.headers.get_or_init(|| pairs(lent.handle.headers())),
-            #[cfg(any(test, all(target_arch = "wasm32", not(target_os = "wasi"))))]
+            #[cfg(any(test, core_abi))]
             Rest::Hosted(hosted) => hosted.headers(),
         }
     }
@@ -235,9 +235,9 @@ impl<'a> Request<'a> {
             Rest::Owned(contents) => {
                 find(&contents.attributes, key, |a, b| a == b).map(str::to_owned)
             }
-            #[cfg(not(all(target_arch = "wasm32", not(target_os = "wasi"))))]
+            #[cfg(not(core_abi))]
             Rest::Lent(lent) => lent.handle.attribute(key),
-            #[cfg(any(test, all(target_arch = "wasm32", not(target_os = "wasi"))))]
+            #[cfg(any(test, core_abi))]
             Rest::Hosted(hosted) => hosted.attribute(key),
         }
     }
@@ -318,7 +318,7 @@ impl fmt::Debug for Request<'_> {
         let facts = &self.facts;
         let model: &dyn fmt::Debug = &facts.model;
         // The core module reads the model on demand too.
-        #[cfg(any(test, all(target_arch = "wasm32", not(target_os = "wasi"))))]
+        #[cfg(any(test, core_abi))]
         let model = match &self.rest {
             Rest::Hosted(hosted) => hosted.model_read(),
             _ => model,
@@ -339,13 +339,13 @@ impl fmt::Debug for Request<'_> {
                 .finish(),
             // What has been read so far; asking the host here would make
             // a debug log line change what the plugin pays for.
-            #[cfg(not(all(target_arch = "wasm32", not(target_os = "wasi"))))]
+            #[cfg(not(core_abi))]
             Rest::Lent(lent) => out
                 .field("messages", &lent.messages)
                 .field("prompt", &lent.prompt)
                 .field("headers", &lent.headers)
                 .finish_non_exhaustive(),
-            #[cfg(any(test, all(target_arch = "wasm32", not(target_os = "wasi"))))]
+            #[cfg(any(test, core_abi))]
             Rest::Hosted(hosted) => hosted.debug_fields(&mut out).finish_non_exhaustive(),
         }
     }
