@@ -86,47 +86,60 @@
 //! cap (64 MiB by default); it must not block, and a plugin that sleeps
 //! or waits on I/O traps.
 //!
-//! # Why a WIT component and not JSON over a core module
+//! # Why a core module with an ABI of its own, and a WIT component too
 //!
-//! The other common shape for plugins is a core WebAssembly module that
-//! takes and returns JSON through linear memory. We chose the component
-//! model with a WIT interface instead:
+//! A plugin can take three shapes: a component with a WIT interface
+//! (0.2.0 and 0.3.0, still built for `wasm32-wasip2`), a core module that
+//! takes and returns JSON through linear memory, or a core module with a
+//! small binary interface of its own (0.4.0, the default). We weighed
+//! them on speed inside a proxied request, type safety, evolvability and
+//! what a plugin author sees, and chose the third, keeping the first:
 //!
-//! - **Type safety and generated bindings.** Both sides are generated from
-//!   one `.wit` file (`wit-bindgen` here, wasmtime's `bindgen!` in the
-//!   host), so a mismatch fails at build or load time, not on the first
-//!   request, and nobody hand-writes pointer and length plumbing.
-//! - **Speed.** Measured with wasmtime 48 on one core, against 0.2.0: a
-//!   `route` call into a warm component instance took about 1.7 us, the
-//!   same call as JSON into a warm core module about 4.4 us (serialising
-//!   and parsing JSON twice dominates). A fresh pooled instance plus its
-//!   first call took 15 to 19 us, cheap enough to replace an instance
-//!   after every fault.
-//! - **Pay for what you read.** Since 0.3.0 each call hands over only the
-//!   request's numbers and model name; the messages, prompts and headers
-//!   stay in the host as a WIT resource, and each of [`Request`]'s methods
-//!   for them is one call that copies only its answer into the plugin.
-//!   Every string or list copied in costs a call into the plugin's
-//!   allocator (about 900 instructions), and most rules read only the
-//!   model, the prompt's length and a header, so the 0.2.0 record, copied
-//!   whole on every call, paid for messages and headers that most rules
-//!   never read.
-//! - **Evolvability.** The package is versioned
-//!   (`switchyard:policy@0.3.0`), and the host links each plugin against
-//!   the version it was built for, so plugins built against 0.2.0 keep
-//!   loading. New facts about a request arrive as new methods on the
-//!   request resource in a semver-compatible version (0.3.1): a plugin
-//!   imports only the methods it calls, so plugins built before keep
-//!   linking. Adding a field to a WIT record is a breaking change; every
-//!   record a plugin returns therefore carries an `attributes` key/value
-//!   list, through which new hints flow without breaking built plugins:
-//!   the route's system instruction, trimmed history, priority and labels
-//!   travel that way ([`Route::with_system_instruction`] and its
-//!   siblings). A new hook (0.2.0's `review`) needs a new version.
-//! - **Author experience.** Plugin authors write against plain Rust types
-//!   and one trait, with no `unsafe`, no serialisation code and no
-//!   knowledge of the ABI; any language with a WIT binding generator can
-//!   implement the same world.
+//! - **Speed, measured where it counts.** Warm, in a loop, wasmtime 48 on
+//!   one core: a `route` call into cost_router took 0.57 us as a 0.4.0
+//!   core module, 1.5 us as a 0.3.0 component and 6.3 us as a 0.2.0
+//!   component (`make bench`); the same call as JSON into a core module
+//!   measured about 4.4 us, parsing and printing JSON twice. Inside a
+//!   proxied request the gap widens, because there the host's call
+//!   machinery and the plugin's code run with cold caches. With
+//!   Switchyard alone on one CPU, the decision took 2 to 3 us at the
+//!   median as a core module and 5 to 7.5 us as a component, and the
+//!   policy cost 6 to 10% of Switchyard's requests per second against 15
+//!   to 18%. A component call pays for lowering and lifting its values,
+//!   a call into the plugin's allocator for every string handed in, a
+//!   post-return call and a lent resource; a core call is one typed
+//!   function call with five numbers.
+//! - **Pay for what you read.** A call hands over only the request's
+//!   numbers; the model, messages, prompts and headers stay in the host,
+//!   and each of [`Request`]'s methods for them is one call that copies
+//!   only its answer into the plugin, at most once per call. (0.2.0
+//!   copied the whole request in on every call; 0.3.0 still copied the
+//!   model.)
+//! - **Type safety.** No one writes the ABI by hand: this SDK owns the
+//!   plugin's side and the host its own, both decode strictly (a short
+//!   buffer, a bad tag, invalid UTF-8 or a trailing byte fails the call
+//!   rather than being misread), and the host checks every export's name
+//!   and signature when it loads a plugin, so a mismatch fails at load,
+//!   not on the first request. What a WIT file would generate is written
+//!   and tested here once (`core_abi` documents the interface).
+//! - **Evolvability.** The version is in every export's name
+//!   (`switchyard-0.4:route`) and in the import module, so a later
+//!   version can live beside this one and the host links each plugin
+//!   against the version it was built for; components built against
+//!   0.3.0 and 0.2.0 keep loading. New facts about a request become new
+//!   `read` codes, which an older host answers as absent; the route,
+//!   rejection and verdict each carry an `attributes` key/value list,
+//!   through which new hints flow without a new version: the route's
+//!   system instruction, trimmed history, priority and labels travel that
+//!   way ([`Route::with_system_instruction`] and its siblings). A new hook
+//!   (0.2.0's `review`) needs a new version.
+//! - **Author experience.** The same for both builds: plain Rust types and
+//!   one trait, with no `unsafe`, no serialisation code and no knowledge
+//!   of the ABI; the build target picks the shape. What the core module
+//!   gives up is language neutrality: a plugin in another language needs
+//!   this ABI written for it, while any language with a WIT binding
+//!   generator can implement the 0.3.0 world (`sdk/wit/policy.wit`),
+//!   which Switchyard keeps loading.
 
 pub mod log;
 

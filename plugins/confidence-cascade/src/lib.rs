@@ -28,8 +28,10 @@
 //! Refusal phrases match the start of the answer (after leading spaces),
 //! without regard to case. Unknown keys are rejected.
 //!
-//! Build: `cargo build -p confidence-cascade --target wasm32-wasip2
-//! --release`, giving `target/wasm32-wasip2/release/confidence_cascade.wasm`.
+//! Build: `cargo build -p confidence-cascade --release --target
+//! wasm32-unknown-unknown`, giving
+//! `target/wasm32-unknown-unknown/release/confidence_cascade.wasm`, a 0.4.0 core
+//! module (`--target wasm32-wasip2` builds a 0.3.0 component).
 
 use serde_json::{Map, Value};
 use switchyard_sdk::{

@@ -20,8 +20,10 @@
 //! Unknown keys are rejected so that a typo does not silently fall back to
 //! a default.
 //!
-//! Build: `cargo build -p cost-router --target wasm32-wasip2 --release`,
-//! giving `target/wasm32-wasip2/release/cost_router.wasm`.
+//! Build: `cargo build -p cost-router --release --target
+//! wasm32-unknown-unknown`, giving
+//! `target/wasm32-unknown-unknown/release/cost_router.wasm`, a 0.4.0 core
+//! module (`--target wasm32-wasip2` builds a 0.3.0 component).
 
 use serde_json::Value;
 use switchyard_sdk::{export_policy, log, Decision, Policy, Request};

@@ -31,8 +31,10 @@
 //! the plugin's own fixtures (`fixtures.json`) catch. Other keys are
 //! ignored.
 //!
-//! Build: `cargo build -p test-faults --target wasm32-wasip2 --release`,
-//! giving `target/wasm32-wasip2/release/test_faults.wasm`.
+//! Build: `cargo build -p test-faults --release --target
+//! wasm32-unknown-unknown`, giving
+//! `target/wasm32-unknown-unknown/release/test_faults.wasm`, a 0.4.0 core
+//! module (`--target wasm32-wasip2` builds a 0.3.0 component).
 
 use std::hint::black_box;
 
