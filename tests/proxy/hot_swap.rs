@@ -103,7 +103,10 @@ async fn put_swaps_a_valid_plugin_refuses_a_bad_one_and_rollback_returns() {
     )
     .await;
     let message = reply.assert_openai_error(400);
-    assert!(message.contains("component"), "{message}");
+    assert!(
+        message.contains("not a loadable WebAssembly plugin"),
+        "{message}"
+    );
     assert_eq!(reply.json["error"]["code"], "plugin_rejected");
     assert_eq!(auto_status(&sw).await, 200, "the old plugin keeps serving");
 
