@@ -29,6 +29,7 @@ use crate::local::LocalPool;
 use crate::metrics;
 use crate::routing::Router;
 use crate::scaling::{Busy, Scaler, SERVED_BY_HEADER};
+use crate::telemetry::cut_for_log;
 use crate::transparent::{Capture, CaptureTable};
 use crate::upstream::{copy_response_headers, hop, Pool};
 
@@ -887,7 +888,8 @@ fn log_request(method: &Method, path: &str, outcome: &Outcome, status: u16, elap
     let review = outcome.review.as_deref();
     let priority = outcome.priority;
     let labels = outcome.labels.as_deref();
-    match &outcome.error {
+    // The error may be a plugin's rejection message, of any length.
+    match outcome.error.as_deref().map(cut_for_log) {
         Some(error) if status >= 500 => tracing::warn!(
             %method, path, pool, status, latency_ms, error = %error,
             "request failed"

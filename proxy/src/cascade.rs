@@ -28,6 +28,7 @@ use crate::costs::{usage_of, Usage};
 use crate::error::ApiError;
 use crate::metrics;
 use crate::routing::Route;
+use crate::telemetry::cut_for_log;
 
 /// Says whether a cascaded request was answered by its escalation pool.
 pub const ESCALATED_HEADER: &str = "x-switchyard-escalated";
@@ -427,7 +428,7 @@ impl Reviewer {
             version = self.policy.version(),
             pool = %self.small,
             verdict,
-            reason = reason_label,
+            reason = cut_for_log(reason_label),
             shadow,
             partial,
             tokens = answer.completion_tokens,
@@ -438,7 +439,9 @@ impl Reviewer {
         );
         outcome.review = Some(format!(
             "{verdict}{}",
-            reason.map(|r| format!(":{r}")).unwrap_or_default()
+            reason
+                .map(|r| format!(":{}", cut_for_log(&r)))
+                .unwrap_or_default()
         ));
         let pool = if shadow { None } else { pool };
         outcome.escalated = Some(pool.is_some());
@@ -457,7 +460,7 @@ impl Reviewer {
         }
         tracing::warn!(
             plugin = self.policy.name(),
-            pool = %pool,
+            pool = %cut_for_log(&pool),
             "review escalated to a pool that does not exist; using the \
              route's escalation pool"
         );

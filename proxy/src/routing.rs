@@ -22,6 +22,7 @@ use crate::api::ApiRequest;
 use crate::config::OnError;
 use crate::error::{ApiError, ErrorKind};
 use crate::metrics;
+use crate::telemetry::cut_for_log;
 
 /// The active policy and the one a rollback returns to.
 #[derive(Debug, Clone, Default)]
@@ -302,7 +303,7 @@ impl Router {
                 None => {
                     tracing::warn!(
                         plugin = policy.name(),
-                        pool = %decision.pool,
+                        pool = %cut_for_log(&decision.pool),
                         "policy chose a pool that does not exist; \
                          taking the default route"
                     );
@@ -331,7 +332,7 @@ impl Router {
         }
         tracing::warn!(
             plugin = policy.name(),
-            pool = %pool,
+            pool = %cut_for_log(&pool),
             "policy chose an escalation pool that does not exist; \
              serving without the cascade"
         );

@@ -37,3 +37,18 @@ pub fn init_on_stderr() {
         .with_writer(std::io::stderr)
         .init();
 }
+
+/// Longest text a plugin chose (a pool name, a rejection message, a review
+/// reason) that one log line carries, in bytes: 4 KiB, as for the plugin's
+/// own log messages. Longer text is cut at a character boundary.
+pub const MAX_LOGGED_TEXT_BYTES: usize = 4096;
+
+/// `text` cut to [`MAX_LOGGED_TEXT_BYTES`] for a log line, so that one
+/// plugin decision cannot write megabytes into the log.
+pub fn cut_for_log(text: &str) -> &str {
+    let mut end = text.len().min(MAX_LOGGED_TEXT_BYTES);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}

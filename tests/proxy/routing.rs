@@ -548,6 +548,38 @@ async fn without_fallback_pool_a_failed_policy_leaves_an_unknown_model_404() {
     assert_eq!(small.request_count() + large.request_count(), 0);
 }
 
+/// A pool name the plugin made up is logged cut to 4 KiB, however long it
+/// is: one decision cannot write megabytes into the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_unknown_pool_is_logged_cut() {
+    let policy = policy_toml("test_faults", "{}", 1000);
+    let (_small, _large, sw) = two_pools(&policy).await;
+
+    // `describe` routes to a pool named after the whole request.
+    let long = "x".repeat(64 * 1024);
+    let body = chat_body("describe", &long);
+    let reply = post(
+        &http1_client(),
+        &sw.api_url(),
+        "/v1/chat/completions",
+        &body,
+    )
+    .await;
+    reply.assert_openai_error(404);
+
+    let line = sw
+        .wait_for_log("the unknown pool warning", |line| {
+            line.to_string().contains("pool that does not exist")
+        })
+        .await;
+    let pool = log_text(&line, "pool").unwrap_or_default();
+    assert!(
+        pool.starts_with("ChatCompletions model=describe"),
+        "{pool:.80}"
+    );
+    assert_eq!(pool.len(), 4096, "the logged pool name");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn query_string_goes_upstream_and_hop_headers_do_not() {
     let mock = MockUpstream::start().await;
