@@ -15,11 +15,12 @@ use crate::error::ApiError;
 
 /// Headers the routing policy is not shown: they carry credentials, or
 /// (the hop list) Switchyard's own loop detection.
-const PRIVATE_HEADERS: [&str; 5] = [
+const PRIVATE_HEADERS: [&str; 6] = [
     "authorization",
     "proxy-authorization",
     "cookie",
     "api-key",
+    "x-api-key",
     crate::upstream::hop::HOP_HEADER,
 ];
 
@@ -518,6 +519,9 @@ mod tests {
         headers.insert("authorization", "Bearer secret".parse().unwrap());
         headers.insert("x-tier", "premium".parse().unwrap());
         headers.insert("x-switchyard-hop", "0123456789abcdef".parse().unwrap());
+        for credential in ["proxy-authorization", "cookie", "api-key", "x-api-key"] {
+            headers.insert(credential, "secret".parse().unwrap());
+        }
         let summary = request.route_request(&Arc::new(headers));
         // "abc" and "de\nf": text parts are joined by a newline.
         assert_eq!(summary.prompt_chars, 7);
@@ -526,6 +530,7 @@ mod tests {
         assert_eq!(names, vec!["x-tier"]);
         assert_eq!(summary.header("X-Tier").as_deref(), Some("premium"));
         assert_eq!(summary.header("Authorization"), None);
+        assert_eq!(summary.header("X-Api-Key"), None);
         assert_eq!(summary.header("x-switchyard-hop"), None);
         assert_eq!(summary.header("not a header name"), None);
         let messages = summary.messages();

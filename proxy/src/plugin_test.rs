@@ -73,6 +73,7 @@ pub fn run(test: &PluginTest) -> Result<Value, String> {
     };
     let mut report = json!({
         "plugin": policy.name(), "version": policy.version(),
+        "interface": policy.interface(),
         "endpoint": endpoint.wit_name(), "decision": decision, "route_us": route_us,
     });
 

@@ -312,6 +312,9 @@ impl Router {
                 }
             },
             RouteOutcome::Reject { status, message } => {
+                // The client gets at most what a log line would carry: a
+                // plugin's bug must not become a megabyte error body.
+                let message = cut_for_log(&message).to_owned();
                 Err(ApiError::new(ErrorKind::PolicyRejected(status), message))
             }
         }

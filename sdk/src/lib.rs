@@ -60,7 +60,8 @@
 //!
 //! Build it with `cargo build --target wasm32-unknown-unknown --release`
 //! and point Switchyard's `[policy] plugin` at the `.wasm` file in
-//! `target/wasm32-unknown-unknown/release/`: a core WebAssembly module
+//! `target/wasm32-unknown-unknown/release/` (named after the crate, with
+//! `-` written `_`: `my-policy` gives `my_policy.wasm`): a core WebAssembly module
 //! speaking `switchyard:policy` 0.4.0, the fast path (run
 //! `rustup target add wasm32-unknown-unknown` once). The same source built
 //! with `cargo build --target wasm32-wasip2 --release` is still a
@@ -82,9 +83,10 @@
 //!
 //! A panic in `init` or `route` is logged through the host at error level
 //! and then aborts the call: the call fails and the host discards that
-//! instance. `route` runs under a deadline (50 ms by default) and a memory
-//! cap (64 MiB by default); it must not block, and a plugin that sleeps
-//! or waits on I/O traps.
+//! instance. `route` and `review` run under a deadline (`timeout_ms`,
+//! 50 ms by default), `init` under the larger of that and one second, all
+//! under a memory cap (64 MiB by default); they must not block, and a
+//! plugin that sleeps or waits on I/O traps.
 //!
 //! # Why a core module with an ABI of its own, and a WIT component too
 //!

@@ -195,7 +195,9 @@ impl<'a> Request<'a> {
 
     /// The value of the first header called `name`, compared without
     /// regard to ASCII case. One call into the host per lookup, which
-    /// copies only that value.
+    /// copies only that value. Credentials (`authorization`,
+    /// `proxy-authorization`, `cookie`, `api-key`, `x-api-key`) and values
+    /// that are not UTF-8 are never shown to a plugin.
     pub fn header(&self, name: &str) -> Option<String> {
         let all = match &self.rest {
             Rest::Owned(contents) => &contents.headers,

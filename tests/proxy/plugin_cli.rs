@@ -82,6 +82,7 @@ fn plugin_test_prints_the_route_and_the_review() {
     let report = report_of(&output);
     // Named as the plugin's interface and its fixtures name it.
     assert_eq!(report["endpoint"], "chat-completions");
+    assert_eq!(report["interface"], "switchyard:policy@0.4.0");
     assert_eq!(report["decision"]["route"]["pool"], "small");
     assert_eq!(report["decision"]["route"]["escalate_to"], "large");
     assert_eq!(report["review"]["verdict"], "escalate");

@@ -452,6 +452,14 @@ impl Policy {
     }
 
     fn instantiate_failed(&self, err: &wasmtime::Error, state: &HostState) -> CallError {
+        // A core module's start function runs at instantiation, under
+        // `init`'s deadline.
+        if err.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+            return CallError::Timeout {
+                plugin: self.name.clone(),
+                timeout_ms: init_timeout_ms(self.timeout_ms),
+            };
+        }
         if state.limits.memory_denied {
             return CallError::Memory {
                 plugin: self.name.clone(),

@@ -11,9 +11,13 @@
     reason = "tests fail loudly"
 )]
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use switchyard_policy::{Endpoint, LoadError, Policy, PolicySettings, RouteOutcome, RouteRequest};
+use switchyard_policy::{
+    Endpoint, LoadError, Message, Policy, PolicySettings, RequestContent, RouteOutcome,
+    RouteRequest,
+};
 
 /// A module with the four exports: `route` is `route_body` (which must
 /// leave an i64 on the stack); the others answer trivially. `extra` adds
@@ -235,4 +239,76 @@ fn an_init_error_message_refuses_the_load() {
         panic!("expected the plugin's refusal, got {err:?}");
     };
     assert_eq!(message, "bad key `x`");
+}
+
+/// Request content that counts how often its messages are asked for.
+#[derive(Debug, Default)]
+struct CountedMessages(AtomicUsize);
+
+impl RequestContent for CountedMessages {
+    fn messages(&self) -> Vec<Message> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        vec![Message {
+            role: "user".into(),
+            content: "a long chat".into(),
+        }]
+    }
+    fn prompt(&self) -> Vec<String> {
+        Vec::new()
+    }
+    fn header(&self, _name: &str) -> Option<String> {
+        None
+    }
+    fn headers(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+}
+
+#[test]
+fn an_item_too_big_for_the_buffer_is_encoded_once_for_the_retry() {
+    // Asks for the messages with no room, then with room at 1000, and
+    // answers with their length as the cap: the second read must hand
+    // over what the first one measured, without asking the request again.
+    let extra = r#"(data (i32.const 100) "\00\01\00\00\00p\01")"#;
+    let body = format!(
+        r#"(drop (call $read (i32.const 2) (i32.const 0) (i32.const 0)
+               (i32.const 1000) (i32.const 0)))
+           (local.set $n (call $read (i32.const 2) (i32.const 0) (i32.const 0)
+               (i32.const 1000) (i32.const 4096)))
+           (i32.store (i32.const 107) (local.get $n))
+           (i32.store8 (i32.const 111) (i32.const 0))
+           (i32.store (i32.const 112) (i32.const 0))
+           {}"#,
+        packed(100, 16)
+    );
+    let content = Arc::new(CountedMessages::default());
+    let req = Arc::new(
+        RouteRequest::new(Endpoint::ChatCompletions, "auto").with_content(content.clone()),
+    );
+    // count, then "user" and "a long chat" with their lengths, then no
+    // attributes.
+    let encoded_len = 4 + (4 + 4) + (4 + 11) + 4;
+    assert_eq!(
+        route_of(&module(READ, extra, &body), &req),
+        ("p".into(), Some(encoded_len))
+    );
+    assert_eq!(
+        content.0.load(Ordering::Relaxed),
+        1,
+        "messages encoded twice"
+    );
+}
+
+#[test]
+fn a_start_function_that_never_returns_is_stopped_at_the_init_deadline() {
+    let looping = module(
+        "",
+        r#"(func $forever (loop $again (br $again))) (start $forever)"#,
+        &packed(0, 1),
+    );
+    let err = load(&looping).unwrap_err();
+    let LoadError::InitFailed { source, .. } = &err else {
+        panic!("expected the load to fail in init, got {err:?}");
+    };
+    assert_eq!(source.kind(), "timeout", "{err}");
 }

@@ -106,6 +106,26 @@ pub(crate) struct CallState {
     request: Option<Arc<RouteRequest>>,
     /// The answer under review, already encoded.
     answer: Option<Vec<u8>>,
+    /// The last item that did not fit the plugin's buffer, kept for the
+    /// retry the plugin makes with a bigger one, so that a long chat is
+    /// encoded once, not twice.
+    unread: Option<Unread>,
+}
+
+/// An encoded item `read` could not hand over yet.
+struct Unread {
+    item: Item,
+    key: Vec<u8>,
+    bytes: Vec<u8>,
+}
+
+impl CallState {
+    /// Forgets the call that just ended.
+    fn end_call(&mut self) {
+        self.request = None;
+        self.answer = None;
+        self.unread = None;
+    }
 }
 
 /// A compiled module whose exports and imports fit 0.4.0.
@@ -199,7 +219,7 @@ impl Exports {
     ) -> wasmtime::Result<RouteOutcome> {
         store.data_mut().core.request = Some(Arc::clone(req));
         let result = self.route.call(&mut *store, facts(req));
-        store.data_mut().core.request = None;
+        store.data_mut().core.end_call();
         let bytes = self.returned(store, result?)?;
         wire::decision(bytes)
             .map_err(|e| format_err!("the plugin returned a malformed decision: {e}"))
@@ -216,9 +236,7 @@ impl Exports {
         call.request = Some(Arc::clone(req));
         call.answer = Some(wire::answer(answer));
         let result = self.review.call(&mut *store, facts(req));
-        let call = &mut store.data_mut().core;
-        call.request = None;
-        call.answer = None;
+        store.data_mut().core.end_call();
         let bytes = self.returned(store, result?)?;
         wire::verdict(bytes)
             .map_err(|e| format_err!("the plugin returned a malformed verdict: {e}"))
@@ -325,13 +343,17 @@ fn read(
 ) -> wasmtime::Result<i32> {
     let memory = memory(&caller)?;
     let (data, state) = memory.data_and_store_mut(&mut caller);
-    let call = &state.core;
+    let call = &mut state.core;
     let (Some(req), Some(item)) = (call.request.as_deref(), Item::from_code(what)) else {
         return Ok(ABSENT);
     };
     let key = &data[guest_range(data.len(), key_ptr, key_len)?];
-    let Some(bytes) = item_bytes(req, call.answer.as_deref(), item, key) else {
-        return Ok(ABSENT);
+    let bytes = match call.unread.take() {
+        Some(unread) if unread.item == item && unread.key == key => Cow::Owned(unread.bytes),
+        _ => match item_bytes(req, call.answer.as_deref(), item, key) {
+            Some(bytes) => bytes,
+            None => return Ok(ABSENT),
+        },
     };
 
     let len = i32::try_from(bytes.len()).map_err(|_| {
@@ -340,10 +362,16 @@ fn read(
             bytes.len()
         )
     })?;
-    if len <= out_cap {
-        let range = guest_range(data.len(), out_ptr, len)?;
-        data[range].copy_from_slice(&bytes);
+    if len > out_cap {
+        call.unread = Some(Unread {
+            item,
+            key: key.to_vec(),
+            bytes: bytes.into_owned(),
+        });
+        return Ok(len);
     }
+    let range = guest_range(data.len(), out_ptr, len)?;
+    data[range].copy_from_slice(&bytes);
     Ok(len)
 }
 
