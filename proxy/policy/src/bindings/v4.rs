@@ -376,6 +376,10 @@ fn read(
 }
 
 /// The encoded `item` of `req`, or `None` when it is absent.
+// Limitation: an item is built, encoded, copied into the plugin and
+// checked as UTF-8 there, where a component gets a string in one copy; a
+// plugin that reads a 7 MB message pays about 1.6 times what it would as
+// a 0.3.0 component. Routing rules rarely read that much.
 fn item_bytes<'a>(
     req: &'a RouteRequest,
     answer: Option<&'a [u8]>,
