@@ -97,7 +97,7 @@ pub mod wire;
 mod guest;
 
 #[cfg(core_abi)]
-pub use self::guest::{alloc, init, review, route};
+pub use self::guest::{alloc, init, review, route, Params};
 
 #[cfg(core_abi)]
 pub(crate) use self::guest::{host, read};

@@ -266,7 +266,13 @@ macro_rules! export_policy {
                 max_tokens: i64,
                 stream: i32,
             ) -> i64 {
-                $crate::core_abi::route(endpoint, message_count, prompt_chars, max_tokens, stream)
+                $crate::core_abi::route($crate::core_abi::Params {
+                    endpoint,
+                    message_count,
+                    prompt_chars,
+                    max_tokens,
+                    stream,
+                })
             }
 
             #[export_name = "switchyard-0.4:review"]
@@ -277,7 +283,13 @@ macro_rules! export_policy {
                 max_tokens: i64,
                 stream: i32,
             ) -> i64 {
-                $crate::core_abi::review(endpoint, message_count, prompt_chars, max_tokens, stream)
+                $crate::core_abi::review($crate::core_abi::Params {
+                    endpoint,
+                    message_count,
+                    prompt_chars,
+                    max_tokens,
+                    stream,
+                })
             }
         };
     };

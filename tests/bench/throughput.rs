@@ -82,6 +82,12 @@ const POLICY_SCENARIO: &str = "chat via switchyard + cost_router";
 /// The same plugin built as a 0.3.0 component (`wasm32-wasip2`).
 const COMPONENT_SCENARIO: &str = "chat via switchyard + cost_router 0.3.0";
 
+/// Where `make plugins` leaves the plugin `name` built as a 0.3.0
+/// component.
+fn component_path(name: &str) -> PathBuf {
+    workspace_root().join(format!("target/wasm32-wasip2/release/{name}.wasm"))
+}
+
 /// The target for a policy decision inside a request, in microseconds: the
 /// share of decisions slower than this must stay under 1% (p99).
 const DECISION_TARGET_US: f64 = 20.0;
@@ -395,8 +401,7 @@ async fn run(settings: Settings, proxy_cpus: Option<String>) -> bool {
         Some(plugin) => policies.push((POLICY_SCENARIO, PathBuf::from(plugin))),
         None => {
             policies.push((POLICY_SCENARIO, plugin_path("cost_router")));
-            let component = workspace_root().join("target/wasm32-wasip2/release/cost_router.wasm");
-            policies.push((COMPONENT_SCENARIO, component));
+            policies.push((COMPONENT_SCENARIO, component_path("cost_router")));
         }
     }
     let mut with_policy = Vec::new();
@@ -600,10 +605,7 @@ fn policy_call_latency(calls: usize) {
     println!("\npolicy calls into a warm instance, {calls} each:");
     let builds = [
         ("cost_router route (0.4.0)", plugin_path("cost_router")),
-        (
-            "cost_router route (0.3.0)",
-            workspace_root().join("target/wasm32-wasip2/release/cost_router.wasm"),
-        ),
+        ("cost_router route (0.3.0)", component_path("cost_router")),
         (
             "cost_router route (0.2.0)",
             workspace_root().join("proxy/policy/tests/fixtures/v0.2/cost_router.wasm"),

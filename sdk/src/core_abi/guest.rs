@@ -160,45 +160,30 @@ pub fn init<P: Policy>(config_ptr: i32, config_len: i32) -> i64 {
 const CONFIG_NOT_FROM_ALLOC: &str = "init's config pointer and length are not \
      the buffer the last switchyard-0.4:alloc returned";
 
+/// The five parameters of `switchyard-0.4:route` and `review`, as the
+/// ABI passes them.
+#[derive(Debug, Clone, Copy)]
+pub struct Params {
+    pub endpoint: i32,
+    pub message_count: i32,
+    pub prompt_chars: i64,
+    pub max_tokens: i64,
+    pub stream: i32,
+}
+
 /// The export `switchyard-0.4:route`: the packed, encoded decision.
-pub fn route(
-    endpoint: i32,
-    message_count: i32,
-    prompt_chars: i64,
-    max_tokens: i64,
-    stream: i32,
-) -> i64 {
+pub fn route(params: Params) -> i64 {
     let call = HostCall::default();
-    let req = request(
-        &call,
-        endpoint,
-        message_count,
-        prompt_chars,
-        max_tokens,
-        stream,
-    );
+    let req = request(&call, params);
     let decision = crate::instance::route(&req);
     output(|out| wire::encode_decision(&decision, out))
 }
 
 /// The export `switchyard-0.4:review`: reads the answer, and returns the
 /// packed, encoded verdict.
-pub fn review(
-    endpoint: i32,
-    message_count: i32,
-    prompt_chars: i64,
-    max_tokens: i64,
-    stream: i32,
-) -> i64 {
+pub fn review(params: Params) -> i64 {
     let call = HostCall::default();
-    let req = request(
-        &call,
-        endpoint,
-        message_count,
-        prompt_chars,
-        max_tokens,
-        stream,
-    );
+    let req = request(&call, params);
     let answer = match read(Item::Answer, "", wire::decode_answer) {
         Some(Ok(answer)) => answer,
         Some(Err(error)) => malformed(Item::Answer.name(), &error),
@@ -210,29 +195,22 @@ pub fn review(
 
 /// The request of one `route` or `review` call, from its parameters; the
 /// rest is read when the policy asks.
-fn request(
-    call: &HostCall,
-    endpoint: i32,
-    message_count: i32,
-    prompt_chars: i64,
-    max_tokens: i64,
-    stream: i32,
-) -> Request<'_> {
-    let params = || -> Result<_, WireError> {
+fn request(call: &HostCall, params: Params) -> Request<'_> {
+    let checked = || -> Result<_, WireError> {
         Ok((
-            wire::endpoint_from_code(endpoint)?,
-            wire::max_tokens_from_param(max_tokens)?,
-            wire::stream_from_param(stream)?,
+            wire::endpoint_from_code(params.endpoint)?,
+            wire::max_tokens_from_param(params.max_tokens)?,
+            wire::stream_from_param(params.stream)?,
         ))
     };
-    let (endpoint, max_tokens, stream) = match params() {
-        Ok(params) => params,
+    let (endpoint, max_tokens, stream) = match checked() {
+        Ok(checked) => checked,
         Err(error) => malformed("call parameters", &error),
     };
 
     // Both counts are unsigned on the host; the ABI passes their bits.
-    let message_count = message_count as u32;
-    let prompt_chars = prompt_chars as u64;
+    let message_count = params.message_count as u32;
+    let prompt_chars = params.prompt_chars as u64;
     Request::hosted(
         call,
         endpoint,

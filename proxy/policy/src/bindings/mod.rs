@@ -141,8 +141,14 @@ impl Bindings {
     }
 }
 
-/// Status a rejection gets when the plugin's is not an HTTP error status.
-const FALLBACK_REJECT_STATUS: u16 = 500;
+/// The status a plugin's rejection is answered with: its own when it is
+/// an HTTP error status (400 to 599), else 500.
+fn reject_status(status: u16) -> u16 {
+    match status {
+        400..=599 => status,
+        _ => 500,
+    }
+}
 
 /// What every version shares, written once and expanded in each version's
 /// module, where `wit` and `host` name that version's interfaces: the
@@ -150,7 +156,7 @@ const FALLBACK_REJECT_STATUS: u16 = 500;
 /// `verdict`, and the `host` functions.
 macro_rules! shared_bindings {
     () => {
-        use crate::bindings::FALLBACK_REJECT_STATUS;
+        use crate::bindings::reject_status;
         use crate::state::LogLevel;
         use crate::{Endpoint, RouteDecision};
 
@@ -238,17 +244,10 @@ macro_rules! shared_bindings {
                         .map(|a| (a.key, a.value))
                         .collect(),
                 }),
-                wit::Decision::Reject(rejection) => {
-                    let status = if (400..=599).contains(&rejection.status) {
-                        rejection.status
-                    } else {
-                        FALLBACK_REJECT_STATUS
-                    };
-                    RouteOutcome::Reject {
-                        status,
-                        message: rejection.message,
-                    }
-                }
+                wit::Decision::Reject(rejection) => RouteOutcome::Reject {
+                    status: reject_status(rejection.status),
+                    message: rejection.message,
+                },
             }
         }
     };

@@ -417,7 +417,7 @@ fn item_bytes<'a>(
 /// Decoding refuses short input, unknown tags, text that is not UTF-8
 /// and bytes left over.
 pub(crate) mod wire {
-    use crate::bindings::FALLBACK_REJECT_STATUS;
+    use crate::bindings::reject_status;
     use crate::{Message, ReviewAnswer, RouteDecision, RouteOutcome, Verdict};
 
     pub(crate) fn strings(items: &[String]) -> Vec<u8> {
@@ -494,11 +494,10 @@ pub(crate) mod wire {
                 let status = r.u16("the status")?;
                 let message = r.string("the message")?;
                 r.pairs("the attributes")?;
-                let status = match status {
-                    400..=599 => status,
-                    _ => FALLBACK_REJECT_STATUS,
-                };
-                RouteOutcome::Reject { status, message }
+                RouteOutcome::Reject {
+                    status: reject_status(status),
+                    message,
+                }
             }
             tag => return Err(format!("unknown decision tag {tag}")),
         };
