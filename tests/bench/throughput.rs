@@ -14,6 +14,9 @@
 //!   another plugin file to measure instead of both): these alternate in
 //!   `BENCH_ROUNDS` (default 5) slices each, so that a change in the
 //!   machine's load falls on all alike;
+//! - the same with a hand-written 0.4.0 module that reads what
+//!   cost_router reads and answers as it does, with nothing else
+//!   (`FLOOR_MODULE`): what the host's side of a policy costs at least;
 //! - one-input embeddings straight to the mock, and through a pool that
 //!   coalesces them (`max_batch = 8`, `max_wait_ms = 5`), counting the
 //!   requests the upstream received.
@@ -21,7 +24,11 @@
 //! For each policy scenario it reads Switchyard's histogram of the route
 //! decisions made inside the measured requests (buckets of 1 to 5 us
 //! around the 20 us target) and prints the buckets of their p50 and p99
-//! and the share slower than 20 us. Then it times calls into warm plugin
+//! and the share slower than 20 us. For the throughput with and without a
+//! policy it also prints the median and range of the ratios of the rounds
+//! (a round measures each scenario once, back to back), and the proxy's CPU time
+//! per request in each (from `/proc`), which the rest of the machine
+//! moves less than requests per second. Then it times calls into warm plugin
 //! instances in this process: `route` on `cost_router.wasm`, and `route`
 //! and `review` on `confidence_cascade.wasm`, printing their p50 and p99
 //! (target: p99 under 20 us), next to the throughput ratio with and
@@ -81,6 +88,69 @@ const DEFAULT_ROUNDS: f64 = 5.0;
 const POLICY_SCENARIO: &str = "chat via switchyard + cost_router";
 /// The same plugin built as a 0.3.0 component (`wasm32-wasip2`).
 const COMPONENT_SCENARIO: &str = "chat via switchyard + cost_router 0.3.0";
+
+/// The floor: a 0.4.0 core module written by hand (`FLOOR_MODULE`) that
+/// reads what cost_router reads and answers as it does.
+const FLOOR_SCENARIO: &str = "chat via switchyard + hand-written module";
+
+/// What cost_router does for model `auto`, with nothing but the ABI: no
+/// allocation, no decoding, decisions encoded in advance. A prompt over
+/// 2000 characters or `x-tier: premium` (exactly) goes to `large`, all
+/// else to `small`. The host pays the same as for cost_router: the call,
+/// two reads (the model and the header) and the decision's decoding; what
+/// this costs is what any plugin with cost_router's rule costs at least.
+const FLOOR_MODULE: &str = r#"(module
+    (import "switchyard-0.4" "read"
+        (func $read (param i32 i32 i32 i32 i32) (result i32)))
+    (memory (export "memory") 1)
+    ;; The two decisions: route, pool name, no cap, no escalation, no
+    ;; attributes. Then the header's name, `auto` and `premium`.
+    (data (i32.const 100) "\00\05\00\00\00small\00\00\00\00\00\00")
+    (data (i32.const 200) "\00\05\00\00\00large\00\00\00\00\00\00")
+    (data (i32.const 300) "x-tier")
+    (data (i32.const 320) "auto")
+    (data (i32.const 340) "premium")
+    (func (export "switchyard-0.4:alloc") (param i32) (result i32)
+        i32.const 4096)
+    (func (export "switchyard-0.4:init") (param i32 i32) (result i64)
+        i64.const 0)
+    (func (export "switchyard-0.4:route")
+        (param i32 i32 i64 i64 i32) (result i64)
+        (local $n i32)
+        ;; Packed results: (100 << 32) | 16 is small, (200 << 32) | 16 large.
+        (if (i64.gt_u (local.get 2) (i64.const 2000))
+            (then (return (i64.const 858993459216))))
+        (local.set $n (call $read (i32.const 1) (i32.const 0) (i32.const 0)
+            (i32.const 1024) (i32.const 256)))
+        (if (i32.ne (local.get $n) (i32.const 4))
+            (then (return (i64.const 429496729616))))
+        (if (i32.ne (i32.load (i32.const 1024)) (i32.load (i32.const 320)))
+            (then (return (i64.const 429496729616))))
+        (local.set $n (call $read (i32.const 4) (i32.const 300) (i32.const 6)
+            (i32.const 1536) (i32.const 64)))
+        (if (i32.eq (local.get $n) (i32.const 7))
+            (then (if (i64.eq (i64.load (i32.const 1536))
+                              (i64.load (i32.const 340)))
+                (then (return (i64.const 858993459216))))))
+        i64.const 429496729616)
+    (func (export "switchyard-0.4:review")
+        (param i32 i32 i64 i64 i32) (result i64)
+        ;; Accept: the single byte 0 at address 0.
+        i64.const 1))"#;
+
+/// Writes `FLOOR_MODULE` as a `.wasm` file for a proxy to load; the run
+/// removes it at its end.
+fn floor_module_path() -> PathBuf {
+    let bytes = wat::parse_str(FLOOR_MODULE).expect("the floor module parses");
+    let path = floor_module_path_of_this_run();
+    std::fs::write(&path, bytes).expect("write the floor module");
+    path
+}
+
+fn floor_module_path_of_this_run() -> PathBuf {
+    let name = format!("switchyard-bench-floor-{}.wasm", std::process::id());
+    std::env::temp_dir().join(name)
+}
 
 /// Where `make plugins` leaves the plugin `name` built as a 0.3.0
 /// component.
@@ -145,6 +215,8 @@ struct Scenario {
     addr: SocketAddr,
     path: &'static str,
     body: Bytes,
+    /// The Switchyard process serving it, whose CPU time is counted.
+    proxy_pid: Option<u32>,
 }
 
 /// What one measured run saw.
@@ -157,11 +229,20 @@ struct Outcome {
     /// Successful request latencies, sorted.
     latencies: Vec<Duration>,
     upstream_requests: usize,
+    /// Requests per second of each measured slice, in order.
+    slice_rates: Vec<f64>,
+    /// CPU time the proxy used while measured, when it has one.
+    proxy_cpu: Option<Duration>,
 }
 
 impl Outcome {
     /// Adds another slice of the same scenario.
     fn add(&mut self, other: Outcome) {
+        self.slice_rates.extend(other.slice_rates);
+        self.proxy_cpu = match (self.proxy_cpu, other.proxy_cpu) {
+            (Some(mine), Some(theirs)) => Some(mine + theirs),
+            _ => None,
+        };
         self.ok += other.ok;
         self.errors += other.errors;
         self.elapsed += other.elapsed;
@@ -172,6 +253,12 @@ impl Outcome {
 
     fn rate(&self) -> f64 {
         self.ok as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// The proxy's CPU time per successful request, in microseconds.
+    fn proxy_cpu_us(&self) -> Option<f64> {
+        let cpu = self.proxy_cpu?;
+        Some(cpu.as_secs_f64() * 1e6 / self.ok.max(1) as f64)
     }
 
     fn percentile_ms(&self, pct: usize) -> f64 {
@@ -260,11 +347,19 @@ async fn measure_slice(
     upstream: &MockUpstream,
 ) -> Outcome {
     let before = upstream.request_count();
+    let cpu_before = scenario.proxy_pid.and_then(process_cpu);
     let (mut tally, elapsed) = load(scenario, concurrency, duration).await;
+    let cpu_after = scenario.proxy_pid.and_then(process_cpu);
+    let proxy_cpu = cpu_before
+        .zip(cpu_after)
+        .map(|(before, after)| after.saturating_sub(before));
     tally.latencies.sort_unstable();
+    let ok = tally.latencies.len();
     Outcome {
         name: scenario.name,
-        ok: tally.latencies.len(),
+        slice_rates: vec![ok as f64 / elapsed.as_secs_f64()],
+        proxy_cpu,
+        ok,
         errors: tally.errors,
         elapsed,
         latencies: tally.latencies,
@@ -310,12 +405,12 @@ fn addr_of(url: &str) -> SocketAddr {
 
 fn print_table(outcomes: &[Outcome]) {
     println!(
-        "{:<34} {:>10} {:>9} {:>9} {:>7} {:>10}",
+        "{:<42} {:>10} {:>9} {:>9} {:>7} {:>10}",
         "scenario", "req/s", "p50 ms", "p99 ms", "errors", "upstream"
     );
     for o in outcomes {
         println!(
-            "{:<34} {:>10.0} {:>9.2} {:>9.2} {:>7} {:>10}",
+            "{:<42} {:>10.0} {:>9.2} {:>9.2} {:>7} {:>10}",
             o.name,
             o.rate(),
             o.percentile_ms(50),
@@ -332,6 +427,67 @@ fn print_ratio(label: &str, through: &Outcome, direct: &Outcome) {
         through.rate() / direct.rate(),
         through.percentile_ms(50) / direct.percentile_ms(50),
         through.percentile_ms(99) / direct.percentile_ms(99)
+    );
+}
+
+/// The CPU time all threads of process `pid` have run, from the
+/// scheduler's nanosecond counts (`/proc/PID/task/*/schedstat`); `None`
+/// where they cannot be read.
+fn process_cpu(pid: u32) -> Option<Duration> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut total_ns: u64 = 0;
+    for task in tasks.flatten() {
+        // A thread may end between listing and reading; it is skipped.
+        let Ok(stats) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue;
+        };
+        let on_cpu_ns = stats.split_whitespace().next()?.parse::<u64>().ok()?;
+        total_ns += on_cpu_ns;
+    }
+    Some(Duration::from_nanos(total_ns))
+}
+
+/// The proxy's CPU time per request in `through` and in `base`, and
+/// their ratio. It counts the proxy's own work rather than the rate the
+/// whole set-up reaches, so the load generator's share of the machine
+/// does not move it; caches shared with other work still do.
+fn print_cpu_ratio(label: &str, through: &Outcome, base: &Outcome) {
+    let (Some(through_us), Some(base_us)) = (through.proxy_cpu_us(), base.proxy_cpu_us()) else {
+        println!("{label:<34} proxy CPU per request not measured (no /proc)");
+        return;
+    };
+    println!(
+        "{label:<34} proxy CPU per request {through_us:.1} us against {base_us:.1} us, x{:.3}",
+        through_us / base_us
+    );
+}
+
+/// The throughput ratio of `through` to `base` in each round (slices
+/// measured back to back): their median and range. A change in the
+/// machine's load during the run moves the totals' ratio; it moves few
+/// rounds, so the median shows what the scenarios themselves cost.
+fn print_round_ratios(label: &str, through: &Outcome, base: &Outcome) {
+    let mut ratios: Vec<f64> = through
+        .slice_rates
+        .iter()
+        .zip(&base.slice_rates)
+        .map(|(through, base)| through / base)
+        .collect();
+    if ratios.is_empty() {
+        return;
+    }
+    ratios.sort_by(f64::total_cmp);
+    let middle = ratios.len() / 2;
+    let median = if ratios.len().is_multiple_of(2) {
+        (ratios[middle - 1] + ratios[middle]) / 2.0
+    } else {
+        ratios[middle]
+    };
+    println!(
+        "{label:<34} throughput x{median:.2} median of {} rounds, x{:.2} to x{:.2}",
+        ratios.len(),
+        ratios[0],
+        ratios[ratios.len() - 1]
     );
 }
 
@@ -380,6 +536,7 @@ async fn run(settings: Settings, proxy_cpus: Option<String>) -> bool {
         addr,
         path,
         body,
+        proxy_pid: None,
     };
     let chat_path = "/v1/chat/completions";
     let emb_path = "/v1/embeddings";
@@ -402,6 +559,7 @@ async fn run(settings: Settings, proxy_cpus: Option<String>) -> bool {
         None => {
             policies.push((POLICY_SCENARIO, plugin_path("cost_router")));
             policies.push((COMPONENT_SCENARIO, component_path("cost_router")));
+            policies.push((FLOOR_SCENARIO, floor_module_path()));
         }
     }
     let mut with_policy = Vec::new();
@@ -425,15 +583,16 @@ async fn run(settings: Settings, proxy_cpus: Option<String>) -> bool {
 
     // With and without a policy alternate, so that all see the same
     // machine; the decisions counted are those of the measured slices.
-    let mut chat_scenarios = vec![scenario(
-        "chat via switchyard",
-        proxy,
-        chat_path,
-        chat("small"),
-    )];
+    let mut chat_scenarios = vec![Scenario {
+        proxy_pid: Some(plain.pid()),
+        ..scenario("chat via switchyard", proxy, chat_path, chat("small"))
+    }];
     for (name, sw) in &with_policy {
         let addr = addr_of(&sw.api_url());
-        chat_scenarios.push(scenario(name, addr, chat_path, chat("auto")));
+        chat_scenarios.push(Scenario {
+            proxy_pid: Some(sw.pid()),
+            ..scenario(name, addr, chat_path, chat("auto"))
+        });
     }
     let mut decisions_before = Vec::new();
     let measuring_starts = async {
@@ -483,9 +642,18 @@ async fn run(settings: Settings, proxy_cpus: Option<String>) -> bool {
     if let Some(plain) = by_name("chat via switchyard") {
         if let Some(routed) = by_name(POLICY_SCENARIO) {
             print_ratio("chat: with policy / without", routed, plain);
+            print_round_ratios("  by round", routed, plain);
+            print_cpu_ratio("  CPU", routed, plain);
         }
         if let Some(routed) = by_name(COMPONENT_SCENARIO) {
             print_ratio("chat: 0.3.0 policy / without", routed, plain);
+            print_round_ratios("  by round", routed, plain);
+            print_cpu_ratio("  CPU", routed, plain);
+        }
+        if let Some(routed) = by_name(FLOOR_SCENARIO) {
+            print_ratio("chat: hand-written / without", routed, plain);
+            print_round_ratios("  by round", routed, plain);
+            print_cpu_ratio("  CPU", routed, plain);
         }
     }
     let calls = if settings.measure >= Duration::from_secs(1) {
@@ -496,6 +664,7 @@ async fn run(settings: Settings, proxy_cpus: Option<String>) -> bool {
     policy_call_latency(calls);
 
     // A scenario where nothing succeeded means a broken set-up, not a slow one.
+    let _ = std::fs::remove_file(floor_module_path_of_this_run());
     let broken: Vec<&str> = outcomes
         .iter()
         .filter(|o| o.ok == 0)

@@ -184,6 +184,11 @@ impl Switchyard {
         }
     }
 
+    /// The process id, for reading what the process used (`/proc`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The API base URL, `http://127.0.0.1:PORT`.
     pub fn api_url(&self) -> String {
         format!("http://{}", self.api_addr)
