@@ -19,6 +19,8 @@ mod support;
 
 #[path = "proxy/adaptive.rs"]
 mod adaptive;
+#[path = "proxy/bench_floor.rs"]
+mod bench_floor;
 #[path = "proxy/cascade.rs"]
 mod cascade;
 #[path = "proxy/coalescing.rs"]
