@@ -600,21 +600,18 @@ async fn run(settings: Settings, proxy_cpus: Option<String>) -> bool {
         );
     }
 
+    let with_policy_ratios = [
+        (POLICY_SCENARIO, "chat: with policy / without"),
+        (COMPONENT_SCENARIO, "chat: 0.3.0 policy / without"),
+        (FLOOR_SCENARIO, "chat: hand-written / without"),
+    ];
     if let Some(plain) = by_name("chat via switchyard") {
-        if let Some(routed) = by_name(POLICY_SCENARIO) {
-            print_ratio("chat: with policy / without", routed, plain);
-            print_round_ratios("  by round", routed, plain);
-            print_cpu_ratio("  CPU", routed, plain);
-        }
-        if let Some(routed) = by_name(COMPONENT_SCENARIO) {
-            print_ratio("chat: 0.3.0 policy / without", routed, plain);
-            print_round_ratios("  by round", routed, plain);
-            print_cpu_ratio("  CPU", routed, plain);
-        }
-        if let Some(routed) = by_name(FLOOR_SCENARIO) {
-            print_ratio("chat: hand-written / without", routed, plain);
-            print_round_ratios("  by round", routed, plain);
-            print_cpu_ratio("  CPU", routed, plain);
+        for (name, label) in with_policy_ratios {
+            if let Some(routed) = by_name(name) {
+                print_ratio(label, routed, plain);
+                print_round_ratios("  by round", routed, plain);
+                print_cpu_ratio("  CPU", routed, plain);
+            }
         }
     }
     let calls = if settings.measure >= Duration::from_secs(1) {
