@@ -1,8 +1,10 @@
 ;; The throughput bench's floor: a 0.4.0 core module written by hand that
 ;; does what cost_router does for model `auto` with nothing but the ABI
 ;; (no allocation, no decoding, decisions encoded in advance). A prompt
-;; over 2000 characters or `x-tier: premium` (exactly) goes to `large`,
-;; all else to `small`. `tests/proxy/bench_floor.rs` holds it to
+;; over 2000 characters (without reading the model) or `x-tier: premium`
+;; (exactly: cost_router also trims it and ignores case) goes to `large`,
+;; all else to `small`, any other model too (cost_router would route to
+;; the pool it names). `tests/proxy/bench_floor.rs` holds it to
 ;; cost_router's decisions.
 (module
     (import "switchyard-0.4" "read"

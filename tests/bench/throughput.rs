@@ -10,13 +10,18 @@
 //! - chat completions straight to the mock;
 //! - the same through Switchyard without a policy, with `cost_router`
 //!   as the SDK builds it by default (a 0.4.0 core module; model `auto`),
-//!   and with it built as a 0.3.0 component (`BENCH_POLICY_PLUGIN` names
-//!   another plugin file to measure instead of both): these alternate in
-//!   `BENCH_ROUNDS` (default 5) slices each, so that a change in the
-//!   machine's load falls on all alike;
+//!   and with it built as a 0.3.0 component: these alternate in
+//!   `BENCH_ROUNDS` (default 5) rounds, each a slice of every scenario
+//!   (the slices add up to `BENCH_SECONDS`), so that a change in the
+//!   machine's load falls on all alike. `BENCH_POLICY_PLUGIN` (a path,
+//!   relative to the workspace root) measures that plugin instead, with
+//!   `BENCH_POLICY_CONFIG` (a TOML inline table, default `{}`) as its
+//!   `[policy.config]`; it must send model `auto` to pool `small` or
+//!   `large`, and one that sends it small-first also pays for a review;
 //! - the same with a hand-written 0.4.0 module that reads what
-//!   cost_router reads and answers as it does, with nothing else
-//!   (`FLOOR_MODULE`): what the host's side of a policy costs at least;
+//!   cost_router reads and, for model `auto` and the header matched
+//!   exactly, answers as it does, with nothing else (`FLOOR_MODULE`):
+//!   what the host's side of such a policy costs at least;
 //! - one-input embeddings straight to the mock, and through a pool that
 //!   coalesces them (`max_batch = 8`, `max_wait_ms = 5`), counting the
 //!   requests the upstream received.
@@ -84,17 +89,21 @@ const POLICY_CALLS: usize = 20_000;
 const DEFAULT_ROUNDS: f64 = 5.0;
 
 /// The scenario through cost_router as the SDK builds it by default, a
-/// 0.4.0 core module (or the plugin `BENCH_POLICY_PLUGIN` names).
+/// 0.4.0 core module.
 const POLICY_SCENARIO: &str = "chat via switchyard + cost_router";
+/// The scenario through the plugin `BENCH_POLICY_PLUGIN` names, with the
+/// configuration `BENCH_POLICY_CONFIG` gives (a TOML inline table).
+const OWN_PLUGIN_SCENARIO: &str = "chat via switchyard + BENCH_POLICY_PLUGIN";
 /// The same plugin built as a 0.3.0 component (`wasm32-wasip2`).
 const COMPONENT_SCENARIO: &str = "chat via switchyard + cost_router 0.3.0";
 
 /// The floor: a 0.4.0 core module written by hand (`FLOOR_MODULE`) that
-/// reads what cost_router reads and answers as it does.
+/// reads what cost_router reads and, for the bench's requests, answers as
+/// it does.
 const FLOOR_SCENARIO: &str = "chat via switchyard + hand-written module";
 
-/// What cost_router does for model `auto`, with nothing but the ABI (see
-/// the file). The host pays the same as for cost_router: the call, two
+/// What cost_router does for model `auto` and the header matched exactly,
+/// with nothing but the ABI (see the file). The host pays the same as for cost_router: the call, two
 /// reads (the model and the header) and the decision's decoding; what
 /// this costs is what any plugin with cost_router's rule costs at least.
 const FLOOR_MODULE: &str = include_str!("floor_module.wat");
@@ -512,31 +521,41 @@ async fn run(settings: Settings, proxy_cpus: Option<String>) -> bool {
 
     // The policy scenarios need the plugins; say so rather than fail.
     // cost_router runs as the SDK builds it by default (a 0.4.0 core
-    // module) and, unless `BENCH_POLICY_PLUGIN` names another plugin, as
-    // a 0.3.0 component too.
+    // module), as a 0.3.0 component, and beside the hand-written floor;
+    // or only the plugin `BENCH_POLICY_PLUGIN` names is measured.
+    let cost_router_config = "{ long_prompt_chars = 2000 }".to_string();
     let mut policies = Vec::new();
     match std::env::var_os("BENCH_POLICY_PLUGIN") {
-        Some(plugin) => policies.push((POLICY_SCENARIO, PathBuf::from(plugin))),
+        Some(plugin) => {
+            // Cargo runs benches in `proxy/`; a relative path is meant
+            // from the workspace root, where `make` and the README run.
+            let config = std::env::var("BENCH_POLICY_CONFIG").unwrap_or_else(|_| "{}".into());
+            let path = workspace_root().join(plugin);
+            policies.push((OWN_PLUGIN_SCENARIO, path, config));
+        }
         None => {
-            policies.push((POLICY_SCENARIO, plugin_path("cost_router")));
-            policies.push((COMPONENT_SCENARIO, component_path("cost_router")));
-            policies.push((FLOOR_SCENARIO, floor_module_path()));
+            let config = &cost_router_config;
+            policies.push((POLICY_SCENARIO, plugin_path("cost_router"), config.clone()));
+            let component = component_path("cost_router");
+            policies.push((COMPONENT_SCENARIO, component, config.clone()));
+            policies.push((FLOOR_SCENARIO, floor_module_path(), "{}".into()));
         }
     }
     let mut with_policy = Vec::new();
-    for (name, plugin) in policies {
+    for (name, plugin, plugin_config) in policies {
         if !plugin.is_file() {
-            println!(
-                "skipping {name:?}: {} missing; run `make plugins`",
-                plugin.display()
-            );
+            let hint = match name {
+                OWN_PLUGIN_SCENARIO => "check BENCH_POLICY_PLUGIN",
+                _ => "run `make plugins`",
+            };
+            println!("skipping {name:?}: {} missing; {hint}", plugin.display());
             continue;
         }
         let mut config = server_toml();
         config.push_str(&pool_toml("small", &mock.url(), "smollm2"));
         config.push_str(&pool_toml("large", &mock.url(), "big"));
         config.push_str(&format!(
-            "\n[policy]\nplugin = \"{}\"\nconfig = {{ long_prompt_chars = 2000 }}\n",
+            "\n[policy]\nplugin = \"{}\"\nconfig = {plugin_config}\n",
             plugin.display()
         ));
         with_policy.push((name, start_proxy(&config, proxy_cpus.as_deref()).await));
@@ -602,6 +621,7 @@ async fn run(settings: Settings, proxy_cpus: Option<String>) -> bool {
 
     let with_policy_ratios = [
         (POLICY_SCENARIO, "chat: with policy / without"),
+        (OWN_PLUGIN_SCENARIO, "chat: with policy / without"),
         (COMPONENT_SCENARIO, "chat: 0.3.0 policy / without"),
         (FLOOR_SCENARIO, "chat: hand-written / without"),
     ];
@@ -757,7 +777,7 @@ fn policy_call_latency(calls: usize) {
     }
     if let Some((newest, others)) = timings.split_first() {
         for ((name, _), times) in loaded.iter().skip(1).zip(others) {
-            println!("  first / {name} at p50: x{:.2}", p50(newest) / p50(times));
+            println!("  0.4.0 / {name} at p50: x{:.2}", p50(newest) / p50(times));
         }
     }
     if let Some(cascade) = load(plugin_path("confidence_cascade")) {
@@ -772,7 +792,7 @@ fn policy_call_latency(calls: usize) {
     }
 }
 
-/// Slices the two versions' calls alternate in.
+/// Slices the interface versions' calls alternate in.
 const BENCH_CALL_ROUNDS: usize = 10;
 
 /// A chat turn as a client sends it: a system prompt, two earlier turns

@@ -1,5 +1,6 @@
 //! The throughput bench's floor (`tests/bench/floor_module.wat`) must
-//! decide as cost_router does, or the bench would compare unlike work.
+//! choose the pool cost_router chooses for model `auto` with `x-tier`
+//! absent or spelled exactly, or the bench would compare unlike work.
 
 use std::sync::Arc;
 
