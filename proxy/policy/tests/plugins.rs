@@ -459,6 +459,23 @@ fn legacy_plugin(file: &str) -> PathBuf {
         .join(file)
 }
 
+/// test_faults, built against an older interface: its review of `req`
+/// escalates to the pool its answer names, a `trap` request traps, and
+/// the plugin serves again afterwards.
+fn assert_escalates_traps_and_recovers(faults: &Policy, req: &Arc<RouteRequest>) {
+    let verdict = faults.review(req, &answer("escalate:huge", &[]));
+    assert_eq!(
+        verdict.unwrap(),
+        Verdict::Escalate {
+            pool: "huge".into(),
+            reason: "asked".into()
+        }
+    );
+    let err = faults.route(&Arc::new(chat("trap"))).unwrap_err();
+    assert_eq!(err.kind(), "trap", "{err}");
+    assert_recovers(faults);
+}
+
 #[test]
 fn plugins_built_against_0_2_0_still_route_and_review() {
     // cost_router reads the model, the prompt length and a header: each
@@ -484,17 +501,7 @@ fn plugins_built_against_0_2_0_still_route_and_review() {
         panic!("the cascade request must be routed");
     };
     assert_eq!(decision.escalate_to.as_deref(), Some("large"));
-    let verdict = faults.review(&cascade, &answer("escalate:huge", &[]));
-    assert_eq!(
-        verdict.unwrap(),
-        Verdict::Escalate {
-            pool: "huge".into(),
-            reason: "asked".into()
-        }
-    );
-    let err = faults.route(&Arc::new(chat("trap"))).unwrap_err();
-    assert_eq!(err.kind(), "trap", "{err}");
-    assert_recovers(&faults);
+    assert_escalates_traps_and_recovers(&faults, &cascade);
 }
 
 #[test]
@@ -518,17 +525,7 @@ fn plugins_built_as_0_3_0_components_still_route_review_and_read() {
          prompt=[] chars=5 max=None stream=false tier=Some(\"premium\") \
          headers=[\"x-tier=premium\"] attribute=None"
     );
-    let verdict = faults.review(&Arc::new(chat("cascade")), &answer("escalate:huge", &[]));
-    assert_eq!(
-        verdict.unwrap(),
-        Verdict::Escalate {
-            pool: "huge".into(),
-            reason: "asked".into()
-        }
-    );
-    let err = faults.route(&Arc::new(chat("trap"))).unwrap_err();
-    assert_eq!(err.kind(), "trap", "{err}");
-    assert_recovers(&faults);
+    assert_escalates_traps_and_recovers(&faults, &Arc::new(chat("cascade")));
 }
 
 #[test]
