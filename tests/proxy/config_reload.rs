@@ -11,8 +11,8 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::support::{
-    chat_body, http1_client, local_pool_config, model_file, pool_toml, pools_config, post, send,
-    switchyard::log_text, wait_for_metric, MockUpstream, Reply, Switchyard,
+    chat_body, http1_client, local_pool_config, model_file, pool_toml, pools_config, post,
+    post_chat, send, switchyard::log_text, wait_for_metric, MockUpstream, Reply, Switchyard,
 };
 
 const TOKEN: &str = "test-reload-token";
@@ -33,13 +33,7 @@ async fn start(config: &str) -> Switchyard {
 
 async fn chat(sw: &Switchyard, content: &str) -> Reply {
     let body = chat_body("small", content);
-    post(
-        &http1_client(),
-        &sw.api_url(),
-        "/v1/chat/completions",
-        &body,
-    )
-    .await
+    post_chat(sw, &body).await
 }
 
 /// Waits until `count` reloads have been logged as done.
@@ -199,13 +193,7 @@ async fn admin_reload_needs_the_token_and_answers_what_changed() {
     // totals.
     chat(&sw, "counted after").await.assert_status(200);
     let body = chat_body("large", "to the new pool");
-    let reply = post(
-        &http1_client(),
-        &sw.api_url(),
-        "/v1/chat/completions",
-        &body,
-    )
-    .await;
+    let reply = post_chat(&sw, &body).await;
     reply.assert_status(200);
     assert_eq!(reply.pool(), "large");
     // An answer is charged as its body ends, which may be just after the

@@ -5,8 +5,8 @@
 use serde_json::{json, Value};
 
 use crate::support::{
-    assert_still_serves, chat_body, closed_port_url, http1_client, post, send, server_toml,
-    MockUpstream, Reply, Switchyard,
+    assert_still_serves, chat_body, closed_port_url, http1_client, post, post_chat, send,
+    server_toml, MockUpstream, Reply, Switchyard,
 };
 
 /// Body limit of the error rig, in bytes.
@@ -152,13 +152,7 @@ async fn unknown_model_is_404_model_not_found() {
 async fn refused_upstream_is_502_naming_the_pool() {
     let (_mock, sw) = error_rig().await;
 
-    let reply = post(
-        &http1_client(),
-        &sw.api_url(),
-        "/v1/chat/completions",
-        &hello(DEAD_POOL),
-    )
-    .await;
+    let reply = post_chat(&sw, &hello(DEAD_POOL)).await;
     let message = reply.assert_openai_error(502);
     assert!(
         message.contains(DEAD_POOL),

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use crate::support::{
-    chat_body, http1_client, plugin, plugin_path, pools_config, post, send, switchyard::log_text,
-    workspace_root, MockUpstream, Reply, Switchyard,
+    chat_body, http1_client, plugin, plugin_path, pools_config, post, post_chat, send,
+    switchyard::log_text, workspace_root, MockUpstream, Reply, Switchyard,
 };
 
 const TOKEN: &str = "test-admin-token";
@@ -57,14 +57,7 @@ async fn auto_status(sw: &Switchyard) -> u16 {
 
 async fn model_status(sw: &Switchyard, model: &str) -> u16 {
     let body = chat_body(model, "route me");
-    post(
-        &http1_client(),
-        &sw.api_url(),
-        "/v1/chat/completions",
-        &body,
-    )
-    .await
-    .status
+    post_chat(sw, &body).await.status
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -212,13 +205,7 @@ async fn on_error_reject_answers_503_policy_failed() {
     let extra = "on_error = \"reject\"\n";
     let sw = start_with(&mock, &plugin("test_faults"), 0, extra).await;
     let body = chat_body("trap", "boom");
-    let reply = post(
-        &http1_client(),
-        &sw.api_url(),
-        "/v1/chat/completions",
-        &body,
-    )
-    .await;
+    let reply = post_chat(&sw, &body).await;
     reply.assert_openai_error(503);
     assert_eq!(reply.json["error"]["code"], "policy_failed");
     assert_eq!(model_status(&sw, "small").await, 200);

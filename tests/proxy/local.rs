@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::support::{
-    http1_client, local_pool_config, metrics_text, model_file, post, send, sse_data,
+    http1_client, local_pool_config, metrics_text, model_file, post, post_chat, send, sse_data,
     switchyard_check, switchyard_run_refused, wait_for_metric, Switchyard,
 };
 
@@ -155,13 +155,7 @@ async fn a_chat_without_max_tokens_stops_at_the_pools_default() {
         "temperature": 0,
     });
 
-    let reply = post(
-        &http1_client(),
-        &sw.api_url(),
-        "/v1/chat/completions",
-        &request,
-    )
-    .await;
+    let reply = post_chat(&sw, &request).await;
 
     reply.assert_status(200);
     let completion = reply.json["usage"]["completion_tokens"].as_u64().unwrap();

@@ -4,8 +4,8 @@
 use serde_json::json;
 
 use crate::support::{
-    chat_body, http1_client, plugin, pools_config, post, send, server_toml, small_pool_config,
-    wait_for_metric, MockUpstream, Switchyard,
+    chat_body, http1_client, plugin, pools_config, post, post_chat, send, server_toml,
+    small_pool_config, wait_for_metric, MockUpstream, Switchyard,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,14 +84,7 @@ async fn policy_decisions_are_timed() {
     let sw = Switchyard::start(&config).await;
 
     let body = chat_body("auto", "hi");
-    post(
-        &http1_client(),
-        &sw.api_url(),
-        "/v1/chat/completions",
-        &body,
-    )
-    .await
-    .assert_status(200);
+    post_chat(&sw, &body).await.assert_status(200);
 
     wait_for_metric(
         &sw,

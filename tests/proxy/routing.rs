@@ -8,8 +8,8 @@ use serde_json::{json, Value};
 
 use crate::support::{
     chat_body, h2_client, http1_client, metric_lines, metrics_text, plugin, pool_toml,
-    pools_config, post, send, server_toml, switchyard::log_text, wait_for_metric, MockUpstream,
-    Reply, Switchyard,
+    pools_config, post, post_chat, send, server_toml, switchyard::log_text, wait_for_metric,
+    MockUpstream, Reply, Switchyard,
 };
 
 /// A `[policy]` table for plugin `name` with its JSON-ish `config` inline
@@ -311,13 +311,7 @@ async fn assert_policy_failure_falls_back(model: &str, kind: &str) {
     let (mock, sw) = fault_rig(timeout_ms).await;
 
     let body = chat_body(model, "still served");
-    let reply = post(
-        &http1_client(),
-        &sw.api_url(),
-        "/v1/chat/completions",
-        &body,
-    )
-    .await;
+    let reply = post_chat(&sw, &body).await;
     reply.assert_status(200);
     assert_eq!(
         reply.pool(),
@@ -377,13 +371,7 @@ async fn policy_rejection_is_a_403_openai_error() {
     let (mock, sw) = fault_rig(FAULT_RIG_TIMEOUT_MS).await;
 
     let body = chat_body("reject", "let me in");
-    let reply = post(
-        &http1_client(),
-        &sw.api_url(),
-        "/v1/chat/completions",
-        &body,
-    )
-    .await;
+    let reply = post_chat(&sw, &body).await;
     let message = reply.assert_openai_error(403);
     assert!(
         message.contains("rejected by policy"),
@@ -505,13 +493,7 @@ async fn fallback_pool_serves_a_request_whose_policy_failed() {
 
     // `trap` makes the plugin trap, and no pool is named `trap`.
     let body = chat_body("trap", "caught");
-    let reply = post(
-        &http1_client(),
-        &sw.api_url(),
-        "/v1/chat/completions",
-        &body,
-    )
-    .await;
+    let reply = post_chat(&sw, &body).await;
     reply.assert_status(200);
     assert_eq!(reply.pool(), "small", "served by policy.fallback_pool");
     assert_eq!(
@@ -532,13 +514,7 @@ async fn without_fallback_pool_a_failed_policy_leaves_an_unknown_model_404() {
     let (small, large, sw) = two_pools(&policy).await;
 
     let body = chat_body("trap", "nowhere to go");
-    let reply = post(
-        &http1_client(),
-        &sw.api_url(),
-        "/v1/chat/completions",
-        &body,
-    )
-    .await;
+    let reply = post_chat(&sw, &body).await;
     reply.assert_openai_error(404);
     assert_eq!(
         reply.json["error"]["code"], "model_not_found",
@@ -558,13 +534,7 @@ async fn a_long_unknown_pool_is_logged_cut() {
     // `describe` routes to a pool named after the whole request.
     let long = "x".repeat(64 * 1024);
     let body = chat_body("describe", &long);
-    let reply = post(
-        &http1_client(),
-        &sw.api_url(),
-        "/v1/chat/completions",
-        &body,
-    )
-    .await;
+    let reply = post_chat(&sw, &body).await;
     reply.assert_openai_error(404);
 
     let line = sw
@@ -622,13 +592,7 @@ async fn route_hints_add_an_instruction_cap_tokens_and_label_the_log_line() {
         "model": "auto", "max_tokens": 500,
         "messages": [{"role": "user", "content": "Please summarize this report"}],
     });
-    let reply = post(
-        &http1_client(),
-        &sw.api_url(),
-        "/v1/chat/completions",
-        &body,
-    )
-    .await;
+    let reply = post_chat(&sw, &body).await;
     reply.assert_status(200);
 
     let seen = &small.requests_to("/v1/chat/completions")[0].body;

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::support::{
-    chat_body, http1_client, metric_lines, metrics_text, post, send, server_toml, workspace_root,
-    MockUpstream, Reply, Switchyard,
+    chat_body, http1_client, metric_lines, metrics_text, post, post_chat, send, server_toml,
+    workspace_root, MockUpstream, Reply, Switchyard,
 };
 
 const SKIP_NOTE: &str = "skipping scale-to-zero test: python3 is not on PATH";
@@ -889,11 +889,6 @@ fn spawn_chat(sw: &Switchyard) -> tokio::task::JoinHandle<(Reply, Duration)> {
         let started = Instant::now();
         (send(request).await, started.elapsed())
     })
-}
-
-/// Posts `body` to `/v1/chat/completions` on a fresh connection.
-async fn post_chat(sw: &Switchyard, body: &Value) -> Reply {
-    post(&http1_client(), &sw.api_url(), "/v1/chat/completions", body).await
 }
 
 /// A `big` pool whose server never becomes ready, with pool `small` on

@@ -188,6 +188,11 @@ pub async fn post(client: &reqwest::Client, base: &str, path: &str, body: &Value
     send(client.post(format!("{base}{path}")).json(body)).await
 }
 
+/// Posts `body` to `sw`'s `/v1/chat/completions` on a fresh connection.
+pub async fn post_chat(sw: &Switchyard, body: &Value) -> Reply {
+    post(&http1_client(), &sw.api_url(), "/v1/chat/completions", body).await
+}
+
 /// Fetches the Prometheus text from the admin listener.
 pub async fn metrics_text(sw: &Switchyard) -> String {
     let reply = send(http1_client().get(format!("{}/metrics", sw.admin_url()))).await;
@@ -254,13 +259,7 @@ pub fn sse_event_data(event: &str) -> Option<String> {
 /// before broke nothing.
 pub async fn assert_still_serves(sw: &Switchyard) {
     let body = chat_body("small", "still here");
-    let reply = post(
-        &http1_client(),
-        &sw.api_url(),
-        "/v1/chat/completions",
-        &body,
-    )
-    .await;
+    let reply = post_chat(sw, &body).await;
     reply.assert_status(200);
     assert_eq!(
         reply.json["choices"][0]["message"]["content"],
